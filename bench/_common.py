@@ -1,0 +1,30 @@
+"""What the bench scripts share: the shared models and texts, and writing results."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import layerwise
+from layerwise.util.files import write_text_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+STORIES = SHARED / "models" / "stories260K"
+CALIBRATION_TEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
+EVALUATION_TEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "layerwise": layerwise.__version__}
+
+
+def write_results(name: str, payload: dict) -> Path:
+    path = RESULTS / f"{name}.json"
+    write_text_atomic(path, json.dumps(payload | {"machine": machine()}, indent=1) + "\n")
+    return path

@@ -1,0 +1,104 @@
+"""Thin command line: parse arguments, call the same functions a Python user calls."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from rich.console import Console
+
+from layerwise.errors import LayerwiseError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a Hugging Face model folder, a .gguf file, or a hub id")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs with accelerate")
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from layerwise.profile import profile
+
+    ablation = {"none": False, "all": True}.get(args.ablation, args.ablation.split(",") if args.ablation else False)
+    result = profile(
+        args.model, args.data, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed, out=args.out,
+        ablation=ablation, batch_size=args.batch_size, lens_positions_per_window=args.lens_positions,
+        weights=not args.no_weights, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        progress=not args.quiet,
+    )
+    console = Console(width=max(Console().width, 170))
+    console.print(result.table())
+    if args.out:
+        console.print(f"wrote {args.out}/profile.json, blocks.csv, linears.csv")
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    from layerwise.models import supported_architectures
+    from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
+
+    console = Console(width=max(Console().width, 170))
+    if args.what == "architectures":
+        for name in supported_architectures():
+            console.print(name)
+    elif args.what == "metrics":
+        for name, metric in METRICS.items():
+            console.print(f"[bold]{name}[/bold] (block): {metric.description}")
+        for name, metric in WEIGHT_METRICS.items():
+            console.print(f"[bold]{name}[/bold] (linear weight): {metric.description}")
+        for alias, name in METRIC_ALIASES.items():
+            console.print(f"[bold]{alias}[/bold]: another name for {name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerwise", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("profile", help="per-layer statistics from one calibration pass")
+    _add_model_options(p)
+    p.add_argument("--data", default=None, help="calibration text file (default: a WikiText-2 valid excerpt shipped with layerwise)")
+    p.add_argument("--tokens", type=_positive_int, default=4096, help="calibration tokens (default 4096)")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--ablation", default="none",
+                   help="none, all, or a comma list of block,attn,mlp: KL when each unit is skipped")
+    p.add_argument("--lens-positions", type=_positive_int, default=None,
+                   help="positions per window decoded by the logit lens (default: as many as cost ~10%% of a forward pass)")
+    p.add_argument("--no-weights", action="store_true", help="skip per-linear weight statistics")
+    p.add_argument("--out", default=None, help="directory for profile.json, blocks.csv, linears.csv")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_profile)
+
+    p = commands.add_parser("list", help="what is registered")
+    p.add_argument("what", choices=["architectures", "metrics"])
+    p.set_defaults(run=_cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LayerwiseError as error:
+        print(f"layerwise: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerwise: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

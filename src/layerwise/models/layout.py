@@ -1,0 +1,44 @@
+"""Finding an adapter's modules inside a live model, and the few computations that use them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layerwise.models.adapters import Adapter
+
+
+def blocks_of(model: nn.Module, adapter: Adapter) -> nn.ModuleList:
+    return model.get_submodule(adapter.blocks)
+
+
+def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[int, str, nn.Module]]:
+    """(block index, fully qualified name, module) for every linear weight inside the blocks."""
+    found = []
+    for index, block in enumerate(blocks_of(model, adapter)):
+        for path in adapter.linear_paths():
+            found.append((index, f"{adapter.blocks}.{index}.{path}", block.get_submodule(path)))
+    return found
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features]; GPT-2's Conv1D stores it transposed."""
+    weight = module.weight
+    if type(module).__name__ == "Conv1D":
+        return weight.t()
+    return weight
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """Modules return a tensor or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def hidden_to_logits(model: nn.Module, adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the final norm and the LM head to a residual-stream state (the logit lens)."""
+    norm = model.get_submodule(adapter.final_norm)
+    head = model.get_submodule(adapter.lm_head)
+    logits = head(norm(hidden))
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

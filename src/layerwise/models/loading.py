@@ -1,0 +1,191 @@
+"""One entry point that loads a causal LM from a local folder, a GGUF file or a hub id."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import Adapter, get_adapter
+from layerwise.util.meta import file_fingerprint, files_fingerprint
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is 'folder', 'gguf' or 'hub'."""
+
+    kind: str
+    location: str  # the folder, the GGUF's folder, or the hub id
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return str(Path(self.location) / self.gguf_file) if self.gguf_file else self.location
+
+    def from_pretrained_args(self) -> tuple[str, dict[str, Any]]:
+        kwargs: dict[str, Any] = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return self.location, kwargs
+
+    def fingerprint(self, config: object) -> str:
+        if self.kind == "gguf":
+            return file_fingerprint(Path(self.location) / self.gguf_file)
+        if self.kind == "folder":
+            folder = Path(self.location)
+            files = [p for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES) or p.name == "config.json"]
+            return files_fingerprint(files)
+        return "hub-commit:" + str(getattr(config, "_commit_hash", None) or "unknown")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for layerwise: eval mode, its tokenizer, and where its parts live."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    source: ModelSource
+    fingerprint: str
+    model_type: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_type = self.model.config.model_type
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.model.get_submodule(self.adapter.blocks))
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source.display,
+            "kind": self.source.kind,
+            "model_type": self.model_type,
+            "fingerprint": self.fingerprint,
+            "n_blocks": self.n_blocks,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+        }
+
+
+def resolve_source(source: str | os.PathLike, gguf_file: str | None = None) -> ModelSource:
+    """Decide what `source` names, without loading anything."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LayerwiseError(f"{path} is a file but not a .gguf; pass a model folder, a .gguf file or a hub id")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                raise LayerwiseError(f"GGUF file {gguf_file!r} not found in {path}")
+            return ModelSource("gguf", str(path), gguf_file)
+        if (path / "config.json").is_file():
+            return ModelSource("folder", str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(path), ggufs[0])
+        if len(ggufs) > 1:
+            raise LayerwiseError(f"{path} holds several GGUF files ({', '.join(ggufs)}); pass one of them")
+        raise LayerwiseError(f"{path} is not a model folder: it has no config.json and no .gguf file")
+    text = str(source)
+    looks_local = text.startswith((".", "/", "~")) or text.lower().endswith(".gguf") or text.count("/") > 1
+    if looks_local or not _HUB_ID.match(text):
+        raise LayerwiseError(f"model path {text} does not exist")
+    return ModelSource("hub", text, gguf_file)
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LayerwiseError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise LayerwiseError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_error(source: ModelSource, error: Exception) -> LayerwiseError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return LayerwiseError(
+        f"could not load {source.location!r} from the Hugging Face hub ({reason}); "
+        "check the id and the network, or pass a local folder or .gguf file"
+    )
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    location, kwargs = source.from_pretrained_args()
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        if source.kind == "hub":
+            raise _hub_error(source, error) from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LayerwiseError(f"cannot read the model config of {source.display}: {first_line}") from error
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    device_map: str | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local folder, a .gguf file or a hub id.
+
+    `device_map="auto"` hands placement to accelerate (models that need several GPUs); otherwise
+    the whole model goes to `device`. GGUF files go through transformers' GGUF loader, which
+    dequantizes to `dtype`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_source(source, gguf_file)
+    config = load_config(resolved, trust_remote_code)
+    adapter = get_adapter(config.model_type, config)
+    device = _pick_device(device)
+    torch_dtype = _pick_dtype(dtype, device)
+    location, kwargs = resolved.from_pretrained_args()
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        # transformers logs progress for GGUF conversion at warning level; keep the terminal quiet.
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **{
+            k: v for k, v in kwargs.items() if k == "gguf_file"
+        })
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
+        if resolved.kind == "hub":
+            raise _hub_error(resolved, error) from error
+        first_line = str(error).strip().splitlines()[0]
+        raise LayerwiseError(f"cannot load model weights from {resolved.display}: {first_line}") from error
+    if not device_map:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, resolved, resolved.fingerprint(config))
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, name: str = "<in-memory>") -> LoadedModel:
+    """Use a model that is already in memory (built from a config, fine-tuned, ...)."""
+    adapter = get_adapter(model.config.model_type, model.config)
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, ModelSource("memory", name), "in-memory")

@@ -1,0 +1,216 @@
+"""One calibration pass that fills every per-block and per-linear statistic."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from layerwise.data.windows import TokenWindows, token_windows
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.models.layout import block_linears, linear_weight
+from layerwise.models.loading import LoadedModel, load_model
+from layerwise.profile.hooks import BlockCall, capture_blocks
+from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
+from layerwise.profile.metrics import METRICS, Partials, combine
+from layerwise.profile.replay import UNIT_KINDS, blocks_run, logits_without
+from layerwise.profile.result import ProfileResult
+from layerwise.profile.weights import WEIGHT_METRICS
+from layerwise.util.files import check_writable_dir
+from layerwise.util.meta import run_metadata
+from layerwise.util.progress import progress_bars
+
+
+@dataclass
+class _Accumulators:
+    metrics: list[dict[str, Partials]]
+    lens: list[Partials]
+    ablation: dict[str, list[Partials]] = field(default_factory=dict)
+
+
+def _input_device(loaded: LoadedModel) -> torch.device:
+    return loaded.model.get_submodule(loaded.adapter.embed).weight.device
+
+
+@torch.no_grad()
+def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators, positions: torch.Tensor,
+                   ablation: Sequence[str], on_ablation_step) -> None:
+    model, adapter = loaded.model, loaded.adapter
+    lens_hidden: dict[int, torch.Tensor] = {}
+    calls: list[BlockCall] = []
+
+    def on_block(call: BlockCall) -> None:
+        for name, metric in METRICS.items():
+            combine(acc.metrics[call.index].setdefault(name, {}), metric.compute(call))
+        lens_hidden[call.index] = call.h_out[:, positions]
+        if ablation:
+            # Keep only what a replay needs: the block's input and call arguments.
+            calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
+
+    with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)):
+        logits = model(input_ids=batch, use_cache=False).logits
+    final = Reference.from_logits(logits[:, positions])
+    lens = lens_partials(model, adapter, [lens_hidden[i] for i in range(len(lens_hidden))], final)
+    for index, partials in enumerate(lens):
+        combine(acc.lens[index], partials)
+    if not ablation:
+        return
+    base = Reference.from_logits(logits)
+    del logits
+    for kind in ablation:
+        for index in range(len(calls)):
+            kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
+            combine(acc.ablation[kind][index], {"total": kl.double().sum().item(), "count": float(kl.numel())})
+            on_ablation_step(blocks_run(len(calls), index, kind))
+
+
+def _weight_rows(loaded: LoadedModel, progress, bars) -> list[dict]:
+    linears = block_linears(loaded.model, loaded.adapter)
+    task = bars.add_task("weight statistics", total=len(linears)) if progress else None
+    rows = []
+    for block, name, module in linears:
+        weight = linear_weight(module).detach()
+        row = {"name": name, "block": block, "rows": weight.shape[0], "columns": weight.shape[1]}
+        row.update({metric.name: metric.compute(weight) for metric in WEIGHT_METRICS.values()})
+        rows.append(row)
+        if progress:
+            bars.advance(task)
+    return rows
+
+
+def _block_zd(linear_rows: list[dict], n_blocks: int) -> list[float]:
+    """A block's ZD: its linears' ZD weighted by their number of weights."""
+    totals = [[0.0, 0] for _ in range(n_blocks)]
+    for row in linear_rows:
+        size = row["rows"] * row["columns"]
+        totals[row["block"]][0] += row["zd"] * size
+        totals[row["block"]][1] += size
+    return [total / count for total, count in totals]
+
+
+def profile_model(
+    loaded: LoadedModel,
+    windows: TokenWindows,
+    *,
+    batch_size: int = 2,
+    ablation: bool | Sequence[str] = False,
+    lens_positions_per_window: int | None = None,
+    weights: bool = True,
+    progress: bool = True,
+) -> ProfileResult:
+    """Profile `loaded` on `windows`: per-block activation statistics, logit lens, optional
+    ablation KL (True = block, attention and MLP; or a subset of those kinds), per-linear weights.
+    lens_positions_per_window=None picks as many as cost ~10% of a forward pass."""
+    if batch_size <= 0:
+        raise LayerwiseError(f"batch_size must be positive, got {batch_size}")
+    kinds = tuple(UNIT_KINDS if ablation is True else (ablation or ()))
+    unknown = set(kinds) - set(UNIT_KINDS)
+    if unknown:
+        raise LayerwiseError(f"unknown ablation kind(s) {sorted(unknown)}; choose from {', '.join(UNIT_KINDS)}")
+    n_blocks = loaded.n_blocks
+    acc = _Accumulators([{} for _ in range(n_blocks)], [{} for _ in range(n_blocks)],
+                        {kind: [{} for _ in range(n_blocks)] for kind in kinds})
+    seq_len = windows.input_ids.shape[1]
+    if lens_positions_per_window is None:
+        lens_positions_per_window = auto_positions_per_window(loaded.model, loaded.adapter, seq_len)
+    positions = lens_positions(seq_len, lens_positions_per_window)
+    device = _input_device(loaded)
+    batches = windows.batches(batch_size)
+    blocks_evaluated = 0
+    timings: dict[str, float] = {}
+    with progress_bars(progress) as bars:
+        task = bars.add_task("profiling", total=len(batches))
+        ablation_task = bars.add_task("ablation", total=len(batches) * sum(
+            blocks_run(n_blocks, i, k) for k in kinds for i in range(n_blocks))) if kinds else None
+
+        def on_ablation_step(blocks: int) -> None:
+            nonlocal blocks_evaluated
+            blocks_evaluated += blocks
+            bars.advance(ablation_task, blocks)
+
+        start = time.perf_counter()
+        for batch in batches:
+            _profile_batch(loaded, batch.to(device), acc, positions.to(device), kinds, on_ablation_step)
+            bars.advance(task)
+        timings["activations_and_ablation_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        linear_rows = _weight_rows(loaded, progress, bars) if weights else []
+        timings["weights_s"] = time.perf_counter() - start
+
+    rows = []
+    zd = _block_zd(linear_rows, n_blocks) if linear_rows else None
+    for index in range(n_blocks):
+        row: dict = {"block": index}
+        for name, metric in METRICS.items():
+            row[name] = metric.finalize(acc.metrics[index][name])
+        lens = acc.lens[index]
+        row["logit_lens_kl"] = lens["kl_total"] / lens["count"]
+        row["logit_lens_top1"] = lens["top1_total"] / lens["count"]
+        if zd:
+            row["zd"] = zd[index]
+        for kind in kinds:
+            partial = acc.ablation[kind][index]
+            row[f"ablation_kl_{kind}"] = partial["total"] / partial["count"]
+        rows.append(row)
+
+    meta = run_metadata() | {
+        "model": loaded.describe(),
+        "data": windows.describe(),
+        "settings": {"batch_size": batch_size, "ablation": list(kinds),
+                     "logit_lens_positions_per_window": int(positions.numel()), "weights": weights},
+        "timings": timings,
+        "ablation_cost_forward_equivalents": blocks_evaluated / n_blocks,
+    }
+    return ProfileResult(meta, rows, linear_rows, column_descriptions(kinds, weights))
+
+
+def column_descriptions(kinds: Sequence[str] = UNIT_KINDS, weights: bool = True) -> dict[str, str]:
+    columns = {"block": "block index, 0 = nearest the embeddings"}
+    columns |= {name: metric.description for name, metric in METRICS.items()}
+    columns["logit_lens_kl"] = "KL(final output || final norm + LM head applied to this block's output), nats/token"
+    columns["logit_lens_top1"] = "fraction of positions where the logit lens at this block picks the final top-1 token"
+    if weights:
+        columns["zd"] = "block ZD: its linears' ZD weighted by size (Layer-Wise Quantization)"
+        columns |= {name: metric.description for name, metric in WEIGHT_METRICS.items()}
+    for kind in kinds:
+        what = {"block": "the whole block", "attn": "the attention sublayer", "mlp": "the MLP sublayer"}[kind]
+        columns[f"ablation_kl_{kind}"] = f"KL(model || model without {what}), nats/token"
+    return columns
+
+
+def profile(
+    model: str | Path | LoadedModel,
+    data: str | Path | Sequence[str] | None = None,
+    *,
+    tokens: int = 4096,
+    seq_len: int = 512,
+    seed: int = 0,
+    out: str | Path | None = None,
+    ablation: bool | Sequence[str] = False,
+    batch_size: int = 2,
+    lens_positions_per_window: int | None = None,
+    weights: bool = True,
+    dtype: str = "auto",
+    device: str = "cpu",
+    device_map: str | None = None,
+    progress: bool = True,
+) -> ProfileResult:
+    """`layerwise profile` from Python: load, cut calibration windows, profile, and save to `out`.
+
+    `data=None` uses the calibration excerpt shipped with layerwise. Output (if `out`):
+    profile.json, blocks.csv, linears.csv. Inputs are checked before any long work starts.
+    """
+    if tokens <= 0:
+        raise LayerwiseError(f"--tokens must be a positive number, got {tokens}")
+    if out is not None:
+        check_writable_dir(out)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, device_map=device_map)
+    windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
+    result = profile_model(loaded, windows, batch_size=batch_size, ablation=ablation,
+                           lens_positions_per_window=lens_positions_per_window, weights=weights, progress=progress)
+    if out is not None:
+        result.save(out)
+    return result
