@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 from layerwise.errors import LayerwiseError
 from layerwise.models import Adapter, LoadedModel, get_adapter, load_model
 from layerwise.data import token_windows
-from layerwise.profile import ProfileResult, profile, profile_model
+from layerwise.profile import ProfileResult, profile_model, run_profile
 
 __all__ = [
     "__version__",
@@ -16,7 +16,7 @@ __all__ = [
     "ProfileResult",
     "get_adapter",
     "load_model",
-    "profile",
     "profile_model",
+    "run_profile",
     "token_windows",
 ]

@@ -29,10 +29,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
-    from layerwise.profile import profile
+    from layerwise.profile import run_profile
 
     ablation = {"none": False, "all": True}.get(args.ablation, args.ablation.split(",") if args.ablation else False)
-    result = profile(
+    result = run_profile(
         args.model, args.data, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed, out=args.out,
         ablation=ablation, batch_size=args.batch_size, lens_positions_per_window=args.lens_positions,
         weights=not args.no_weights, dtype=args.dtype, device=args.device, device_map=args.device_map,
@@ -61,9 +61,16 @@ def _cmd_list(args: argparse.Namespace) -> None:
             console.print(f"[bold]{alias}[/bold]: another name for {name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other layerwise error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerwise", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="layerwise", description="Find out which layers of a transformer LM matter.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("profile", help="per-layer statistics from one calibration pass")
     _add_model_options(p)

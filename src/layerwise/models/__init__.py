@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 from layerwise.models.adapters import ADAPTERS, Adapter, get_adapter, supported_architectures
-from layerwise.models.loading import LoadedModel, ModelSource, load_model, resolve_source, wrap_model
+from layerwise.models.loading import (
+    LoadedModel,
+    ModelSource,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    wrap_model,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -10,7 +18,9 @@ __all__ = [
     "LoadedModel",
     "ModelSource",
     "get_adapter",
+    "load_config",
     "load_model",
+    "load_tokenizer",
     "resolve_source",
     "supported_architectures",
     "wrap_model",

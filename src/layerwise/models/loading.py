@@ -133,10 +133,26 @@ def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        if source.kind == "hub":
-            raise _hub_error(source, error) from error
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LayerwiseError(f"cannot read the model config of {source.display}: {first_line}") from error
+        raise _load_error(source, "the model config", error) from error
+
+
+def _load_error(source: ModelSource, what: str, error: Exception) -> LayerwiseError:
+    if source.kind == "hub":
+        return _hub_error(source, error)
+    lines = str(error).strip().splitlines()
+    return LayerwiseError(f"cannot load {what} from {source.display}: {lines[0] if lines else type(error).__name__}")
+
+
+def load_tokenizer(source: str | os.PathLike | ModelSource, trust_remote_code: bool = False) -> Any:
+    """The tokenizer alone: cheap, so that text can be checked before weights are loaded."""
+    from transformers import AutoTokenizer
+
+    resolved = source if isinstance(source, ModelSource) else resolve_source(source)
+    location, kwargs = resolved.from_pretrained_args()
+    try:
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise _load_error(resolved, "the tokenizer", error) from error
 
 
 def load_model(
@@ -147,37 +163,34 @@ def load_model(
     device_map: str | None = None,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: Any = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, a .gguf file or a hub id.
 
     `device_map="auto"` hands placement to accelerate (models that need several GPUs); otherwise
     the whole model goes to `device`. GGUF files go through transformers' GGUF loader, which
-    dequantizes to `dtype`.
+    dequantizes to `dtype`. A tokenizer already loaded with `load_tokenizer` can be passed in.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     resolved = resolve_source(source, gguf_file)
     config = load_config(resolved, trust_remote_code)
     adapter = get_adapter(config.model_type, config)
     device = _pick_device(device)
     torch_dtype = _pick_dtype(dtype, device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolved, trust_remote_code)
     location, kwargs = resolved.from_pretrained_args()
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        # transformers logs progress for GGUF conversion at warning level; keep the terminal quiet.
+        # transformers warns about every GGUF tensor it converts; keep the terminal readable.
         logging.getLogger("transformers").setLevel(logging.ERROR)
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **{
-            k: v for k, v in kwargs.items() if k == "gguf_file"
-        })
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as error:
-        if resolved.kind == "hub":
-            raise _hub_error(resolved, error) from error
-        first_line = str(error).strip().splitlines()[0]
-        raise LayerwiseError(f"cannot load model weights from {resolved.display}: {first_line}") from error
+    except (OSError, ValueError, RuntimeError) as error:
+        raise _load_error(resolved, "model weights", error) from error
     if not device_map:
         model.to(device)
     model.eval()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from layerwise.profile.metrics import METRIC_ALIASES, METRICS, register_metric, resolve_metric
 from layerwise.profile.result import ProfileResult
-from layerwise.profile.runner import profile, profile_model
+from layerwise.profile.runner import profile_model, run_profile
 from layerwise.profile.weights import WEIGHT_METRICS, register_weight_metric
 
 __all__ = [
@@ -11,9 +11,9 @@ __all__ = [
     "METRIC_ALIASES",
     "WEIGHT_METRICS",
     "ProfileResult",
-    "profile",
     "profile_model",
     "register_metric",
     "register_weight_metric",
     "resolve_metric",
+    "run_profile",
 ]

@@ -11,8 +11,9 @@ import torch
 from layerwise.data.windows import TokenWindows, token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.models.adapters import get_adapter
 from layerwise.models.layout import block_linears, linear_weight
-from layerwise.models.loading import LoadedModel, load_model
+from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.profile.hooks import BlockCall, capture_blocks
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
@@ -181,7 +182,7 @@ def column_descriptions(kinds: Sequence[str] = UNIT_KINDS, weights: bool = True)
     return columns
 
 
-def profile(
+def run_profile(
     model: str | Path | LoadedModel,
     data: str | Path | Sequence[str] | None = None,
     *,
@@ -207,8 +208,17 @@ def profile(
         raise LayerwiseError(f"--tokens must be a positive number, got {tokens}")
     if out is not None:
         check_writable_dir(out)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device, device_map=device_map)
-    windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
+    if isinstance(model, LoadedModel):
+        loaded = model
+        windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
+    else:
+        # Check the architecture and the text before spending minutes loading weights.
+        source = resolve_source(model)
+        config = load_config(source)
+        get_adapter(config.model_type, config)
+        tokenizer = load_tokenizer(source)
+        windows = token_windows(tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, tokenizer=tokenizer)
     result = profile_model(loaded, windows, batch_size=batch_size, ablation=ablation,
                            lens_positions_per_window=lens_positions_per_window, weights=weights, progress=progress)
     if out is not None:

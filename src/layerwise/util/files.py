@@ -13,7 +13,9 @@ from layerwise.errors import LayerwiseError
 def check_writable_dir(directory: str | Path) -> Path:
     """Fail early, before any long work, if `directory` cannot be created or written.
 
-    Nothing is created here: the directory is made only when the first file is written.
+    Nothing is left behind: the directory itself is made only when the first file is written.
+    The nearest existing ancestor is probed with a real temporary file, because permission bits
+    say nothing for root or for read-only mounts.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -21,8 +23,13 @@ def check_writable_dir(directory: str | Path) -> Path:
     probe = directory
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise LayerwiseError(f"output directory {directory} is not writable (no write permission on {probe})")
+    if not probe.is_dir():
+        raise LayerwiseError(f"output directory {directory} cannot be created: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise LayerwiseError(f"output directory {directory} is not writable ({error.strerror} in {probe})") from None
     return directory
 
 

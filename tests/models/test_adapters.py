@@ -1,0 +1,97 @@
+"""One test per row of the adapter table, on tiny random models built from transformers' configs.
+
+Random weights are fine here: these tests check shapes and wiring, never quality.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from layerwise.errors import LayerwiseError
+from layerwise.models import ADAPTERS, get_adapter, supported_architectures, wrap_model
+from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
+from layerwise.profile.hooks import capture_blocks
+from layerwise.profile.replay import logits_without
+
+HIDDEN, FFN, HEADS, VOCAB = 32, 64, 4, 128
+_LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3, num_attention_heads=HEADS,
+                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY_CONFIGS = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE | {"head_dim": 8},
+    "gemma": _LLAMA_LIKE | {"head_dim": 8},
+    "gemma2": _LLAMA_LIKE | {"head_dim": 8, "sliding_window": 4},
+    "gemma3_text": _LLAMA_LIKE | {"head_dim": 8, "sliding_window": 4},
+    "phi3": _LLAMA_LIKE,
+    "gpt2": dict(n_embd=HIDDEN, n_layer=3, n_head=HEADS, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gpt_neox": dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3, num_attention_heads=HEADS,
+                     vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    "opt": dict(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=3, num_attention_heads=HEADS, vocab_size=VOCAB,
+                max_position_embeddings=64, word_embed_proj_dim=HIDDEN, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+
+
+def tiny_model(model_type: str, **overrides):
+    config = transformers.CONFIG_MAPPING[model_type](**(TINY_CONFIGS[model_type] | overrides))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def test_every_row_has_a_test():
+    assert set(TINY_CONFIGS) == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("model_type", sorted(ADAPTERS))
+def test_adapter_row(model_type):
+    model = tiny_model(model_type)
+    loaded = wrap_model(model, tokenizer=None)
+    adapter = loaded.adapter
+    assert loaded.n_blocks == 3
+    for path in (adapter.embed, adapter.final_norm, adapter.lm_head):
+        model.get_submodule(path)
+
+    # Every linear named in the table exists; weights come out as [out, in] whatever the module type.
+    linears = block_linears(model, adapter)
+    assert len(linears) == 3 * len(adapter.linear_paths())
+    block = blocks_of(model, adapter)[0]
+    for role in ("attn_in", "mlp_in"):
+        for path in adapter.linears[role]:
+            assert linear_weight(block.get_submodule(path)).shape[1] == HIDDEN, path
+    for role in ("attn_out", "mlp_out"):
+        for path in adapter.linears[role]:
+            assert linear_weight(block.get_submodule(path)).shape[0] == HIDDEN, path
+
+    ids = torch.randint(3, VOCAB, (2, 16))
+    calls = []
+    with torch.no_grad(), capture_blocks(model, adapter, calls.append, keep_call=True):
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert [c.index for c in calls] == [0, 1, 2]
+    for call in calls:
+        # The sublayer deltas the table points at are exactly what the block adds to the residual.
+        torch.testing.assert_close(call.h_in + call.attn_delta + call.mlp_delta, call.h_out, atol=1e-5, rtol=1e-5)
+        assert call.mlp_hidden.shape[:-1] == call.h_in.shape[:-1]
+    # Final norm + head on the last block's output reproduces the model's logits (logit lens at the top).
+    torch.testing.assert_close(hidden_to_logits(model, adapter, calls[-1].h_out), logits, atol=1e-5, rtol=1e-5)
+    # Re-running the blocks from a cached input reproduces the model's logits (ablation replays).
+    torch.testing.assert_close(logits_without(model, adapter, calls, 1, None), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    with pytest.raises(LayerwiseError) as error:
+        get_adapter("bloom")
+    message = str(error.value)
+    assert "bloom" in message
+    for name in supported_architectures():
+        assert name in message
+
+
+def test_unsupported_variant_of_a_known_family():
+    model = tiny_model("opt", do_layer_norm_before=False)
+    with pytest.raises(LayerwiseError, match="post-layer-norm"):
+        wrap_model(model, tokenizer=None)
