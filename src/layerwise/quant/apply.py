@@ -1,0 +1,156 @@
+"""Applying a plan to a model: `quantize_` replaces weights in place by their dequantized values
+and returns the stored form (codes and scales) of every quantized module, for size and export.
+
+Data-free configs (round to nearest) need no calibration. GPTQ and AWQ run block by block: the
+inputs of block i are cached, its linears' statistics gathered, its weights quantized, and its
+quantized outputs become the inputs of block i+1, so memory stays near one block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from layerwise.data.windows import TokenWindows
+from layerwise.errors import LayerwiseError
+from layerwise.models.layout import block_linears, blocks_of, first_tensor, linear_weight
+from layerwise.models.loading import LoadedModel
+from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
+from layerwise.quant.awq import awq_quantize
+from layerwise.quant.config import QuantConfig
+from layerwise.quant.gptq import gptq_quantize
+from layerwise.quant.qtensor import QTensor
+from layerwise.quant.rtn import quantize_weight
+from layerwise.util.progress import progress_bars
+
+if TYPE_CHECKING:  # the plan module imports quant.config; import it for annotations only
+    from layerwise.plan.plan import Plan
+
+# Rows of inputs kept per linear for AWQ's scale search: enough for a stable error estimate.
+AWQ_SAMPLE_ROWS = 4096
+
+
+def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
+    """Module name -> config for every module `plan` quantizes in this model."""
+    linears = [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
+    others = [loaded.adapter.embed, loaded.adapter.lm_head]
+    targets = plan.resolve(linears, others)
+    for name in others:
+        if name in targets and targets[name].algorithm != "rtn":
+            raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the blocks, "
+                                 f"not {targets[name].algorithm!r}")
+    return targets
+
+
+def _set_weight(module: nn.Module, values: torch.Tensor) -> None:
+    if type(module).__name__ == "Conv1D":
+        values = values.t()
+    module.weight.data.copy_(values.to(module.weight.dtype))
+
+
+@dataclass
+class _Stats:
+    """What GPTQ (Hessian) and AWQ (input sample) need from one linear's inputs."""
+
+    hessian: torch.Tensor | None = None
+    rows: int = 0
+    sample: list | None = None
+
+
+def _gather(stats: _Stats, x: torch.Tensor, config: QuantConfig) -> None:
+    x = x.reshape(-1, x.shape[-1]).float()
+    if config.algorithm == "gptq":
+        product = x.t() @ x
+        stats.hessian = product if stats.hessian is None else stats.hessian + product
+    else:
+        stats.sample = (stats.sample or []) + [x[torch.randperm(len(x), generator=torch.Generator().manual_seed(
+            stats.rows))[: AWQ_SAMPLE_ROWS // 4]].cpu()]
+    stats.rows += len(x)
+
+
+def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: _Stats | None) -> QTensor:
+    weight = linear_weight(module).detach().float()
+    if config.algorithm == "gptq":
+        qtensor = gptq_quantize(weight, 2 * stats.hessian / stats.rows, config, module=name)
+    elif config.algorithm == "awq":
+        sample = torch.cat(stats.sample)[:AWQ_SAMPLE_ROWS].to(weight.device)
+        qtensor = awq_quantize(weight, sample, config, module=name)
+    else:
+        qtensor = quantize_weight(weight, config, name)
+    _set_weight(module, qtensor.dequantize())
+    return qtensor
+
+
+def _block_inputs(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
+    """For each batch: the first block's input, and every block's call arguments."""
+    device = loaded.model.get_submodule(loaded.adapter.embed).weight.device
+    per_batch = []
+    for batch in windows.batches(batch_size):
+        calls: list[BlockCall] = []
+
+        def keep(call: BlockCall) -> None:
+            # Drop the hidden state from the stored arguments: it is replaced at every replay.
+            calls.append(BlockCall(call.index, h_in=call.h_in if call.index == 0 else None,
+                                   args=call.args[1:], kwargs=call.kwargs))
+
+        with torch.no_grad(), capture_blocks(loaded.model, loaded.adapter, keep, keep_call=True):
+            loaded.model(input_ids=batch.to(device), use_cache=False)
+        per_batch.append(calls)
+    return per_batch
+
+
+def _run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+    if call.args or "hidden_states" not in call.kwargs:
+        return first_tensor(block(hidden, *call.args, **call.kwargs))
+    return first_tensor(block(**{**call.kwargs, "hidden_states": hidden}))
+
+
+@torch.no_grad()
+def quantize_(
+    loaded: LoadedModel,
+    plan: Plan,
+    calibration: TokenWindows | None = None,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, QTensor]:
+    """Quantize `loaded.model` in place according to `plan`; return each module's stored form."""
+    targets = plan_targets(loaded, plan)
+    needs_data = any(config.algorithm != "rtn" for config in targets.values())
+    if needs_data and calibration is None:
+        raise LayerwiseError("GPTQ and AWQ need calibration text (--calib)")
+    model, adapter = loaded.model, loaded.adapter
+    modules = {name: model.get_submodule(name) for name in targets}
+    result: dict[str, QTensor] = {}
+    with progress_bars(progress) as bars:
+        task = bars.add_task("quantizing", total=len(targets))
+        if needs_data:
+            per_batch = _block_inputs(loaded, calibration, batch_size)
+            hidden = [calls[0].h_in for calls in per_batch]
+            for index, block in enumerate(blocks_of(model, adapter)):
+                prefix = f"{adapter.blocks}.{index}."
+                names = [name for name in targets if name.startswith(prefix)]
+                data_names = [name for name in names if targets[name].algorithm != "rtn"]
+                stats = {name: _Stats() for name in data_names}
+
+                def register(handles: list) -> None:
+                    for name in data_names:
+                        handles.append(modules[name].register_forward_pre_hook(
+                            lambda mod, args, name=name: _gather(stats[name], args[0], targets[name])))
+
+                if data_names:
+                    with scoped_hooks(register):
+                        for calls, h in zip(per_batch, hidden):
+                            _run_block(block, calls[index], h)
+                for name in names:
+                    result[name] = _quantize_module(name, modules[name], targets[name], stats.get(name))
+                    bars.advance(task)
+                stats.clear()
+                hidden = [_run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
+        for name, config in targets.items():
+            if name not in result:
+                result[name] = _quantize_module(name, modules[name], config, None)
+                bars.advance(task)
+    return result

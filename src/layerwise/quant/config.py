@@ -1,0 +1,74 @@
+"""What to do to one weight matrix: a number format, and the algorithm that picks its codes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from layerwise.errors import LayerwiseError
+
+ALGORITHMS = ("rtn", "gptq", "awq")
+REMAINDERS = ("error", "tail")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A quantizer setting, validated on creation.
+
+    format: a registered number format ("int", "nf4", "fp4", "mxfp4", "fp8", or a GGUF type such
+        as "q4_0"); `layerwise list formats` shows them.
+    bits: code width for formats that take one ("int": 2..8); fixed formats ignore it.
+    group_size: input columns that share one scale; None = one scale per output row.
+    symmetric: "int" only: a signed grid with no zero point (True) or min/max with a zero point.
+    algorithm: how codes are chosen: "rtn" (round to nearest), "gptq" (error feedback through
+        the calibration Hessian), "awq" (activation-aware channel scaling, then rounding).
+    remainder: when group_size does not divide a row: "error", or "tail" (a shorter last group).
+    """
+
+    format: str = "int"
+    bits: int | None = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    remainder: str = "error"
+
+    def __post_init__(self) -> None:
+        from layerwise.quant.formats import get_format
+
+        spec = get_format(self.format)
+        if spec.fixed_bits is not None:
+            object.__setattr__(self, "bits", spec.fixed_bits)
+        elif self.bits not in spec.allowed_bits:
+            raise LayerwiseError(
+                f"bits={self.bits} is outside format {self.format!r}'s range; allowed: "
+                f"{', '.join(map(str, spec.allowed_bits))}"
+            )
+        if spec.fixed_group_size is not None:
+            object.__setattr__(self, "group_size", spec.fixed_group_size)
+        elif self.group_size is not None and self.group_size <= 0:
+            raise LayerwiseError(f"group_size must be positive or None (per row), got {self.group_size}")
+        if self.algorithm not in ALGORITHMS:
+            raise LayerwiseError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+        if self.algorithm != "rtn" and not spec.supports_error_feedback:
+            raise LayerwiseError(f"format {self.format!r} supports only algorithm 'rtn', not {self.algorithm!r}")
+        if self.remainder not in REMAINDERS:
+            raise LayerwiseError(f"unknown remainder {self.remainder!r}; choose from {', '.join(REMAINDERS)}")
+
+    def replace(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise LayerwiseError(f"unknown quantizer field(s) {sorted(unknown)}; known: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+    @property
+    def label(self) -> str:
+        """A short human name: 'gptq int3 g64 sym', 'rtn q4_0', 'rtn nf4 g64'."""
+        spec_bits = "" if self.format != "int" else str(self.bits)
+        group = "" if self.format.startswith("q") else (" per-row" if self.group_size is None else f" g{self.group_size}")
+        sym = "" if self.format != "int" else (" sym" if self.symmetric else " asym")
+        return f"{self.algorithm} {self.format}{spec_bits}{group}{sym}"
