@@ -44,12 +44,65 @@ def _cmd_profile(args: argparse.Namespace) -> None:
         console.print(f"wrote {args.out}/profile.json, blocks.csv, linears.csv")
 
 
+def _group_size(text: str) -> int | None:
+    if text.lower() in ("none", "row", "channel", "0", "-1"):
+        return None
+    return _positive_int(text)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from layerwise.plan import Plan
+    from layerwise.quant.config import QuantConfig
+    from layerwise.quant.run import run_quantize
+
+    plan = args.plan or Plan(QuantConfig(args.format, args.bits, args.group_size, not args.asym, args.method,
+                                         "tail" if args.allow_tail else "error"))
+    loaded, quantized, sizes = run_quantize(args.model, plan, calib=args.calib, tokens=args.tokens, seed=args.seed,
+                                            out=args.out, dtype=args.dtype, device=args.device,
+                                            progress=not args.quiet)
+    _print_sizes(sizes)
+    if args.out:
+        print(f"wrote {args.out}/quant.json, plan.json, qweights.safetensors")
+
+
+def _print_sizes(sizes: dict) -> None:
+    print(f"block linears: {sizes['linear_bits_per_weight']:.4f} bits per weight ({sizes['linear_bytes']:,} bytes); "
+          f"embeddings+head {sizes['embeddings_and_head_bytes']:,} bytes; norms+biases {sizes['norms_and_biases_bytes']:,} bytes; "
+          f"total {sizes['total_bytes']:,} bytes ({sizes['total_bytes'] / sizes['float16_total_bytes']:.1%} of 16-bit)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from layerwise.evaluate.run import run_eval
+
+    report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan, calib=args.calib,
+                      tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    base = report["base"]
+    print(f"base:      perplexity {base['perplexity']:.3f} on {base['tokens']:,} predicted tokens of {args.data}")
+    if "quantized" in report:
+        quality = report["quantized"]
+        print(f"quantized: perplexity {quality['perplexity']:.3f}, KL(base||quantized) {quality['kl']:.5f} nats/token, "
+              f"top-1 agreement {quality['top1']:.4f}")
+        _print_sizes(report["sizes"])
+    if args.json:
+        from layerwise.util.files import write_text_atomic
+        import json
+
+        write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
 
     console = Console(width=max(Console().width, 170))
-    if args.what == "architectures":
+    if args.what == "formats":
+        from layerwise.quant.formats import FORMATS, get_format
+
+        get_format("int")
+        for name, fmt in FORMATS.items():
+            console.print(f"[bold]{name}[/bold]: {fmt.description}")
+    elif args.what == "architectures":
         for name in supported_architectures():
             console.print(name)
     elif args.what == "metrics":
@@ -88,8 +141,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_profile)
 
+    p = commands.add_parser("quantize", help="quantize a model uniformly or by a plan")
+    _add_model_options(p)
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"], help="how codes are chosen")
+    p.add_argument("--format", default="int", help="int, nf4, fp4, mxfp4, fp8, or a GGUF type (q4_0, q4_k, ...)")
+    p.add_argument("--bits", type=_positive_int, default=4, help="code width for --format int (2..8)")
+    p.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'none' for one per row")
+    p.add_argument("--asym", action="store_true", help="int only: min/max grid with a zero point")
+    p.add_argument("--allow-tail", action="store_true", help="allow a shorter last group when the group size does not divide a row")
+    p.add_argument("--plan", default=None, help="a plan.json instead of the uniform options above")
+    p.add_argument("--calib", default=None, help="calibration text (needed by gptq and awq)")
+    p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="directory for plan.json, quant.json, qweights.safetensors")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_quantize)
+
+    p = commands.add_parser("eval", help="perplexity, KL and top-1 agreement against the base model")
+    _add_model_options(p)
+    p.add_argument("--data", required=True, help="evaluation text, never the calibration text")
+    p.add_argument("--quantized", default=None, help="a directory written by `layerwise quantize`")
+    p.add_argument("--plan", default=None, help="or a plan.json to quantize on the fly")
+    p.add_argument("--calib", default=None, help="calibration text for --plan with gptq/awq")
+    p.add_argument("--tokens", type=_positive_int, default=40 * 512, help="evaluation tokens (default 40 x 512)")
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_eval)
+
     p = commands.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["architectures", "metrics"])
+    p.add_argument("what", choices=["architectures", "metrics", "formats"])
     p.set_defaults(run=_cmd_list)
     return parser
 

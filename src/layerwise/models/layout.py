@@ -28,6 +28,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def set_linear_weight(module: nn.Module, values: torch.Tensor) -> None:
+    """Write an [out, in] matrix into a linear's weight, in whatever layout and dtype it keeps."""
+    if type(module).__name__ == "Conv1D":
+        values = values.t()
+    module.weight.data.copy_(values.to(module.weight.dtype))
+
+
 def first_tensor(output: object) -> torch.Tensor:
     """Modules return a tensor or a tuple whose first item is the hidden state."""
     return output[0] if isinstance(output, (tuple, list)) else output

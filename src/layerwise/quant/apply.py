@@ -15,7 +15,7 @@ from torch import nn
 
 from layerwise.data.windows import TokenWindows
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import block_linears, blocks_of, first_tensor, linear_weight
+from layerwise.models.layout import block_linears, blocks_of, first_tensor, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.quant.awq import awq_quantize
@@ -42,12 +42,6 @@ def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
             raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the blocks, "
                                  f"not {targets[name].algorithm!r}")
     return targets
-
-
-def _set_weight(module: nn.Module, values: torch.Tensor) -> None:
-    if type(module).__name__ == "Conv1D":
-        values = values.t()
-    module.weight.data.copy_(values.to(module.weight.dtype))
 
 
 @dataclass
@@ -79,7 +73,7 @@ def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: _
         qtensor = awq_quantize(weight, sample, config, module=name)
     else:
         qtensor = quantize_weight(weight, config, name)
-    _set_weight(module, qtensor.dequantize())
+    set_linear_weight(module, qtensor.dequantize())
     return qtensor
 
 

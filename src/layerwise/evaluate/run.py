@@ -1,0 +1,57 @@
+"""`layerwise eval` from Python: quality of a quantized model against its base, on evaluation text."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerwise.data.windows import read_text, token_windows
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate.quality import base_outputs, evaluate
+from layerwise.models.loading import load_model
+from layerwise.plan.plan import Plan
+from layerwise.quant.size import size_report
+from layerwise.quant.storage import apply_quantized, load_quantized
+from layerwise.util.meta import sha256_text
+
+
+def run_eval(
+    model: str | Path,
+    *,
+    data: str | Path,
+    quantized: str | Path | None = None,
+    plan: str | Path | None = None,
+    calib: str | Path | None = None,
+    tokens: int = 40 * 512,
+    seq_len: int = 512,
+    dtype: str = "auto",
+    device: str = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of the base model and, with `quantized` (a directory written by `layerwise
+    quantize`) or `plan` (quantized on the fly), its perplexity, KL and top-1 agreement.
+
+    Evaluation uses the first `tokens` of `data` in non-overlapping windows; text used for
+    calibration is refused."""
+    if quantized is not None and plan is not None:
+        raise LayerwiseError("pass either --quantized or --plan, not both")
+    loaded = load_model(model, dtype=dtype, device=device)
+    windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=None)
+    document, stored = (load_quantized(quantized) if quantized is not None else (None, None))
+    calibration = (document or {}).get("meta", {}).get("calibration") or {}
+    if calib is not None:
+        calibration = {"text_sha256": sha256_text(read_text(calib)[0])}
+    if calibration.get("text_sha256") == windows.text_sha256:
+        raise LayerwiseError(f"{data} is the text this model was calibrated on; evaluate on held-out text")
+    base = base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
+    report = {"model": loaded.describe(), "data": windows.describe(), "base": base.quality.to_dict()}
+    # The base's outputs are cached, so the same model object is quantized in place: no copy.
+    if stored is not None:
+        apply_quantized(loaded, document, stored)
+        report["sizes"] = size_report(loaded, stored)
+    elif plan is not None:
+        from layerwise.quant.run import run_quantize
+
+        report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
+    if stored is not None or plan is not None:
+        report["quantized"] = evaluate(loaded, base, progress=progress).to_dict()
+    return report

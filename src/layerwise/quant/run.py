@@ -1,0 +1,56 @@
+"""`layerwise quantize` from Python: load, calibrate if needed, quantize, size, save."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerwise.data.windows import token_windows
+from layerwise.errors import LayerwiseError
+from layerwise.models.loading import LoadedModel, load_model
+from layerwise.plan.plan import Plan
+from layerwise.quant.apply import plan_targets, quantize_
+from layerwise.quant.qtensor import QTensor
+from layerwise.quant.size import size_report
+from layerwise.quant.storage import save_quantized
+from layerwise.util.files import check_writable_dir
+from layerwise.util.meta import run_metadata
+
+
+def run_quantize(
+    model: str | Path | LoadedModel,
+    plan: Plan | str | Path,
+    *,
+    calib: str | Path | None = None,
+    tokens: int = 16384,
+    seq_len: int = 512,
+    seed: int = 0,
+    out: str | Path | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[LoadedModel, dict[str, QTensor], dict]:
+    """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
+    stored form of each module and the size report; with `out`, writes them there."""
+    if out is not None:
+        check_writable_dir(out)
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    if plan.model_fingerprint and plan.model_fingerprint != loaded.fingerprint:
+        raise LayerwiseError(f"the plan was made for a model with fingerprint {plan.model_fingerprint[:16]}..., "
+                             f"not {loaded.source.display}")
+    targets = plan_targets(loaded, plan)
+    windows = None
+    if any(config.algorithm != "rtn" for config in targets.values()):
+        if calib is None:
+            raise LayerwiseError("GPTQ and AWQ need calibration text: pass --calib FILE")
+        windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+    else:
+        # Validate every module's shape before any work (group sizes, GGUF block sizes).
+        size_report(loaded, targets)
+    quantized = quantize_(loaded, plan, windows, progress=progress)
+    sizes = size_report(loaded, quantized)
+    meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
+                             "sizes": sizes}
+    if out is not None:
+        save_quantized(out, plan, quantized, meta)
+    return loaded, quantized, sizes

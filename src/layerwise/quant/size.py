@@ -1,0 +1,59 @@
+"""Counting every bit: block linears (codes + scales + zero points + metadata) beside the rest."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from layerwise.models.layout import block_linears
+from layerwise.models.loading import LoadedModel
+from layerwise.quant.config import QuantConfig
+from layerwise.quant.qtensor import QTensor, storage_bits
+
+# Tensors left unquantized are counted at 16 bits: the size of the usual fp16/bf16 checkpoint,
+# whatever dtype the model happens to be evaluated in.
+FLOAT_BITS = 16
+
+
+def size_report(loaded: LoadedModel, quantized: dict[str, QTensor] | dict[str, QuantConfig]) -> dict:
+    """Bits per weight of the block linears, bytes of everything else, and total bytes.
+
+    `quantized` maps module names to their stored form (after quantize_) or to their configs
+    (before: the sizes are the same, so a plan can be sized without quantizing). Tied tensors
+    (an LM head sharing the embedding matrix) are counted once.
+    """
+    model: nn.Module = loaded.model
+    linear_names = {name for _, name, _ in block_linears(model, loaded.adapter)}
+
+    def bits_of(name: str, parameter) -> int:
+        entry = quantized.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if isinstance(entry, QTensor):
+            return entry.n_bits
+        if isinstance(entry, QuantConfig):
+            shape = tuple(parameter.shape) if type(model.get_submodule(name[:-7])).__name__ != "Conv1D" \
+                else tuple(reversed(parameter.shape))
+            return storage_bits(entry, shape)
+        return FLOAT_BITS * parameter.numel()
+
+    linear_bits = linear_weights = other_bits = 0
+    parts: dict[str, int] = {"embeddings_and_head": 0, "norms_and_biases": 0}
+    for name, parameter in model.named_parameters(remove_duplicate=True):
+        module_name = name.rsplit(".", 1)[0]
+        bits = bits_of(name, parameter)
+        if module_name in linear_names and name.endswith(".weight"):
+            linear_bits += bits
+            linear_weights += parameter.numel()
+        else:
+            other_bits += bits
+            key = "embeddings_and_head" if module_name in (loaded.adapter.embed, loaded.adapter.lm_head) \
+                else "norms_and_biases"
+            parts[key] += bits
+    return {
+        "linear_weights": linear_weights,
+        "linear_bits_per_weight": linear_bits / linear_weights if linear_weights else math.nan,
+        "linear_bytes": math.ceil(linear_bits / 8),
+        "embeddings_and_head_bytes": math.ceil(parts["embeddings_and_head"] / 8),
+        "norms_and_biases_bytes": math.ceil(parts["norms_and_biases"] / 8),
+        "total_bytes": math.ceil((linear_bits + other_bits) / 8),
+        "float16_total_bytes": sum(FLOAT_BITS * p.numel() for p in model.parameters()) // 8,
+    }
