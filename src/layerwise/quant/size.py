@@ -5,7 +5,7 @@ import math
 
 from torch import nn
 
-from layerwise.models.layout import block_linears
+from layerwise.models.layout import block_linears, linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.qtensor import QTensor, storage_bits
@@ -25,22 +25,28 @@ def size_report(loaded: LoadedModel, quantized: dict[str, QTensor] | dict[str, Q
     model: nn.Module = loaded.model
     linear_names = {name for _, name, _ in block_linears(model, loaded.adapter)}
 
-    def bits_of(name: str, parameter) -> int:
-        entry = quantized.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+    # A tied LM head shares the embedding's tensor: quantizing either quantizes both.
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(getattr(module, "weight", None), nn.Parameter):
+            owners.setdefault(id(module.weight), []).append(module_name)
+
+    def bits_of(module_name: str, kind: str, parameter) -> int:
+        names = owners.get(id(parameter), [module_name]) if kind == "weight" else []
+        entry = next((quantized[n] for n in names if n in quantized), None)
+        module_name = next((n for n in names if n in quantized), module_name)
         if isinstance(entry, QTensor):
             return entry.n_bits
         if isinstance(entry, QuantConfig):
-            shape = tuple(parameter.shape) if type(model.get_submodule(name[:-7])).__name__ != "Conv1D" \
-                else tuple(reversed(parameter.shape))
-            return storage_bits(entry, shape)
+            return storage_bits(entry, tuple(linear_weight(model.get_submodule(module_name)).shape))
         return FLOAT_BITS * parameter.numel()
 
     linear_bits = linear_weights = other_bits = 0
     parts: dict[str, int] = {"embeddings_and_head": 0, "norms_and_biases": 0}
     for name, parameter in model.named_parameters(remove_duplicate=True):
-        module_name = name.rsplit(".", 1)[0]
-        bits = bits_of(name, parameter)
-        if module_name in linear_names and name.endswith(".weight"):
+        module_name, kind = name.rsplit(".", 1)
+        bits = bits_of(module_name, kind, parameter)
+        if module_name in linear_names and kind == "weight":
             linear_bits += bits
             linear_weights += parameter.numel()
         else:
