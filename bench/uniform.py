@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -56,12 +57,11 @@ def configurations() -> dict[str, QuantConfig]:
     return rows
 
 
-def run_peer(peer_python: str, model_dir: Path, bits: int, group_size: int, calib_tokens: int, out: Path) -> float:
+def run_peer(peer_python: str, model_dir: Path, windows: Path, bits: int, group_size: int, out: Path) -> float:
     script = Path(__file__).resolve().parent / "peers" / "llmcompressor_gptq.py"
     start = time.perf_counter()
-    subprocess.run([peer_python, str(script), "--model", str(model_dir), "--calib", str(CALIBRATION_TEXT),
-                    "--bits", str(bits), "--group-size", str(group_size), "--tokens", str(calib_tokens),
-                    "--out", str(out)], check=True)
+    subprocess.run([peer_python, str(script), "--model", str(model_dir), "--windows", str(windows),
+                    "--bits", str(bits), "--group-size", str(group_size), "--out", str(out)], check=True)
     return time.perf_counter() - start
 
 
@@ -113,14 +113,16 @@ def main() -> None:
     if args.peer_python:
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch) / "smollm2-plain"
+            windows = Path(scratch) / "calibration.npy"
             restore()
             save_plain_folder(loaded, folder)
+            np.save(windows, calibration.input_ids.numpy())
             for bits in (3, 4):
                 out = Path(scratch) / f"peer-{bits}.safetensors"
-                seconds = run_peer(args.peer_python, folder, bits, 64, args.calib_tokens, out)
+                seconds = run_peer(args.peer_python, folder, windows, bits, 64, out)
                 weights = load_file(str(out))
                 for name, module in linears.items():
-                    set_linear_weight(module, weights[f"{name}.weight"].float())
+                    set_linear_weight(module, weights[name].float())
                 quality = evaluate(loaded, base, progress=False)
                 config = QuantConfig("int", bits, 64, True, "gptq")
                 rows.append({"label": f"llm-compressor gptq int{bits} g64 sym", "algorithm": "peer-gptq",

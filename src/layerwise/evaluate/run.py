@@ -18,7 +18,7 @@ def run_eval(
     *,
     data: str | Path,
     quantized: str | Path | None = None,
-    plan: str | Path | None = None,
+    plan: Plan | str | Path | None = None,
     calib: str | Path | None = None,
     tokens: int = 40 * 512,
     seq_len: int = 512,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from layerwise.errors import LayerwiseError
 from layerwise.quant.config import QuantConfig
-from layerwise.util.files import write_text_atomic
+from layerwise.util.files import check_schema, read_artifact, write_text_atomic
 
 SCHEMA = "layerwise.plan"
 SCHEMA_VERSION = 1
@@ -86,11 +86,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
-        if data.get("schema") != SCHEMA:
-            raise LayerwiseError(f"{where} is not a layerwise plan (schema {data.get('schema')!r})")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise LayerwiseError(f"{where} has plan schema version {data.get('schema_version')}; "
-                                 f"this layerwise reads {SCHEMA_VERSION}")
+        check_schema(data, SCHEMA, SCHEMA_VERSION, where, "plan")
         default = QuantConfig.from_dict(data["default"]) if data.get("default") else None
         rules = tuple((r["pattern"], QuantConfig.from_dict(r["config"]) if r["config"] else None)
                       for r in data.get("rules", []))
@@ -98,11 +94,4 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LayerwiseError(f"no plan at {path}") from None
-        except json.JSONDecodeError as error:
-            raise LayerwiseError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_artifact(path, SCHEMA, SCHEMA_VERSION, "plan"), str(path))

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.table import Table
 
 from layerwise.errors import LayerwiseError
-from layerwise.util.files import write_text_atomic
+from layerwise.util.files import read_artifact, write_text_atomic
 
 SCHEMA = "layerwise.profile"
 SCHEMA_VERSION = 1
@@ -60,18 +60,7 @@ class ProfileResult:
         path = Path(path)
         if path.is_dir():
             path = path / "profile.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LayerwiseError(f"no profile at {path}") from None
-        except json.JSONDecodeError as error:
-            raise LayerwiseError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
-        if data.get("schema") != SCHEMA:
-            raise LayerwiseError(f"{path} is not a layerwise profile (schema {data.get('schema')!r})")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise LayerwiseError(
-                f"{path} has profile schema version {data.get('schema_version')}, this layerwise reads {SCHEMA_VERSION}"
-            )
+        data = read_artifact(path, SCHEMA, SCHEMA_VERSION, "profile")
         return cls(data["meta"], data["blocks"], data["linears"], data.get("columns", {}))
 
     def table(self) -> Table:

@@ -17,7 +17,7 @@ from layerwise.models.loading import LoadedModel
 from layerwise.plan.plan import Plan
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.qtensor import QTensor
-from layerwise.util.files import atomic_path, write_text_atomic
+from layerwise.util.files import atomic_path, read_artifact, write_text_atomic
 
 SCHEMA = "layerwise.quantized"
 SCHEMA_VERSION = 1
@@ -49,15 +49,13 @@ def save_quantized(out_dir: str | Path, plan: Plan, quantized: dict[str, QTensor
 
 def load_quantized(out_dir: str | Path) -> tuple[dict, dict[str, QTensor]]:
     out_dir = Path(out_dir)
+    document = read_artifact(out_dir / "quant.json", SCHEMA, SCHEMA_VERSION, "quantized model")
     try:
-        document = json.loads((out_dir / "quant.json").read_text(encoding="utf-8"))
         tensors = load_file(str(out_dir / "qweights.safetensors"))
-    except FileNotFoundError as error:
-        raise LayerwiseError(f"{out_dir} is not a layerwise quantized model ({Path(error.filename).name} missing)") from None
-    except (json.JSONDecodeError, SafetensorError) as error:
+    except FileNotFoundError:
+        raise LayerwiseError(f"{out_dir} is not a layerwise quantized model (qweights.safetensors missing)") from None
+    except SafetensorError as error:
         raise LayerwiseError(f"{out_dir} holds a corrupt quantized model: {str(error).splitlines()[0]}") from None
-    if document.get("schema") != SCHEMA or document.get("schema_version") != SCHEMA_VERSION:
-        raise LayerwiseError(f"{out_dir}/quant.json is not a layerwise quantized model of schema version {SCHEMA_VERSION}")
     quantized = {}
     for name, entry in document["modules"].items():
         config = QuantConfig.from_dict(entry["config"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -57,3 +58,25 @@ def write_text_atomic(target: str | Path, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
+
+
+def read_artifact(path: str | Path, schema: str, version: int, what: str) -> dict:
+    """A layerwise JSON artifact, with one-line errors for a missing, corrupt or foreign file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayerwiseError(f"no {what} at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LayerwiseError(f"{path} is not a valid {what} file ({error})") from None
+    check_schema(data, schema, version, str(path), what)
+    return data
+
+
+def check_schema(data: object, schema: str, version: int, where: str, what: str) -> None:
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise LayerwiseError(f"{where} is not a layerwise {what} (schema {found!r})")
+    if data.get("schema_version") != version:
+        raise LayerwiseError(f"{where} has {what} schema version {data.get('schema_version')}; "
+                             f"this layerwise reads {version}")
