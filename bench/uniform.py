@@ -1,6 +1,6 @@
 """Uniform quantization of SmolLM2 in every format layerwise has, judged on WikiText-2 test.
 
-    python bench/uniform.py [--eval-tokens 20480] [--calib-tokens 16384] [--only LABEL ...]
+    python bench/uniform.py [--eval-tokens 10240] [--calib-tokens 16384] [--only LABEL ...]
                             [--peer-python /tmp/peer/bin/python]
 
 Perplexity, KL(base || quantized) and top-1 agreement on the first eval-tokens of wiki.test.raw
@@ -77,7 +77,7 @@ def save_plain_folder(loaded, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval-tokens", type=int, default=40 * 512)
+    parser.add_argument("--eval-tokens", type=int, default=20 * 512)
     parser.add_argument("--calib-tokens", type=int, default=32 * 512)
     parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--peer-python", default=None, help="python of an environment with llm-compressor")
@@ -91,6 +91,11 @@ def main() -> None:
     original = {name: linear_weight(module).detach().clone() for name, module in linears.items()}
     rows = [{"label": "float (Q4_1 GGUF dequantized)", "algorithm": "-", "bits_per_weight": 16.0,
              "total_bytes": size_report(loaded, {})["total_bytes"], **base.quality.to_dict(), "seconds": 0.0}]
+
+    def save(rows: list[dict]) -> Path:
+        """Written after every row, so that an interrupted run keeps what it measured."""
+        return write_results("uniform", {"model": loaded.describe(), "evaluation": evaluation.describe(),
+                                         "calibration": calibration.describe(), "rows": rows})
 
     def restore() -> None:
         for name, module in linears.items():
@@ -109,6 +114,7 @@ def main() -> None:
                      "bits_per_weight": sizes["linear_bits_per_weight"], "total_bytes": sizes["total_bytes"],
                      **quality.to_dict(), "seconds": seconds})
         print(f"{label}: ppl {quality.perplexity:.2f} KL {quality.kl:.4f} ({seconds:.0f} s)", flush=True)
+        save(rows)
 
     if args.peer_python:
         with tempfile.TemporaryDirectory() as scratch:
@@ -129,6 +135,7 @@ def main() -> None:
                              "config": config.to_dict(), "bits_per_weight": config.bits + 16 / 64,
                              "total_bytes": None, **quality.to_dict(), "seconds": seconds})
                 print(f"peer int{bits}: ppl {quality.perplexity:.2f} KL {quality.kl:.4f}", flush=True)
+                save(rows)
 
     table = Table(title=f"SmolLM2-135M, uniform quantization: wiki.test.raw, {base.quality.tokens} predicted tokens")
     for column in ("quantizer", "bits/weight", "perplexity", "KL", "top-1", "seconds"):
@@ -137,9 +144,7 @@ def main() -> None:
         table.add_row(row["label"], f"{row['bits_per_weight']:.3f}", f"{row['perplexity']:.2f}",
                       f"{row['kl']:.4f}", f"{row['top1']:.3f}", f"{row['seconds']:.0f}")
     Console(width=110).print(table)
-    path = write_results("uniform", {"model": loaded.describe(), "evaluation": evaluation.describe(),
-                                     "calibration": calibration.describe(), "rows": rows})
-    print(f"wrote {path}")
+    print(f"wrote {save(rows)}")
 
 
 if __name__ == "__main__":
