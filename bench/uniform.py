@@ -17,6 +17,7 @@ groups of 64 or whole rows, symmetric grids, or other types, which do not coinci
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,11 @@ def save_plain_folder(loaded, folder: Path) -> None:
     """transformers marks GGUF-loaded models as quantized; rebuild a plain one for the peer."""
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_config(loaded.model.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.model.config)
+    # The GGUF origin is recorded as a quantization_config, which llm-compressor refuses.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.model.state_dict())
     plain.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
