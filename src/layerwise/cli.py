@@ -85,8 +85,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               f"top-1 agreement {quality['top1']:.4f}")
         _print_sizes(report["sizes"])
     if args.json:
-        from layerwise.util.files import write_text_atomic
         import json
+
+        from layerwise.util.files import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
 
@@ -97,10 +98,9 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
     console = Console(width=max(Console().width, 170))
     if args.what == "formats":
-        from layerwise.quant.formats import FORMATS, get_format
+        from layerwise.quant.formats import registered_formats
 
-        get_format("int")
-        for name, fmt in FORMATS.items():
+        for name, fmt in registered_formats().items():
             console.print(f"[bold]{name}[/bold]: {fmt.description}")
     elif args.what == "architectures":
         for name in supported_architectures():

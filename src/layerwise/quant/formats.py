@@ -49,6 +49,12 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
+def registered_formats() -> dict[str, Format]:
+    """Every format, the GGUF types included."""
+    _register_gguf_types()
+    return FORMATS
+
+
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to what an fp16 field stores."""
     return x.to(torch.float16).to(torch.float32)
