@@ -51,6 +51,8 @@ def test_list_commands():
     assert done.returncode == 0 and "gpt_neox" in done.stdout and "gemma3_text" in done.stdout
     done = layerwise("list", "metrics")
     assert done.returncode == 0 and "lim" in done.stdout and "effective_rank" in done.stdout
+    done = layerwise("list", "formats")
+    assert done.returncode == 0 and "mxfp4" in done.stdout and "q4_k" in done.stdout
 
 
 @pytest.fixture(scope="module")
