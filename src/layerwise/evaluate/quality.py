@@ -35,10 +35,6 @@ class BaseOutputs:
     quality: Quality
 
 
-def _device(loaded: LoadedModel) -> torch.device:
-    return loaded.model.get_submodule(loaded.adapter.embed).weight.device
-
-
 def _nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> float:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return -logprobs.gather(-1, batch[:, 1:, None]).double().sum().item()
@@ -52,7 +48,7 @@ def base_outputs(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int 
     with progress_bars(progress) as bars:
         task = bars.add_task("base model", total=math.ceil(len(windows.input_ids) / batch_size))
         for batch in windows.batches(batch_size):
-            batch = batch.to(_device(loaded))
+            batch = batch.to(loaded.input_device)
             logits = loaded.model(input_ids=batch, use_cache=False).logits[:, :-1]
             nll += _nll_sum(logits, batch)
             count += batch[:, 1:].numel()
@@ -71,7 +67,7 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
     with progress_bars(progress) as bars:
         task = bars.add_task("evaluating", total=len(base.references))
         for batch, reference in zip(base.windows.batches(base.batch_size), base.references):
-            batch = batch.to(_device(loaded))
+            batch = batch.to(loaded.input_device)
             logits = loaded.model(input_ids=batch, use_cache=False).logits[:, :-1]
             nll += _nll_sum(logits, batch)
             kl_total += kl_per_token(reference, logits).double().sum().item()

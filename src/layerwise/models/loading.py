@@ -61,6 +61,11 @@ class LoadedModel:
         self.model_type = self.model.config.model_type
 
     @property
+    def input_device(self) -> torch.device:
+        """Where token ids must go: the embedding's device (blocks may sit elsewhere with device_map)."""
+        return self.model.get_submodule(self.adapter.embed).weight.device
+
+    @property
     def n_blocks(self) -> int:
         return len(self.model.get_submodule(self.adapter.blocks))
 

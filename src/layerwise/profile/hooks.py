@@ -35,7 +35,8 @@ class BlockCall:
     attn_delta: torch.Tensor | None = None
     mlp_delta: torch.Tensor | None = None
     mlp_hidden: torch.Tensor | None = None
-    # The block's call arguments (masks, rotary embeddings...), kept only when replaying blocks.
+    # The block's other call arguments (masks, rotary embeddings...), without the hidden state;
+    # kept only when blocks are to be re-run (`run_block`).
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -96,7 +97,8 @@ def capture_blocks(
         def hook(module, args, kwargs):
             call = BlockCall(index, h_in=_hidden_arg(args, kwargs).detach())
             if keep_call:
-                call.args, call.kwargs = args, dict(kwargs)
+                call.args = tuple(args[1:])
+                call.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             current[index] = call
         return hook
 
@@ -123,6 +125,11 @@ def capture_blocks(
 
     with scoped_hooks(register):
         yield
+
+
+def run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
+    """Re-run a block on a new hidden state with the arguments it was called with before."""
+    return first_tensor(block(hidden, *call.args, **call.kwargs))
 
 
 @contextlib.contextmanager

@@ -12,17 +12,11 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import blocks_of, first_tensor, hidden_to_logits
-from layerwise.profile.hooks import BlockCall, zero_output
+from layerwise.models.layout import blocks_of, hidden_to_logits
+from layerwise.profile.hooks import BlockCall, run_block, zero_output
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")
-
-
-def _call_with(call: BlockCall, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if call.args:
-        return (hidden,) + tuple(call.args[1:]), call.kwargs
-    return (), {**call.kwargs, "hidden_states": hidden}
 
 
 def _removal(block: nn.Module, adapter: Adapter, kind: str):
@@ -46,9 +40,8 @@ def logits_without(
     for j in range(index, len(blocks)):
         if j == index and kind == "block":
             continue
-        args, kwargs = _call_with(calls[j], hidden)
         with _removal(blocks[j], adapter, kind) if j == index else contextlib.nullcontext():
-            hidden = first_tensor(blocks[j](*args, **kwargs))
+            hidden = run_block(blocks[j], calls[j], hidden)
     return hidden_to_logits(model, adapter, hidden)
 
 

@@ -32,10 +32,6 @@ class _Accumulators:
     ablation: dict[str, list[Partials]] = field(default_factory=dict)
 
 
-def _input_device(loaded: LoadedModel) -> torch.device:
-    return loaded.model.get_submodule(loaded.adapter.embed).weight.device
-
-
 @torch.no_grad()
 def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators, positions: torch.Tensor,
                    ablation: Sequence[str], on_ablation_step) -> None:
@@ -118,7 +114,7 @@ def profile_model(
     if lens_positions_per_window is None:
         lens_positions_per_window = auto_positions_per_window(loaded.model, loaded.adapter, seq_len)
     positions = lens_positions(seq_len, lens_positions_per_window)
-    device = _input_device(loaded)
+    device = loaded.input_device
     batches = windows.batches(batch_size)
     blocks_evaluated = 0
     timings: dict[str, float] = {}

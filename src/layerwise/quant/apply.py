@@ -15,9 +15,9 @@ from torch import nn
 
 from layerwise.data.windows import TokenWindows
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import block_linears, blocks_of, first_tensor, linear_weight, set_linear_weight
+from layerwise.models.layout import block_linears, blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
-from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
+from layerwise.profile.hooks import BlockCall, capture_blocks, run_block, scoped_hooks
 from layerwise.quant.awq import awq_quantize
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.gptq import gptq_quantize
@@ -79,26 +79,19 @@ def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: _
 
 def _block_inputs(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
     """For each batch: the first block's input, and every block's call arguments."""
-    device = loaded.model.get_submodule(loaded.adapter.embed).weight.device
+    device = loaded.input_device
     per_batch = []
     for batch in windows.batches(batch_size):
         calls: list[BlockCall] = []
 
         def keep(call: BlockCall) -> None:
-            # Drop the hidden state from the stored arguments: it is replaced at every replay.
             calls.append(BlockCall(call.index, h_in=call.h_in if call.index == 0 else None,
-                                   args=call.args[1:], kwargs=call.kwargs))
+                                   args=call.args, kwargs=call.kwargs))
 
         with torch.no_grad(), capture_blocks(loaded.model, loaded.adapter, keep, keep_call=True):
             loaded.model(input_ids=batch.to(device), use_cache=False)
         per_batch.append(calls)
     return per_batch
-
-
-def _run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.Tensor:
-    if call.args or "hidden_states" not in call.kwargs:
-        return first_tensor(block(hidden, *call.args, **call.kwargs))
-    return first_tensor(block(**{**call.kwargs, "hidden_states": hidden}))
 
 
 @torch.no_grad()
@@ -137,12 +130,12 @@ def quantize_(
                 if data_names:
                     with scoped_hooks(register):
                         for calls, h in zip(per_batch, hidden):
-                            _run_block(block, calls[index], h)
+                            run_block(block, calls[index], h)
                 for name in names:
                     result[name] = _quantize_module(name, modules[name], targets[name], stats.get(name))
                     bars.advance(task)
                 stats.clear()
-                hidden = [_run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
+                hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
         for name, config in targets.items():
             if name not in result:
                 result[name] = _quantize_module(name, modules[name], config, None)
