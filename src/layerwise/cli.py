@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
@@ -92,6 +93,66 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from layerwise.plan.run import run_plan
+
+    if (args.budget is None) == (args.budget_bytes is None):
+        raise LayerwiseError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-bytes N")
+    outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes, options=args.options,
+                       allocator=args.allocator, granularity=args.granularity, table=args.table, calib=args.calib,
+                       tokens=args.tokens, fitness_tokens=args.fitness_tokens, generations=args.generations,
+                       seed=args.seed, out=args.out, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    report = outcome.report
+    used = {}
+    for label in report["options"].values():
+        used[label] = used.get(label, 0) + 1
+    print(f"{report['returned']} plan: {report['bits_per_weight']:.4f} bits per weight "
+          f"(budget {report['budget_bits_per_weight']:.4f}), {report['total_bytes']:,} bytes; "
+          f"units per option: {', '.join(f'{k} {v}' for k, v in used.items())}")
+    print(f"KL on calibration windows {report['calibration_kl']:.5f} (table predicts {report['predicted_kl']:.5f}); "
+          f"search {report['search']['forward_equivalents']:.1f} forward passes, {report['search']['seconds']:.0f} s")
+    if report["returned"] == "uniform" and args.allocator != "uniform":
+        print(f"the {args.allocator} plan was worse than uniform at this budget; the uniform plan is returned")
+    if args.out:
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.report.json')}")
+
+
+def _budgets(text: str) -> list[float]:
+    """'3.25,4.25' or 'low:high:step'."""
+    try:
+        if ":" in text:
+            low, high, step = (float(part) for part in text.split(":"))
+            if step <= 0 or high < low:
+                raise ValueError
+            return [round(low + i * step, 6) for i in range(int((high - low) / step + 1e-9) + 1)]
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected budgets like 3.25,4.25 or 3:5:0.25, got {text!r}") from None
+
+
+def _cmd_pareto(args: argparse.Namespace) -> None:
+    from layerwise.plan.run import run_pareto
+
+    rows = run_pareto(args.table, budgets=args.budgets, allocator=args.allocator, out=args.out)
+    print(f"{'budget':>7} {'bits/weight':>11} {'bytes':>12} {'predicted KL':>13}  options")
+    for row in rows:
+        used = ", ".join(f"{k} {v}" for k, v in row["options_used"].items())
+        print(f"{row['budget_bits_per_weight']:>7.3f} {row['bits_per_weight']:>11.4f} {row['total_bytes']:>12,} "
+              f"{row['predicted_kl']:>13.5f}  {used}")
+    if args.out:
+        print(f"wrote {args.out}/pareto.json and pareto.png")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
@@ -102,6 +163,11 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
         for name, fmt in registered_formats().items():
             console.print(f"[bold]{name}[/bold]: {fmt.description}")
+    elif args.what == "allocators":
+        from layerwise.plan import ALLOCATORS
+
+        for name, function in ALLOCATORS.items():
+            console.print(f"[bold]{name}[/bold]: {(function.__doc__ or '').strip().splitlines()[0]}")
     elif args.what == "architectures":
         for name in supported_architectures():
             console.print(name)
@@ -170,8 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_eval)
 
+    p = commands.add_parser("plan", help="allocate quantizers per layer under a size budget")
+    _add_model_options(p)
+    p.add_argument("--budget", type=_positive_float, default=None,
+                   help="average bits per weight of the block linears, scales counted (e.g. 3.25)")
+    p.add_argument("--budget-bytes", type=_positive_float, default=None, help="or the whole model's size in bytes")
+    p.add_argument("--options", default=None,
+                   help="comma-separated choices, e.g. int3g64,int4g64,gptq:int4g64,q4_0 (default int2..int8 g64)")
+    p.add_argument("--allocator", default="hybrid", help="hybrid (default), exact, greedy, evolutionary, uniform")
+    p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear"],
+                   help="what one choice covers (default sublayer; linear keeps q/k/v and gate/up together)")
+    p.add_argument("--table", default=None, help="sensitivity table to reuse, or where to save a new one")
+    p.add_argument("--calib", default=None, help="calibration text (default: the shipped WikiText-2 valid excerpt)")
+    p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens for the sensitivity table (default 4096)")
+    p.add_argument("--fitness-tokens", type=_positive_int, default=2048,
+                   help="tokens on which whole plans are judged (default 2048)")
+    p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_plan)
+
+    p = commands.add_parser("pareto", help="size against predicted KL for a range of budgets, from one table")
+    p.add_argument("table", help="a sensitivity table written by `layerwise plan --table`")
+    p.add_argument("--budgets", type=_budgets, default=None, help="e.g. 3.25,4.25 or 3:5:0.25 (default: the whole range)")
+    p.add_argument("--allocator", default="exact", help="exact (default), greedy or uniform")
+    p.add_argument("--out", default=None, help="directory for pareto.json and pareto.png")
+    p.set_defaults(run=_cmd_pareto)
+
     p = commands.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["architectures", "metrics", "formats"])
+    p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators"])
     p.set_defaults(run=_cmd_list)
     return parser
 

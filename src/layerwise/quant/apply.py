@@ -45,7 +45,7 @@ def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
 
 
 @dataclass
-class _Stats:
+class InputStats:
     """What GPTQ (Hessian) and AWQ (input sample) need from one linear's inputs."""
 
     hessian: torch.Tensor | None = None
@@ -53,7 +53,7 @@ class _Stats:
     sample: list | None = None
 
 
-def _gather(stats: _Stats, x: torch.Tensor, config: QuantConfig) -> None:
+def gather_inputs(stats: InputStats, x: torch.Tensor, config: QuantConfig) -> None:
     x = x.reshape(-1, x.shape[-1]).float()
     if config.algorithm == "gptq":
         product = x.t() @ x
@@ -64,7 +64,9 @@ def _gather(stats: _Stats, x: torch.Tensor, config: QuantConfig) -> None:
     stats.rows += len(x)
 
 
-def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: _Stats | None) -> QTensor:
+def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None) -> QTensor:
+    """The stored form of one linear's weight under `config`; the module is left unchanged.
+    GPTQ and AWQ need `stats` gathered from the module's inputs (`gather_inputs`)."""
     weight = linear_weight(module).detach().float()
     if config.algorithm == "gptq":
         qtensor = gptq_quantize(weight, 2 * stats.hessian / stats.rows, config, module=name)
@@ -73,11 +75,16 @@ def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: _
         qtensor = awq_quantize(weight, sample, config, module=name)
     else:
         qtensor = quantize_weight(weight, config, name)
+    return qtensor
+
+
+def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None) -> QTensor:
+    qtensor = quantize_linear(name, module, config, stats)
     set_linear_weight(module, qtensor.dequantize())
     return qtensor
 
 
-def _block_inputs(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
+def block_inputs(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
     """For each batch: the first block's input, and every block's call arguments."""
     device = loaded.input_device
     per_batch = []
@@ -114,18 +121,18 @@ def quantize_(
     with progress_bars(progress) as bars:
         task = bars.add_task("quantizing", total=len(targets))
         if needs_data:
-            per_batch = _block_inputs(loaded, calibration, batch_size)
+            per_batch = block_inputs(loaded, calibration, batch_size)
             hidden = [calls[0].h_in for calls in per_batch]
             for index, block in enumerate(blocks_of(model, adapter)):
                 prefix = f"{adapter.blocks}.{index}."
                 names = [name for name in targets if name.startswith(prefix)]
                 data_names = [name for name in names if targets[name].algorithm != "rtn"]
-                stats = {name: _Stats() for name in data_names}
+                stats = {name: InputStats() for name in data_names}
 
                 def register(handles: list) -> None:
                     for name in data_names:
                         handles.append(modules[name].register_forward_pre_hook(
-                            lambda mod, args, name=name: _gather(stats[name], args[0], targets[name])))
+                            lambda mod, args, name=name: gather_inputs(stats[name], args[0], targets[name])))
 
                 if data_names:
                     with scoped_hooks(register):

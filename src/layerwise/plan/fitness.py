@@ -1,0 +1,117 @@
+"""The real fitness of a whole assignment: KL to the base model on calibration text with every
+unit quantized as assigned, for the searches (evolutionary, hybrid) and the never-worse check.
+
+Errors of different units do not simply add up (EvoPress), so a search needs this rather than the
+table. Each unit's quantized weights are computed once per option and kept; switching the model
+to a new assignment only rewrites the units that changed. Fidelities use the first windows only:
+stage 0 is the sensitivity table's additive prediction (free), stage 1 the KL on the first
+batch, the last stage the KL on every fitness window.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from layerwise.data.windows import TokenWindows
+from layerwise.evaluate.divergence import kl_per_token
+from layerwise.models.layout import linear_weight, set_linear_weight
+from layerwise.models.loading import LoadedModel
+from layerwise.plan.sensitivity import SensitivityTable, head_cost_in_blocks, base_pass
+from layerwise.profile.replay import logits_without
+from layerwise.quant.apply import quantize_linear
+
+
+class KLFitness:
+    """`fitness(choice, stage)` -> mean KL(base || model under `choice`) on calibration windows.
+
+    `stage` counts fidelities: 0 is the table's additive loss, 1..len(batches_per_stage) the KL on
+    the first `batches_per_stage[i - 1]` batches (None = all). Restore the model with `restore()`
+    (also done on leaving a `with` block).
+    """
+
+    def __init__(self, loaded: LoadedModel, table: SensitivityTable, windows: TokenWindows, *,
+                 batch_size: int = 2, batches_per_stage: Sequence[int | None] = (1, None)) -> None:
+        table.check_model(loaded)
+        self.loaded, self.table = loaded, table
+        self.configs = table.configs
+        modules = [name for unit in table.units for name in unit.modules]
+        self.modules = {name: loaded.model.get_submodule(name) for name in modules}
+        algorithms = {config.algorithm for config in self.configs} - {"rtn"}
+        self.base = base_pass(loaded, windows, modules, algorithms, batch_size)
+        self.originals = {name: linear_weight(module).detach().clone() for name, module in self.modules.items()}
+        self.bank: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.current: list[int | None] = [None] * len(table.units)  # None = original weights
+        n_batches = len(self.base.calls)
+        self.stage_batches = [n_batches if b is None else min(b, n_batches) for b in batches_per_stage]
+        self.calls = 0
+        self.block_runs = 0.0
+        self.seconds = 0.0
+        self._head = head_cost_in_blocks(loaded)
+
+    @property
+    def stages(self) -> int:
+        return 1 + len(self.stage_batches)
+
+    def forward_equivalents(self) -> float:
+        """Compute spent so far, in forward passes over all fitness windows."""
+        return self.block_runs / ((self.loaded.n_blocks + self._head) * len(self.base.calls))
+
+    def _weights(self, unit: int, option: int) -> dict[str, torch.Tensor]:
+        key = (unit, option)
+        if key not in self.bank:
+            config = self.configs[option]
+            weights = {}
+            for name in self.table.units[unit].modules:
+                set_linear_weight(self.modules[name], self.originals[name])  # quantize the original
+                stats = self.base.stats.get((name, config.algorithm))
+                weights[name] = quantize_linear(name, self.modules[name], config, stats).dequantize()
+            self.bank[key] = weights
+            self.current[unit] = None
+        return self.bank[key]
+
+    def apply(self, choice: Sequence[int]) -> None:
+        """Put the model in the state `choice` describes (only changed units are rewritten)."""
+        for unit, option in enumerate(choice):
+            option = int(option)
+            if self.current[unit] == option:
+                continue
+            for name, weight in self._weights(unit, option).items():
+                set_linear_weight(self.modules[name], weight)
+            self.current[unit] = option
+
+    def restore(self) -> None:
+        for name, weight in self.originals.items():
+            set_linear_weight(self.modules[name], weight)
+        self.current = [None] * len(self.table.units)
+
+    def __enter__(self) -> "KLFitness":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    @torch.no_grad()
+    def __call__(self, choice: Sequence[int], stage: int | None = None) -> float:
+        stage = self.stages - 1 if stage is None else stage
+        if stage == 0:
+            return float(np.sum(self.table.kl[np.arange(len(choice)), list(choice)]))
+        started = time.perf_counter()
+        self.apply(choice)
+        batches = self.stage_batches[stage - 1]
+        model, adapter = self.loaded.model, self.loaded.adapter
+        total, positions = 0.0, 0
+        for calls, reference in zip(self.base.calls[:batches], self.base.references[:batches]):
+            logits = logits_without(model, adapter, calls, 0, None)[:, :-1]
+            total += kl_per_token(reference, logits).sum().item()
+            positions += logits.shape[0] * logits.shape[1]
+        self.calls += 1
+        self.block_runs += batches * (self.loaded.n_blocks + self._head)
+        self.seconds += time.perf_counter() - started
+        return total / positions
+
+    def full(self, choice: Sequence[int]) -> float:
+        """The highest fidelity."""
+        return self(choice, self.stages - 1)

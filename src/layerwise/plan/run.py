@@ -1,0 +1,187 @@
+"""`layerwise plan` and `layerwise pareto` from Python: a sensitivity table (measured or reused),
+an allocation under a budget, checked against uniform, and the plan that applies it."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from layerwise.data.windows import token_windows
+from layerwise.errors import LayerwiseError
+from layerwise.models.loading import LoadedModel, load_model
+from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, never_worse_than_uniform
+from layerwise.plan.options import option_name, parse_options
+from layerwise.plan.plan import Plan
+from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
+from layerwise.util.files import check_writable_dir, write_text_atomic
+from layerwise.util.meta import run_metadata
+
+DEFAULT_OPTIONS = "int2g64,int3g64,int4g64,int5g64,int6g64,int8g64"
+# Allocators that search under the measured KL of whole plans rather than the table alone.
+SEARCHING = ("evolutionary", "hybrid")
+
+
+def plan_from_choice(table: SensitivityTable, choice: Sequence[int], meta: dict | None = None) -> Plan:
+    """One rule per linear, naming it exactly: the plan reads the same in any tool."""
+    configs = table.configs
+    rules = tuple((module, configs[option]) for unit, option in zip(table.units, choice) for module in unit.modules)
+    return Plan(None, rules, table.model_fingerprint, meta or {})
+
+
+def sensitivity_for(
+    loaded: LoadedModel,
+    *,
+    table: str | Path | None = None,
+    options: str | Sequence[str] | None = None,
+    granularity: str | None = None,
+    calib: str | Path | None = None,
+    tokens: int = 4096,
+    seq_len: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+) -> SensitivityTable:
+    """The table at `table` if it exists (checked against the model, options and granularity
+    asked for), else a new measurement, saved to `table` when a path is given."""
+    if table is not None and Path(table).exists():
+        found = SensitivityTable.load(table)
+        found.check_model(loaded)
+        if options is not None:
+            wanted = [option_name(config) for config in parse_options(options)]
+            if wanted != found.options:
+                raise LayerwiseError(f"{table} was measured for options {','.join(found.options)}, not "
+                                     f"{','.join(wanted)}; measure a new table (another --table path)")
+        if granularity is not None and granularity != found.granularity:
+            raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
+        return found
+    windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+    measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
+                                   progress=progress)
+    if table is not None:
+        measured.save(table)
+    return measured
+
+
+@dataclass
+class PlanOutcome:
+    plan: Plan
+    allocation: Allocation
+    table: SensitivityTable
+    report: dict = field(default_factory=dict)
+
+
+def run_plan(
+    model: str | Path | LoadedModel,
+    *,
+    bits_per_weight: float | None = None,
+    total_bytes: float | None = None,
+    options: str | Sequence[str] | None = None,
+    allocator: str = "hybrid",
+    granularity: str | None = None,
+    table: str | Path | None = None,
+    calib: str | Path | None = None,
+    tokens: int = 4096,
+    fitness_tokens: int = 2048,
+    generations: int = 10,
+    offspring: int = 16,
+    seed: int = 0,
+    out: str | Path | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    progress: bool = True,
+) -> PlanOutcome:
+    """Allocate options to units under a budget (average bits per weight of the block linears,
+    scales counted, or total model bytes) and return the plan, never worse than uniform.
+
+    The plan is judged by its KL to the base model on calibration windows drawn with another seed than
+    the table's; if the best uniform option that fits the budget does better, that is
+    what is returned (and said so)."""
+    if allocator not in ALLOCATORS:
+        raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
+    if out is not None:
+        check_writable_dir(Path(out).parent)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    sensitivity = sensitivity_for(loaded, table=table, options=options, granularity=granularity, calib=calib,
+                                  tokens=tokens, seed=seed, progress=progress)
+    budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
+    problem = sensitivity.problem(budget)
+
+    from layerwise.plan.fitness import KLFitness  # torch-heavy; only the plan command needs it
+
+    windows = token_windows(loaded.tokenizer, calib, tokens=fitness_tokens, seq_len=min(512, fitness_tokens),
+                            seed=seed + 1)
+    with KLFitness(loaded, sensitivity, windows) as fitness:
+        settings = {}
+        if allocator in SEARCHING:
+            settings = dict(fidelities=fitness, survivors=[max(1, offspring // 4), 1], generations=generations,
+                            offspring=offspring, seed=seed)
+        elif allocator == "ordering":
+            raise LayerwiseError("the ordering allocator needs importance scores; call "
+                                 "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
+        chosen = allocate(problem, allocator, **settings)
+        checked = never_worse_than_uniform(problem, chosen, fitness.full)
+        report = {
+            "allocator": allocator, "returned": checked.allocator,
+            "bits_per_weight": checked.total_cost / sensitivity.total_weights,
+            "total_bytes": math.ceil((checked.total_cost + sensitivity.other_bits) / 8),
+            "budget_bits_per_weight": budget / sensitivity.total_weights,
+            "predicted_kl": checked.total_loss, "calibration_kl": checked.fitness,
+            "search": {"fitness_calls": fitness.calls, "forward_equivalents": fitness.forward_equivalents(),
+                       "seconds": fitness.seconds},
+            "sensitivity_cost": sensitivity.cost,
+            "options": dict(zip((unit.name for unit in sensitivity.units), checked.labels(problem))),
+        }
+    plan = plan_from_choice(sensitivity, checked.choice, {"allocation": {k: v for k, v in report.items()
+                                                                          if k != "options"}})
+    if out is not None:
+        plan.save(out)
+        write_text_atomic(Path(out).with_suffix(".report.json"),
+                          json.dumps(run_metadata() | {"model": loaded.describe(), **report}, indent=1) + "\n")
+    return PlanOutcome(plan, checked, sensitivity, report)
+
+
+def budgets_between(table: SensitivityTable, low: float | None = None, high: float | None = None,
+                    step: float = 0.25) -> list[float]:
+    """Average-bits budgets from `low` to `high` (default: the table's cheapest and costliest plans)."""
+    cost = np.where(np.isfinite(table.kl), table.cost_bits, np.nan)
+    smallest = np.nanmin(cost, axis=1).sum() / table.total_weights
+    largest = np.nanmax(cost, axis=1).sum() / table.total_weights
+    # Rounded inwards, so that the printed budgets are all achievable.
+    low = math.ceil(smallest * 1e6) / 1e6 if low is None else low
+    high = math.floor(largest * 1e6) / 1e6 if high is None else high
+    count = int(math.floor((high - low) / step + 1e-9)) + 1
+    return [round(low + i * step, 6) for i in range(count)]
+
+
+def run_pareto(
+    table: str | Path | SensitivityTable,
+    *,
+    budgets: Sequence[float] | None = None,
+    allocator: str = "exact",
+    out: str | Path | None = None,
+) -> list[dict]:
+    """Size against predicted KL (the table's additive model) for each budget, from one table."""
+    if allocator in SEARCHING or allocator == "ordering":
+        raise LayerwiseError(f"pareto uses the table alone; choose one of exact, greedy, uniform, not {allocator!r}")
+    sensitivity = table if isinstance(table, SensitivityTable) else SensitivityTable.load(table)
+    if out is not None:
+        check_writable_dir(out)
+    rows = []
+    for bits in budgets or budgets_between(sensitivity):
+        problem = sensitivity.problem(sensitivity.budget_bits(bits))
+        allocation = allocate(problem, allocator)
+        labels = allocation.labels(problem)
+        rows.append({"budget_bits_per_weight": bits,
+                     "bits_per_weight": allocation.total_cost / sensitivity.total_weights,
+                     "total_bytes": math.ceil((allocation.total_cost + sensitivity.other_bits) / 8),
+                     "predicted_kl": allocation.total_loss,
+                     "options_used": {name: labels.count(name) for name in sensitivity.options if name in labels}})
+    if out is not None:
+        write_text_atomic(Path(out) / "pareto.json", json.dumps({"allocator": allocator, "rows": rows}, indent=1) + "\n")
+        from layerwise.report.plots import pareto_plot
+
+        pareto_plot(rows, sensitivity, Path(out) / "pareto.png")
+    return rows

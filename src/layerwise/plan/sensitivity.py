@@ -1,0 +1,251 @@
+"""The sensitivity table: for every unit and option, the KL to the base model on calibration
+text when only that unit is quantized with that option, and what the unit then costs in bits.
+
+One base pass caches every block's input and call arguments (and, for GPTQ/AWQ options, every
+linear's input statistics). Quantizing unit u of block b changes nothing before block b, so each
+entry re-runs only blocks b..L-1 and the head. The table is saved with the model's fingerprint
+and the calibration text's hash, so allocations for many budgets reuse one measurement.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from layerwise.data.windows import TokenWindows
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
+from layerwise.models.loading import LoadedModel
+from layerwise.plan.allocate import AllocationProblem
+from layerwise.plan.options import option_name, parse_option, parse_options
+from layerwise.plan.units import Unit, units_of
+from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
+from layerwise.profile.replay import logits_without
+from layerwise.quant.apply import InputStats, gather_inputs, quantize_linear
+from layerwise.quant.config import QuantConfig
+from layerwise.quant.size import size_report
+from layerwise.util.files import read_artifact, write_text_atomic
+from layerwise.util.meta import run_metadata
+from layerwise.util.progress import progress_bars
+
+SCHEMA = "layerwise.sensitivity"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SensitivityTable:
+    model_fingerprint: str
+    granularity: str
+    units: list[Unit]
+    options: list[str]  # option names (`layerwise.plan.options`)
+    cost_bits: np.ndarray  # [U, O] stored bits of the unit's linears; NaN where the option cannot apply
+    kl: np.ndarray  # [U, O] mean KL(base || only this unit quantized), nats per token; NaN where n/a
+    unit_weights: np.ndarray  # [U] weights per unit
+    other_bits: int  # everything outside the block linears, as stored unquantized (for byte budgets)
+    calibration: dict
+    cost: dict  # seconds and forward-pass equivalents spent measuring
+    skipped: dict[str, str] = field(default_factory=dict)  # "unit option" -> why the option cannot apply
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def configs(self) -> list[QuantConfig]:
+        return [parse_option(name) for name in self.options]
+
+    @property
+    def total_weights(self) -> int:
+        return int(self.unit_weights.sum())
+
+    def option_bits(self) -> dict[str, float]:
+        """Average weights-bpw of each option applied everywhere it can (NaN if it cannot apply to
+        every unit)."""
+        totals = self.cost_bits.sum(axis=0)
+        return {name: float(total / self.total_weights) for name, total in zip(self.options, totals)}
+
+    def budget_bits(self, bits_per_weight: float | None = None, total_bytes: float | None = None) -> float:
+        """A budget as total stored bits of the block linears, from an average bits per weight
+        (scales counted) or from total model bytes (the rest of the model stays as it is)."""
+        if (bits_per_weight is None) == (total_bytes is None):
+            raise LayerwiseError("give exactly one budget: bits per weight, or total bytes")
+        if bits_per_weight is not None:
+            budget = float(bits_per_weight) * self.total_weights
+            shown = f"{bits_per_weight} bits per weight"
+        else:
+            budget = 8.0 * float(total_bytes) - self.other_bits
+            shown = f"{total_bytes} bytes"
+        cost = np.where(np.isfinite(self.kl), self.cost_bits, np.nan)
+        smallest, largest = np.nanmin(cost, axis=1).sum(), np.nanmax(cost, axis=1).sum()
+
+        def explain(bits: float) -> str:
+            return f"{bits / self.total_weights:.4f} bits per weight, {math.ceil((bits + self.other_bits) / 8)} bytes"
+
+        if not math.isfinite(budget) or budget < smallest:
+            raise LayerwiseError(f"budget {shown} is below the smallest plan these options allow "
+                                 f"({explain(smallest)}, every unit at its cheapest option)")
+        if budget > largest:
+            raise LayerwiseError(f"budget {shown} is above the largest plan these options allow "
+                                 f"({explain(largest)}, every unit at its costliest option): nothing to "
+                                 "allocate; lower the budget or add a costlier option")
+        return budget
+
+    def problem(self, budget_bits: float) -> AllocationProblem:
+        return AllocationProblem(tuple(unit.name for unit in self.units), tuple(self.options),
+                                 np.nan_to_num(self.cost_bits, nan=0.0), self.kl, budget_bits)
+
+    def check_model(self, loaded: LoadedModel) -> None:
+        if self.model_fingerprint != loaded.fingerprint:
+            raise LayerwiseError(f"the sensitivity table was measured on another model (fingerprint "
+                                 f"{self.model_fingerprint[:16]}...), not {loaded.source.display}")
+
+    def to_dict(self) -> dict:
+        def rows(table: np.ndarray) -> list:
+            return [[None if not math.isfinite(v) else float(v) for v in row] for row in table]
+
+        return {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "model_fingerprint": self.model_fingerprint, "granularity": self.granularity,
+            "units": [{"name": u.name, "block": u.block, "modules": list(u.modules)} for u in self.units],
+            "options": self.options, "cost_bits": rows(self.cost_bits), "kl": rows(self.kl),
+            "unit_weights": [int(n) for n in self.unit_weights], "other_bits": int(self.other_bits),
+            "calibration": self.calibration, "cost": self.cost, "skipped": self.skipped, "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SensitivityTable":
+        data = read_artifact(path, SCHEMA, SCHEMA_VERSION, "sensitivity table")
+        try:
+            units = [Unit(u["name"], int(u["block"]), tuple(u["modules"])) for u in data["units"]]
+            table = cls(
+                data["model_fingerprint"], data["granularity"], units, list(data["options"]),
+                np.array(data["cost_bits"], dtype=np.float64), np.array(data["kl"], dtype=np.float64),
+                np.array(data["unit_weights"], dtype=np.int64), int(data["other_bits"]), data["calibration"],
+                data["cost"], data.get("skipped", {}), data.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise LayerwiseError(f"{path} is not a complete sensitivity table ({type(error).__name__}: {error})") \
+                from None
+        shape = (len(units), len(table.options))
+        if table.cost_bits.shape != shape or table.kl.shape != shape:
+            raise LayerwiseError(f"{path}: tables of shape {table.kl.shape}, expected {shape}")
+        return table
+
+
+@dataclass
+class _BaseRun:
+    calls: list[list[BlockCall]]  # per batch, every block's input and call arguments
+    references: list[Reference]  # per batch, the base model's next-token distributions
+    stats: dict[tuple[str, str], InputStats]  # (module, algorithm) -> inputs for GPTQ/AWQ
+    positions: int
+    seconds: float
+
+
+@torch.no_grad()
+def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str],
+              batch_size: int) -> _BaseRun:
+    """One forward pass over `windows` keeping what re-running any suffix of blocks needs."""
+    model, adapter = loaded.model, loaded.adapter
+    stats = {(name, algorithm): InputStats() for name in modules for algorithm in algorithms}
+    probe = {algorithm: QuantConfig(algorithm=algorithm, group_size=None) for algorithm in algorithms}
+
+    def gather(name: str):
+        def hook(module, args) -> None:
+            for algorithm in algorithms:
+                gather_inputs(stats[name, algorithm], args[0], probe[algorithm])
+        return hook
+
+    def register(handles: list) -> None:
+        for name in modules if algorithms else ():
+            handles.append(model.get_submodule(name).register_forward_pre_hook(gather(name)))
+
+    all_calls, references, positions = [], [], 0
+    start = time.perf_counter()
+    for batch in windows.batches(batch_size):
+        calls: list[BlockCall] = []
+
+        def keep(call: BlockCall) -> None:
+            calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
+
+        with scoped_hooks(register), capture_blocks(model, adapter, keep, keep_call=True):
+            logits = model(input_ids=batch.to(loaded.input_device), use_cache=False).logits[:, :-1]
+        references.append(Reference.from_logits(logits, store=torch.float16))
+        all_calls.append(calls)
+        positions += logits.shape[0] * logits.shape[1]
+    return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start)
+
+
+def head_cost_in_blocks(loaded: LoadedModel) -> float:
+    """The LM head's cost in units of one block's cost (by weights multiplied per token)."""
+    head = loaded.model.get_submodule(loaded.adapter.lm_head).weight.numel()
+    block = sum(p.numel() for p in blocks_of(loaded.model, loaded.adapter)[0].parameters())
+    return head / block
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    loaded: LoadedModel,
+    calibration: TokenWindows,
+    options: str | list[str] | list[QuantConfig],
+    granularity: str = "sublayer",
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> SensitivityTable:
+    """KL(base || model with only unit u quantized by option o) for every unit and option."""
+    configs = options if options and all(isinstance(o, QuantConfig) for o in options) else parse_options(options)
+    names = [option_name(config) for config in configs]
+    model, adapter = loaded.model, loaded.adapter
+    units = units_of(adapter, loaded.n_blocks, granularity)
+    modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}
+    algorithms = {config.algorithm for config in configs} - {"rtn"}
+    started = time.perf_counter()
+    base = base_pass(loaded, calibration, list(modules), algorithms, batch_size)
+
+    cost = np.full((len(units), len(configs)), np.nan)
+    kl = np.full((len(units), len(configs)), np.nan)
+    skipped: dict[str, str] = {}
+    n_blocks, head = loaded.n_blocks, head_cost_in_blocks(loaded)
+    block_runs = 0.0
+    with progress_bars(progress) as bars:
+        task = bars.add_task("sensitivity", total=len(units) * len(configs))
+        for u, unit in enumerate(units):
+            originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
+            for o, config in enumerate(configs):
+                try:
+                    stored = {name: quantize_linear(name, modules[name], config, base.stats.get((name, config.algorithm)))
+                              for name in unit.modules}
+                except LayerwiseError as error:
+                    skipped[f"{unit.name} {names[o]}"] = str(error)
+                    bars.advance(task)
+                    continue
+                cost[u, o] = sum(q.n_bits for q in stored.values())
+                for name, qtensor in stored.items():
+                    set_linear_weight(modules[name], qtensor.dequantize())
+                total = 0.0
+                for calls, reference in zip(base.calls, base.references):
+                    logits = logits_without(model, adapter, calls, unit.block, None)[:, :-1]
+                    total += kl_per_token(reference, logits).sum().item()
+                kl[u, o] = total / base.positions
+                block_runs += (n_blocks - unit.block + head) * len(base.calls)
+                for name, weight in originals.items():
+                    set_linear_weight(modules[name], weight)
+                bars.advance(task)
+    batches = len(base.calls)
+    forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
+    other_bits = 8 * size_report(loaded, {})["total_bytes"] - 16 * sum(
+        linear_weight(module).numel() for module in modules.values())
+    return SensitivityTable(
+        loaded.fingerprint, granularity, units, names, cost, kl,
+        np.array([sum(linear_weight(modules[n]).numel() for n in unit.modules) for unit in units]),
+        int(other_bits), calibration.describe(),
+        {"seconds": time.perf_counter() - started, "forward_seconds": base.seconds,
+         "forward_equivalents": forward_equivalents, "positions": base.positions},
+        skipped, run_metadata() | {"model": loaded.describe()},
+    )

@@ -1,0 +1,43 @@
+"""The units an allocation chooses for: whole blocks, sublayers, or groups of linears.
+
+A unit is the smallest set of linears that must share one option. Per linear, the groups follow
+what inference engines fuse: q/k/v are one matrix in most kernels and gate/up another, so they
+share a format ("attn_in", "mlp_in"), while the attention output and the MLP down projection are
+free ("attn_out", "mlp_out").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import LINEAR_ROLES, Adapter
+
+GRANULARITIES = ("block", "sublayer", "linear")
+_SUBLAYER_ROLES = {"attn": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # e.g. "model.layers.3", "model.layers.3.attn", "model.layers.3.mlp_in"
+    block: int
+    modules: tuple[str, ...]  # fully qualified names of its linears
+
+
+def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> list[Unit]:
+    """Every unit of a model with `n_blocks` blocks, in forward order."""
+    if granularity not in GRANULARITIES:
+        raise LayerwiseError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if granularity == "block":
+        groups = {"": LINEAR_ROLES}
+    elif granularity == "sublayer":
+        groups = {f".{name}": roles for name, roles in _SUBLAYER_ROLES.items()}
+    else:
+        groups = {f".{role}": (role,) for role in LINEAR_ROLES}
+    units = []
+    for index in range(n_blocks):
+        prefix = f"{adapter.blocks}.{index}"
+        for suffix, roles in groups.items():
+            modules = tuple(f"{prefix}.{path}" for role in roles for path in adapter.linears.get(role, ()))
+            if modules:
+                units.append(Unit(prefix + suffix, index, modules))
+    return units

@@ -1,0 +1,40 @@
+"""Static figures (PNG) drawn with matplotlib's non-interactive backend."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from layerwise.util.files import atomic_path
+
+if TYPE_CHECKING:
+    from layerwise.plan.sensitivity import SensitivityTable
+
+
+def pareto_plot(rows: Sequence[dict], table: "SensitivityTable", path: str | Path,
+                measured: dict[str, Sequence[tuple[float, float]]] | None = None) -> Path:
+    """Bits per weight against KL: the allocator's curve predicted from the table, each option
+    applied uniformly (predicted), and any measured series {name: [(bits, kl), ...]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    axes.plot([r["bits_per_weight"] for r in rows], [r["predicted_kl"] for r in rows], "o-", ms=3,
+              label="per-layer plan, predicted (additive table)")
+    uniform = [(bits, float(table.kl[:, i].sum())) for i, bits in enumerate(table.option_bits().values())
+               if bits == bits]
+    axes.plot(*zip(*uniform), "s", color="gray", label="uniform options, predicted")
+    for name, points in (measured or {}).items():
+        points = sorted(points)
+        axes.plot([p[0] for p in points], [p[1] for p in points], "^--", label=name)
+    axes.set_yscale("log")
+    axes.set_xlabel("bits per weight of the block linears (scales counted)")
+    axes.set_ylabel("KL(base || quantized), nats/token")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)
