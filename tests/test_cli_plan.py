@@ -1,0 +1,71 @@
+"""`layerwise plan` and `layerwise pareto` end to end on stories260K, and their bad inputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
+from test_cli import assert_one_line_error, layerwise
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """One `plan` run that measures and saves the table, shared by the tests below."""
+    out = tmp_path_factory.mktemp("plan")
+    done = layerwise("plan", STORIES, "--budget", "4.5", "--options", "int2pc,int4pc,int8pc", "--calib",
+                     CALIBRATION_TEXT, "--tokens", "1024", "--fitness-tokens", "512", "--generations", "3",
+                     "--table", out / "sens.json", "--out", out / "plan.json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+def test_plan_writes_a_plan_that_quantize_and_eval_accept(measured, tmp_path):
+    out, done = measured
+    assert "bits per weight" in done.stdout and "KL on calibration windows" in done.stdout
+    report = json.loads((out / "plan.report.json").read_text())
+    assert report["bits_per_weight"] <= 4.5 and report["command"].startswith("layerwise plan")
+    done = layerwise("quantize", STORIES, "--plan", out / "plan.json", "--out", tmp_path / "q", "--quiet")
+    assert done.returncode == 0, done.stderr
+    sizes = json.loads((tmp_path / "q" / "quant.json").read_text())["meta"]["sizes"]
+    assert sizes["linear_bits_per_weight"] == pytest.approx(report["bits_per_weight"])
+    done = layerwise("eval", STORIES, "--quantized", tmp_path / "q", "--data", EVALUATION_TEXT, "--tokens", "2048",
+                     "--quiet")
+    assert done.returncode == 0, done.stderr
+
+
+def test_pareto_from_the_saved_table(measured, tmp_path):
+    out, _ = measured
+    done = layerwise("pareto", out / "sens.json", "--budgets", "3:6:1", "--out", tmp_path / "p")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "p" / "pareto.json").read_text())["rows"]
+    assert [row["budget_bits_per_weight"] for row in rows] == [3.0, 4.0, 5.0, 6.0]
+    assert (tmp_path / "p" / "pareto.png").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--budget", "1.0"], "below the smallest plan"),
+    (["--budget", "9.5"], "above the largest plan"),
+    (["--budget", "4", "--options", "int3pc"], "was measured for options"),
+    (["--budget", "4", "--allocator", "magic"], "unknown allocator"),
+    ([], "give exactly one budget"),
+    (["--budget", "-2"], "must be a positive number"),
+])
+def test_plan_bad_input(measured, args, pattern, tmp_path):
+    out, _ = measured
+    done = layerwise("plan", STORIES, "--table", out / "sens.json", *args, "--out", tmp_path / "plan.json", "--quiet")
+    assert_one_line_error(done, pattern)
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_plan_with_an_empty_option_list_or_another_models_table(tmp_path, measured):
+    done = layerwise("plan", STORIES, "--budget", "4", "--options", ",", "--table", tmp_path / "new.json", "--quiet")
+    assert_one_line_error(done, "option list is empty")
+    out, _ = measured
+    data = json.loads((out / "sens.json").read_text())
+    data["model_fingerprint"] = "f" * 64
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    done = layerwise("plan", STORIES, "--budget", "4", "--table", tmp_path / "other.json", "--quiet")
+    assert_one_line_error(done, "measured on another model")
+    done = layerwise("pareto", tmp_path / "missing.json")
+    assert_one_line_error(done, "no sensitivity table at")
