@@ -1,7 +1,7 @@
 """Uniform quantization of SmolLM2 in every format layerwise has, judged on WikiText-2 test.
 
     python bench/uniform.py [--eval-tokens 10240] [--calib-tokens 16384] [--only LABEL ...]
-                            [--peer-python /tmp/peer/bin/python]
+                            [--peer-python /tmp/peer/bin/python] [--peer-bits 3,4] [--name uniform]
 
 Perplexity, KL(base || quantized) and top-1 agreement on the first eval-tokens of wiki.test.raw
 (non-overlapping 512-token windows), bits per weight of the block linears with every scale and
@@ -53,7 +53,7 @@ def configurations() -> dict[str, QuantConfig]:
         rows[config.label] = config
     for config in (QuantConfig("nf4", group_size=64), QuantConfig("fp4", group_size=64), QuantConfig("mxfp4"),
                    QuantConfig("fp8", group_size=None), QuantConfig("q4_0"), QuantConfig("q5_0"),
-                   QuantConfig("q8_0")):
+                   QuantConfig("q8_0"), QuantConfig("int", 8, 16), QuantConfig("int", 8, 32, symmetric=False)):
         rows[config.label] = config
     return rows
 
@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=32 * 512)
     parser.add_argument("--only", nargs="*", default=None, help="labels to run (default: all)")
     parser.add_argument("--peer-python", default=None, help="python of an environment with llm-compressor")
+    parser.add_argument("--peer-bits", default="3,4", help="bit widths the peer quantizes (groups of 64)")
+    parser.add_argument("--name", default="uniform", help="results file name (bench/results/NAME.json), so that a "
+                        "partial run (--only) does not replace the full table")
     args = parser.parse_args()
 
     loaded = load_model(SMOLLM2)
@@ -99,7 +102,7 @@ def main() -> None:
 
     def save(rows: list[dict]) -> Path:
         """Written after every row, so that an interrupted run keeps what it measured."""
-        return write_results("uniform", {"model": loaded.describe(), "evaluation": evaluation.describe(),
+        return write_results(args.name, {"model": loaded.describe(), "evaluation": evaluation.describe(),
                                          "calibration": calibration.describe(), "rows": rows})
 
     def restore() -> None:
@@ -128,7 +131,7 @@ def main() -> None:
             restore()
             save_plain_folder(loaded, folder)
             np.save(windows, calibration.input_ids.numpy())
-            for bits in (3, 4):
+            for bits in (int(b) for b in args.peer_bits.split(",")):
                 out = Path(scratch) / f"peer-{bits}.safetensors"
                 seconds = run_peer(args.peer_python, folder, windows, bits, 64, out)
                 weights = load_file(str(out))

@@ -153,6 +153,29 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}/pareto.json and pareto.png")
 
 
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 3,7,12, got {text!r}") from None
+
+
+def _cmd_drop(args: argparse.Namespace) -> None:
+    from layerwise.prune.run import run_drop
+
+    counts = {kind: getattr(args, kind) for kind in ("blocks", "attn", "mlp") if getattr(args, kind) is not None}
+    if len(counts) > 1:
+        raise LayerwiseError("give one of --blocks, --attn, --mlp")
+    kind = {"blocks": "block"}.get(next(iter(counts), ""), next(iter(counts), args.kind))
+    loaded, choice = run_drop(args.model, kind=kind, count=next(iter(counts.values()), None), indices=args.indices,
+                              by=args.by, data=args.data, tokens=args.tokens, seed=args.seed, out=args.out,
+                              dtype=args.dtype, device=args.device, progress=not args.quiet)
+    scores = ", ".join(f"{i} ({s:.4g})" if s is not None else str(i) for i, s in zip(choice.order, choice.scores))
+    print(f"dropped {kind} of blocks {scores} by {choice.criterion}; {loaded.n_blocks} blocks remain")
+    if args.out:
+        print(f"wrote {args.out} (a plain Hugging Face folder; layerwise_drop.json says what was dropped)")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
@@ -263,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", default="exact", help="exact (default), greedy or uniform")
     p.add_argument("--out", default=None, help="directory for pareto.json and pareto.png")
     p.set_defaults(run=_cmd_pareto)
+
+    p = commands.add_parser("drop", help="drop blocks or sublayers the model uses least; write a plain checkpoint")
+    _add_model_options(p)
+    p.add_argument("--blocks", type=_positive_int, default=None, help="how many whole blocks to drop")
+    p.add_argument("--attn", type=_positive_int, default=None, help="or how many attention sublayers")
+    p.add_argument("--mlp", type=_positive_int, default=None, help="or how many MLP sublayers")
+    p.add_argument("--indices", type=_indices, default=None, help="or exactly these blocks, e.g. 3,7 (with --kind)")
+    p.add_argument("--kind", default="block", choices=["block", "attn", "mlp"], help="what --indices drops")
+    p.add_argument("--by", default="bi", choices=["bi", "ablation", "search"],
+                   help="bi: block influence (one pass); ablation: KL without each unit; search: KL re-measured "
+                        "after each drop")
+    p.add_argument("--data", default=None, help="calibration text (default: the shipped WikiText-2 valid excerpt)")
+    p.add_argument("--tokens", type=_positive_int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the pruned checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_drop)
 
     p = commands.add_parser("list", help="what is registered")
     p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators"])

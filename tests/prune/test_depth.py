@@ -1,0 +1,118 @@
+"""Drops, schedules and the choice of what to drop, on stories260K and tiny random models."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CALIBRATION_TEXT, STORIES
+from layerwise import load_model, token_windows
+from layerwise.errors import LayerwiseError
+from layerwise.models import ADAPTERS
+from layerwise.models.loading import wrap_model
+from layerwise.prune import choose_drops, delete_blocks_, schedule, silence_
+from layerwise.prune.depth import out_projections
+from layerwise.prune.run import run_drop
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(STORIES)
+
+
+@pytest.fixture(scope="module")
+def windows(loaded):
+    return token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=1024, seq_len=256)
+
+
+def _logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.model(input_ids=ids, use_cache=False).logits
+
+
+def test_schedule_skip_equals_deleting_and_silencing(windows):
+    loaded = load_model(STORIES)
+    ids = windows.input_ids[:2]
+    full = _logits(loaded, ids)
+    with schedule(loaded, range(loaded.n_blocks)):
+        assert torch.equal(_logits(loaded, ids), full)
+    with schedule(loaded, [0, 1, 3, 4]):
+        skipped = _logits(loaded, ids)
+    with schedule(loaded, [0, 1, 1, 2, 3, 4]):
+        repeated = _logits(loaded, ids)
+    assert not torch.allclose(repeated, full) and loaded.n_blocks == 5 and torch.equal(_logits(loaded, ids), full)
+    saved = out_projections(loaded)
+    silence_(loaded, "block", [2])
+    torch.testing.assert_close(_logits(loaded, ids), skipped, rtol=1e-5, atol=1e-5)
+    loaded.model.load_state_dict(saved, strict=False)
+    assert torch.equal(_logits(loaded, ids), full)
+    kept = delete_blocks_(loaded, [2])
+    assert kept == [0, 1, 3, 4] and loaded.model.config.num_hidden_layers == 4
+    assert [b.self_attn.layer_idx for b in loaded.model.model.layers] == [0, 1, 2, 3]
+    torch.testing.assert_close(_logits(loaded, ids), skipped, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", sorted(ADAPTERS))
+def test_a_silenced_block_is_a_skipped_block_is_a_deleted_block(architecture):
+    """On every architecture of the adapter table (tiny random weights: wiring, not quality)."""
+    from models.test_adapters import tiny_model
+
+    tiny = wrap_model(tiny_model(architecture), tokenizer=None)
+    ids = torch.randint(3, 128, (2, 16))
+    with schedule(tiny, [0, 2]):
+        skipped = _logits(tiny, ids)
+    saved = out_projections(tiny)
+    silence_(tiny, "block", [1])
+    torch.testing.assert_close(_logits(tiny, ids), skipped, rtol=1e-5, atol=1e-5)
+    tiny.model.load_state_dict(saved, strict=False)
+    delete_blocks_(tiny, [1])
+    torch.testing.assert_close(_logits(tiny, ids), skipped, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_drops(loaded):
+    with pytest.raises(LayerwiseError, match="out of range"):
+        silence_(loaded, "attn", [5])
+    with pytest.raises(LayerwiseError, match="schedule names block 9"):
+        with schedule(loaded, [0, 9]):
+            pass
+    with pytest.raises(LayerwiseError, match="at least one"):
+        with schedule(loaded, []):
+            pass
+    with pytest.raises(LayerwiseError, match="unknown drop kind"):
+        silence_(loaded, "head", [1])
+    with pytest.raises(LayerwiseError, match="leave none"):
+        run_drop(loaded, indices=[0, 1, 2, 3, 4])
+    with pytest.raises(LayerwiseError, match="either"):
+        run_drop(loaded)
+
+
+@pytest.mark.parametrize("kind", ["block", "attn", "mlp"])
+def test_ablation_and_search_agree_on_the_first_drop_and_search_measures_the_pruned_model(loaded, windows, kind):
+    ablation = choose_drops(loaded, windows, kind, 2, "ablation", progress=False)
+    search = choose_drops(loaded, windows, kind, 2, "search", progress=False)
+    assert ablation.order[0] == search.order[0]
+    assert ablation.scores[0] == pytest.approx(search.scores[0])
+    # The search's second score is the KL of the model without both units, measured directly.
+    assert search.scores[1] > search.scores[0]
+    assert search.history[1]["dropped"] == search.order[:1]
+    bi = choose_drops(loaded, windows, kind, 2, "bi", progress=False)
+    assert len(set(bi.order)) == 2 and bi.forward_equivalents == 1.0
+
+
+def test_drop_writes_a_checkpoint_plain_transformers_loads(windows, tmp_path):
+    loaded, choice = run_drop(STORIES, count=2, by="bi", data=CALIBRATION_TEXT, tokens=1024, out=tmp_path / "d",
+                              progress=False)
+    ids = windows.input_ids[:2]
+    torch.save({"ids": ids, "logits": _logits(loaded, ids)}, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'd')!r})\n"
+        "with torch.no_grad(): logits = model(input_ids=expected['ids']).logits\n"
+        "assert model.config.num_hidden_layers == 3, model.config.num_hidden_layers\n"
+        "torch.testing.assert_close(logits, expected['logits'], rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("ok"), done.stderr
