@@ -47,7 +47,7 @@ def run_eval(
     # The base's outputs are cached, so the same model object is quantized in place: no copy.
     if stored is not None:
         apply_quantized(loaded, document, stored)
-        report["sizes"] = size_report(loaded, stored)
+        report["sizes"] = size_report(loaded, stored, document["meta"].get("dropped_modules", ()))
     elif plan is not None:
         from layerwise.quant.run import run_quantize
 

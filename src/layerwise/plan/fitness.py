@@ -19,6 +19,7 @@ from layerwise.data.windows import TokenWindows
 from layerwise.evaluate.divergence import kl_per_token
 from layerwise.models.layout import linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
+from layerwise.plan.options import DROP
 from layerwise.plan.sensitivity import SensitivityTable, head_cost_in_blocks, base_pass
 from layerwise.profile.replay import logits_without
 from layerwise.quant.apply import quantize_linear
@@ -39,10 +40,13 @@ class KLFitness:
         self.configs = table.configs
         modules = [name for unit in table.units for name in unit.modules]
         self.modules = {name: loaded.model.get_submodule(name) for name in modules}
-        algorithms = {config.algorithm for config in self.configs} - {"rtn"}
+        algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
         self.base = base_pass(loaded, windows, modules, algorithms, batch_size)
         self.originals = {name: linear_weight(module).detach().clone() for name, module in self.modules.items()}
-        self.bank: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.biases = {name: module.bias.detach().clone() for name, module in self.modules.items()
+                       if getattr(module, "bias", None) is not None}
+        # (unit, option) -> module -> (weight, bias or None to keep the original)
+        self.bank: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self.current: list[int | None] = [None] * len(table.units)  # None = original weights
         n_batches = len(self.base.calls)
         self.stage_batches = [n_batches if b is None else min(b, n_batches) for b in batches_per_stage]
@@ -59,15 +63,20 @@ class KLFitness:
         """Compute spent so far, in forward passes over all fitness windows."""
         return self.block_runs / ((self.loaded.n_blocks + self._head) * len(self.base.calls))
 
-    def _weights(self, unit: int, option: int) -> dict[str, torch.Tensor]:
+    def _weights(self, unit: int, option: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         key = (unit, option)
         if key not in self.bank:
             config = self.configs[option]
             weights = {}
             for name in self.table.units[unit].modules:
+                if config == DROP:  # the unit adds nothing: zero weights and biases
+                    bias = self.biases.get(name)
+                    weights[name] = (torch.zeros_like(self.originals[name]),
+                                     None if bias is None else torch.zeros_like(bias))
+                    continue
                 set_linear_weight(self.modules[name], self.originals[name])  # quantize the original
                 stats = self.base.stats.get((name, config.algorithm))
-                weights[name] = quantize_linear(name, self.modules[name], config, stats).dequantize()
+                weights[name] = (quantize_linear(name, self.modules[name], config, stats).dequantize(), None)
             self.bank[key] = weights
             self.current[unit] = None
         return self.bank[key]
@@ -78,13 +87,17 @@ class KLFitness:
             option = int(option)
             if self.current[unit] == option:
                 continue
-            for name, weight in self._weights(unit, option).items():
+            for name, (weight, bias) in self._weights(unit, option).items():
                 set_linear_weight(self.modules[name], weight)
+                if name in self.biases:
+                    self.modules[name].bias.data.copy_(self.biases[name] if bias is None else bias)
             self.current[unit] = option
 
     def restore(self) -> None:
         for name, weight in self.originals.items():
             set_linear_weight(self.modules[name], weight)
+        for name, bias in self.biases.items():
+            self.modules[name].bias.data.copy_(bias)
         self.current = [None] * len(self.table.units)
 
     def __enter__(self) -> "KLFitness":

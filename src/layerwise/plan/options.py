@@ -6,6 +6,7 @@ with "g<N>" (groups of N input columns) or "pc" (one scale per output row, "per 
 and "a" at the end for an asymmetric grid; "nf4"/"fp4" with an optional "g<N>"; or a fixed
 format such as "mxfp4", "fp8", "q4_0", "q5_k". "t" after the group size allows a shorter last
 group where the size does not divide a row (SmolLM2's 576 columns and groups of 128).
+"drop" removes the unit altogether.
 """
 from __future__ import annotations
 
@@ -18,14 +19,21 @@ from layerwise.quant.formats import get_format, registered_formats
 _INT = re.compile(r"^int(?P<bits>\d+)(?:g(?P<group>\d+)|(?P<pc>pc))?(?P<tail>t)?(?P<asym>a)?$")
 _GROUPED = re.compile(r"^(?P<format>[a-z0-9_]+?)(?:g(?P<group>\d+)|(?P<pc>pc))?(?P<tail>t)?$")
 
+# Not a quantizer: the unit is removed (its output projections zeroed; whole blocks deleted on
+# export). It costs no bits; only block and sublayer units can take it.
+DROP = "drop"
+
 # The group size an option gets when its name gives none: 64 divides the rows of every
 # supported architecture we have met (SmolLM2 576, Llama 4096, GPT-2 768).
 DEFAULT_GROUP = 64
 
 
-def parse_option(text: str) -> QuantConfig:
-    """"gptq:int3g64" -> QuantConfig(format="int", bits=3, group_size=64, algorithm="gptq")."""
+def parse_option(text: str) -> QuantConfig | str:
+    """"gptq:int3g64" -> QuantConfig(format="int", bits=3, group_size=64, algorithm="gptq");
+    "drop" -> DROP."""
     spec = text.strip().lower()
+    if spec == DROP:
+        return DROP
     algorithm = "rtn"
     if ":" in spec:
         algorithm, spec = spec.split(":", 1)
@@ -45,8 +53,10 @@ def parse_option(text: str) -> QuantConfig:
                        remainder="tail" if match["tail"] else "error")
 
 
-def option_name(config: QuantConfig) -> str:
+def option_name(config: QuantConfig | str) -> str:
     """The inverse of `parse_option`: the short name of a config."""
+    if config == DROP:
+        return DROP
     prefix = "" if config.algorithm == "rtn" else f"{config.algorithm}:"
     tail = "t" if config.remainder == "tail" else ""
     if config.format == "int":
@@ -58,7 +68,7 @@ def option_name(config: QuantConfig) -> str:
     return f"{prefix}{config.format}{group}{tail}"
 
 
-def parse_options(texts: str | list[str]) -> list[QuantConfig]:
+def parse_options(texts: str | list[str]) -> list[QuantConfig | str]:
     """A comma-separated string or a list of option names -> configs, in the order given."""
     names = [name for name in (texts.split(",") if isinstance(texts, str) else texts) if name.strip()]
     if not names:

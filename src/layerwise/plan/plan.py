@@ -3,7 +3,9 @@
 Rules are (pattern, config) pairs applied in order, later ones winning; a pattern is a fully
 qualified module name or `re:<regular expression>` matched against the whole name. The default
 applies to every linear inside the blocks; embeddings and the LM head are quantized only when a
-rule names them. A rule whose config is None keeps the matched modules in float.
+rule names them. A rule whose config is None keeps the matched modules in float. `drop` lists
+units removed altogether: whole blocks ("model.layers.3") or sublayers ("model.layers.3.attn",
+"model.layers.3.mlp"); their linears are not quantized and cost nothing.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Plan:
     rules: tuple[tuple[str, QuantConfig | None], ...] = ()
     model_fingerprint: str | None = None
     meta: dict = field(default_factory=dict, compare=False)
+    drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for pattern, _ in self.rules:
@@ -52,7 +55,7 @@ class Plan:
             if self.default is None:
                 raise LayerwiseError("override with field changes needs a default config; pass a QuantConfig")
             config = self.default.replace(**changes)
-        return Plan(self.default, self.rules + ((pattern, config),), self.model_fingerprint, self.meta)
+        return Plan(self.default, self.rules + ((pattern, config),), self.model_fingerprint, self.meta, self.drop)
 
     def resolve(self, block_linears: list[str], other_modules: list[str]) -> dict[str, QuantConfig]:
         """The config of every module the plan quantizes. Every rule must match some module."""
@@ -78,7 +81,7 @@ class Plan:
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "default": self.default.to_dict() if self.default else None,
             "rules": [{"pattern": p, "config": c.to_dict() if c else None} for p, c in self.rules],
-            "model_fingerprint": self.model_fingerprint, "meta": self.meta,
+            "model_fingerprint": self.model_fingerprint, "meta": self.meta, "drop": list(self.drop),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -90,7 +93,7 @@ class Plan:
         default = QuantConfig.from_dict(data["default"]) if data.get("default") else None
         rules = tuple((r["pattern"], QuantConfig.from_dict(r["config"]) if r["config"] else None)
                       for r in data.get("rules", []))
-        return cls(default, rules, data.get("model_fingerprint"), data.get("meta", {}))
+        return cls(default, rules, data.get("model_fingerprint"), data.get("meta", {}), tuple(data.get("drop", ())))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -14,7 +14,7 @@ from layerwise.data.windows import token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, never_worse_than_uniform
-from layerwise.plan.options import option_name, parse_options
+from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.plan import Plan
 from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
 from layerwise.util.files import check_writable_dir, write_text_atomic
@@ -26,10 +26,13 @@ SEARCHING = ("evolutionary", "hybrid")
 
 
 def plan_from_choice(table: SensitivityTable, choice: Sequence[int], meta: dict | None = None) -> Plan:
-    """One rule per linear, naming it exactly: the plan reads the same in any tool."""
+    """One rule per linear, naming it exactly: the plan reads the same in any tool. Units whose
+    option is "drop" go to the plan's drop list instead."""
     configs = table.configs
-    rules = tuple((module, configs[option]) for unit, option in zip(table.units, choice) for module in unit.modules)
-    return Plan(None, rules, table.model_fingerprint, meta or {})
+    rules = tuple((module, configs[option]) for unit, option in zip(table.units, choice)
+                  if configs[option] != DROP for module in unit.modules)
+    drop = tuple(unit.name for unit, option in zip(table.units, choice) if configs[option] == DROP)
+    return Plan(None, rules, table.model_fingerprint, meta or {}, drop)
 
 
 def sensitivity_for(

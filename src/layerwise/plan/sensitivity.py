@@ -23,7 +23,7 @@ from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
-from layerwise.plan.options import option_name, parse_option, parse_options
+from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import Unit, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.profile.replay import logits_without
@@ -54,7 +54,7 @@ class SensitivityTable:
     meta: dict = field(default_factory=dict)
 
     @property
-    def configs(self) -> list[QuantConfig]:
+    def configs(self) -> list[QuantConfig | str]:
         return [parse_option(name) for name in self.options]
 
     @property
@@ -109,7 +109,8 @@ class SensitivityTable:
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "model_fingerprint": self.model_fingerprint, "granularity": self.granularity,
-            "units": [{"name": u.name, "block": u.block, "modules": list(u.modules)} for u in self.units],
+            "units": [{"name": u.name, "block": u.block, "modules": list(u.modules), "kind": u.kind}
+                      for u in self.units],
             "options": self.options, "cost_bits": rows(self.cost_bits), "kl": rows(self.kl),
             "unit_weights": [int(n) for n in self.unit_weights], "other_bits": int(self.other_bits),
             "calibration": self.calibration, "cost": self.cost, "skipped": self.skipped, "meta": self.meta,
@@ -122,7 +123,7 @@ class SensitivityTable:
     def load(cls, path: str | Path) -> "SensitivityTable":
         data = read_artifact(path, SCHEMA, SCHEMA_VERSION, "sensitivity table")
         try:
-            units = [Unit(u["name"], int(u["block"]), tuple(u["modules"])) for u in data["units"]]
+            units = [Unit(u["name"], int(u["block"]), tuple(u["modules"]), u.get("kind", "block")) for u in data["units"]]
             table = cls(
                 data["model_fingerprint"], data["granularity"], units, list(data["options"]),
                 np.array(data["cost_bits"], dtype=np.float64), np.array(data["kl"], dtype=np.float64),
@@ -181,6 +182,16 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
     return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start)
 
 
+def _kl_from(model, adapter, base: _BaseRun, block: int, removed: str | None) -> float:
+    """Mean KL to the base of the model as it now is, run from block `block`'s cached inputs
+    (with that block's `removed` unit skipped, if given)."""
+    total = 0.0
+    for calls, reference in zip(base.calls, base.references):
+        logits = logits_without(model, adapter, calls, block, removed)[:, :-1]
+        total += kl_per_token(reference, logits).sum().item()
+    return total / base.positions
+
+
 def head_cost_in_blocks(loaded: LoadedModel) -> float:
     """The LM head's cost in units of one block's cost (by weights multiplied per token)."""
     head = loaded.model.get_submodule(loaded.adapter.lm_head).weight.numel()
@@ -192,19 +203,26 @@ def head_cost_in_blocks(loaded: LoadedModel) -> float:
 def measure_sensitivity(
     loaded: LoadedModel,
     calibration: TokenWindows,
-    options: str | list[str] | list[QuantConfig],
+    options: str | list[str] | list[QuantConfig | str],
     granularity: str = "sublayer",
     *,
     batch_size: int = 4,
     progress: bool = True,
 ) -> SensitivityTable:
-    """KL(base || model with only unit u quantized by option o) for every unit and option."""
-    configs = options if options and all(isinstance(o, QuantConfig) for o in options) else parse_options(options)
+    """KL(base || model with only unit u quantized by option o) for every unit and option.
+
+    The option "drop" removes the unit instead (block and sublayer granularity only): it costs
+    no bits, and its KL is the unit's ablation KL."""
+    configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
+               else parse_options(options))
     names = [option_name(config) for config in configs]
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
+    if DROP in configs and granularity == "linear":
+        raise LayerwiseError("the option 'drop' needs whole blocks or sublayers as units, not single linears; "
+                             "use --granularity block or sublayer")
     modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}
-    algorithms = {config.algorithm for config in configs} - {"rtn"}
+    algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
     base = base_pass(loaded, calibration, list(modules), algorithms, batch_size)
 
@@ -218,6 +236,12 @@ def measure_sensitivity(
         for u, unit in enumerate(units):
             originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
             for o, config in enumerate(configs):
+                if config == DROP:
+                    cost[u, o] = 0.0
+                    kl[u, o] = _kl_from(model, adapter, base, unit.block, unit.kind)
+                    block_runs += (n_blocks - unit.block + head) * len(base.calls)
+                    bars.advance(task)
+                    continue
                 try:
                     stored = {name: quantize_linear(name, modules[name], config, base.stats.get((name, config.algorithm)))
                               for name in unit.modules}
@@ -228,11 +252,7 @@ def measure_sensitivity(
                 cost[u, o] = sum(q.n_bits for q in stored.values())
                 for name, qtensor in stored.items():
                     set_linear_weight(modules[name], qtensor.dequantize())
-                total = 0.0
-                for calls, reference in zip(base.calls, base.references):
-                    logits = logits_without(model, adapter, calls, unit.block, None)[:, :-1]
-                    total += kl_per_token(reference, logits).sum().item()
-                kl[u, o] = total / base.positions
+                kl[u, o] = _kl_from(model, adapter, base, unit.block, None)
                 block_runs += (n_blocks - unit.block + head) * len(base.calls)
                 for name, weight in originals.items():
                     set_linear_weight(modules[name], weight)

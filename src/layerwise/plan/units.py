@@ -21,6 +21,7 @@ class Unit:
     name: str  # e.g. "model.layers.3", "model.layers.3.attn", "model.layers.3.mlp_in"
     block: int
     modules: tuple[str, ...]  # fully qualified names of its linears
+    kind: str = "block"  # "block", "attn", "mlp", or a linear role ("attn_in", ...)
 
 
 def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> list[Unit]:
@@ -28,16 +29,21 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
     if granularity not in GRANULARITIES:
         raise LayerwiseError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
     if granularity == "block":
-        groups = {"": LINEAR_ROLES}
+        groups = {"block": ("", LINEAR_ROLES)}
     elif granularity == "sublayer":
-        groups = {f".{name}": roles for name, roles in _SUBLAYER_ROLES.items()}
+        groups = {name: (f".{name}", roles) for name, roles in _SUBLAYER_ROLES.items()}
     else:
-        groups = {f".{role}": (role,) for role in LINEAR_ROLES}
+        groups = {role: (f".{role}", (role,)) for role in LINEAR_ROLES}
     units = []
     for index in range(n_blocks):
         prefix = f"{adapter.blocks}.{index}"
-        for suffix, roles in groups.items():
+        for kind, (suffix, roles) in groups.items():
             modules = tuple(f"{prefix}.{path}" for role in roles for path in adapter.linears.get(role, ()))
             if modules:
-                units.append(Unit(prefix + suffix, index, modules))
+                units.append(Unit(prefix + suffix, index, modules, kind))
     return units
+
+
+def droppable_units(adapter: Adapter, n_blocks: int) -> dict[str, Unit]:
+    """Every unit a plan may drop, by name: whole blocks and attention/MLP sublayers."""
+    return {unit.name: unit for granularity in ("block", "sublayer") for unit in units_of(adapter, n_blocks, granularity)}

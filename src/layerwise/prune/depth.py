@@ -10,6 +10,7 @@ deletes whole blocks instead and renumbers the rest, so plain transformers loads
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator, Sequence
 
 import torch
@@ -71,6 +72,25 @@ def out_projections(loaded: LoadedModel) -> dict[str, torch.Tensor]:
                      for role in ("attn_out", "mlp_out") for path in adapter.linears.get(role, ()))
     return {name: tensor.detach().clone() for name, tensor in loaded.model.state_dict().items()
             if name.startswith(prefixes)}
+
+
+def parse_unit(adapter: Adapter, n_blocks: int, name: str) -> tuple[str, int]:
+    """"model.layers.3" -> ("block", 3); "model.layers.3.attn" -> ("attn", 3); ".mlp" likewise."""
+    match = re.fullmatch(re.escape(adapter.blocks) + r"\.(\d+)(?:\.(attn|mlp))?", name)
+    if not match or int(match[1]) >= n_blocks:
+        raise LayerwiseError(f"cannot drop {name!r}: name a block ({adapter.blocks}.0..{n_blocks - 1}) or one of its "
+                             f"sublayers ({adapter.blocks}.N.attn, {adapter.blocks}.N.mlp)")
+    return match[2] or "block", int(match[1])
+
+
+def drop_units_(loaded: LoadedModel, names: Sequence[str]) -> list[str]:
+    """Silence every named unit in place; return the linears that no longer matter (cost 0)."""
+    modules: list[str] = []
+    for name in names:
+        kind, index = parse_unit(loaded.adapter, loaded.n_blocks, name)
+        silence_(loaded, kind, [index])
+        modules.extend(dropped_modules(loaded.adapter, kind, index))
+    return list(dict.fromkeys(modules))
 
 
 def _set_depth(model: nn.Module, adapter: Adapter, blocks: list[nn.Module], layer_types: list | None) -> None:

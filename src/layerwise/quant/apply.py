@@ -17,6 +17,7 @@ from layerwise.data.windows import TokenWindows
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import block_linears, blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
+from layerwise.prune.depth import dropped_modules, drop_units_, parse_unit
 from layerwise.profile.hooks import BlockCall, capture_blocks, run_block, scoped_hooks
 from layerwise.quant.awq import awq_quantize
 from layerwise.quant.config import QuantConfig
@@ -33,15 +34,25 @@ AWQ_SAMPLE_ROWS = 4096
 
 
 def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
-    """Module name -> config for every module `plan` quantizes in this model."""
+    """Module name -> config for every module `plan` quantizes in this model (not those it drops)."""
     linears = [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
     others = [loaded.adapter.embed, loaded.adapter.lm_head]
-    targets = plan.resolve(linears, others)
+    dropped = set(plan_dropped(loaded, plan))
+    targets = {name: config for name, config in plan.resolve(linears, others).items() if name not in dropped}
     for name in others:
         if name in targets and targets[name].algorithm != "rtn":
             raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the blocks, "
                                  f"not {targets[name].algorithm!r}")
     return targets
+
+
+def plan_dropped(loaded: LoadedModel, plan: Plan) -> list[str]:
+    """The linears of the units `plan` drops (validated against this model)."""
+    modules = []
+    for name in plan.drop:
+        kind, index = parse_unit(loaded.adapter, loaded.n_blocks, name)
+        modules.extend(dropped_modules(loaded.adapter, kind, index))
+    return list(dict.fromkeys(modules))
 
 
 @dataclass
@@ -110,8 +121,11 @@ def quantize_(
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict[str, QTensor]:
-    """Quantize `loaded.model` in place according to `plan`; return each module's stored form."""
+    """Quantize `loaded.model` in place according to `plan`; return each module's stored form.
+    Units the plan drops are silenced first (their output projections zeroed), so that the
+    units after them calibrate on what the pruned model computes."""
     targets = plan_targets(loaded, plan)
+    drop_units_(loaded, plan.drop)
     needs_data = any(config.algorithm != "rtn" for config in targets.values())
     if needs_data and calibration is None:
         raise LayerwiseError("GPTQ and AWQ need calibration text (--calib)")

@@ -7,7 +7,7 @@ from layerwise.data.windows import token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
-from layerwise.quant.apply import plan_targets, quantize_
+from layerwise.quant.apply import plan_dropped, plan_targets, quantize_
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
@@ -39,6 +39,7 @@ def run_quantize(
         raise LayerwiseError(f"the plan was made for a model with fingerprint {plan.model_fingerprint[:16]}..., "
                              f"not {loaded.source.display}")
     targets = plan_targets(loaded, plan)
+    dropped = plan_dropped(loaded, plan)
     windows = None
     if any(config.algorithm != "rtn" for config in targets.values()):
         if calib is None:
@@ -46,11 +47,11 @@ def run_quantize(
         windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     else:
         # Validate every module's shape before any work (group sizes, GGUF block sizes).
-        size_report(loaded, targets)
+        size_report(loaded, targets, dropped)
     quantized = quantize_(loaded, plan, windows, progress=progress)
-    sizes = size_report(loaded, quantized)
+    sizes = size_report(loaded, quantized, dropped)
     meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
-                             "sizes": sizes}
+                             "sizes": sizes, "drop": list(plan.drop), "dropped_modules": dropped}
     if out is not None:
         save_quantized(out, plan, quantized, meta)
     return loaded, quantized, sizes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 from torch import nn
 
@@ -15,11 +16,13 @@ from layerwise.quant.qtensor import QTensor, storage_bits
 FLOAT_BITS = 16
 
 
-def size_report(loaded: LoadedModel, quantized: dict[str, QTensor] | dict[str, QuantConfig]) -> dict:
+def size_report(loaded: LoadedModel, quantized: dict[str, QTensor] | dict[str, QuantConfig],
+                dropped: Collection[str] = ()) -> dict:
     """Bits per weight of the block linears, bytes of everything else, and total bytes.
 
     `quantized` maps module names to their stored form (after quantize_) or to their configs
-    (before: the sizes are the same, so a plan can be sized without quantizing). Tied tensors
+    (before: the sizes are the same, so a plan can be sized without quantizing); `dropped`
+    modules (weights and biases) cost nothing, since a pruned model does not store them. Tied tensors
     (an LM head sharing the embedding matrix) are counted once.
     """
     model: nn.Module = loaded.model
@@ -31,7 +34,11 @@ def size_report(loaded: LoadedModel, quantized: dict[str, QTensor] | dict[str, Q
         if isinstance(getattr(module, "weight", None), nn.Parameter):
             owners.setdefault(id(module.weight), []).append(module_name)
 
+    dropped = set(dropped)
+
     def bits_of(module_name: str, kind: str, parameter) -> int:
+        if module_name in dropped:
+            return 0
         names = owners.get(id(parameter), [module_name]) if kind == "weight" else []
         entry = next((quantized[n] for n in names if n in quantized), None)
         module_name = next((n for n in names if n in quantized), module_name)

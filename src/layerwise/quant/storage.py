@@ -77,6 +77,9 @@ def apply_quantized(loaded: LoadedModel, document: dict, quantized: dict[str, QT
     if fingerprint and fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"this quantized model was made from a model with fingerprint {fingerprint[:16]}..., "
                              f"not {loaded.fingerprint[:16]}... ({loaded.source.display})")
+    from layerwise.prune.depth import drop_units_
+
+    drop_units_(loaded, document.get("meta", {}).get("drop", []))
     for name, q in quantized.items():
         try:
             module = loaded.model.get_submodule(name)
