@@ -69,3 +69,34 @@ def test_plan_with_an_empty_option_list_or_another_models_table(tmp_path, measur
     assert_one_line_error(done, "measured on another model")
     done = layerwise("pareto", tmp_path / "missing.json")
     assert_one_line_error(done, "no sensitivity table at")
+
+
+def test_drop_then_eval_a_schedule(tmp_path):
+    done = layerwise("drop", STORIES, "--blocks", "1", "--by", "ablation", "--data", CALIBRATION_TEXT, "--tokens",
+                     "1024", "--out", tmp_path / "d", "--quiet")
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "d" / "layerwise_drop.json").read_text())
+    assert record["kind"] == "block" and len(record["dropped"]) == 1 and len(record["kept_original_indices"]) == 4
+    done = layerwise("eval", tmp_path / "d", "--data", EVALUATION_TEXT, "--tokens", "1024", "--quiet")
+    assert done.returncode == 0, done.stderr
+    done = layerwise("eval", STORIES, "--data", EVALUATION_TEXT, "--tokens", "1024", "--schedule", "0,1,1,2,3,4",
+                     "--quiet")
+    assert done.returncode == 0 and "scheduled: perplexity" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--indices", "0,1,2,3,4"], "would leave none"),
+    (["--indices", "2,9"], "block index 9 is out of range"),
+    (["--blocks", "5"], "at least one block must remain"),
+    (["--blocks", "1", "--attn", "1"], "give one of --blocks, --attn, --mlp"),
+    ([], "give either a number"),
+])
+def test_drop_bad_input(args, pattern, tmp_path):
+    done = layerwise("drop", STORIES, *args, "--out", tmp_path / "d", "--quiet")
+    assert_one_line_error(done, pattern)
+    assert not (tmp_path / "d").exists()
+
+
+def test_schedule_naming_a_missing_block():
+    done = layerwise("eval", STORIES, "--data", EVALUATION_TEXT, "--tokens", "1024", "--schedule", "0,7", "--quiet")
+    assert_one_line_error(done, "schedule names block 7")

@@ -77,14 +77,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan, calib=args.calib,
                       tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
-                      batch_size=args.batch_size, progress=not args.quiet)
+                      batch_size=args.batch_size, schedule=args.schedule, progress=not args.quiet)
     base = report["base"]
     print(f"base:      perplexity {base['perplexity']:.3f} on {base['tokens']:,} predicted tokens of {args.data}")
     if "quantized" in report:
         quality = report["quantized"]
-        print(f"quantized: perplexity {quality['perplexity']:.3f}, KL(base||quantized) {quality['kl']:.5f} nats/token, "
+        name = "scheduled" if args.schedule and not (args.quantized or args.plan) else "quantized"
+        print(f"{name}: perplexity {quality['perplexity']:.3f}, KL(base||{name}) {quality['kl']:.5f} nats/token, "
               f"top-1 agreement {quality['top1']:.4f}")
-        _print_sizes(report["sizes"])
+        if "sizes" in report:
+            _print_sizes(report["sizes"])
     if args.json:
         import json
 
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=40 * 512, help="evaluation tokens (default 40 x 512)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--schedule", type=_indices, default=None,
+                   help="run the blocks in this order, e.g. 0,1,2,2,3 (skips and repeats; no weights written)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_eval)

@@ -116,3 +116,26 @@ def test_drop_writes_a_checkpoint_plain_transformers_loads(windows, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().endswith("ok"), done.stderr
+
+
+@pytest.mark.slow
+def test_drop_smollm2_gguf_and_reload_with_plain_transformers(tmp_path):
+    from conftest import SMOLLM2
+
+    loaded, choice = run_drop(SMOLLM2, count=2, by="bi", data=CALIBRATION_TEXT, tokens=1024, out=tmp_path / "d",
+                              progress=False)
+    assert loaded.n_blocks == 28 and 0 not in choice.order
+    ids = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128).input_ids
+    torch.save({"ids": ids, "logits": _logits(loaded, ids)}, tmp_path / "expected.pt")
+    script = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'd')!r})\n"
+        "with torch.no_grad(): logits = model(input_ids=expected['ids']).logits\n"
+        "assert model.config.num_hidden_layers == 28\n"
+        "torch.testing.assert_close(logits, expected['logits'], rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip().endswith("ok"), done.stderr

@@ -1,7 +1,9 @@
 """`layerwise eval` from Python: quality of a quantized model against its base, on evaluation text."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Sequence
 
 from layerwise.data.windows import read_text, token_windows
 from layerwise.errors import LayerwiseError
@@ -25,13 +27,16 @@ def run_eval(
     dtype: str = "auto",
     device: str = "cpu",
     batch_size: int = 4,
+    schedule: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict:
     """Perplexity of the base model and, with `quantized` (a directory written by `layerwise
     quantize`) or `plan` (quantized on the fly), its perplexity, KL and top-1 agreement.
 
     Evaluation uses the first `tokens` of `data` in non-overlapping windows; text used for
-    calibration is refused."""
+    calibration is refused. With `schedule` (block indices, skips and repeats allowed), the
+    model runs its blocks in that order instead (no weights written), and is judged against
+    the model as it is."""
     if quantized is not None and plan is not None:
         raise LayerwiseError("pass either --quantized or --plan, not both")
     loaded = load_model(model, dtype=dtype, device=device)
@@ -52,6 +57,11 @@ def run_eval(
         from layerwise.quant.run import run_quantize
 
         report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
-    if stored is not None or plan is not None:
-        report["quantized"] = evaluate(loaded, base, progress=progress).to_dict()
+    if stored is not None or plan is not None or schedule is not None:
+        from layerwise.prune.depth import schedule as run_in_order
+
+        with run_in_order(loaded, schedule) if schedule is not None else contextlib.nullcontext():
+            report["quantized"] = evaluate(loaded, base, progress=progress).to_dict()
+        if schedule is not None:
+            report["schedule"] = list(schedule)
     return report
