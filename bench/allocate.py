@@ -29,11 +29,15 @@ from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
 from layerwise.plan.allocate import Allocation, allocate, never_worse_than_uniform  # noqa: E402
 from layerwise.plan.fitness import KLFitness  # noqa: E402
+from layerwise.plan.options import option_name, parse_options  # noqa: E402
 from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity  # noqa: E402
 from layerwise.profile import profile_model  # noqa: E402
 from layerwise.report.plots import pareto_plot  # noqa: E402
 
-OPTIONS = "int2g64,int3g64,int4g64,int5g64,int6g64,int8g64"
+# Symmetric round-to-nearest integers throughout, as the uniform baselines: the plans differ from
+# them only in where the bits go. Groups of 128 and 32 give steps between the widths (576-wide
+# rows end in a 64-column group with 128: "t").
+OPTIONS = "int2g64,int3g128t,int3g64,int3g32,int4g128t,int4g64,int5g64,int6g64,int8g64"
 
 
 def lwq_pair(table: SensitivityTable, bits: float) -> tuple[str, str]:
@@ -58,6 +62,7 @@ def unit_scores(table: SensitivityTable, profile) -> dict[str, dict[str, float]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--options", default=OPTIONS, help="the choices per unit (default: %(default)s)")
     parser.add_argument("--budgets", default="3.25,3.75,4.25,4.75")
     parser.add_argument("--search-budgets", default="3.25,4.25", help="budgets at which evolutionary also runs")
     parser.add_argument("--table", default=None, help="reuse this sensitivity table, or save the new one here")
@@ -76,8 +81,10 @@ def main() -> None:
     if args.table and Path(args.table).exists():
         table = SensitivityTable.load(args.table)
         table.check_model(loaded)
+        if table.options != [option_name(c) for c in parse_options(args.options)]:
+            raise SystemExit(f"{args.table} holds options {table.options}, not {args.options}")
     else:
-        table = measure_sensitivity(loaded, calibration, OPTIONS, "sublayer")
+        table = measure_sensitivity(loaded, calibration, args.options, "sublayer")
         if args.table:
             table.save(args.table)
     print(f"sensitivity table: {len(table.units)} units x {len(table.options)} options, "

@@ -99,11 +99,15 @@ def run_plan(
     """Allocate options to units under a budget (average bits per weight of the block linears,
     scales counted, or total model bytes) and return the plan, never worse than uniform.
 
-    The plan is judged by its KL to the base model on calibration windows drawn with another seed than
-    the table's; if the best uniform option that fits the budget does better, that is
-    what is returned (and said so)."""
+    The plan is judged by its KL to the base model on calibration windows drawn with another seed
+    than the table's; if the best uniform option that fits the budget does better, that is what
+    is returned (and said so). GPTQ/AWQ options are measured with Hessians (or inputs) from the
+    unquantized model, an approximation of the sequential calibration `quantize_` then runs."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
+    if allocator == "ordering":
+        raise LayerwiseError("the ordering allocator needs importance scores; call "
+                             "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
     if out is not None:
         check_writable_dir(Path(out).parent)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
@@ -121,9 +125,6 @@ def run_plan(
         if allocator in SEARCHING:
             settings = dict(fidelities=fitness, survivors=[max(1, offspring // 4), 1], generations=generations,
                             offspring=offspring, seed=seed)
-        elif allocator == "ordering":
-            raise LayerwiseError("the ordering allocator needs importance scores; call "
-                                 "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
         chosen = allocate(problem, allocator, **settings)
         checked = never_worse_than_uniform(problem, chosen, fitness.full)
         report = {
