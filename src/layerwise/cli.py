@@ -152,7 +152,7 @@ def _cmd_pareto(args: argparse.Namespace) -> None:
         print(f"{row['budget_bits_per_weight']:>7.3f} {row['bits_per_weight']:>11.4f} {row['total_bytes']:>12,} "
               f"{row['predicted_kl']:>13.5f}  {used}")
     if args.out:
-        print(f"wrote {args.out}/pareto.json and pareto.png")
+        print(f"wrote {args.out}/pareto.json, pareto.png and sensitivity.png")
 
 
 def _indices(text: str) -> list[int]:
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help="a sensitivity table written by `layerwise plan --table`")
     p.add_argument("--budgets", type=_budgets, default=None, help="e.g. 3.25,4.25 or 3:5:0.25 (default: the whole range)")
     p.add_argument("--allocator", default="exact", help="exact (default), greedy or uniform")
-    p.add_argument("--out", default=None, help="directory for pareto.json and pareto.png")
+    p.add_argument("--out", default=None, help="directory for pareto.json, pareto.png and sensitivity.png")
     p.set_defaults(run=_cmd_pareto)
 
     p = commands.add_parser("drop", help="drop blocks or sublayers the model uses least; write a plain checkpoint")

@@ -104,6 +104,7 @@ def test_pareto_curve_from_one_table(table, tmp_path):
     assert all(a >= b - 1e-12 for a, b in zip(predicted, predicted[1:])), "more budget never predicts more loss"
     assert all(row["bits_per_weight"] <= row["budget_bits_per_weight"] + 1e-9 for row in rows)
     assert (tmp_path / "pareto.json").exists() and (tmp_path / "pareto.png").stat().st_size > 1000
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
     with pytest.raises(LayerwiseError, match="table alone"):
         run_pareto(table, budgets=budgets, allocator="hybrid")
     assert np.isclose(rows[0]["predicted_kl"], table.kl[:, 0].sum())

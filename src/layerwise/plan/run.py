@@ -185,7 +185,8 @@ def run_pareto(
                      "options_used": {name: labels.count(name) for name in sensitivity.options if name in labels}})
     if out is not None:
         write_text_atomic(Path(out) / "pareto.json", json.dumps({"allocator": allocator, "rows": rows}, indent=1) + "\n")
-        from layerwise.report.plots import pareto_plot
+        from layerwise.report.plots import pareto_plot, sensitivity_heatmap
 
         pareto_plot(rows, sensitivity, Path(out) / "pareto.png")
+        sensitivity_heatmap(sensitivity, Path(out) / "sensitivity.png")
     return rows

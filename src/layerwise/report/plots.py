@@ -38,3 +38,29 @@ def pareto_plot(rows: Sequence[dict], table: "SensitivityTable", path: str | Pat
         figure.savefig(tmp, format="png")
     plt.close(figure)
     return Path(path)
+
+
+def sensitivity_heatmap(table: "SensitivityTable", path: str | Path) -> Path:
+    """log10 KL of every unit (rows, in depth order) under every option (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.log10(np.where(np.isfinite(table.kl) & (table.kl > 0), table.kl, np.nan))
+    height = max(4.0, 0.12 * len(table.units) + 1.5)
+    figure, axes = plt.subplots(figsize=(1.0 + 0.7 * len(table.options) + 2.0, height), dpi=110)
+    image = axes.imshow(values, aspect="auto", cmap="magma_r", interpolation="nearest")
+    axes.set_xticks(range(len(table.options)), table.options, rotation=45, ha="right", fontsize=8)
+    step = max(1, len(table.units) // 30)
+    axes.set_yticks(range(0, len(table.units), step), [table.units[i].name for i in range(0, len(table.units), step)],
+                    fontsize=6)
+    axes.set_xlabel("option")
+    axes.set_ylabel("unit (input side at the top)")
+    figure.colorbar(image, ax=axes, label="log10 KL when only this unit is quantized")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return Path(path)
