@@ -17,7 +17,6 @@ groups of 64 or whole rows, symmetric grids, or other types, which do not coinci
 from __future__ import annotations
 
 import argparse
-import copy
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
@@ -36,6 +34,7 @@ from _common import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2, write_results  #
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
 from layerwise.models.layout import block_linears, linear_weight, set_linear_weight  # noqa: E402
+from layerwise.models.saving import save_plain  # noqa: E402
 from layerwise.plan import Plan  # noqa: E402
 from layerwise.quant import QuantConfig, quantize_  # noqa: E402
 from layerwise.quant.size import size_report  # noqa: E402
@@ -64,20 +63,6 @@ def run_peer(peer_python: str, model_dir: Path, windows: Path, bits: int, group_
     subprocess.run([peer_python, str(script), "--model", str(model_dir), "--windows", str(windows),
                     "--bits", str(bits), "--group-size", str(group_size), "--out", str(out)], check=True)
     return time.perf_counter() - start
-
-
-def save_plain_folder(loaded, folder: Path) -> None:
-    """transformers marks GGUF-loaded models as quantized; rebuild a plain one for the peer."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(loaded.model.config)
-    # The GGUF origin is recorded as a quantization_config, which llm-compressor refuses.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.model.state_dict())
-    plain.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
 
 
 def main() -> None:
@@ -129,7 +114,7 @@ def main() -> None:
             folder = Path(scratch) / "smollm2-plain"
             windows = Path(scratch) / "calibration.npy"
             restore()
-            save_plain_folder(loaded, folder)
+            save_plain(loaded, folder)
             np.save(windows, calibration.input_ids.numpy())
             for bits in (int(b) for b in args.peer_bits.split(",")):
                 out = Path(scratch) / f"peer-{bits}.safetensors"
