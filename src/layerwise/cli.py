@@ -178,6 +178,26 @@ def _cmd_drop(args: argparse.Namespace) -> None:
         print(f"wrote {args.out} (a plain Hugging Face folder; layerwise_drop.json says what was dropped)")
 
 
+def _cmd_diverge(args: argparse.Namespace) -> None:
+    from layerwise.evaluate.diverge import run_diverge
+
+    rows = run_diverge(args.base, args.quantized, args.prompts, threshold=args.threshold, dtype=args.dtype,
+                       device=args.device)
+    print(f"{'#':>3} {'tokens':>6} {'KL':>9} {'max KL':>9} {'top-1':>6} {'robust z':>9}  prompt")
+    for number, row in enumerate(rows, 1):
+        mark = "  <-- outlier" if row.flagged else ""
+        print(f"{number:>3} {row.tokens:>6} {row.kl:>9.5f} {row.max_kl:>9.4f} {row.top1:>6.3f} {row.robust_z:>9.1f}  "
+              f"{row.prompt[:60]!r}{mark}")
+    flagged = [number for number, row in enumerate(rows, 1) if row.flagged]
+    print(f"{len(flagged)} of {len(rows)} prompts flagged" + (f": {', '.join(map(str, flagged))}" if flagged else ""))
+    if args.json:
+        import json
+
+        from layerwise.util.files import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps([row.to_dict() for row in rows], indent=1) + "\n")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
@@ -307,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the pruned checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_drop)
+
+    p = commands.add_parser("diverge", help="per-prompt KL of a quantized model against its base; flags outliers")
+    p.add_argument("base", help="the unquantized model (folder, .gguf or hub id)")
+    p.add_argument("quantized", help="a directory written by `layerwise quantize`")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--threshold", type=_positive_float, default=5.0,
+                   help="flag prompts this many robust standard deviations above the median KL (default 5)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.set_defaults(run=_cmd_diverge)
 
     p = commands.add_parser("list", help="what is registered")
     p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators"])

@@ -1,0 +1,106 @@
+"""Per-prompt divergence between a model and its quantized version, with outliers flagged.
+
+A model can be built to behave well in full precision and badly only once quantized, on chosen
+inputs ("Mind the Gap", "Exploiting LLM Quantization"). Averages hide that; this compares prompt by
+prompt and flags prompts whose KL is far above the rest: more than `threshold` robust standard
+deviations (1.4826 x the median absolute deviation) above the median, and at least `min_ratio`
+times the median.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from layerwise.data.windows import bos_policy
+from layerwise.errors import LayerwiseError
+from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.models.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class PromptDivergence:
+    prompt: str
+    tokens: int  # predicted positions
+    kl: float  # mean KL(base || other) over the prompt's positions
+    max_kl: float  # the largest single-position KL
+    top1: float
+    robust_z: float = 0.0
+    flagged: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerwiseError(f"prompts file {path} does not exist")
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise LayerwiseError(f"prompts file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if len(prompts) < 3:
+        raise LayerwiseError(f"{path} has {len(prompts)} prompts; outliers need at least 3 (one per line)")
+    return prompts
+
+
+def encode_prompts(loaded: LoadedModel, prompts: list[str], max_tokens: int = 512) -> list[torch.Tensor]:
+    bos = bos_policy(loaded.tokenizer)
+    encoded = []
+    for prompt in prompts:
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"][: max_tokens - (bos is not None)]
+        ids = ([bos] if bos is not None else []) + list(ids)
+        if len(ids) < 2:
+            raise LayerwiseError(f"prompt {prompt[:40]!r} has fewer than 2 tokens; nothing to predict")
+        encoded.append(torch.tensor([ids]))
+    return encoded
+
+
+@torch.no_grad()
+def base_references(loaded: LoadedModel, encoded: list[torch.Tensor]) -> list[Reference]:
+    return [Reference.from_logits(loaded.model(input_ids=ids.to(loaded.input_device), use_cache=False).logits[:, :-1])
+            for ids in encoded]
+
+
+@torch.no_grad()
+def compare(loaded: LoadedModel, prompts: list[str], encoded: list[torch.Tensor], references: list[Reference],
+            threshold: float = 5.0, min_ratio: float = 3.0) -> list[PromptDivergence]:
+    """Each prompt's divergence of `loaded` (as it is now) from the references, outliers flagged."""
+    rows = []
+    for prompt, ids, reference in zip(prompts, encoded, references):
+        logits = loaded.model(input_ids=ids.to(loaded.input_device), use_cache=False).logits[:, :-1]
+        kl = kl_per_token(reference, logits)
+        rows.append(PromptDivergence(prompt, kl.numel(), kl.mean().item(), kl.max().item(),
+                                     top1_agreement(reference, logits).mean().item()))
+    return flag_outliers(rows, threshold, min_ratio)
+
+
+def flag_outliers(rows: list[PromptDivergence], threshold: float = 5.0, min_ratio: float = 3.0) -> list[PromptDivergence]:
+    values = [row.kl for row in rows]
+    median = statistics.median(values)
+    spread = 1.4826 * statistics.median(abs(v - median) for v in values) or max(median, 1e-12) * 1e-3
+    flagged = []
+    for row in rows:
+        z = (row.kl - median) / spread
+        outlier = z > threshold and row.kl > min_ratio * median
+        flagged.append(PromptDivergence(row.prompt, row.tokens, row.kl, row.max_kl, row.top1, z, outlier))
+    return flagged
+
+
+def run_diverge(base: str | Path, quantized: str | Path, prompts: str | Path, *, threshold: float = 5.0,
+                min_ratio: float = 3.0, dtype: str = "auto", device: str = "cpu") -> list[PromptDivergence]:
+    """`layerwise diverge`: the base model against a directory written by `layerwise quantize`."""
+    from layerwise.models.loading import load_model
+    from layerwise.quant.storage import apply_quantized, load_quantized
+
+    texts = read_prompts(prompts)
+    document, stored = load_quantized(quantized)  # a bad directory fails before the model loads
+    loaded = load_model(base, dtype=dtype, device=device)
+    encoded = encode_prompts(loaded, texts)
+    references = base_references(loaded, encoded)
+    apply_quantized(loaded, document, stored)
+    return compare(loaded, texts, encoded, references, threshold, min_ratio)
