@@ -198,6 +198,22 @@ def _cmd_diverge(args: argparse.Namespace) -> None:
         write_text_atomic(args.json, json.dumps([row.to_dict() for row in rows], indent=1) + "\n")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from layerwise.export.run import run_export
+
+    report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
+                        calib=args.calib, tokens=args.tokens, dtype=args.dtype, progress=not args.quiet)
+    print(f"wrote {report['path']}: {report['file_bytes']:,} bytes")
+    if "bytes_by_type" in report:
+        print("tensors by type: " + ", ".join(f"{name} {count}" for name, count in report["tensors_by_type"].items()))
+        predicted = (report["predicted_sizes"] or {}).get("linear_bytes")
+        if predicted:
+            print(f"planned tensors: {report['planned_tensor_bytes']:,} bytes (plan predicted {predicted:,})")
+        if args.llama_quantize_args:
+            Path(args.llama_quantize_args).write_text("\n".join(report["llama_quantize_args"]) + "\n")
+            print(f"wrote the equivalent llama-quantize arguments to {args.llama_quantize_args}")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
@@ -338,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.set_defaults(run=_cmd_diverge)
+
+    p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")
+    _add_model_options(p)
+    p.add_argument("--format", default="gguf", choices=["gguf", "hf"])
+    p.add_argument("--plan", default=None, help="a plan.json (quantized now)")
+    p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
+    p.add_argument("--calib", default=None, help="calibration text for gptq/awq plans")
+    p.add_argument("--tokens", type=_positive_int, default=16384)
+    p.add_argument("--llama-quantize-args", default=None,
+                   help="also write the equivalent llama-quantize --tensor-type arguments to this file")
+    p.add_argument("--out", required=True, help="the .gguf file, or the folder for --format hf")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_export)
 
     p = commands.add_parser("list", help="what is registered")
     p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators"])

@@ -1,0 +1,1 @@
+"""Writing what real engines load: GGUF with a type per tensor, plain Hugging Face folders."""

@@ -1,0 +1,125 @@
+"""A GGUF file with one type per tensor, from a plan whose options are GGUF types.
+
+The container is written by gguf-py (the library llama.cpp's own converter uses). The source is
+the model's own GGUF file: its metadata and tokenizer are copied, every tensor the plan does not
+quantize is copied byte for byte, and every tensor it does gets the codes our quantizers made,
+which are llama.cpp's byte layouts (bit-exact with gguf-py for the types it implements).
+
+llama.cpp stores Llama-family q/k projections with rows permuted for its rotary kernel
+(transformers' GGUF loader undoes it on reading); block types quantize each row on its own, so
+the stored codes are permuted the same way, with no requantization.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.loading import LoadedModel
+from layerwise.quant.qtensor import QTensor
+from layerwise.util.files import atomic_path
+
+# Architectures whose GGUF q/k rows are permuted (llama.cpp's convert_hf_to_gguf.py LlamaModel).
+_PERMUTED_QK = {"llama", "mistral", "granite"}
+
+
+def _source_file(loaded: LoadedModel) -> Path:
+    source = loaded.source
+    gguf_file = getattr(source, "gguf_file", None)
+    if not gguf_file:
+        raise LayerwiseError("GGUF export needs a model read from a .gguf file (its metadata and tokenizer are "
+                             "copied); convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first")
+    return Path(source.location) / gguf_file
+
+
+def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """HF row order -> llama.cpp's (the inverse of transformers' reverse permutation)."""
+    dim = rows.shape[0] // n_head // 2
+    return rows.reshape(n_head, 2, dim, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str) -> dict[str, str]:
+    """HF module name -> GGUF tensor name, by gguf-py's own name map."""
+    import gguf
+
+    try:
+        arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    except StopIteration:
+        raise LayerwiseError(f"gguf-py does not know the architecture {arch!r}") from None
+    name_map = gguf.get_tensor_name_map(arch_enum, loaded.n_blocks)
+    names = {}
+    for module in modules:
+        mapped = name_map.get_name(module)
+        if mapped is None:
+            raise LayerwiseError(f"no GGUF tensor name for {module} in architecture {arch!r}")
+        names[module] = f"{mapped}.weight"
+    return names
+
+
+def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | Path,
+                dropped: list[str] | None = None) -> dict:
+    """Write `out`; return what was written: bytes in total and per type, and the equivalent
+    llama-quantize --tensor-type arguments."""
+    import gguf
+
+    if dropped:
+        raise LayerwiseError("GGUF export of plans that drop units is not supported yet; llama.cpp has no way to "
+                             "mark a sublayer absent (whole blocks would need renumbering)")
+    source = _source_file(loaded)
+    not_gguf = [f"{name} ({q.config.label})" for name, q in quantized.items() if q.packed is None]
+    if not_gguf:
+        raise LayerwiseError(f"GGUF stores only its own block types; these modules use other formats: "
+                             f"{', '.join(not_gguf[:3])}{' ...' if len(not_gguf) > 3 else ''}. Plan with GGUF "
+                             "options such as q4_0, q5_0, q8_0, q4_k")
+    reader = gguf.GGUFReader(source)
+    arch = str(reader.fields["general.architecture"].contents())
+    names = gguf_tensor_names(loaded, list(quantized), arch)
+    config = loaded.model.config
+    replacement: dict[str, tuple[np.ndarray, int]] = {}
+    for module, q in quantized.items():
+        packed = np.ascontiguousarray(q.packed)
+        tensor_name = names[module]
+        if arch in _PERMUTED_QK and (".attn_q." in tensor_name or ".attn_k." in tensor_name):
+            heads = config.num_attention_heads if ".attn_q." in tensor_name else config.num_key_value_heads
+            packed = np.ascontiguousarray(_permute_rows(packed, heads))
+        replacement[tensor_name] = (packed, int(getattr(gguf.GGMLQuantizationType, q.config.format.upper())))
+    existing = {tensor.name for tensor in reader.tensors}
+    missing = sorted(set(replacement) - existing)
+    if missing:
+        raise LayerwiseError(f"{source.name} has no tensor {missing[0]}; is this the model the plan was made for?")
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch, endianess=reader.endianess)
+        for field in reader.fields.values():
+            # Virtual fields, the architecture (written by the writer) and the file type (no longer
+            # one type) are not copied.
+            if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+        writer.add_string("layerwise.note", "per-tensor types from a layerwise plan")
+        types: Counter = Counter()
+        type_bytes: Counter = Counter()
+        for tensor in reader.tensors:
+            data, qtype = replacement.get(tensor.name, (tensor.data, int(tensor.tensor_type)))
+            writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType(qtype))
+            name = gguf.GGMLQuantizationType(qtype).name
+            types[name] += 1
+            type_bytes[name] += data.nbytes
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in reader.tensors:
+            data = replacement.get(tensor.name, (tensor.data, None))[0]
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
+        writer.close()
+    tensor_types = [f"--tensor-type {names[module].removesuffix('.weight')}={q.config.format}"
+                    for module, q in quantized.items()]
+    return {"path": str(out), "file_bytes": out.stat().st_size, "tensors_by_type": dict(types),
+            "bytes_by_type": dict(type_bytes), "planned_tensor_bytes": sum(p.nbytes for p, _ in replacement.values()),
+            "llama_quantize_args": tensor_types}

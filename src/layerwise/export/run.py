@@ -1,0 +1,71 @@
+"""`layerwise export` from Python: quantize by a plan (or load a quantized directory), then write
+a format another program loads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.loading import load_model, resolve_source
+from layerwise.plan.plan import Plan
+from layerwise.util.files import check_writable_dir
+
+EXPORT_FORMATS = ("gguf", "hf")
+
+
+def run_export(
+    model: str | Path,
+    *,
+    format: str = "gguf",
+    out: str | Path,
+    plan: Plan | str | Path | None = None,
+    quantized: str | Path | None = None,
+    calib: str | Path | None = None,
+    tokens: int = 16384,
+    dtype: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """"gguf": one GGUF file with the plan's type per tensor (the plan must use GGUF types).
+    "hf": a plain Hugging Face folder holding the dequantized weights, loadable anywhere, with
+    plan.json beside them."""
+    if format not in EXPORT_FORMATS:
+        raise LayerwiseError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if (plan is None) == (quantized is None):
+        raise LayerwiseError("give either --plan or --quantized")
+    out = Path(out)
+    check_writable_dir(out.parent)
+    if format == "gguf" and resolve_source(model).kind != "gguf":
+        raise LayerwiseError("GGUF export needs a model read from a .gguf file (its metadata and tokenizer are "
+                             "copied); convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first")
+    if out.exists() and (out.is_dir() != (format == "hf")):
+        raise LayerwiseError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
+                             f"{format} export writes a {'folder' if format == 'hf' else 'file'}")
+    if quantized is not None:
+        from layerwise.quant.storage import apply_quantized, load_quantized
+
+        document, stored = load_quantized(quantized)
+        loaded = load_model(model, dtype=dtype)
+        apply_quantized(loaded, document, stored)
+        plan = Plan.load(Path(quantized) / "plan.json")
+        dropped = document["meta"].get("dropped_modules", [])
+        sizes = document["meta"].get("sizes")
+    else:
+        from layerwise.quant.run import run_quantize
+
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        loaded = load_model(model, dtype=dtype)
+        loaded, stored, sizes = run_quantize(loaded, plan, calib=calib, tokens=tokens, progress=progress)
+        from layerwise.quant.apply import plan_dropped
+
+        dropped = plan_dropped(loaded, plan)
+    if format == "gguf":
+        from layerwise.export.gguf import export_gguf
+
+        report = export_gguf(loaded, stored, out, dropped)
+    else:
+        from layerwise.models.saving import save_plain
+
+        save_plain(loaded, out, {"plan.json": json.dumps(plan.to_dict(), indent=1) + "\n"})
+        report = {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir())}
+    report["predicted_sizes"] = sizes
+    return report
