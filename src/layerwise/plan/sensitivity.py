@@ -250,12 +250,14 @@ def measure_sensitivity(
                     bars.advance(task)
                     continue
                 cost[u, o] = sum(q.n_bits for q in stored.values())
-                for name, qtensor in stored.items():
-                    set_linear_weight(modules[name], qtensor.dequantize())
-                kl[u, o] = _kl_from(model, adapter, base, unit.block, None)
+                try:
+                    for name, qtensor in stored.items():
+                        set_linear_weight(modules[name], qtensor.dequantize())
+                    kl[u, o] = _kl_from(model, adapter, base, unit.block, None)
+                finally:  # an interruption must not leave the caller's model quantized
+                    for name, weight in originals.items():
+                        set_linear_weight(modules[name], weight)
                 block_runs += (n_blocks - unit.block + head) * len(base.calls)
-                for name, weight in originals.items():
-                    set_linear_weight(modules[name], weight)
                 bars.advance(task)
     batches = len(base.calls)
     forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
