@@ -72,6 +72,14 @@ def _print_sizes(sizes: dict) -> None:
           f"total {sizes['total_bytes']:,} bytes ({sizes['total_bytes'] / sizes['float16_total_bytes']:.1%} of 16-bit)")
 
 
+def _write_json(path: str, payload: object) -> None:
+    import json
+
+    from layerwise.util.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from layerwise.evaluate.run import run_eval
 
@@ -88,11 +96,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if "sizes" in report:
             _print_sizes(report["sizes"])
     if args.json:
-        import json
-
-        from layerwise.util.files import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+        _write_json(args.json, report)
 
 
 def _positive_float(text: str) -> float:
@@ -191,11 +195,7 @@ def _cmd_diverge(args: argparse.Namespace) -> None:
     flagged = [number for number, row in enumerate(rows, 1) if row.flagged]
     print(f"{len(flagged)} of {len(rows)} prompts flagged" + (f": {', '.join(map(str, flagged))}" if flagged else ""))
     if args.json:
-        import json
-
-        from layerwise.util.files import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps([row.to_dict() for row in rows], indent=1) + "\n")
+        _write_json(args.json, [row.to_dict() for row in rows])
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.loading import LoadedModel
+from layerwise.models.loading import LoadedModel, ModelSource
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_path
 
@@ -25,13 +25,12 @@ from layerwise.util.files import atomic_path
 _PERMUTED_QK = {"llama", "mistral", "granite"}
 
 
-def _source_file(loaded: LoadedModel) -> Path:
-    source = loaded.source
-    gguf_file = getattr(source, "gguf_file", None)
-    if not gguf_file:
+def require_gguf_source(source: ModelSource) -> Path:
+    """The source's .gguf file; anything else is refused, since its metadata and tokenizer are copied."""
+    if source.kind != "gguf" or not source.gguf_file:
         raise LayerwiseError("GGUF export needs a model read from a .gguf file (its metadata and tokenizer are "
                              "copied); convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first")
-    return Path(source.location) / gguf_file
+    return Path(source.location) / source.gguf_file
 
 
 def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -67,7 +66,7 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
     if dropped:
         raise LayerwiseError("GGUF export of plans that drop units is not supported yet; llama.cpp has no way to "
                              "mark a sublayer absent (whole blocks would need renumbering)")
-    source = _source_file(loaded)
+    source = require_gguf_source(loaded.source)
     not_gguf = [f"{name} ({q.config.label})" for name, q in quantized.items() if q.packed is None]
     if not_gguf:
         raise LayerwiseError(f"GGUF stores only its own block types; these modules use other formats: "

@@ -34,9 +34,10 @@ def run_export(
         raise LayerwiseError("give either --plan or --quantized")
     out = Path(out)
     check_writable_dir(out.parent)
-    if format == "gguf" and resolve_source(model).kind != "gguf":
-        raise LayerwiseError("GGUF export needs a model read from a .gguf file (its metadata and tokenizer are "
-                             "copied); convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first")
+    if format == "gguf":
+        from layerwise.export.gguf import require_gguf_source
+
+        require_gguf_source(resolve_source(model))  # before any quantization work
     if out.exists() and (out.is_dir() != (format == "hf")):
         raise LayerwiseError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
                              f"{format} export writes a {'folder' if format == 'hf' else 'file'}")
