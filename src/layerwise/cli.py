@@ -37,7 +37,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
         args.model, args.data, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed, out=args.out,
         ablation=ablation, batch_size=args.batch_size, lens_positions_per_window=args.lens_positions,
         weights=not args.no_weights, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        progress=not args.quiet,
+        overwrite=args.overwrite, progress=not args.quiet,
     )
     console = Console(width=max(Console().width, 170))
     console.print(result.table())
@@ -59,8 +59,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     plan = args.plan or Plan(QuantConfig(args.format, args.bits, args.group_size, not args.asym, args.method,
                                          "tail" if args.allow_tail else "error"))
     loaded, quantized, sizes = run_quantize(args.model, plan, calib=args.calib, tokens=args.tokens, seed=args.seed,
-                                            out=args.out, dtype=args.dtype, device=args.device,
-                                            progress=not args.quiet)
+                                            out=args.out, overwrite=args.overwrite, dtype=args.dtype,
+                                            device=args.device, progress=not args.quiet)
     _print_sizes(sizes)
     if args.out:
         print(f"wrote {args.out}/quant.json, plan.json, qweights.safetensors")
@@ -80,9 +80,17 @@ def _write_json(path: str, payload: object) -> None:
     write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
+def _check_json_output(args: argparse.Namespace) -> None:
+    from layerwise.util.files import check_output
+
+    if args.json:
+        check_output(args.json, args.overwrite)
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from layerwise.evaluate.run import run_eval
 
+    _check_json_output(args)
     report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan, calib=args.calib,
                       tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
                       batch_size=args.batch_size, schedule=args.schedule, progress=not args.quiet)
@@ -117,7 +125,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes, options=args.options,
                        allocator=args.allocator, granularity=args.granularity, table=args.table, calib=args.calib,
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, generations=args.generations,
-                       seed=args.seed, out=args.out, dtype=args.dtype, device=args.device, progress=not args.quiet)
+                       seed=args.seed, out=args.out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
+                       progress=not args.quiet)
     report = outcome.report
     used = {}
     for label in report["options"].values():
@@ -149,7 +158,8 @@ def _budgets(text: str) -> list[float]:
 def _cmd_pareto(args: argparse.Namespace) -> None:
     from layerwise.plan.run import run_pareto
 
-    rows = run_pareto(args.table, budgets=args.budgets, allocator=args.allocator, out=args.out)
+    rows = run_pareto(args.table, budgets=args.budgets, allocator=args.allocator, out=args.out,
+                      overwrite=args.overwrite)
     print(f"{'budget':>7} {'bits/weight':>11} {'bytes':>12} {'predicted KL':>13}  options")
     for row in rows:
         used = ", ".join(f"{k} {v}" for k, v in row["options_used"].items())
@@ -175,7 +185,7 @@ def _cmd_drop(args: argparse.Namespace) -> None:
     kind = {"blocks": "block"}.get(next(iter(counts), ""), next(iter(counts), args.kind))
     loaded, choice = run_drop(args.model, kind=kind, count=next(iter(counts.values()), None), indices=args.indices,
                               by=args.by, data=args.data, tokens=args.tokens, seed=args.seed, out=args.out,
-                              dtype=args.dtype, device=args.device, progress=not args.quiet)
+                              overwrite=args.overwrite, dtype=args.dtype, device=args.device, progress=not args.quiet)
     scores = ", ".join(f"{i} ({s:.4g})" if s is not None else str(i) for i, s in zip(choice.order, choice.scores))
     print(f"dropped {kind} of blocks {scores} by {choice.criterion}; {loaded.n_blocks} blocks remain")
     if args.out:
@@ -185,6 +195,7 @@ def _cmd_drop(args: argparse.Namespace) -> None:
 def _cmd_diverge(args: argparse.Namespace) -> None:
     from layerwise.evaluate.diverge import run_diverge
 
+    _check_json_output(args)
     rows = run_diverge(args.base, args.quantized, args.prompts, threshold=args.threshold, dtype=args.dtype,
                        device=args.device)
     print(f"{'#':>3} {'tokens':>6} {'KL':>9} {'max KL':>9} {'top-1':>6} {'robust z':>9}  prompt")
@@ -200,9 +211,11 @@ def _cmd_diverge(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from layerwise.export.run import run_export
+    from layerwise.util.files import write_text_atomic
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
-                        calib=args.calib, tokens=args.tokens, dtype=args.dtype, progress=not args.quiet)
+                        calib=args.calib, tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
+                        progress=not args.quiet)
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes")
     if "bytes_by_type" in report:
         print("tensors by type: " + ", ".join(f"{name} {count}" for name, count in report["tensors_by_type"].items()))
@@ -210,7 +223,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         if predicted:
             print(f"planned tensors: {report['planned_tensor_bytes']:,} bytes (plan predicted {predicted:,})")
         if args.llama_quantize_args:
-            Path(args.llama_quantize_args).write_text("\n".join(report["llama_quantize_args"]) + "\n")
+            write_text_atomic(args.llama_quantize_args, "\n".join(report["llama_quantize_args"]) + "\n")
             print(f"wrote the equivalent llama-quantize arguments to {args.llama_quantize_args}")
 
 
@@ -265,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions per window decoded by the logit lens (default: as many as cost ~10%% of a forward pass)")
     p.add_argument("--no-weights", action="store_true", help="skip per-linear weight statistics")
     p.add_argument("--out", default=None, help="directory for profile.json, blocks.csv, linears.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_profile)
 
@@ -281,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for plan.json, quant.json, qweights.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_quantize)
 
@@ -296,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", type=_indices, default=None,
                    help="run the blocks in this order, e.g. 0,1,2,2,3 (skips and repeats; no weights written)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_eval)
 
@@ -317,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_plan)
 
@@ -325,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_budgets, default=None, help="e.g. 3.25,4.25 or 3:5:0.25 (default: the whole range)")
     p.add_argument("--allocator", default="exact", help="exact (default), greedy or uniform")
     p.add_argument("--out", default=None, help="directory for pareto.json, pareto.png and sensitivity.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.set_defaults(run=_cmd_pareto)
 
     p = commands.add_parser("drop", help="drop blocks or sublayers the model uses least; write a plain checkpoint")
@@ -341,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_drop)
 
@@ -353,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.set_defaults(run=_cmd_diverge)
 
     p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")
@@ -365,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llama-quantize-args", default=None,
                    help="also write the equivalent llama-quantize --tensor-type arguments to this file")
     p.add_argument("--out", required=True, help="the .gguf file, or the folder for --format hf")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_export)
 

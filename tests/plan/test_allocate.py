@@ -3,6 +3,7 @@ each allocator makes (ordering's order, EvoPress's determinism and screening, hy
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -339,3 +340,31 @@ def test_an_allocator_over_budget_is_caught():
             allocate(quantization_problem(seed=0, units=4), "test_overspends")
     finally:
         del ALLOCATORS["test_overspends"]
+
+
+def test_an_interrupted_search_resumes_to_the_same_result(tmp_path):
+    problem = quantization_problem(seed=3, units=12)
+    fitness = neighbours_at_lowest_penalty(problem, penalty=0.02)
+    settings = dict(fitness=fitness, generations=25, offspring=8, seed=5)
+    uninterrupted = allocate(problem, "hybrid", **settings)
+
+    calls = 0
+
+    def interrupted_fitness(choice):
+        nonlocal calls
+        calls += 1
+        if calls > 60:  # partway through the search, after some generations were saved
+            raise KeyboardInterrupt
+        return fitness(choice)
+
+    checkpoint = tmp_path / "search.progress"
+    with pytest.raises(KeyboardInterrupt):
+        allocate(problem, "hybrid", **dict(settings, fitness=interrupted_fitness), checkpoint=checkpoint)
+    saved = json.loads(checkpoint.read_text())
+    assert 0 < saved["generation"] < 25
+    resumed = allocate(problem, "hybrid", **settings, checkpoint=checkpoint)
+    assert resumed == uninterrupted  # same plan, same fitness, same count of evaluations
+
+    other = quantization_problem(seed=4, units=12)
+    with pytest.raises(LayerwiseError, match="checkpoint of another search"):
+        allocate(other, "hybrid", **settings, checkpoint=checkpoint)

@@ -119,3 +119,31 @@ def test_budgets_outside_the_options_are_errors(table):
 def test_empty_options_are_an_error(loaded, windows):
     with pytest.raises(LayerwiseError, match="empty"):
         measure_sensitivity(loaded, windows, "", progress=False)
+
+
+def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, table, tmp_path, monkeypatch):
+    import layerwise.plan.sensitivity as sensitivity
+
+    measured = 0
+    real_kl_from = sensitivity._kl_from
+
+    def interrupted(*args, **kwargs):
+        nonlocal measured
+        measured += 1
+        if measured > 3 * len(table.options) + 2:  # partway through the fourth unit
+            raise KeyboardInterrupt
+        return real_kl_from(*args, **kwargs)
+
+    checkpoint = tmp_path / "table.progress"
+    monkeypatch.setattr(sensitivity, "_kl_from", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False, checkpoint=checkpoint)
+    assert json.loads(checkpoint.read_text())["units_done"] == 3
+    monkeypatch.setattr(sensitivity, "_kl_from", real_kl_from)
+    resumed = measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False, checkpoint=checkpoint)
+    np.testing.assert_array_equal(resumed.kl, table.kl)
+    np.testing.assert_array_equal(resumed.cost_bits, table.cost_bits)
+    assert resumed.skipped == table.skipped
+    assert resumed.cost["forward_equivalents"] == pytest.approx(table.cost["forward_equivalents"])
+    with pytest.raises(LayerwiseError, match="checkpoint of another measurement"):
+        measure_sensitivity(loaded, windows, "int2pc,int8pc", "sublayer", progress=False, checkpoint=checkpoint)

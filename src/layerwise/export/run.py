@@ -8,7 +8,7 @@ from pathlib import Path
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import load_model, resolve_source
 from layerwise.plan.plan import Plan
-from layerwise.util.files import check_writable_dir
+from layerwise.util.files import check_output
 
 EXPORT_FORMATS = ("gguf", "hf")
 
@@ -18,6 +18,7 @@ def run_export(
     *,
     format: str = "gguf",
     out: str | Path,
+    overwrite: bool = False,
     plan: Plan | str | Path | None = None,
     quantized: str | Path | None = None,
     calib: str | Path | None = None,
@@ -33,7 +34,7 @@ def run_export(
     if (plan is None) == (quantized is None):
         raise LayerwiseError("give either --plan or --quantized")
     out = Path(out)
-    check_writable_dir(out.parent)
+    check_output(out, overwrite, directory=format == "hf")
     if format == "gguf":
         from layerwise.export.gguf import require_gguf_source
 

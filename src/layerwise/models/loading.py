@@ -13,6 +13,7 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter, get_adapter
+from layerwise.models.integrity import check_finite, check_gguf, check_weight_files
 from layerwise.util.meta import file_fingerprint, files_fingerprint
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -131,20 +132,29 @@ def _hub_error(source: ModelSource, error: Exception) -> LayerwiseError:
     )
 
 
+def check_files(source: ModelSource) -> None:
+    """Validate local weight files with bounded reads before a third-party loader parses them."""
+    if source.kind == "gguf":
+        check_gguf(Path(source.location) / source.gguf_file)
+    elif source.kind == "folder":
+        check_weight_files(source.location)
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    check_files(source)
     location, kwargs = source.from_pretrained_args()
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # a corrupt file can raise anything inside the parser
         raise _load_error(source, "the model config", error) from error
 
 
 def _load_error(source: ModelSource, what: str, error: Exception) -> LayerwiseError:
     if source.kind == "hub":
         return _hub_error(source, error)
-    lines = str(error).strip().splitlines()
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return LayerwiseError(f"cannot load {what} from {source.display}: {lines[0] if lines else type(error).__name__}")
 
 
@@ -153,10 +163,11 @@ def load_tokenizer(source: str | os.PathLike | ModelSource, trust_remote_code: b
     from transformers import AutoTokenizer
 
     resolved = source if isinstance(source, ModelSource) else resolve_source(source)
+    check_files(resolved)
     location, kwargs = resolved.from_pretrained_args()
     try:
         return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # a corrupt file can raise anything inside the parser
         raise _load_error(resolved, "the tokenizer", error) from error
 
 
@@ -194,8 +205,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
         )
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # a corrupt file can raise anything inside the loader
         raise _load_error(resolved, "model weights", error) from error
+    check_finite(model, resolved.display)
     if not device_map:
         model.to(device)
     model.eval()

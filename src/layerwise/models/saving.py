@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from layerwise.models.loading import LoadedModel
+from layerwise.util.files import atomic_folder
 
 
 def save_plain(loaded: LoadedModel, folder: str | Path, extra_files: dict[str, str] | None = None) -> Path:
@@ -29,20 +27,9 @@ def save_plain(loaded: LoadedModel, folder: str | Path, extra_files: dict[str, s
     if getattr(loaded.model.config, "quantization_config", None) is not None:
         model = AutoModelForCausalLM.from_config(config, dtype=next(loaded.model.parameters()).dtype)
         model.load_state_dict(loaded.model.state_dict())
-    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as scratch:
         model.save_pretrained(scratch)
         loaded.tokenizer.save_pretrained(scratch)
         for name, text in (extra_files or {}).items():
             (scratch / name).write_text(text, encoding="utf-8")
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(scratch, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
     return folder

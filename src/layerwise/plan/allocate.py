@@ -21,9 +21,12 @@ Allocation`:
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -31,6 +34,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from layerwise.errors import LayerwiseError
+from layerwise.util.files import read_artifact, write_text_atomic
 
 Choice = tuple[int, ...]
 Fitness = Callable[[Choice], float]
@@ -558,7 +562,7 @@ class _Evolution:
 def _evolve(problem: AllocationProblem, fitness: Fitness | None,
             fidelities: Sequence[Fitness] | Callable[[Choice, int], float] | None, survivors: Sequence[int] | None,
             generations: int, offspring: int, seed: int, start: Sequence[int] | None,
-            max_evaluations: int | None) -> _Evolution:
+            max_evaluations: int | None, checkpoint: str | Path | None = None) -> _Evolution:
     if generations < 0 or offspring < 1:
         raise LayerwiseError(f"evolutionary: generations={generations}, offspring={offspring}; need generations >= 0 "
                              "and offspring >= 1")
@@ -568,10 +572,15 @@ def _evolve(problem: AllocationProblem, fitness: Fitness | None,
     if start is None:
         start = _best_uniform_choice(problem) or greedy(problem).choice
     start = parent = problem.check_choice(start, "start")
-    parent_fitness = start_fitness = scorer(parent, final)
     levels = _levels(problem)
     rng = np.random.default_rng(seed)
-    for _ in range(generations):
+    progress = _SearchCheckpoint(checkpoint, problem, start, seed, offspring, keep) if checkpoint else None
+    generation = 0
+    if progress is not None and progress.exists():
+        generation, parent, parent_fitness, start_fitness = progress.restore(scorer, rng)
+    else:
+        parent_fitness = start_fitness = scorer(parent, final)
+    while generation < generations:
         if max_evaluations is not None and scorer.calls >= max_evaluations:
             break
         pool = list(dict.fromkeys(child for child in (_mutate(problem, levels, parent, rng) for _ in range(offspring))
@@ -584,14 +593,55 @@ def _evolve(problem: AllocationProblem, fitness: Fitness | None,
             pool = [pool[k] for k in order[:survive]]
         if pool and scorer(pool[0], final) <= parent_fitness:  # ties move on, to drift across plateaus
             parent, parent_fitness = pool[0], scorer(pool[0], final)
+        generation += 1
+        if progress is not None:
+            progress.save(generation, parent, parent_fitness, start_fitness, scorer, rng)
     return _Evolution(start, start_fitness, parent, parent_fitness, scorer.calls)
+
+
+class _SearchCheckpoint:
+    """The search's whole state after each generation (parent, random generator, every fitness
+    value met), so that an interrupted search resumes where it stopped and ends exactly where an
+    uninterrupted one with the same seed would."""
+
+    SCHEMA = "layerwise.search-progress"
+
+    def __init__(self, path: str | Path, problem: AllocationProblem, start: Choice, seed: int, offspring: int,
+                 keep: list[int]) -> None:
+        self.path = Path(path)
+        digest = hashlib.sha256(json.dumps([problem.units, problem.options, problem.cost.tolist(),
+                                            problem.loss.tolist()]).encode()).hexdigest()
+        self.key = {"problem": digest, "budget": problem.budget, "start": list(start), "seed": seed,
+                    "offspring": offspring, "survivors": keep}
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def restore(self, scorer: _CachedFitness, rng: np.random.Generator) -> tuple[int, Choice, float, float]:
+        data = read_artifact(self.path, self.SCHEMA, 1, "search checkpoint")
+        if data.get("key") != self.key:
+            raise LayerwiseError(f"{self.path} is the checkpoint of another search (other problem, budget, seed or "
+                                 "settings); delete it to start afresh")
+        scorer.values = {(tuple(choice), stage): value for choice, stage, value in data["fitness"]}
+        scorer.calls = data["calls"]
+        rng.bit_generator.state = data["rng"]
+        return data["generation"], tuple(data["parent"]), data["parent_fitness"], data["start_fitness"]
+
+    def save(self, generation: int, parent: Choice, parent_fitness: float, start_fitness: float,
+             scorer: _CachedFitness, rng: np.random.Generator) -> None:
+        state = {"schema": self.SCHEMA, "schema_version": 1, "key": self.key, "generation": generation,
+                 "parent": list(parent), "parent_fitness": parent_fitness, "start_fitness": start_fitness,
+                 "calls": scorer.calls, "rng": rng.bit_generator.state,
+                 "fitness": [[list(choice), stage, value] for (choice, stage), value in scorer.values.items()]}
+        write_text_atomic(self.path, json.dumps(state) + "\n")
 
 
 @register_allocator("evolutionary")
 def evolutionary(problem: AllocationProblem, fitness: Fitness | None = None,
                  fidelities: Sequence[Fitness] | Callable[[Choice, int], float] | None = None,
                  survivors: Sequence[int] | None = None, generations: int = 100, offspring: int = 16, seed: int = 0,
-                 start: Sequence[int] | None = None, max_evaluations: int | None = None) -> Allocation:
+                 start: Sequence[int] | None = None, max_evaluations: int | None = None,
+                 checkpoint: str | Path | None = None) -> Allocation:
     """EvoPress (Sieberling et al. 2024): a (1+lambda) search over assignments within budget.
 
     `fitness(choice) -> float` is minimised (default: the table's additive loss). For an
@@ -601,9 +651,12 @@ def evolutionary(problem: AllocationProblem, fitness: Fitness | None = None,
     Fitness values are cached per assignment, so it must be deterministic for a given choice.
     With `max_evaluations`, no new generation starts once that many calls were made.
     `start` defaults to the best uniform assignment that fits, else the greedy one. The same
-    seed gives the same result; `evaluations` counts fitness calls at every fidelity.
+    seed gives the same result; `evaluations` counts fitness calls at every fidelity. With
+    `checkpoint` (a file path) the state is saved after every generation and an interrupted
+    search resumes from it, to the same result.
     """
-    run = _evolve(problem, fitness, fidelities, survivors, generations, offspring, seed, start, max_evaluations)
+    run = _evolve(problem, fitness, fidelities, survivors, generations, offspring, seed, start, max_evaluations,
+                  checkpoint)
     return Allocation.of(problem, run.best, "evolutionary", run.evaluations, run.best_fitness)
 
 
@@ -611,11 +664,12 @@ def evolutionary(problem: AllocationProblem, fitness: Fitness | None = None,
 def hybrid(problem: AllocationProblem, fitness: Fitness | None = None,
            fidelities: Sequence[Fitness] | Callable[[Choice, int], float] | None = None,
            survivors: Sequence[int] | None = None, generations: int = 30, offspring: int = 16, seed: int = 0,
-           max_evaluations: int | None = None) -> Allocation:
+           max_evaluations: int | None = None, checkpoint: str | Path | None = None) -> Allocation:
     """The additive optimum ("exact"), refined by a short evolutionary search under the real
     fitness, which repairs interactions between units that the additive model misses."""
     start = exact(problem).choice
-    run = _evolve(problem, fitness, fidelities, survivors, generations, offspring, seed, start, max_evaluations)
+    run = _evolve(problem, fitness, fidelities, survivors, generations, offspring, seed, start, max_evaluations,
+                  checkpoint)
     best, value = (run.best, run.best_fitness) if run.best_fitness < run.start_fitness else (start, run.start_fitness)
     return Allocation.of(problem, best, "hybrid", run.evaluations, value)
 

@@ -17,7 +17,7 @@ from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, never_wors
 from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.plan import Plan
 from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
-from layerwise.util.files import check_writable_dir, write_text_atomic
+from layerwise.util.files import check_output, write_text_atomic
 from layerwise.util.meta import run_metadata
 
 DEFAULT_OPTIONS = "int2g64,int3g64,int4g64,int5g64,int6g64,int8g64"
@@ -61,11 +61,19 @@ def sensitivity_for(
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
         return found
     windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+    checkpoint = progress_file(table) if table is not None else None
     measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
-                                   progress=progress)
+                                   progress=progress, checkpoint=checkpoint)
     if table is not None:
         measured.save(table)
+        checkpoint.unlink(missing_ok=True)
     return measured
+
+
+def progress_file(output: str | Path) -> Path:
+    """Where a long run that writes `output` keeps its checkpoint: beside it, until it is done."""
+    output = Path(output)
+    return output.with_name(output.name + ".progress")
 
 
 @dataclass
@@ -92,6 +100,7 @@ def run_plan(
     offspring: int = 16,
     seed: int = 0,
     out: str | Path | None = None,
+    overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
     progress: bool = True,
@@ -109,7 +118,7 @@ def run_plan(
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
     if out is not None:
-        check_writable_dir(Path(out).parent)
+        check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     sensitivity = sensitivity_for(loaded, table=table, options=options, granularity=granularity, calib=calib,
                                   tokens=tokens, seed=seed, progress=progress)
@@ -125,6 +134,8 @@ def run_plan(
         if allocator in SEARCHING:
             settings = dict(fidelities=fitness, survivors=[max(1, offspring // 4), 1], generations=generations,
                             offspring=offspring, seed=seed)
+            if out is not None:
+                settings["checkpoint"] = progress_file(out)
         chosen = allocate(problem, allocator, **settings)
         checked = never_worse_than_uniform(problem, chosen, fitness.full)
         report = {
@@ -144,6 +155,7 @@ def run_plan(
         plan.save(out)
         write_text_atomic(Path(out).with_suffix(".report.json"),
                           json.dumps(run_metadata() | {"model": loaded.describe(), **report}, indent=1) + "\n")
+        progress_file(out).unlink(missing_ok=True)
     return PlanOutcome(plan, checked, sensitivity, report)
 
 
@@ -166,13 +178,14 @@ def run_pareto(
     budgets: Sequence[float] | None = None,
     allocator: str = "exact",
     out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Size against predicted KL (the table's additive model) for each budget, from one table."""
     if allocator in SEARCHING or allocator == "ordering":
         raise LayerwiseError(f"pareto uses the table alone; choose one of exact, greedy, uniform, not {allocator!r}")
     sensitivity = table if isinstance(table, SensitivityTable) else SensitivityTable.load(table)
     if out is not None:
-        check_writable_dir(out)
+        check_output(out, overwrite, directory=True)
     rows = []
     for bits in budgets or budgets_between(sensitivity):
         problem = sensitivity.problem(sensitivity.budget_bits(bits))

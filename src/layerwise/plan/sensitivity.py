@@ -103,9 +103,7 @@ class SensitivityTable:
                                  f"{self.model_fingerprint[:16]}...), not {loaded.source.display}")
 
     def to_dict(self) -> dict:
-        def rows(table: np.ndarray) -> list:
-            return [[None if not math.isfinite(v) else float(v) for v in row] for row in table]
-
+        rows = _table_rows
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "model_fingerprint": self.model_fingerprint, "granularity": self.granularity,
@@ -192,6 +190,34 @@ def _kl_from(model, adapter, base: _BaseRun, block: int, removed: str | None) ->
     return total / base.positions
 
 
+PROGRESS_SCHEMA = "layerwise.sensitivity-progress"
+
+
+def _table_rows(table: np.ndarray) -> list:
+    return [[None if not math.isfinite(v) else float(v) for v in row] for row in table]
+
+
+def _save_progress(path: str | Path, key: dict, done: int, cost: np.ndarray, kl: np.ndarray, skipped: dict,
+                   block_runs: float, seconds: float) -> None:
+    state = {"schema": PROGRESS_SCHEMA, "schema_version": 1, "key": key, "units_done": done,
+             "cost_bits": _table_rows(cost[:done]), "kl": _table_rows(kl[:done]), "skipped": skipped,
+             "block_runs": block_runs, "seconds": seconds}
+    write_text_atomic(path, json.dumps(state) + "\n")
+
+
+def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndarray,
+                      skipped: dict) -> tuple[int, float, float]:
+    state = read_artifact(path, PROGRESS_SCHEMA, 1, "sensitivity checkpoint")
+    if state.get("key") != json.loads(json.dumps(key)):
+        raise LayerwiseError(f"{path} is the checkpoint of another measurement (other model, text, options or "
+                             "granularity); delete it to start afresh")
+    done = int(state["units_done"])
+    cost[:done] = np.array(state["cost_bits"], dtype=np.float64).reshape(done, cost.shape[1])
+    kl[:done] = np.array(state["kl"], dtype=np.float64).reshape(done, kl.shape[1])
+    skipped.update(state["skipped"])
+    return done, float(state["block_runs"]), float(state["seconds"])
+
+
 def head_cost_in_blocks(loaded: LoadedModel) -> float:
     """The LM head's cost in units of one block's cost (by weights multiplied per token)."""
     head = loaded.model.get_submodule(loaded.adapter.lm_head).weight.numel()
@@ -208,11 +234,15 @@ def measure_sensitivity(
     *,
     batch_size: int = 4,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> SensitivityTable:
     """KL(base || model with only unit u quantized by option o) for every unit and option.
 
     The option "drop" removes the unit instead (block and sublayer granularity only): it costs
-    no bits, and its KL is the unit's ablation KL."""
+    no bits, and its KL is the unit's ablation KL. With `checkpoint` (a file path), the rows
+    measured so far are saved after every unit, and a run that finds the file resumes after the
+    last saved unit (one base pass is repeated); the result is the same as an uninterrupted run.
+    The caller deletes the checkpoint once the table is saved."""
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
     names = [option_name(config) for config in configs]
@@ -230,10 +260,17 @@ def measure_sensitivity(
     kl = np.full((len(units), len(configs)), np.nan)
     skipped: dict[str, str] = {}
     n_blocks, head = loaded.n_blocks, head_cost_in_blocks(loaded)
-    block_runs = 0.0
+    block_runs = earlier_seconds = 0.0
+    done = 0
+    key = {"model": loaded.fingerprint, "calibration": calibration.describe(), "options": names,
+           "granularity": granularity, "units": [unit.name for unit in units]}
+    if checkpoint is not None and Path(checkpoint).exists():
+        done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl, skipped)
     with progress_bars(progress) as bars:
-        task = bars.add_task("sensitivity", total=len(units) * len(configs))
+        task = bars.add_task("sensitivity", total=len(units) * len(configs), completed=done * len(configs))
         for u, unit in enumerate(units):
+            if u < done:
+                continue
             originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
             for o, config in enumerate(configs):
                 if config == DROP:
@@ -259,6 +296,9 @@ def measure_sensitivity(
                         set_linear_weight(modules[name], weight)
                 block_runs += (n_blocks - unit.block + head) * len(base.calls)
                 bars.advance(task)
+            if checkpoint is not None:
+                _save_progress(checkpoint, key, u + 1, cost, kl, skipped, block_runs,
+                               earlier_seconds + time.perf_counter() - started)
     batches = len(base.calls)
     forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
     other_bits = 8 * size_report(loaded, {})["total_bytes"] - 16 * sum(
@@ -267,7 +307,7 @@ def measure_sensitivity(
         loaded.fingerprint, granularity, units, names, cost, kl,
         np.array([sum(linear_weight(modules[n]).numel() for n in unit.modules) for unit in units]),
         int(other_bits), calibration.describe(),
-        {"seconds": time.perf_counter() - started, "forward_seconds": base.seconds,
+        {"seconds": earlier_seconds + time.perf_counter() - started, "forward_seconds": base.seconds,
          "forward_equivalents": forward_equivalents, "positions": base.positions},
         skipped, run_metadata() | {"model": loaded.describe()},
     )

@@ -20,7 +20,7 @@ from layerwise.profile.metrics import METRICS, Partials, combine
 from layerwise.profile.replay import UNIT_KINDS, blocks_run, logits_without
 from layerwise.profile.result import ProfileResult
 from layerwise.profile.weights import WEIGHT_METRICS
-from layerwise.util.files import check_writable_dir
+from layerwise.util.files import check_output
 from layerwise.util.meta import run_metadata
 from layerwise.util.progress import progress_bars
 
@@ -186,6 +186,7 @@ def run_profile(
     seq_len: int = 512,
     seed: int = 0,
     out: str | Path | None = None,
+    overwrite: bool = False,
     ablation: bool | Sequence[str] = False,
     batch_size: int = 2,
     lens_positions_per_window: int | None = None,
@@ -203,7 +204,7 @@ def run_profile(
     if tokens <= 0:
         raise LayerwiseError(f"--tokens must be a positive number, got {tokens}")
     if out is not None:
-        check_writable_dir(out)
+        check_output(out, overwrite, directory=True)
     if isinstance(model, LoadedModel):
         loaded = model
         windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)

@@ -11,7 +11,7 @@ from layerwise.models.loading import LoadedModel, load_model
 from layerwise.models.saving import save_plain
 from layerwise.prune.choose import DropChoice, choose_drops
 from layerwise.prune.depth import check_indices, delete_blocks_, silence_
-from layerwise.util.files import check_writable_dir
+from layerwise.util.files import check_output
 from layerwise.util.meta import run_metadata
 
 DROP_SCHEMA = "layerwise.drop"
@@ -29,6 +29,7 @@ def run_drop(
     seq_len: int = 512,
     seed: int = 0,
     out: str | Path | None = None,
+    overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
     progress: bool = True,
@@ -42,7 +43,7 @@ def run_drop(
     if (count is None) == (indices is None):
         raise LayerwiseError("give either a number of units to drop (--blocks/--attn/--mlp N) or --indices")
     if out is not None:
-        check_writable_dir(Path(out).parent)
+        check_output(out, overwrite, directory=True)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     if indices is not None:
         order = check_indices(list(indices), loaded.n_blocks)

@@ -11,7 +11,7 @@ from layerwise.quant.apply import plan_dropped, plan_targets, quantize_
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
-from layerwise.util.files import check_writable_dir
+from layerwise.util.files import check_output
 from layerwise.util.meta import run_metadata
 
 
@@ -24,6 +24,7 @@ def run_quantize(
     seq_len: int = 512,
     seed: int = 0,
     out: str | Path | None = None,
+    overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
     progress: bool = True,
@@ -31,7 +32,7 @@ def run_quantize(
     """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
     stored form of each module and the size report; with `out`, writes them there."""
     if out is not None:
-        check_writable_dir(out)
+        check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)

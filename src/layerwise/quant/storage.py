@@ -37,7 +37,7 @@ def save_quantized(out_dir: str | Path, plan: Plan, quantized: dict[str, QTensor
                 tensors[f"{name}.{key}"] = value.contiguous().cpu()
         if q.channel_scale is not None:
             tensors[f"{name}.channel_scale"] = q.channel_scale.contiguous().cpu()
-    with atomic_path(out_dir / "qweights.safetensors") as tmp:
+    with atomic_path(out_dir / "qweights.safetensors", named=True) as tmp:
         save_file(tensors, str(tmp))
     document = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": meta, "modules": modules}
     return [

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class _Silent:
-    def add_task(self, description: str, total: float) -> int:
+    def add_task(self, description: str, total: float, **fields) -> int:
         return 0
 
     def advance(self, task: int, advance: float = 1) -> None:
