@@ -227,6 +227,13 @@ def _cmd_export(args: argparse.Namespace) -> None:
             print(f"wrote the equivalent llama-quantize arguments to {args.llama_quantize_args}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from layerwise.report.run import run_report
+
+    path = run_report(args.run_dir, args.out, title=args.title, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes, self-contained)")
+
+
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
@@ -388,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_export)
+
+    p = commands.add_parser("report", help="one self-contained HTML page of every result in a run directory")
+    p.add_argument("run_dir", help="a directory holding layerwise outputs (profile, sensitivity table, plan, ...)")
+    p.add_argument("--out", required=True, help="the .html file to write")
+    p.add_argument("--title", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.set_defaults(run=_cmd_report)
 
     p = commands.add_parser("list", help="what is registered")
     p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators"])

@@ -12,7 +12,7 @@ from layerwise.models.loading import load_model
 from layerwise.plan.plan import Plan
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import apply_quantized, load_quantized
-from layerwise.util.meta import sha256_text
+from layerwise.util.meta import run_metadata, sha256_text
 
 
 def run_eval(
@@ -48,7 +48,8 @@ def run_eval(
     if calibration.get("text_sha256") == windows.text_sha256:
         raise LayerwiseError(f"{data} is the text this model was calibrated on; evaluate on held-out text")
     base = base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
-    report = {"model": loaded.describe(), "data": windows.describe(), "base": base.quality.to_dict()}
+    report = {"meta": run_metadata(), "model": loaded.describe(), "data": windows.describe(),
+              "base": base.quality.to_dict()}
     # The base's outputs are cached, so the same model object is quantized in place: no copy.
     if stored is not None:
         apply_quantized(loaded, document, stored)

@@ -197,7 +197,10 @@ def run_pareto(
                      "predicted_kl": allocation.total_loss,
                      "options_used": {name: labels.count(name) for name in sensitivity.options if name in labels}})
     if out is not None:
-        write_text_atomic(Path(out) / "pareto.json", json.dumps({"allocator": allocator, "rows": rows}, indent=1) + "\n")
+        document = {"schema": "layerwise.pareto", "schema_version": 1,
+                    "meta": run_metadata() | {"table": str(table) if not isinstance(table, SensitivityTable) else None},
+                    "allocator": allocator, "rows": rows}
+        write_text_atomic(Path(out) / "pareto.json", json.dumps(document, indent=1) + "\n")
         from layerwise.report.plots import pareto_plot, sensitivity_heatmap
 
         pareto_plot(rows, sensitivity, Path(out) / "pareto.png")

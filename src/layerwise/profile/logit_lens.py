@@ -49,6 +49,7 @@ def lens_partials(
     sampled positions ([batch, positions, hidden] each). Blocks are decoded together in chunks:
     one large LM-head product is much faster than one per block."""
     vocab = final.probs.shape[-1]
+    batch = final.top1.shape[0]
     rows_per_block = final.top1.numel()
     blocks_per_chunk = max(1, _MAX_LOGIT_ELEMENTS // (rows_per_block * vocab))
     target = Reference(final.probs.reshape(1, rows_per_block, vocab), final.neg_entropy.reshape(1, -1),
@@ -60,6 +61,10 @@ def lens_partials(
         kl = kl_per_token(target, lens_logits).double()
         agree = top1_agreement(target, lens_logits).double()
         for block_kl, block_agree in zip(kl, agree):
+            # Sums per sampled position as well (over the batch), for the depth x position heat map.
+            by_position = block_kl.reshape(batch, -1).sum(dim=0).cpu().numpy()
             partials.append({"kl_total": block_kl.sum().item(), "top1_total": block_agree.sum().item(),
-                             "count": float(rows_per_block)})
+                             "count": float(rows_per_block), "kl_by_position": by_position,
+                             "top1_by_position": block_agree.reshape(batch, -1).sum(dim=0).cpu().numpy(),
+                             "windows": float(batch)})
     return partials

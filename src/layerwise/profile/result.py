@@ -27,12 +27,14 @@ TERMINAL_COLUMNS = (
 
 @dataclass
 class ProfileResult:
-    """Per-block rows (`blocks`), per-linear rows (`linears`), what each column means, and metadata."""
+    """Per-block rows (`blocks`), per-linear rows (`linears`), what each column means, metadata,
+    and the logit lens by block and sampled position (`logit_lens`: positions, kl and top1 grids)."""
 
     meta: dict
     blocks: list[dict]
     linears: list[dict]
     columns: dict[str, str] = field(default_factory=dict)
+    logit_lens: dict = field(default_factory=dict)
 
     def column(self, name: str) -> list[float]:
         """One statistic for every block, in block order."""
@@ -43,7 +45,8 @@ class ProfileResult:
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": self.meta,
-                "columns": self.columns, "blocks": self.blocks, "linears": self.linears}
+                "columns": self.columns, "blocks": self.blocks, "linears": self.linears,
+                "logit_lens": self.logit_lens}
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """profile.json, blocks.csv and linears.csv in `out_dir`, each written atomically."""
@@ -61,7 +64,7 @@ class ProfileResult:
         if path.is_dir():
             path = path / "profile.json"
         data = read_artifact(path, SCHEMA, SCHEMA_VERSION, "profile")
-        return cls(data["meta"], data["blocks"], data["linears"], data.get("columns", {}))
+        return cls(data["meta"], data["blocks"], data["linears"], data.get("columns", {}), data.get("logit_lens", {}))
 
     def table(self) -> Table:
         present = [(key, title) for key, title in TERMINAL_COLUMNS if self.blocks and key in self.blocks[0]]

@@ -153,6 +153,11 @@ def profile_model(
             row[f"ablation_kl_{kind}"] = partial["total"] / partial["count"]
         rows.append(row)
 
+    lens_grid = {
+        "positions": positions.tolist(),
+        "kl": [(acc.lens[i]["kl_by_position"] / acc.lens[i]["windows"]).tolist() for i in range(n_blocks)],
+        "top1": [(acc.lens[i]["top1_by_position"] / acc.lens[i]["windows"]).tolist() for i in range(n_blocks)],
+    }
     meta = run_metadata() | {
         "model": loaded.describe(),
         "data": windows.describe(),
@@ -161,7 +166,7 @@ def profile_model(
         "timings": timings,
         "ablation_cost_forward_equivalents": blocks_evaluated / n_blocks,
     }
-    return ProfileResult(meta, rows, linear_rows, column_descriptions(kinds, weights))
+    return ProfileResult(meta, rows, linear_rows, column_descriptions(kinds, weights), lens_grid)
 
 
 def column_descriptions(kinds: Sequence[str] = UNIT_KINDS, weights: bool = True) -> dict[str, str]:

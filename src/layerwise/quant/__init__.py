@@ -1,23 +1,32 @@
-"""Quantizers (pure tensor math) and applying a plan to a model."""
+"""Quantizers (pure tensor math) and applying a plan to a model.
+
+Names are imported on first use: `layerwise.quant.config` (what a plan stores) must stay
+importable without torch, for the torch-free report and allocators.
+"""
 from __future__ import annotations
 
-from layerwise.quant.apply import plan_targets, quantize_
-from layerwise.quant.config import QuantConfig
-from layerwise.quant.formats import FORMATS, Format, get_format, register_format
-from layerwise.quant.gptq import gptq_quantize
-from layerwise.quant.qtensor import QTensor, bits_per_weight
-from layerwise.quant.rtn import quantize_weight
+import importlib
 
-__all__ = [
-    "FORMATS",
-    "Format",
-    "QTensor",
-    "QuantConfig",
-    "bits_per_weight",
-    "get_format",
-    "gptq_quantize",
-    "plan_targets",
-    "quantize_",
-    "quantize_weight",
-    "register_format",
-]
+_LAZY = {
+    "plan_targets": "layerwise.quant.apply",
+    "quantize_": "layerwise.quant.apply",
+    "QuantConfig": "layerwise.quant.config",
+    "FORMATS": "layerwise.quant.formats",
+    "Format": "layerwise.quant.formats",
+    "get_format": "layerwise.quant.formats",
+    "register_format": "layerwise.quant.formats",
+    "gptq_quantize": "layerwise.quant.gptq",
+    "QTensor": "layerwise.quant.qtensor",
+    "bits_per_weight": "layerwise.quant.qtensor",
+    "quantize_weight": "layerwise.quant.rtn",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'layerwise.quant' has no attribute {name!r}")
