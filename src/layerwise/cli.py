@@ -56,12 +56,20 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from layerwise.quant.config import QuantConfig
     from layerwise.quant.run import run_quantize
 
+    remainder = "fallback" if args.k_fallback else "tail" if args.allow_tail else "error"
     plan = args.plan or Plan(QuantConfig(args.format, args.bits, args.group_size, not args.asym, args.method,
-                                         "tail" if args.allow_tail else "error"))
+                                         remainder))
     loaded, quantized, sizes = run_quantize(args.model, plan, calib=args.calib, tokens=args.tokens, seed=args.seed,
                                             out=args.out, overwrite=args.overwrite, dtype=args.dtype,
                                             device=args.device, progress=not args.quiet)
     _print_sizes(sizes)
+    from layerwise.quant.apply import plan_fallbacks
+
+    fallbacks = plan_fallbacks(loaded, plan if isinstance(plan, Plan) else Plan.load(plan))
+    if fallbacks:
+        used = sorted(set(fallbacks.values()))
+        print(f"{len(fallbacks)} modules took llama.cpp's fallback type ({', '.join(used)}): their rows are not "
+              "a multiple of 256")
     if args.out:
         print(f"wrote {args.out}/quant.json, plan.json, qweights.safetensors")
 
@@ -217,6 +225,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
                         calib=args.calib, tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
                         progress=not args.quiet)
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes")
+    if report.get("fallbacks"):
+        print(f"{len(report['fallbacks'])} tensors took llama.cpp's fallback type "
+              f"({', '.join(sorted(set(report['fallbacks'].values())))}): their rows are not a multiple of 256")
     if "bytes_by_type" in report:
         print("tensors by type: " + ", ".join(f"{name} {count}" for name, count in report["tensors_by_type"].items()))
         predicted = (report["predicted_sizes"] or {}).get("linear_bytes")
@@ -297,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'none' for one per row")
     p.add_argument("--asym", action="store_true", help="int only: min/max grid with a zero point")
     p.add_argument("--allow-tail", action="store_true", help="allow a shorter last group when the group size does not divide a row")
+    p.add_argument("--k-fallback", action="store_true",
+                   help="GGUF K-quants on rows that are not a multiple of 256: use llama.cpp's fallback type "
+                        "(q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), as llama-quantize does")
     p.add_argument("--plan", default=None, help="a plan.json instead of the uniform options above")
     p.add_argument("--calib", default=None, help="calibration text (needed by gptq and awq)")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")

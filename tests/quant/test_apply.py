@@ -100,3 +100,22 @@ def _linears(loaded):
     from layerwise.models.layout import block_linears
 
     return [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
+
+
+def test_k_quants_fall_back_as_llama_cpp_does_where_rows_do_not_fit(stories):
+    from layerwise.quant.apply import plan_fallbacks, plan_targets
+
+    # stories260K's rows are 64 wide (172 for down_proj, which no GGUF block fits: kept at int8).
+    fitting = "re:.*(self_attn|gate_proj|up_proj).*"
+    asked = Plan(QuantConfig("int", 8, None)).override(fitting, QuantConfig("q4_k", remainder="fallback"))
+    with pytest.raises(LayerwiseError, match="needs rows that are a multiple of 256"):
+        quantized_copy(stories, Plan(QuantConfig("int", 8, None)).override(fitting, QuantConfig("q4_k")))
+    assert {config.format for config in plan_targets(stories, asked).values()} == {"q5_0", "int"}
+    fallbacks = plan_fallbacks(stories, asked)
+    assert len(fallbacks) == 30 and set(fallbacks.values()) == {"q4_k -> q5_0"}
+    fell_back, _ = quantized_copy(stories, asked)
+    direct, _ = quantized_copy(stories, Plan(QuantConfig("int", 8, None)).override(fitting, QuantConfig("q5_0")))
+    for (name, a), b in zip(fell_back.model.named_parameters(), direct.model.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(LayerwiseError, match="iq4_nl, is not implemented"):
+        plan_targets(stories, Plan(QuantConfig("q3_k", remainder="fallback")))

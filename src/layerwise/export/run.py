@@ -70,4 +70,7 @@ def run_export(
         save_plain(loaded, out, {"plan.json": json.dumps(plan.to_dict(), indent=1) + "\n"})
         report = {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir())}
     report["predicted_sizes"] = sizes
+    from layerwise.quant.apply import plan_fallbacks
+
+    report["fallbacks"] = plan_fallbacks(loaded, plan)
     return report

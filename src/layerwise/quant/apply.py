@@ -39,11 +39,25 @@ def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
     others = [loaded.adapter.embed, loaded.adapter.lm_head]
     dropped = set(plan_dropped(loaded, plan))
     targets = {name: config for name, config in plan.resolve(linears, others).items() if name not in dropped}
+    for name, config in targets.items():
+        if config.remainder == "fallback":
+            targets[name] = config.for_columns(linear_weight(loaded.model.get_submodule(name)).shape[1])
     for name in others:
         if name in targets and targets[name].algorithm != "rtn":
             raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the blocks, "
                                  f"not {targets[name].algorithm!r}")
     return targets
+
+
+def plan_fallbacks(loaded: LoadedModel, plan: Plan) -> dict[str, str]:
+    """Module -> "asked -> used" for every K-quant the plan asks for on rows it does not fit
+    (remainder="fallback"), as llama.cpp would write it."""
+    linears = [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
+    others = [loaded.adapter.embed, loaded.adapter.lm_head]
+    asked = plan.resolve(linears, others)
+    used = plan_targets(loaded, plan)
+    return {name: f"{asked[name].format} -> {config.format}" for name, config in used.items()
+            if config.format != asked[name].format}
 
 
 def plan_dropped(loaded: LoadedModel, plan: Plan) -> list[str]:

@@ -6,7 +6,12 @@ from dataclasses import asdict, dataclass, replace
 from layerwise.errors import LayerwiseError
 
 ALGORITHMS = ("rtn", "gptq", "awq")
-REMAINDERS = ("error", "tail")
+REMAINDERS = ("error", "tail", "fallback")
+
+# What llama.cpp's llama-quantize writes instead of a K-quant when a row is not a multiple of 256
+# weights (llama-quant.cpp, `convert_incompatible_tensor`). Q2_K and Q3_K fall back to IQ4_NL,
+# which layerwise does not implement.
+K_QUANT_FALLBACKS = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "iq4_nl", "q3_k": "iq4_nl"}
 
 
 @dataclass(frozen=True)
@@ -20,7 +25,9 @@ class QuantConfig:
     symmetric: "int" only: a signed grid with no zero point (True) or min/max with a zero point.
     algorithm: how codes are chosen: "rtn" (round to nearest), "gptq" (error feedback through
         the calibration Hessian), "awq" (activation-aware channel scaling, then rounding).
-    remainder: when group_size does not divide a row: "error", or "tail" (a shorter last group).
+    remainder: when group_size does not divide a row: "error", "tail" (a shorter last group), or
+        "fallback" (GGUF K-quants: the type llama.cpp's llama-quantize falls back to, see
+        `K_QUANT_FALLBACKS`).
     """
 
     format: str = "int"
@@ -51,6 +58,22 @@ class QuantConfig:
             raise LayerwiseError(f"format {self.format!r} supports only algorithm 'rtn', not {self.algorithm!r}")
         if self.remainder not in REMAINDERS:
             raise LayerwiseError(f"unknown remainder {self.remainder!r}; choose from {', '.join(REMAINDERS)}")
+
+    def for_columns(self, columns: int) -> "QuantConfig":
+        """The config that really applies to rows of `columns` weights: itself, or with
+        remainder="fallback", llama.cpp's fallback type for a K-quant the rows do not fit."""
+        if self.remainder != "fallback" or self.format not in K_QUANT_FALLBACKS or columns % 256 == 0:
+            return self
+        fallback = K_QUANT_FALLBACKS[self.format]
+        from layerwise.quant.formats import FORMATS, get_format
+
+        try:
+            get_format(fallback)
+        except LayerwiseError:
+            raise LayerwiseError(f"{self.format} does not fit rows of {columns} weights, and llama.cpp's fallback "
+                                 f"for it, {fallback}, is not implemented in layerwise; choose q4_k, q5_k or q6_k "
+                                 f"(fallbacks q5_0, q5_1, q8_0) or a legacy type ({', '.join(sorted(f for f in FORMATS if f.startswith('q') and not f.endswith('_k')))})") from None
+        return QuantConfig(fallback, algorithm=self.algorithm)
 
     def replace(self, **changes) -> "QuantConfig":
         return replace(self, **changes)

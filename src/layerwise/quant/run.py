@@ -7,7 +7,7 @@ from layerwise.data.windows import token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
-from layerwise.quant.apply import plan_dropped, plan_targets, quantize_
+from layerwise.quant.apply import plan_dropped, plan_fallbacks, plan_targets, quantize_
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
@@ -52,7 +52,8 @@ def run_quantize(
     quantized = quantize_(loaded, plan, windows, progress=progress)
     sizes = size_report(loaded, quantized, dropped)
     meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
-                             "sizes": sizes, "drop": list(plan.drop), "dropped_modules": dropped}
+                             "sizes": sizes, "drop": list(plan.drop), "dropped_modules": dropped,
+                             "fallbacks": plan_fallbacks(loaded, plan)}
     if out is not None:
         save_quantized(out, plan, quantized, meta)
     return loaded, quantized, sizes
