@@ -398,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")
     _add_model_options(p)
-    p.add_argument("--format", default="gguf", choices=["gguf", "hf"])
+    p.add_argument("--format", default="gguf", choices=["gguf", "hf", "compressed-tensors"],
+                   help="gguf (a type per tensor), hf (dequantized, loads anywhere) or compressed-tensors "
+                        "(packed int codes; transformers and vLLM load it)")
     p.add_argument("--plan", default=None, help="a plan.json (quantized now)")
     p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
     p.add_argument("--calib", default=None, help="calibration text for gptq/awq plans")

@@ -10,7 +10,7 @@ from layerwise.models.loading import load_model, resolve_source
 from layerwise.plan.plan import Plan
 from layerwise.util.files import check_output
 
-EXPORT_FORMATS = ("gguf", "hf")
+EXPORT_FORMATS = ("gguf", "hf", "compressed-tensors")
 
 
 def run_export(
@@ -28,20 +28,21 @@ def run_export(
 ) -> dict:
     """"gguf": one GGUF file with the plan's type per tensor (the plan must use GGUF types).
     "hf": a plain Hugging Face folder holding the dequantized weights, loadable anywhere, with
-    plan.json beside them."""
+    plan.json beside them. "compressed-tensors": a packed folder (int codes packed into int32,
+    fp16 scales, bits and group size per module) that transformers and vLLM load."""
     if format not in EXPORT_FORMATS:
         raise LayerwiseError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if (plan is None) == (quantized is None):
         raise LayerwiseError("give either --plan or --quantized")
     out = Path(out)
-    check_output(out, overwrite, directory=format == "hf")
+    check_output(out, overwrite, directory=format != "gguf")
     if format == "gguf":
         from layerwise.export.gguf import require_gguf_source
 
         require_gguf_source(resolve_source(model))  # before any quantization work
-    if out.exists() and (out.is_dir() != (format == "hf")):
+    if out.exists() and (out.is_dir() != (format != "gguf")):
         raise LayerwiseError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
-                             f"{format} export writes a {'folder' if format == 'hf' else 'file'}")
+                             f"{format} export writes a {'file' if format == 'gguf' else 'folder'}")
     if quantized is not None:
         from layerwise.quant.storage import apply_quantized, load_quantized
 
@@ -56,6 +57,11 @@ def run_export(
 
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         loaded = load_model(model, dtype=dtype)
+        if format == "compressed-tensors":
+            from layerwise.export.compressed import check_plan_representable
+            from layerwise.quant.apply import plan_targets
+
+            check_plan_representable(plan_targets(loaded, plan))  # before any quantization work
         loaded, stored, sizes = run_quantize(loaded, plan, calib=calib, tokens=tokens, progress=progress)
         from layerwise.quant.apply import plan_dropped
 
@@ -64,6 +70,10 @@ def run_export(
         from layerwise.export.gguf import export_gguf
 
         report = export_gguf(loaded, stored, out, dropped)
+    elif format == "compressed-tensors":
+        from layerwise.export.compressed import export_compressed_tensors
+
+        report = export_compressed_tensors(loaded, stored, out)
     else:
         from layerwise.models.saving import save_plain
 
