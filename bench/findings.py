@@ -39,7 +39,7 @@ from layerwise.plan.sensitivity import measure_sensitivity  # noqa: E402
 from layerwise.profile import profile_model  # noqa: E402
 from layerwise.prune import silence_  # noqa: E402
 from layerwise.prune.depth import out_projections  # noqa: E402
-from layerwise.report.figures import _pyplot, readability_problems  # noqa: E402
+from layerwise.report.figures import pyplot, readability_problems  # noqa: E402
 from layerwise.report.plots import save_figure  # noqa: E402
 from layerwise.report.run import metric_ranking  # noqa: E402
 
@@ -207,7 +207,7 @@ def _save(figure, name: str) -> None:
 
 
 def draw(results: dict, n_blocks: int) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     depth = np.arange(n_blocks)
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)

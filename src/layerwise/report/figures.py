@@ -29,7 +29,7 @@ PROFILE_PANELS = (
 )
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,8 +64,8 @@ def readability_problems(figure) -> list[str]:
 
 def profile_figure(blocks: Sequence[Mapping], linears: Sequence[Mapping] = ()) -> "object":
     """Every per-block statistic against depth, related ones in one panel."""
-    plt = _pyplot()
-    columns = _block_columns(blocks, linears)
+    plt = pyplot()
+    columns = block_columns(blocks, linears)
     panels = [(title, [c for c in names if c in columns], ylabel, log)
               for title, names, ylabel, log in PROFILE_PANELS if any(c in columns for c in names)]
     grouped = {c for _, names, _, _ in panels for c in names}
@@ -92,7 +92,7 @@ def profile_figure(blocks: Sequence[Mapping], linears: Sequence[Mapping] = ()) -
     return figure
 
 
-def _block_columns(blocks: Sequence[Mapping], linears: Sequence[Mapping]) -> dict[str, list[float]]:
+def block_columns(blocks: Sequence[Mapping], linears: Sequence[Mapping]) -> dict[str, list[float]]:
     """Per-block columns; per-linear weight statistics become the mean over the block's linears."""
     columns = {key: [_number(row.get(key)) for row in blocks] for key in blocks[0] if key != "block"}
     for key in ("weight_kurtosis", "effective_rank"):
@@ -108,7 +108,7 @@ def _number(value) -> float:
 
 def logit_lens_figure(positions: Sequence[int], kl: Sequence[Sequence[float]]) -> "object":
     """KL(final || logit lens) by block and position in the window (log colour scale)."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.array(kl, dtype=float)
     figure, axes = plt.subplots(figsize=(10, max(3.0, 0.18 * len(grid) + 1.5)), dpi=100)
     image = axes.imshow(np.log10(np.maximum(grid, 1e-6)), aspect="auto", cmap="viridis_r", interpolation="nearest",
@@ -125,7 +125,7 @@ def logit_lens_figure(positions: Sequence[int], kl: Sequence[Sequence[float]]) -
 
 def sensitivity_figure(unit_names: Sequence[str], options: Sequence[str], kl) -> "object":
     """log10 KL of every unit (rows, in depth order) under every option (columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     kl = np.array(kl, dtype=float)
     values = np.log10(np.where(np.isfinite(kl) & (kl > 0), kl, np.nan))
     height = max(4.0, 0.12 * len(unit_names) + 1.5)
@@ -147,7 +147,7 @@ def pareto_figure(kl_series: Mapping[str, Sequence[tuple[float, float]]],
                   perplexity_series: Mapping[str, Sequence[tuple[float, float]]] | None = None,
                   xlabel: str = "bits per weight of the block linears (scales counted)") -> "object":
     """Size against KL (log) and, where measured, against perplexity; one series per method."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = 2 if perplexity_series else 1
     figure, grid = plt.subplots(1, panels, figsize=(7 * panels, 4.5), dpi=100, squeeze=False)
     styles = ["o-", "s--", "^-.", "v:", "D-", "P--", "X-.", "*:", "h-", "<--"]
@@ -170,7 +170,7 @@ def pareto_figure(kl_series: Mapping[str, Sequence[tuple[float, float]]],
 
 def plan_bits_figure(unit_names: Sequence[str], bits: Sequence[float], labels: Sequence[str]) -> "object":
     """Bits per weight of every unit under a plan, coloured by the option it takes."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(max(8.0, 0.16 * len(unit_names) + 2), 4.0), dpi=100)
     options = list(dict.fromkeys(labels))
     colours = plt.get_cmap("tab10")

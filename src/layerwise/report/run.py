@@ -16,6 +16,7 @@ import numpy as np
 
 from layerwise.errors import LayerwiseError
 from layerwise.report.figures import (
+    block_columns,
     logit_lens_figure,
     pareto_figure,
     plan_bits_figure,
@@ -272,8 +273,6 @@ def metric_ranking(profile: dict, table: dict) -> tuple[list[str], list[list[str
     sensitivity (its units' KL summed) under each option; best predictors first by mean |rho|."""
     from scipy.stats import spearmanr
 
-    from layerwise.report.figures import _block_columns
-
     blocks = profile["blocks"]
     units, options, _, kl, _ = _table_arrays(table)
     block_of = [unit["block"] for unit in table["units"]]
@@ -282,7 +281,7 @@ def metric_ranking(profile: dict, table: dict) -> tuple[list[str], list[list[str
     sensitivity = {o: np.array([kl[[u for u, b in enumerate(block_of) if b == block], o].sum()
                                 for block in range(n_blocks)]) for o in quantizers}
     rows = []
-    for name, values in _block_columns(blocks, profile.get("linears", [])).items():
+    for name, values in block_columns(blocks, profile.get("linears", [])).items():
         values = np.array(values, dtype=float)
         if not np.isfinite(values).all() or np.ptp(values) == 0:
             continue

@@ -1,0 +1,174 @@
+"""Our mixed-precision GGUF of SmolLM2 against llama.cpp's own tools, measured by llama.cpp.
+
+    python bench/export.py --llama-cpp /path/to/llama.cpp/build/bin [--chunks 20] [--budget 5.0]
+
+llama.cpp is not a dependency: build its `llama-quantize` and `llama-perplexity` (for example from
+the sources vendored in the llama-cpp-python sdist; bench/README.md says how) and point
+--llama-cpp at them. Steps, all from one base:
+
+1. The base: the shared Q4_1 GGUF written as F16 by `llama-quantize --allow-requantize`.
+2. llama.cpp's stock mixes Q4_0, Q4_1, Q5_0, Q8_0 of that base, by `llama-quantize`.
+3. Our plan: a sensitivity table over q4_0/q4_1/q5_0/q5_1/q8_0 per sublayer (WikiText-2 valid),
+   the exact allocator at --budget bits per weight (5.0 = uniform Q4_1), token embeddings at q8_0
+   like llama.cpp's mixes; written by `layerwise export` from the F16 base. Its write time is
+   compared with gguf-py's GGUFWriter writing the same tensors.
+4. Perplexity of every file by `llama-perplexity` on wiki.test.raw (512-token chunks, the second
+   half of each scored), and of our plan by our own evaluation under the same protocol.
+
+Writes bench/results/export.json.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2, write_results  # noqa: E402
+
+from layerwise import load_model, token_windows  # noqa: E402
+from layerwise.export.gguf import export_gguf  # noqa: E402
+from layerwise.plan import allocate  # noqa: E402
+from layerwise.plan.run import plan_from_choice  # noqa: E402
+from layerwise.plan.sensitivity import measure_sensitivity  # noqa: E402
+from layerwise.quant import QuantConfig  # noqa: E402
+from layerwise.quant.run import run_quantize  # noqa: E402
+
+OPTIONS = "q4_0,q4_1,q5_0,q5_1,q8_0"
+STOCK = ("Q4_0", "Q4_1", "Q5_0", "Q8_0")
+
+
+def run(command: list[str]) -> tuple[str, float]:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr, time.perf_counter() - start
+
+
+def llama_perplexity(binary: Path, model: Path, chunks: int) -> float:
+    output, _ = run([str(binary / "llama-perplexity"), "-m", str(model), "-f", str(EVALUATION_TEXT), "-c", "512",
+                     "-b", "512", "--chunks", str(chunks), "-t", "2"])
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
+    if not match:
+        raise SystemExit(f"no perplexity in llama-perplexity's output:\n{output[-2000:]}")
+    return float(match.group(1))
+
+
+@torch.no_grad()
+def our_perplexity_llama_protocol(loaded, chunks: int, n_ctx: int = 512) -> float:
+    """llama-perplexity's protocol: the whole file tokenized with BOS, cut into n_ctx chunks, each
+    chunk's first token replaced by BOS, and only the second half of each chunk scored."""
+    text = EVALUATION_TEXT.read_text(encoding="utf-8")
+    tokens = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = loaded.tokenizer.bos_token_id
+    if bos is not None:
+        tokens = [bos] + tokens
+    first = n_ctx // 2
+    nll, count = 0.0, 0
+    for chunk in range(min(chunks, len(tokens) // n_ctx)):
+        ids = list(tokens[chunk * n_ctx:(chunk + 1) * n_ctx])
+        if bos is not None:
+            ids[0] = bos
+        logits = loaded.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].double()
+        logprobs = torch.log_softmax(logits[first:n_ctx - 1], dim=-1)
+        targets = torch.tensor(ids[first + 1:n_ctx])
+        nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        count += len(targets)
+    return math.exp(nll / count)
+
+
+def gguf_py_write_seconds(path: Path, out: Path) -> float:
+    """gguf-py's own writer, writing the tensors and metadata of `path` again."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    start = time.perf_counter()
+    writer = gguf.GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp", required=True, help="folder with llama-quantize and llama-perplexity")
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=5.0, help="bits per weight of the block linears")
+    parser.add_argument("--table-tokens", type=int, default=1024)
+    args = parser.parse_args()
+    binary = Path(args.llama_cpp)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as scratch:
+        scratch = Path(scratch)
+        base = scratch / "smollm2-f16.gguf"
+        run([str(binary / "llama-quantize"), "--allow-requantize", str(SMOLLM2), str(base), "F16"])
+        for stock in STOCK:
+            path = scratch / f"stock-{stock}.gguf"
+            _, seconds = run([str(binary / "llama-quantize"), str(base), str(path), stock])
+            rows.append({"name": f"llama.cpp {stock}", "path": path, "file_bytes": path.stat().st_size,
+                         "quantize_seconds": seconds})
+
+        loaded = load_model(base)
+        windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=args.table_tokens, seed=0)
+        table = measure_sensitivity(loaded, windows, OPTIONS, "sublayer")
+        problem = table.problem(table.budget_bits(args.budget))
+        choice = allocate(problem, "exact").choice
+        plan = plan_from_choice(table, choice).override(loaded.adapter.embed, QuantConfig("q8_0"))
+        used = {label: list(allocate(problem, "exact").labels(problem)).count(label) for label in table.options}
+        ours = scratch / "layerwise.gguf"
+        quantized, stored, sizes = run_quantize(load_model(base), plan, progress=False)
+        start = time.perf_counter()
+        report = export_gguf(quantized, stored, ours)
+        export_seconds = time.perf_counter() - start
+        writer_seconds = gguf_py_write_seconds(ours, scratch / "rewritten.gguf")
+        rows.append({"name": f"layerwise exact plan at {args.budget} bpw", "path": ours,
+                     "file_bytes": report["file_bytes"], "options_used": used,
+                     "planned_tensor_bytes": report["planned_tensor_bytes"],
+                     "predicted_tensor_bytes": sizes["linear_bytes"] + sizes["embeddings_and_head_bytes"],
+                     "export_write_seconds": export_seconds, "gguf_py_write_seconds": writer_seconds})
+        rows.append({"name": "F16 base", "path": base, "file_bytes": base.stat().st_size})
+
+        for row in rows:
+            row["llama_perplexity"] = llama_perplexity(binary, row.pop("path"), args.chunks)
+            print(f"{row['name']:40s} {row['file_bytes']:>12,} bytes  llama.cpp PPL {row['llama_perplexity']:.3f}",
+                  flush=True)
+        ours_row = next(r for r in rows if r["name"].startswith("layerwise"))
+        ours_row["our_perplexity_same_protocol"] = our_perplexity_llama_protocol(quantized, args.chunks)
+        base_row = rows[-1]
+        base_row["our_perplexity_same_protocol"] = our_perplexity_llama_protocol(load_model(base), args.chunks)
+
+    write_results("export", {"model": str(SMOLLM2), "chunks": args.chunks, "budget": args.budget, "rows": rows})
+    print("\n| file | bytes | llama.cpp perplexity | layerwise perplexity (same protocol) |")
+    print("| --- | ---: | ---: | ---: |")
+    for row in rows:
+        ours_ppl = row.get("our_perplexity_same_protocol")
+        print(f"| {row['name']} | {row['file_bytes']:,} | {row['llama_perplexity']:.3f} | "
+              f"{'' if ours_ppl is None else f'{ours_ppl:.3f}'} |")
+    print(f"\nplanned tensors: {ours_row['planned_tensor_bytes']:,} bytes written, {ours_row['predicted_tensor_bytes']:,} "
+          f"predicted; writing the GGUF {ours_row['export_write_seconds']:.1f} s, gguf-py's writer alone on the same "
+          f"tensors {ours_row['gguf_py_write_seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
