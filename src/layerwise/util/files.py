@@ -70,7 +70,10 @@ def remove_stale_temporaries(target: str | Path) -> list[Path]:
     for leftover in target.parent.glob(f".{glob.escape(target.name)}.*-*.tmp"):
         match = re.fullmatch(rf"\.{re.escape(target.name)}\.(\d+)-[0-9a-f]+\.tmp", leftover.name)
         if match and not _process_alive(int(match.group(1))):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
             removed.append(leftover)
     return removed
 
