@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -26,5 +27,7 @@ def machine() -> dict:
 
 def write_results(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
-    write_text_atomic(path, json.dumps(payload | {"machine": machine()}, indent=1) + "\n")
+    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                    and Path(sys.argv[0]).is_relative_to(ROOT) else sys.argv[0], *sys.argv[1:]])
+    write_text_atomic(path, json.dumps({"command": command} | payload | {"machine": machine()}, indent=1) + "\n")
     return path

@@ -204,7 +204,7 @@ def _pareto_section(found: RunArtifacts) -> Section:
             kl_series.setdefault(name, []).append((row["bits_per_weight"], row["kl"]))
             if row.get("perplexity") is not None:
                 perplexity_series.setdefault(name, []).append((row["bits_per_weight"], row["perplexity"]))
-        section.provenance.append(f"measured series: {path} ({_command(bench.get('meta')).removeprefix('made by: ')})")
+        section.provenance.append(f"measured series: {path}; {_command(bench.get('meta') or bench)}")
     if found.table is not None:
         kl_series |= _predicted_curves(found.table[1], found.profile[1] if found.profile else None)
         section.provenance.append(f"predicted series: the additive model of {found.table[0]}")
@@ -227,7 +227,7 @@ def _pareto_section(found: RunArtifacts) -> Section:
     section.intro = ("Predicted series add up the table's single-unit KLs; measured series come from evaluating "
                      "the quantized model on held-out text.")
     section.figures.append(_figure(pareto_figure(kl_series, perplexity_series or None), "size against KL and "
-                                   "perplexity", "; ".join(section.provenance)))
+                                   "perplexity", "Where each series comes from is listed below."))
     return section
 
 
