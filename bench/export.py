@@ -1,6 +1,6 @@
 """Our mixed-precision GGUF of SmolLM2 against llama.cpp's own tools, measured by llama.cpp.
 
-    python bench/export.py --llama-cpp /path/to/llama.cpp/build/bin [--chunks 20] [--budget 5.0]
+    python bench/export.py --llama-cpp /path/to/llama.cpp/build/bin [--chunks 20] [--budgets 5.0,5.5]
 
 llama.cpp is not a dependency: build its `llama-quantize` and `llama-perplexity` (for example from
 the sources vendored in the llama-cpp-python sdist; bench/README.md says how) and point
@@ -8,10 +8,10 @@ the sources vendored in the llama-cpp-python sdist; bench/README.md says how) an
 
 1. The base: the shared Q4_1 GGUF written as F16 by `llama-quantize --allow-requantize`.
 2. llama.cpp's stock mixes Q4_0, Q4_1, Q5_0, Q8_0 of that base, by `llama-quantize`.
-3. Our plan: a sensitivity table over q4_0/q4_1/q5_0/q5_1/q8_0 per sublayer (WikiText-2 valid),
-   the exact allocator at --budget bits per weight (5.0 = uniform Q4_1), token embeddings at q8_0
-   like llama.cpp's mixes; written by `layerwise export` from the F16 base. Its write time is
-   compared with gguf-py's GGUFWriter writing the same tensors.
+3. Our plans: a sensitivity table over q4_0/q5_0/q5_1/q8_0 per sublayer (WikiText-2 valid), the
+   exact allocator at each of --budgets bits per weight of the block linears, token embeddings at
+   q8_0 like llama.cpp's mixes; written by our GGUF export from the F16 base. Its time is
+   compared with gguf-py alone reading that file and writing the same tensors again.
 4. Perplexity of every file by `llama-perplexity` on wiki.test.raw (512-token chunks, the second
    half of each scored), and of our plan by our own evaluation under the same protocol.
 
@@ -41,7 +41,9 @@ from layerwise.plan.sensitivity import measure_sensitivity  # noqa: E402
 from layerwise.quant import QuantConfig  # noqa: E402
 from layerwise.quant.run import run_quantize  # noqa: E402
 
-OPTIONS = "q4_0,q4_1,q5_0,q5_1,q8_0"
+# Not q4_1: the shared weights already lie on a Q4_1 grid (../shared/README.md), so q4_1 would be
+# nearly lossless here and the allocator would simply pick it everywhere.
+OPTIONS = "q4_0,q5_0,q5_1,q8_0"
 STOCK = ("Q4_0", "Q4_1", "Q5_0", "Q8_0")
 
 
@@ -64,11 +66,12 @@ def llama_perplexity(binary: Path, model: Path, chunks: int) -> float:
 
 @torch.no_grad()
 def our_perplexity_llama_protocol(loaded, chunks: int, n_ctx: int = 512) -> float:
-    """llama-perplexity's protocol: the whole file tokenized with BOS, cut into n_ctx chunks, each
-    chunk's first token replaced by BOS, and only the second half of each chunk scored."""
+    """llama-perplexity's protocol: the whole file tokenized (with BOS where the tokenizer adds
+    one), cut into n_ctx chunks, each chunk's first token then set to BOS, and only the second
+    half of each chunk scored."""
     text = EVALUATION_TEXT.read_text(encoding="utf-8")
     tokens = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = loaded.tokenizer.bos_token_id
+    bos = loaded.tokenizer.bos_token_id if getattr(loaded.tokenizer, "add_bos_token", False) else None
     if bos is not None:
         tokens = [bos] + tokens
     first = n_ctx // 2
@@ -86,11 +89,12 @@ def our_perplexity_llama_protocol(loaded, chunks: int, n_ctx: int = 512) -> floa
 
 
 def gguf_py_write_seconds(path: Path, out: Path) -> float:
-    """gguf-py's own writer, writing the tensors and metadata of `path` again."""
+    """gguf-py alone: read `path` (as our export reads its source) and write its tensors and
+    metadata again."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
     start = time.perf_counter()
+    reader = gguf.GGUFReader(path)
     writer = gguf.GGUFWriter(out, str(reader.fields["general.architecture"].contents()))
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
@@ -114,12 +118,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", required=True, help="folder with llama-quantize and llama-perplexity")
     parser.add_argument("--chunks", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=5.0, help="bits per weight of the block linears")
+    parser.add_argument("--budgets", default="5.0,5.5",
+                        help="bits per weight of the block linears (4.5 = Q4_0's size, 5.5 = Q5_0's)")
     parser.add_argument("--table-tokens", type=int, default=1024)
     args = parser.parse_args()
     binary = Path(args.llama_cpp)
+    budgets = [float(b) for b in args.budgets.split(",")]
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         base = scratch / "smollm2-f16.gguf"
         run([str(binary / "llama-quantize"), "--allow-requantize", str(SMOLLM2), str(base), "F16"])
@@ -132,42 +138,51 @@ def main() -> None:
         loaded = load_model(base)
         windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=args.table_tokens, seed=0)
         table = measure_sensitivity(loaded, windows, OPTIONS, "sublayer")
-        problem = table.problem(table.budget_bits(args.budget))
-        choice = allocate(problem, "exact").choice
-        plan = plan_from_choice(table, choice).override(loaded.adapter.embed, QuantConfig("q8_0"))
-        used = {label: list(allocate(problem, "exact").labels(problem)).count(label) for label in table.options}
-        ours = scratch / "layerwise.gguf"
-        quantized, stored, sizes = run_quantize(load_model(base), plan, progress=False)
-        start = time.perf_counter()
-        report = export_gguf(quantized, stored, ours)
-        export_seconds = time.perf_counter() - start
-        writer_seconds = gguf_py_write_seconds(ours, scratch / "rewritten.gguf")
-        rows.append({"name": f"layerwise exact plan at {args.budget} bpw", "path": ours,
-                     "file_bytes": report["file_bytes"], "options_used": used,
-                     "planned_tensor_bytes": report["planned_tensor_bytes"],
-                     "predicted_tensor_bytes": sizes["linear_bytes"] + sizes["embeddings_and_head_bytes"],
-                     "export_write_seconds": export_seconds, "gguf_py_write_seconds": writer_seconds})
+        quantized_models = {}
+        for budget in budgets:
+            problem = table.problem(table.budget_bits(budget))
+            allocation = allocate(problem, "exact")
+            plan = plan_from_choice(table, allocation.choice).override(loaded.adapter.embed, QuantConfig("q8_0"))
+            labels = allocation.labels(problem)
+            ours = scratch / f"layerwise-{budget}.gguf"
+            quantized, stored, sizes = run_quantize(load_model(base), plan, progress=False)
+            start = time.perf_counter()
+            report = export_gguf(quantized, stored, ours)
+            export_seconds = time.perf_counter() - start
+            name = f"layerwise exact plan at {budget} bpw"
+            quantized_models[name] = quantized
+            rows.append({"name": name, "path": ours, "file_bytes": report["file_bytes"],
+                         "options_used": {o: labels.count(o) for o in table.options if o in labels},
+                         "planned_tensor_bytes": report["planned_tensor_bytes"],
+                         "predicted_tensor_bytes": sizes["linear_bytes"] + sizes["embeddings_and_head_bytes"],
+                         "export_seconds": export_seconds,
+                         "gguf_py_seconds": gguf_py_write_seconds(ours, scratch / "rewritten.gguf")})
         rows.append({"name": "F16 base", "path": base, "file_bytes": base.stat().st_size})
+        quantized_models["F16 base"] = load_model(base)
 
         for row in rows:
             row["llama_perplexity"] = llama_perplexity(binary, row.pop("path"), args.chunks)
+            if row["name"] in quantized_models:
+                row["our_perplexity_same_protocol"] = our_perplexity_llama_protocol(quantized_models[row["name"]],
+                                                                                    args.chunks)
             print(f"{row['name']:40s} {row['file_bytes']:>12,} bytes  llama.cpp PPL {row['llama_perplexity']:.3f}",
                   flush=True)
-        ours_row = next(r for r in rows if r["name"].startswith("layerwise"))
-        ours_row["our_perplexity_same_protocol"] = our_perplexity_llama_protocol(quantized, args.chunks)
-        base_row = rows[-1]
-        base_row["our_perplexity_same_protocol"] = our_perplexity_llama_protocol(load_model(base), args.chunks)
 
-    write_results("export", {"model": str(SMOLLM2), "chunks": args.chunks, "budget": args.budget, "rows": rows})
-    print("\n| file | bytes | llama.cpp perplexity | layerwise perplexity (same protocol) |")
-    print("| --- | ---: | ---: | ---: |")
+    write_results("export", {"model": str(SMOLLM2), "chunks": args.chunks, "budgets": budgets,
+                             "options": OPTIONS, "rows": rows})
+    print("\n| file | bytes | llama.cpp perplexity | layerwise perplexity (same protocol) | difference |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         ours_ppl = row.get("our_perplexity_same_protocol")
+        gap = "" if ours_ppl is None else f"{ours_ppl / row['llama_perplexity'] - 1:+.2%}"
         print(f"| {row['name']} | {row['file_bytes']:,} | {row['llama_perplexity']:.3f} | "
-              f"{'' if ours_ppl is None else f'{ours_ppl:.3f}'} |")
-    print(f"\nplanned tensors: {ours_row['planned_tensor_bytes']:,} bytes written, {ours_row['predicted_tensor_bytes']:,} "
-          f"predicted; writing the GGUF {ours_row['export_write_seconds']:.1f} s, gguf-py's writer alone on the same "
-          f"tensors {ours_row['gguf_py_write_seconds']:.1f} s")
+              f"{'' if ours_ppl is None else f'{ours_ppl:.3f}'} | {gap} |")
+    print("\n| plan | planned tensor bytes written | predicted | export s | gguf-py read + write s | options |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for row in rows:
+        if "planned_tensor_bytes" in row:
+            print(f"| {row['name']} | {row['planned_tensor_bytes']:,} | {row['predicted_tensor_bytes']:,} | "
+                  f"{row['export_seconds']:.1f} | {row['gguf_py_seconds']:.1f} | {row['options_used']} |")
 
 
 if __name__ == "__main__":
