@@ -69,7 +69,9 @@ def our_perplexity_llama_protocol(loaded, chunks: int, n_ctx: int = 512) -> floa
     """llama-perplexity's protocol: the whole file tokenized (with BOS where the tokenizer adds
     one), cut into n_ctx chunks, each chunk's first token then set to BOS, and only the second
     half of each chunk scored."""
-    text = EVALUATION_TEXT.read_text(encoding="utf-8")
+    # Bytes as they are: read_text() would turn the file's CRLF line ends into LF, which
+    # llama.cpp keeps, and the two would then score different token streams.
+    text = EVALUATION_TEXT.read_bytes().decode("utf-8")
     tokens = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = loaded.tokenizer.bos_token_id if getattr(loaded.tokenizer, "add_bos_token", False) else None
     if bos is not None:
