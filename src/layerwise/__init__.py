@@ -5,11 +5,10 @@ allocators) can be imported without loading torch.
 """
 from __future__ import annotations
 
-import importlib
-
 __version__ = "0.1.0"
 
 from layerwise.errors import LayerwiseError
+from layerwise.util.lazy import lazy_attributes
 
 _LAZY = {
     "Adapter": "layerwise.models",
@@ -23,11 +22,4 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "LayerwiseError", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'layerwise' has no attribute {name!r}")
+__getattr__ = lazy_attributes("layerwise", _LAZY, globals())

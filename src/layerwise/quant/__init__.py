@@ -5,7 +5,7 @@ importable without torch, for the torch-free report and allocators.
 """
 from __future__ import annotations
 
-import importlib
+from layerwise.util.lazy import lazy_attributes
 
 _LAZY = {
     "plan_targets": "layerwise.quant.apply",
@@ -22,11 +22,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'layerwise.quant' has no attribute {name!r}")
+__getattr__ = lazy_attributes("layerwise.quant", _LAZY, globals())
