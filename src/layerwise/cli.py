@@ -223,7 +223,9 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
                         calib=args.calib, tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
-                        progress=not args.quiet)
+                        converter=args.converter, progress=not args.quiet)
+    if report.get("converted_by"):
+        print(f"converted the Hugging Face model with {report['converted_by']}")
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes")
     if report.get("fallbacks"):
         print(f"{len(report['fallbacks'])} tensors took llama.cpp's fallback type "
@@ -405,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
     p.add_argument("--calib", default=None, help="calibration text for gptq/awq plans")
     p.add_argument("--tokens", type=_positive_int, default=16384)
+    p.add_argument("--converter", default=None,
+                   help="llama.cpp's convert_hf_to_gguf.py (or its llama.cpp folder), for GGUF from a Hugging Face "
+                        "model (default: $LAYERWISE_CONVERT_HF_TO_GGUF, then PATH)")
     p.add_argument("--llama-quantize-args", default=None,
                    help="also write the equivalent llama-quantize --tensor-type arguments to this file")
     p.add_argument("--out", required=True, help="the .gguf file, or the folder for --format hf")

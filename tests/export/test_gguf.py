@@ -43,9 +43,14 @@ def test_mixed_gguf_reads_back_as_the_weights_we_evaluated(tmp_path):
 
 
 def test_gguf_export_refuses_what_gguf_cannot_hold(tmp_path):
-    with pytest.raises(LayerwiseError, match="needs a model read from a .gguf"):
-        run_export(STORIES, plan=Plan(QuantConfig("q8_0")), out=tmp_path / "x.gguf", progress=False)
-    assert not (tmp_path / "x.gguf").exists()
+    # stories260K's down_proj rows are 172 wide, no multiple of Q8_0's 32: refused before the
+    # converter runs (this stand-in would leave a mark) and before anything is written.
+    mark = tmp_path / "converter-ran"
+    (tmp_path / "convert_hf_to_gguf.py").write_text(f"open({str(mark)!r}, 'w').close()\n")
+    with pytest.raises(LayerwiseError, match="down_proj.*172"):
+        run_export(STORIES, plan=Plan(QuantConfig("q8_0")), out=tmp_path / "x.gguf", converter=tmp_path,
+                   progress=False)
+    assert not (tmp_path / "x.gguf").exists() and not mark.exists()
 
 
 @pytest.mark.slow

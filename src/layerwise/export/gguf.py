@@ -1,9 +1,11 @@
 """A GGUF file with one type per tensor, from a plan whose options are GGUF types.
 
 The container is written by gguf-py (the library llama.cpp's own converter uses). The source is
-the model's own GGUF file: its metadata and tokenizer are copied, every tensor the plan does not
-quantize is copied byte for byte, and every tensor it does gets the codes our quantizers made,
-which are llama.cpp's byte layouts (bit-exact with gguf-py for the types it implements).
+a GGUF file of the same model: the model's own, or for a Hugging Face model the one llama.cpp's
+converter makes of it (`layerwise.export.convert`). Its metadata and tokenizer are copied, every
+tensor the plan does not quantize is copied byte for byte, and every tensor it does gets the
+codes our quantizers made, which are llama.cpp's byte layouts (bit-exact with gguf-py for the
+types it implements).
 
 llama.cpp stores Llama-family q/k projections with rows permuted for its rotary kernel
 (transformers' GGUF loader undoes it on reading); block types quantize each row on its own, so
@@ -28,8 +30,9 @@ _PERMUTED_QK = {"llama", "mistral", "granite"}
 def require_gguf_source(source: ModelSource) -> Path:
     """The source's .gguf file; anything else is refused, since its metadata and tokenizer are copied."""
     if source.kind != "gguf" or not source.gguf_file:
-        raise LayerwiseError("GGUF export needs a model read from a .gguf file (its metadata and tokenizer are "
-                             "copied); convert a Hugging Face folder with llama.cpp's convert_hf_to_gguf.py first")
+        raise LayerwiseError("GGUF export needs a GGUF of the model to copy metadata and tokenizer from: a model "
+                             "read from a .gguf file, or one converted by llama.cpp's convert_hf_to_gguf.py "
+                             "(--converter)")
     return Path(source.location) / source.gguf_file
 
 
@@ -58,15 +61,16 @@ def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str) -> dic
 
 
 def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | Path,
-                dropped: list[str] | None = None) -> dict:
+                dropped: list[str] | None = None, source: str | Path | None = None) -> dict:
     """Write `out`; return what was written: bytes in total and per type, and the equivalent
-    llama-quantize --tensor-type arguments."""
+    llama-quantize --tensor-type arguments. `source` is the GGUF to copy everything else from
+    (default: the file the model was read from)."""
     import gguf
 
     if dropped:
         raise LayerwiseError("GGUF export of plans that drop units is not supported yet; llama.cpp has no way to "
                              "mark a sublayer absent (whole blocks would need renumbering)")
-    source = require_gguf_source(loaded.source)
+    source = Path(source) if source is not None else require_gguf_source(loaded.source)
     not_gguf = [f"{name} ({q.config.label})" for name, q in quantized.items() if q.packed is None]
     if not_gguf:
         raise LayerwiseError(f"GGUF stores only its own block types; these modules use other formats: "

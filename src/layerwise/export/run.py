@@ -3,6 +3,7 @@ a format another program loads."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from layerwise.errors import LayerwiseError
@@ -24,22 +25,29 @@ def run_export(
     calib: str | Path | None = None,
     tokens: int = 16384,
     dtype: str = "auto",
+    converter: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """"gguf": one GGUF file with the plan's type per tensor (the plan must use GGUF types).
     "hf": a plain Hugging Face folder holding the dequantized weights, loadable anywhere, with
     plan.json beside them. "compressed-tensors": a packed folder (int codes packed into int32,
-    fp16 scales, bits and group size per module) that transformers and vLLM load."""
+    fp16 scales, bits and group size per module) that transformers and vLLM load.
+
+    GGUF from a Hugging Face model (folder or hub id) first converts it with llama.cpp's
+    convert_hf_to_gguf.py (`converter`: the script or its llama.cpp folder; default
+    $LAYERWISE_CONVERT_HF_TO_GGUF or PATH) into a temporary file whose metadata, tokenizer and
+    untouched tensors are copied."""
     if format not in EXPORT_FORMATS:
         raise LayerwiseError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if (plan is None) == (quantized is None):
         raise LayerwiseError("give either --plan or --quantized")
     out = Path(out)
     check_output(out, overwrite, directory=format != "gguf")
-    if format == "gguf":
-        from layerwise.export.gguf import require_gguf_source
+    source = resolve_source(model)
+    if format == "gguf" and source.kind != "gguf":
+        from layerwise.export.convert import find_converter
 
-        require_gguf_source(resolve_source(model))  # before any quantization work
+        converter = find_converter(converter)  # before any quantization work
     if out.exists() and (out.is_dir() != (format != "gguf")):
         raise LayerwiseError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
                              f"{format} export writes a {'file' if format == 'gguf' else 'folder'}")
@@ -66,7 +74,15 @@ def run_export(
         from layerwise.quant.apply import plan_dropped
 
         dropped = plan_dropped(loaded, plan)
-    if format == "gguf":
+    if format == "gguf" and source.kind != "gguf":
+        from layerwise.export.convert import convert_to_gguf
+        from layerwise.export.gguf import export_gguf
+
+        with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
+            converted = convert_to_gguf(source, Path(scratch) / "converted.gguf", loaded.model.dtype, converter)
+            report = export_gguf(loaded, stored, out, dropped, source=converted)
+        report["converted_by"] = str(converter)
+    elif format == "gguf":
         from layerwise.export.gguf import export_gguf
 
         report = export_gguf(loaded, stored, out, dropped)

@@ -6,6 +6,7 @@ from typing import Collection
 
 from torch import nn
 
+from layerwise.errors import LayerwiseError
 from layerwise.models.layout import block_linears, linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.config import QuantConfig
@@ -45,7 +46,12 @@ def size_report(loaded: LoadedModel, quantized: dict[str, QTensor] | dict[str, Q
         if isinstance(entry, QTensor):
             return entry.n_bits
         if isinstance(entry, QuantConfig):
-            return storage_bits(entry, tuple(linear_weight(model.get_submodule(module_name)).shape))
+            try:
+                return storage_bits(entry, tuple(linear_weight(model.get_submodule(module_name)).shape))
+            except LayerwiseError as error:  # say which module, as a plan names many
+                if module_name in str(error):
+                    raise
+                raise LayerwiseError(f"{module_name}: {error}") from None
         return FLOAT_BITS * parameter.numel()
 
     linear_bits = linear_weights = other_bits = 0
