@@ -50,6 +50,9 @@ def test_gguf_export_refuses_what_gguf_cannot_hold(tmp_path):
     with pytest.raises(LayerwiseError, match="down_proj.*172"):
         run_export(STORIES, plan=Plan(QuantConfig("q8_0")), out=tmp_path / "x.gguf", converter=tmp_path,
                    progress=False)
+    with pytest.raises(LayerwiseError, match="GGUF stores only its own block types"):
+        run_export(STORIES, plan=Plan(QuantConfig("int", 4, None)), out=tmp_path / "x.gguf", converter=tmp_path,
+                   progress=False)
     assert not (tmp_path / "x.gguf").exists() and not mark.exists()
 
 

@@ -60,6 +60,18 @@ def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str) -> dic
     return names
 
 
+def check_gguf_exportable(quantized: dict[str, QTensor], dropped: list[str] | None = None) -> None:
+    """Refuse what a GGUF cannot hold: dropped units, and formats that are not GGUF block types."""
+    if dropped:
+        raise LayerwiseError("GGUF export of plans that drop units is not supported yet; llama.cpp has no way to "
+                             "mark a sublayer absent (whole blocks would need renumbering)")
+    not_gguf = [f"{name} ({q.config.label})" for name, q in quantized.items() if q.packed is None]
+    if not_gguf:
+        raise LayerwiseError(f"GGUF stores only its own block types; these modules use other formats: "
+                             f"{', '.join(not_gguf[:3])}{' ...' if len(not_gguf) > 3 else ''}. Plan with GGUF "
+                             "options such as q4_0, q5_0, q8_0, q4_k")
+
+
 def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | Path,
                 dropped: list[str] | None = None, source: str | Path | None = None) -> dict:
     """Write `out`; return what was written: bytes in total and per type, and the equivalent
@@ -67,15 +79,8 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
     (default: the file the model was read from)."""
     import gguf
 
-    if dropped:
-        raise LayerwiseError("GGUF export of plans that drop units is not supported yet; llama.cpp has no way to "
-                             "mark a sublayer absent (whole blocks would need renumbering)")
+    check_gguf_exportable(quantized, dropped)
     source = Path(source) if source is not None else require_gguf_source(loaded.source)
-    not_gguf = [f"{name} ({q.config.label})" for name, q in quantized.items() if q.packed is None]
-    if not_gguf:
-        raise LayerwiseError(f"GGUF stores only its own block types; these modules use other formats: "
-                             f"{', '.join(not_gguf[:3])}{' ...' if len(not_gguf) > 3 else ''}. Plan with GGUF "
-                             "options such as q4_0, q5_0, q8_0, q4_k")
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
     names = gguf_tensor_names(loaded, list(quantized), arch)

@@ -74,18 +74,19 @@ def run_export(
         from layerwise.quant.apply import plan_dropped
 
         dropped = plan_dropped(loaded, plan)
-    if format == "gguf" and source.kind != "gguf":
-        from layerwise.export.convert import convert_to_gguf
-        from layerwise.export.gguf import export_gguf
+    if format == "gguf":
+        from layerwise.export.gguf import check_gguf_exportable, export_gguf
 
-        with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
-            converted = convert_to_gguf(source, Path(scratch) / "converted.gguf", loaded.model.dtype, converter)
-            report = export_gguf(loaded, stored, out, dropped, source=converted)
-        report["converted_by"] = str(converter)
-    elif format == "gguf":
-        from layerwise.export.gguf import export_gguf
+        if source.kind == "gguf":
+            report = export_gguf(loaded, stored, out, dropped)
+        else:
+            from layerwise.export.convert import convert_to_gguf
 
-        report = export_gguf(loaded, stored, out, dropped)
+            check_gguf_exportable(stored, dropped)  # before converting
+            with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
+                converted = convert_to_gguf(source, Path(scratch) / "converted.gguf", loaded.model.dtype, converter)
+                report = export_gguf(loaded, stored, out, dropped, source=converted)
+            report["converted_by"] = str(converter)
     elif format == "compressed-tensors":
         from layerwise.export.compressed import export_compressed_tensors
 
