@@ -65,15 +65,18 @@ def llama_perplexity(binary: Path, model: Path, chunks: int) -> float:
 
 
 @torch.no_grad()
-def our_perplexity_llama_protocol(loaded, chunks: int, n_ctx: int = 512) -> float:
+def our_perplexity_llama_protocol(loaded, chunks: int, n_ctx: int = 512, add_bos: bool | None = None) -> float:
     """llama-perplexity's protocol: the whole file tokenized (with BOS where the tokenizer adds
-    one), cut into n_ctx chunks, each chunk's first token then set to BOS, and only the second
-    half of each chunk scored."""
+    one, or as `add_bos` says: the GGUF's tokenizer.ggml.add_bos_token, which llama.cpp obeys),
+    cut into n_ctx chunks, each chunk's first token then set to BOS, and only the second half of
+    each chunk scored."""
     # Bytes as they are: read_text() would turn the file's CRLF line ends into LF, which
     # llama.cpp keeps, and the two would then score different token streams.
     text = EVALUATION_TEXT.read_bytes().decode("utf-8")
     tokens = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = loaded.tokenizer.bos_token_id if getattr(loaded.tokenizer, "add_bos_token", False) else None
+    if add_bos is None:
+        add_bos = getattr(loaded.tokenizer, "add_bos_token", False)
+    bos = loaded.tokenizer.bos_token_id if add_bos else None
     if bos is not None:
         tokens = [bos] + tokens
     first = n_ctx // 2
