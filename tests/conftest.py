@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,21 @@ STORIES = SHARED / "models" / "stories260K"
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CALIBRATION_TEXT = SHARED / "data" / "wikitext-2" / "valid.txt"
 EVALUATION_TEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+# Set by .ci/run, which installs every external tool the tests use: there a missing tool fails
+# the test instead of skipping it, so CI cannot pass by quietly testing less.
+REQUIRE_TOOLS_ENV = "LAYERWISE_REQUIRE_TOOLS"
+
+
+def require_tool(name: str, found, how_to_get: str):
+    """Return `found` (a path, or anything true) when the external tool `name` is there; otherwise
+    skip the test, or fail it when LAYERWISE_REQUIRE_TOOLS=1."""
+    if found:
+        return found
+    message = f"{name} is not available ({how_to_get})"
+    if os.environ.get(REQUIRE_TOOLS_ENV, "") not in ("", "0"):
+        pytest.fail(f"{message}, and {REQUIRE_TOOLS_ENV} is set: the test cannot be skipped", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)

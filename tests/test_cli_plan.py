@@ -22,7 +22,8 @@ def measured(tmp_path_factory):
 
 def test_plan_writes_a_plan_that_quantize_and_eval_accept(measured, tmp_path):
     out, done = measured
-    assert "bits per weight" in done.stdout and "KL on calibration windows" in done.stdout
+    assert "bits per weight" in done.stdout and "KL on held-out calibration windows" in done.stdout
+    assert "against uniform int4pc on the same held-out windows" in done.stdout
     report = json.loads((out / "plan.report.json").read_text())
     assert report["bits_per_weight"] <= 4.5 and report["command"].startswith("layerwise plan")
     done = layerwise("quantize", STORIES, "--plan", out / "plan.json", "--out", tmp_path / "q", "--quiet")

@@ -1,8 +1,9 @@
-"""The bad-input suite: each case is one line on stderr naming the problem, a non-zero exit, and no
+"""The bad-input suite: each case is one line on stderr naming the problem, exit code 2, and no
 output written. The README's "Failure modes" section lists the same cases."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 
@@ -110,6 +111,8 @@ def not_a_model_folder(tmp_path):
 # case -> (function of tmp_path giving the arguments after the command, the message it must name)
 CASES = {
     "missing model": (lambda t: ["profile", t / "no-such-model"], "does not exist"),
+    "hub id that cannot be fetched": (lambda t: ["profile", "someone/model-that-does-not-exist"],
+                                      "could not load 'someone/model-that-does-not-exist' from the Hugging Face hub"),
     "not a model folder": (lambda t: ["profile", not_a_model_folder(t)], "is not a model folder"),
     "truncated safetensors": (lambda t: ["profile", truncated_safetensors(t)], "is truncated or corrupt"),
     "corrupt safetensors header": (lambda t: ["profile", corrupt_safetensors_header(t)], "is truncated or corrupt"),
@@ -144,7 +147,8 @@ def test_bad_input(case, tmp_path):
     out = tmp_path / "out"
     extra = [] if "--out" in args else ["--out", out]
     before = sorted(p.name for p in tmp_path.iterdir())
-    done = layerwise(*args, *extra, "--quiet")
+    # Offline, so that the hub case never reaches the network (and no case depends on it).
+    done = layerwise(*args, *extra, "--quiet", env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert_one_line_error(done, pattern)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing left behind

@@ -107,8 +107,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if "quantized" in report:
         quality = report["quantized"]
         name = "scheduled" if args.schedule and not (args.quantized or args.plan) else "quantized"
-        print(f"{name}: perplexity {quality['perplexity']:.3f}, KL(base||{name}) {quality['kl']:.5f} nats/token, "
-              f"top-1 agreement {quality['top1']:.4f}")
+        (ppl_low, ppl_high), (kl_low, kl_high) = quality["perplexity_ci"], quality["kl_ci"]
+        print(f"{name}: perplexity {quality['perplexity']:.3f} [{ppl_low:.3f}, {ppl_high:.3f}], KL(base||{name}) "
+              f"{quality['kl']:.5f} [{kl_low:.5f}, {kl_high:.5f}] nats/token, top-1 agreement {quality['top1']:.4f} "
+              f"(95% intervals over {len(quality['window_kl'])} windows)")
         if "sizes" in report:
             _print_sizes(report["sizes"])
     if args.json:
@@ -132,7 +134,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         raise LayerwiseError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-bytes N")
     outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes, options=args.options,
                        allocator=args.allocator, granularity=args.granularity, table=args.table, calib=args.calib,
-                       tokens=args.tokens, fitness_tokens=args.fitness_tokens, generations=args.generations,
+                       tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
+                       generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
                        progress=not args.quiet)
     report = outcome.report
@@ -142,8 +145,15 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(f"{report['returned']} plan: {report['bits_per_weight']:.4f} bits per weight "
           f"(budget {report['budget_bits_per_weight']:.4f}), {report['total_bytes']:,} bytes; "
           f"units per option: {', '.join(f'{k} {v}' for k, v in used.items())}")
-    print(f"KL on calibration windows {report['calibration_kl']:.5f} (table predicts {report['predicted_kl']:.5f}); "
-          f"search {report['search']['forward_equivalents']:.1f} forward passes, {report['search']['seconds']:.0f} s")
+    print(f"KL on held-out calibration windows {report['calibration_kl']:.5f} (table predicts "
+          f"{report['predicted_kl']:.5f}); search {report['search']['forward_equivalents']:.1f} forward passes, "
+          f"{report['search']['seconds']:.0f} s")
+    check = report["check"]
+    if check["best_uniform"] is not None:
+        low, high = check["ratio_ci"] or (float("nan"), float("nan"))
+        print(f"against uniform {check['best_uniform']} on the same held-out windows: KL {check['plan_kl']:.5f} vs "
+              f"{check['uniform'][check['best_uniform']]['kl']:.5f}, ratio {check['ratio'] if check['ratio'] is not None else float('nan'):.3f} "
+              f"(95% interval {low:.3f}-{high:.3f})")
     if report["returned"] == "uniform" and args.allocator != "uniform":
         print(f"the {args.allocator} plan was worse than uniform at this budget; the uniform plan is returned")
     if args.out:
@@ -352,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration text (default: the shipped WikiText-2 valid excerpt)")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens for the sensitivity table (default 4096)")
     p.add_argument("--fitness-tokens", type=_positive_int, default=2048,
-                   help="tokens on which whole plans are judged (default 2048)")
+                   help="tokens on which the search judges whole plans (default 2048)")
+    p.add_argument("--check-tokens", type=_positive_int, default=2048,
+                   help="held-out calibration tokens on which the plan is checked against uniform (default 2048)")
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import STORIES
+from conftest import STORIES, require_tool
 from layerwise import load_model
 from layerwise.errors import LayerwiseError
 from layerwise.export.convert import CONVERTER_ENV
@@ -29,10 +29,8 @@ MIXED = (Plan(None).override("re:.*(q|v|o|gate|up)_proj", QuantConfig("q8_0"))
 
 @pytest.fixture(scope="module")
 def converter():
-    path = os.environ.get(CONVERTER_ENV)
-    if not path:
-        pytest.skip(f"{CONVERTER_ENV} is not set (.ci/run sets it to llama.cpp's convert_hf_to_gguf.py)")
-    return path
+    return require_tool("llama.cpp's convert_hf_to_gguf.py", os.environ.get(CONVERTER_ENV),
+                        f"{CONVERTER_ENV} is not set; .ci/run sets it to the converter it unpacks")
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,20 @@
 """Whole-plan fitness, `run_plan` and `run_pareto` on stories260K."""
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import CALIBRATION_TEXT, STORIES
+from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
 from layerwise import load_model, token_windows
+from layerwise.data.overlap import rebuild_windows, shared_windows
 from layerwise.errors import LayerwiseError
+from layerwise.evaluate.run import run_eval
 from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.layout import block_linears, linear_weight
 from layerwise.plan.allocate import allocate
 from layerwise.plan.fitness import KLFitness
+from layerwise.plan.options import parse_option
 from layerwise.plan.plan import Plan
 from layerwise.plan.run import budgets_between, plan_from_choice, run_pareto, run_plan
 from layerwise.plan.sensitivity import measure_sensitivity
@@ -69,20 +74,91 @@ def test_plan_from_choice_sizes_to_the_allocated_cost(loaded, table):
     assert Plan.from_dict(plan.to_dict()) == plan
 
 
+def _kl_on(loaded, windows, plan) -> np.ndarray:
+    """Per-window KL of `plan` applied by quantize_, by plain forward passes: independent of KLFitness."""
+    original = _weights(loaded)
+    with torch.no_grad():
+        references = [Reference.from_logits(loaded.model(input_ids=b, use_cache=False).logits[:, :-1])
+                      for b in windows.batches(1)]
+        quantize_(loaded, plan, progress=False)
+        try:
+            return np.array([kl_per_token(ref, loaded.model(input_ids=b, use_cache=False).logits[:, :-1]).mean().item()
+                             for ref, b in zip(references, windows.batches(1))])
+        finally:
+            for _, name, module in block_linears(loaded.model, loaded.adapter):
+                module.weight.data.copy_(original[name])
+
+
 @pytest.mark.parametrize("allocator", ["hybrid", "exact", "greedy"])
 def test_run_plan_meets_the_budget_and_is_never_worse_than_uniform(loaded, table, tmp_path, allocator):
     path = table.save(tmp_path / "sens.json")
-    outcome = run_plan(loaded, bits_per_weight=4.5, table=path, allocator=allocator, generations=3,
-                       fitness_tokens=512, out=tmp_path / "plan.json", progress=False)
+    outcome = run_plan(loaded, bits_per_weight=4.5, table=path, allocator=allocator, generations=3, calib=CALIBRATION_TEXT,
+                       fitness_tokens=512, check_tokens=1024, out=tmp_path / "plan.json", progress=False)
     report = outcome.report
     assert report["bits_per_weight"] <= 4.5
     assert (tmp_path / "plan.json").exists() and (tmp_path / "plan.report.json").exists()
     assert Plan.load(tmp_path / "plan.json") == outcome.plan
-    # The uniform plan that fits (int4 everywhere), judged the same way, is not better.
-    windows = token_windows(loaded.tokenizer, None, tokens=512, seq_len=512, seed=1)
-    with KLFitness(loaded, outcome.table, windows) as fitness:
-        uniform = fitness.full((1,) * len(outcome.table.units))
-    assert report["calibration_kl"] <= uniform + 1e-12
+    # Independently of the check's machinery: re-cut the check's windows from the recorded slots,
+    # apply the returned plan and the uniform plan that fits (int4 per row) with quantize_, and
+    # compare plain forward passes.
+    jobs = outcome.plan.meta["provenance"]["calibration"]["jobs"]
+    windows = rebuild_windows(loaded.tokenizer, jobs["check"])
+    returned = _kl_on(loaded, windows, outcome.plan)
+    uniform = _kl_on(loaded, windows, Plan(parse_option("int4pc")))
+    assert returned.mean() <= uniform.mean() + 1e-9
+    check = report["check"]
+    assert check["plan_kl"] == pytest.approx(returned.mean(), rel=1e-3)
+    assert check["uniform"]["int4pc"]["kl"] == pytest.approx(uniform.mean(), rel=1e-3)
+    low, high = check["ratio_ci"]
+    assert low <= check["ratio"] <= high
+
+
+def test_plan_jobs_get_disjoint_windows_and_the_plan_records_them(loaded, tmp_path):
+    outcome = run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, allocator="hybrid", generations=2,
+                       calib=CALIBRATION_TEXT, tokens=1024, fitness_tokens=512, check_tokens=1024, seed=3,
+                       table=tmp_path / "sens.json", out=tmp_path / "plan.json", progress=False)
+    provenance = Plan.load(tmp_path / "plan.json").meta["provenance"]
+    calibration = provenance["calibration"]
+    assert calibration["text_sha256"] == hashlib.sha256(CALIBRATION_TEXT.read_text().encode()).hexdigest()
+    assert provenance["layerwise_version"] and provenance["command"] and provenance["options"] == OPTIONS.split(",")
+    assert provenance["seeds"] == {"sensitivity": 3, "search": 4, "check": 5, "allocator": 3}
+    jobs = calibration["jobs"]
+    assert set(jobs) == {"sensitivity", "search", "check"}
+    assert jobs["sensitivity"] == outcome.table.calibration
+    slots = {job: set(description["slots"]) for job, description in jobs.items()}
+    assert len(slots["sensitivity"]) == 2 and len(slots["search"]) == 1 and len(slots["check"]) == 2
+    assert not (slots["sensitivity"] & slots["search"] or slots["sensitivity"] & slots["check"]
+                or slots["search"] & slots["check"])
+    # On the tokens themselves, not only the slot numbers.
+    windows = {job: rebuild_windows(loaded.tokenizer, description) for job, description in jobs.items()}
+    for first, second in [("sensitivity", "search"), ("sensitivity", "check"), ("search", "check")]:
+        assert shared_windows(windows[first], windows[second]) == []
+    assert shared_windows(windows["check"], windows["check"]) == [(0, 0), (1, 1)]  # the comparison can fail
+
+
+def test_eval_refuses_windows_that_share_text_with_the_plan_calibration(loaded, tmp_path):
+    lines = CALIBRATION_TEXT.read_text().splitlines(keepends=True)[:120]
+    (tmp_path / "calib.txt").write_text("".join(lines))
+    run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, allocator="exact", calib=tmp_path / "calib.txt",
+             tokens=1024, fitness_tokens=512, check_tokens=512, out=tmp_path / "plan.json", progress=False)
+    # Not the same file: a copy with another first line is refused on its tokens.
+    (tmp_path / "copy.txt").write_text("A different first line .\n" + "".join(lines[1:]))
+    every_token = len(loaded.tokenizer((tmp_path / "copy.txt").read_text())["input_ids"]) // 512 * 512
+    with pytest.raises(LayerwiseError, match=r"evaluation window \d+ of .*copy.txt shares text with calibration "
+                                             r"window \d+ of .*calib.txt \(used for the plan's "):
+        run_eval(STORIES, data=tmp_path / "copy.txt", plan=tmp_path / "plan.json", tokens=every_token,
+                 progress=False)
+    report = run_eval(STORIES, data=EVALUATION_TEXT, plan=tmp_path / "plan.json", tokens=every_token, progress=False)
+    assert report["quantized"]["kl"] > 0
+
+
+def test_eval_refuses_wikitext_valid_for_a_plan_calibrated_on_the_shipped_excerpt(loaded, table, tmp_path):
+    outcome = run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, allocator="exact", tokens=1024,
+                       fitness_tokens=512, check_tokens=512, progress=False)
+    assert outcome.plan.meta["provenance"]["calibration"]["default_excerpt_of"]["name"] == "WikiText-2 valid"
+    outcome.plan.save(tmp_path / "plan.json")
+    with pytest.raises(LayerwiseError, match="WikiText-2 valid, the text layerwise's default calibration excerpt"):
+        run_eval(STORIES, data=CALIBRATION_TEXT, plan=tmp_path / "plan.json", tokens=2048, progress=False)
 
 
 def test_run_plan_bad_input(loaded, table, tmp_path):

@@ -1,12 +1,15 @@
 """Property tests for every grid format: bounded error, idempotence on its own grid, shapes kept."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from layerwise import LayerwiseError
 from layerwise.quant import QuantConfig, quantize_weight
-from layerwise.quant.formats import FP4_VALUES, NF4_VALUES
+from layerwise.quant.formats import FP4_VALUES, NF4_VALUES, registered_formats
+from layerwise.quant.gguf_blocks import bytes_per_block
+from layerwise.quant.qtensor import QTensor
 
 GRID_CONFIGS = [
     QuantConfig("int", bits, group, symmetric)
@@ -30,8 +33,9 @@ def step_bound(config: QuantConfig, w: torch.Tensor) -> torch.Tensor:
     absmax = groups.abs().amax(-1, keepdim=True)
     if config.format == "int" and config.symmetric:
         gap = absmax / 2 ** (config.bits - 1)
-    elif config.format == "int":
-        gap = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**config.bits - 1) * 1.001
+    elif config.format == "int":  # the asymmetric grid spans [min(min, 0), max(max, 0)]
+        span = groups.amax(-1, keepdim=True).clamp(min=0) - groups.amin(-1, keepdim=True).clamp(max=0)
+        gap = span / (2**config.bits - 1) * 1.001
     elif config.format == "nf4":
         gap = absmax * (NF4_VALUES[1:] - NF4_VALUES[:-1]).max()
     elif config.format == "fp4":
@@ -125,3 +129,84 @@ def test_config_validation_names_the_field():
         QuantConfig(group_size=0)
     assert QuantConfig("nf4", bits=None).bits == 4
     assert QuantConfig("mxfp4", group_size=64).group_size == 32
+
+
+# --- asymmetric grids: one-signed, constant and all-zero groups -----------------------------
+
+def asymmetric_configs() -> list[QuantConfig]:
+    """Every asymmetric setting of every registered format, so a new one is covered unasked."""
+    configs = []
+    for name, fmt in registered_formats().items():
+        if fmt.asymmetric == "never":
+            continue
+        if fmt.packed:
+            configs.append(QuantConfig(name))
+            continue
+        for bits in fmt.allowed_bits or (fmt.fixed_bits,):
+            for group in (16, None):
+                configs.append(QuantConfig(name, bits, group, symmetric=False))
+    return configs
+
+
+# Byte offsets of an asymmetric GGUF block's fp16 scale and minimum (ggml-common.h: block_q4_1,
+# block_q5_1, block_q2_K, block_q4_K, block_q5_K) and, for a K-quant, the code llama.cpp gives the
+# scale of its widest sub-block (value = d * sc * q - dmin * m; sc = 15 for Q2_K, 63 otherwise).
+GGUF_SCALE_MIN = {"q4_1": (0, 2, None), "q5_1": (0, 2, None),
+                  "q2_k": (80, 82, 15), "q4_k": (0, 2, 63), "q5_k": (0, 2, 63)}
+
+
+def one_signed_groups(rows: int, n_groups: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, n_groups * width] weights whose groups cycle through all positive, all negative,
+    constant (either sign) and all zero, far from or near zero; and the kind of each group (0..3)."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.rand(rows, n_groups, 1, generator=generator) * 2 + 0.01
+    span = torch.rand(rows, n_groups, 1, generator=generator) * start  # from nearly constant to [a, 2a]
+    start[0, 0], span[0, 0] = 0.9, 0.1  # the issue's example: [0.9, 1.0] came back as 0.1 at 4 bits
+    values = start + span * torch.rand(rows, n_groups, width, generator=generator)
+    sign = torch.where(torch.rand(rows, n_groups, 1, generator=generator) < 0.5, -1.0, 1.0)
+    kind = (torch.arange(rows * n_groups).reshape(rows, n_groups, 1) + seed) % 4
+    w = torch.where(kind == 1, -values, values)
+    w = torch.where(kind == 2, sign * start, w)
+    w = torch.where(kind == 3, torch.zeros_like(w), w)
+    return w.reshape(rows, -1), kind.expand(rows, n_groups, width).reshape(rows, -1)
+
+
+def step_and_offset_error(q: QTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per weight: the step of its group's grid, and how far a stored float minimum can sit from
+    the group's own (0 for an integer zero point, which is exact)."""
+    if q.packed is None:
+        width = q.group_width
+        scale = q.params["scale"].repeat_interleave(width, dim=1)[:, : q.shape[1]]
+        return scale, torch.zeros_like(scale)
+    name = q.config.format
+    assert name in GGUF_SCALE_MIN, f"add where {name} stores its scale and minimum to GGUF_SCALE_MIN"
+    scale_at, min_at, top_code = GGUF_SCALE_MIN[name]
+    blocks = np.ascontiguousarray(q.packed).reshape(-1, bytes_per_block(name.upper()))
+    scale, minimum = (blocks[:, at:at + 2].copy().view(np.float16) for at in (scale_at, min_at))
+    if top_code is None:
+        # Q4_1 / Q5_1: the step is d, and the minimum is rounded to fp16 (half an ulp).
+        step, offset = scale.astype(np.float32), np.spacing(np.abs(minimum)).astype(np.float32) / 2
+    else:
+        # K-quants: value = d * sc * q - dmin * m per sub-block, sc and m of 6 bits (4 in Q2_K)
+        # fitted by llama.cpp's weighted least squares, so one sub-block's own step is not a bound;
+        # the super-block's is that of its widest sub-block, d * top_code. Each minimum is a whole
+        # multiple of dmin: half a dmin off, plus the fp16 rounding of dmin times up to 63.
+        step = scale.astype(np.float32) * top_code
+        offset = minimum.astype(np.float32) * (0.5 + 63 * 2.0**-11)
+    return tuple(torch.from_numpy(np.repeat(a, q.config.group_size, axis=1)).reshape(q.shape) for a in (step, offset))
+
+
+@pytest.mark.parametrize("config", asymmetric_configs(), ids=lambda c: c.label)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_asymmetric_grids_round_trip_one_signed_constant_and_zero_groups(config, seed):
+    width = config.group_size or 48
+    for rows, n_groups in ((1, 1), (3, 2), (5, 3)):
+        w, kind = one_signed_groups(rows, n_groups, width, seed + rows)
+        if config.group_size is None:  # a per-row group is the whole row
+            w, kind = w.reshape(rows * n_groups, width), kind.reshape(rows * n_groups, width)
+        q = quantize_weight(w, config)
+        error = (q.dequantize() - w).abs()
+        step, offset_error = step_and_offset_error(q)
+        assert (error <= step * (1 + 1e-6) + offset_error).all(), \
+            f"{config.label}: error {(error - step - offset_error).max().item():.3g} beyond one step"
+        assert (error[kind == 3] == 0).all()

@@ -3,7 +3,6 @@ a clean render in headless Chromium (the Debian package; .ci/run installs it).""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
+from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES, require_tool
 from layerwise.errors import LayerwiseError
 from layerwise.report.run import SECTION_IDS, build_report, find_artifacts, metric_ranking, run_report
 from test_cli import assert_one_line_error, layerwise
@@ -116,10 +115,7 @@ def test_report_cli_and_its_bad_input(run_dir, tmp_path):
 
 
 def _chromium() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and os.environ.get("LAYERWISE_REQUIRE_CHROMIUM"):
-        pytest.fail("LAYERWISE_REQUIRE_CHROMIUM is set but no chromium is installed")
-    return found
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _render(chromium: str, page, *extra: str) -> subprocess.CompletedProcess:
@@ -133,9 +129,7 @@ def _console_errors(stderr: str) -> list[str]:
 
 
 def test_the_report_renders_in_headless_chromium(run_dir, tmp_path):
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt install chromium); .ci/run installs it")
+    chromium = require_tool("chromium", _chromium(), "apt install chromium; .ci/run installs it")
     page = run_report(run_dir, tmp_path / "report.html")
     dom = _render(chromium, page, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]

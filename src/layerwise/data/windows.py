@@ -13,6 +13,11 @@ from layerwise.errors import LayerwiseError
 from layerwise.util.meta import sha256_text
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "wikitext2_valid_excerpt.txt"
+DEFAULT_CALIBRATION_NAME = "layerwise:wikitext2_valid_excerpt"
+# The corpus the shipped excerpt was cut from (the start of WikiText-2 valid, tokenized form):
+# evaluating a model calibrated on the excerpt on that corpus is evaluating on calibration text.
+DEFAULT_CALIBRATION_PARENT = {"name": "WikiText-2 valid",
+                              "text_sha256": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,9 @@ class TokenWindows:
     text_sha256: str
     seed: int | None
     bos_token_id: int | None
+    # Which slots of the text (consecutive runs of seq_len - BOS tokens, counted from the start)
+    # these windows are: what lets two uses of one text be proven disjoint.
+    slots: tuple[int, ...] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -43,13 +51,16 @@ class TokenWindows:
             "seed": self.seed,
             "bos_token_id": self.bos_token_id,
             "sampling": "sequential" if self.seed is None else "random non-overlapping chunks",
+            "slots": None if self.slots is None else list(self.slots),
         }
 
 
 def read_text(data: str | Path | Sequence[str] | None) -> tuple[str, str]:
     """(text, description) from a file path, a list of strings, or None for the shipped excerpt."""
     if data is None:
-        return DEFAULT_CALIBRATION.read_text(encoding="utf-8"), "layerwise:wikitext2_valid_excerpt"
+        return DEFAULT_CALIBRATION.read_text(encoding="utf-8"), DEFAULT_CALIBRATION_NAME
+    if data == DEFAULT_CALIBRATION_NAME:
+        return read_text(None)
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():
@@ -86,6 +97,86 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(ids)
 
 
+@dataclass(frozen=True)
+class TextSlots:
+    """A text tokenized once and cut into slots of `body` tokens: the units that windows for
+    different jobs (sensitivity table, search, never-worse check) are drawn from, disjointly."""
+
+    ids: list[int]
+    seq_len: int
+    bos_id: int | None
+    source: str
+    text_sha256: str
+
+    @property
+    def body(self) -> int:
+        return self.seq_len - (self.bos_id is not None)
+
+    @property
+    def available(self) -> int:
+        return len(self.ids) // self.body
+
+    def take(self, n_windows: int, seed: int | None, exclude: Sequence[int] = ()) -> TokenWindows:
+        """`n_windows` slots: the first ones (seed=None), or drawn at random among those not in
+        `exclude`. With nothing excluded the draw is the one `token_windows` has always made."""
+        excluded = set(int(s) for s in exclude)
+        free = self.available - len(excluded & set(range(self.available)))
+        if free < n_windows:
+            taken = f" ({len(excluded)} of them taken by other jobs)" if excluded else ""
+            raise LayerwiseError(
+                f"data {self.source} has {len(self.ids)} tokens: {self.available} windows of {self.seq_len}"
+                f"{taken}, but {n_windows} were asked for ({n_windows * self.seq_len} tokens); "
+                f"give more text or fewer tokens"
+            )
+        if seed is None:
+            slots = np.array([s for s in range(self.available) if s not in excluded][:n_windows])
+        elif not excluded:
+            slots = np.sort(np.random.default_rng(seed).choice(self.available, size=n_windows, replace=False))
+        else:
+            candidates = np.array([s for s in range(self.available) if s not in excluded])
+            slots = np.sort(np.random.default_rng(seed).choice(candidates, size=n_windows, replace=False))
+        return self.windows(slots, seed)
+
+    def touched_by(self, description: dict) -> set[int]:
+        """The slots of this text that windows described by `description` (a `TokenWindows.describe()`,
+        e.g. a sensitivity table's calibration) share tokens with; none if they come from another text.
+        Descriptions written before slots were recorded are redrawn from their seed."""
+        if description.get("text_sha256") != self.text_sha256:
+            return set()
+        their_seq_len = int(description["seq_len"])
+        their_bos = description.get("bos_token_id")
+        theirs = TextSlots(self.ids, their_seq_len, their_bos, self.source, self.text_sha256)
+        their_slots = description.get("slots")
+        if their_slots is None:
+            their_slots = theirs.take(int(description["windows"]), description.get("seed")).slots
+        ranges = [(s * theirs.body, (s + 1) * theirs.body) for s in their_slots]
+        body = self.body
+        return {k for k in range(self.available) for start, end in ranges if k * body < end and start < (k + 1) * body}
+
+    def windows(self, slots: Sequence[int], seed: int | None = None) -> TokenWindows:
+        body = self.body
+        chunks = torch.tensor(np.stack([np.asarray(self.ids[s * body: (s + 1) * body]) for s in slots]),
+                              dtype=torch.long)
+        if self.bos_id is not None:
+            chunks = torch.cat([torch.full((len(slots), 1), self.bos_id, dtype=torch.long), chunks], dim=1)
+        return TokenWindows(chunks, self.source, self.text_sha256, seed, self.bos_id,
+                            tuple(int(s) for s in slots))
+
+
+def text_slots(tokenizer: Any, data: str | Path | Sequence[str] | None, *, seq_len: int = 512,
+               bos: bool | None = None) -> TextSlots:
+    """Tokenize `data` once and cut it into slots for windows of `seq_len` (BOS per `bos_policy`)."""
+    if seq_len <= 1:
+        raise LayerwiseError(f"seq_len must be at least 2, got {seq_len}")
+    text, description = read_text(data)
+    if not text.strip():
+        raise LayerwiseError(f"data {description} is empty")
+    bos_id = bos_policy(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
+    if bos and bos_id is None:
+        raise LayerwiseError("bos=True, but the tokenizer has no BOS token")
+    return TextSlots(_encode(tokenizer, text), seq_len, bos_id, description, sha256_text(text))
+
+
 def token_windows(
     tokenizer: Any,
     data: str | Path | Sequence[str] | None = None,
@@ -106,28 +197,5 @@ def token_windows(
         raise LayerwiseError(f"tokens must be a positive number, got {tokens}")
     if seq_len <= 1:
         raise LayerwiseError(f"seq_len must be at least 2, got {seq_len}")
-    text, description = read_text(data)
-    if not text.strip():
-        raise LayerwiseError(f"data {description} is empty")
     seq_len = min(seq_len, tokens)
-    n_windows = math.ceil(tokens / seq_len)
-    bos_id = bos_policy(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
-    if bos and bos_id is None:
-        raise LayerwiseError("bos=True, but the tokenizer has no BOS token")
-    body = seq_len - (bos_id is not None)
-    ids = _encode(tokenizer, text)
-    available = len(ids) // body
-    if available < n_windows:
-        raise LayerwiseError(
-            f"data {description} has {len(ids)} tokens: {available} windows of {seq_len}, "
-            f"but {n_windows} were asked for ({tokens} tokens); give more text or fewer tokens"
-        )
-    if seed is None:
-        starts = np.arange(n_windows) * body
-    else:
-        chosen = np.random.default_rng(seed).choice(available, size=n_windows, replace=False)
-        starts = np.sort(chosen) * body
-    chunks = torch.tensor(np.stack([np.asarray(ids[s : s + body]) for s in starts]), dtype=torch.long)
-    if bos_id is not None:
-        chunks = torch.cat([torch.full((n_windows, 1), bos_id, dtype=torch.long), chunks], dim=1)
-    return TokenWindows(chunks, description, sha256_text(text), seed, bos_id)
+    return text_slots(tokenizer, data, seq_len=seq_len, bos=bos).take(math.ceil(tokens / seq_len), seed)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Sequence
 
+from layerwise.data.overlap import calibrations_of, check_held_out
 from layerwise.data.windows import read_text, token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate.quality import base_outputs, evaluate
@@ -42,11 +44,22 @@ def run_eval(
     loaded = load_model(model, dtype=dtype, device=device)
     windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=None)
     document, stored = (load_quantized(quantized) if quantized is not None else (None, None))
-    calibration = (document or {}).get("meta", {}).get("calibration") or {}
-    if calib is not None:
-        calibration = {"text_sha256": sha256_text(read_text(calib)[0])}
-    if calibration.get("text_sha256") == windows.text_sha256:
-        raise LayerwiseError(f"{data} is the text this model was calibrated on; evaluate on held-out text")
+    if plan is not None and not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    plan_meta = plan.meta if plan is not None else None
+    if quantized is not None and (Path(quantized) / "plan.json").is_file():
+        plan_meta = Plan.load(Path(quantized) / "plan.json").meta
+    calibrations = calibrations_of(plan_meta, (document or {}).get("meta"))
+    if calib is not None and plan is not None:
+        from layerwise.quant.run import QUANTIZE_TOKENS
+
+        calibrations["quantization statistics"] = token_windows(loaded.tokenizer, calib, tokens=QUANTIZE_TOKENS,
+                                                                seed=0).describe()
+    elif calib is not None:
+        calibrations["--calib"] = {"source": str(calib), "text_sha256": sha256_text(read_text(calib)[0])}
+    if calibrations:
+        for warning in check_held_out(loaded.tokenizer, windows, str(data), calibrations):
+            print(f"warning: {warning}", file=sys.stderr)
     base = base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
     report = {"meta": run_metadata(), "model": loaded.describe(), "data": windows.describe(),
               "base": base.quality.to_dict()}

@@ -219,14 +219,15 @@ def allocate(problem: AllocationProblem, allocator: str = "exact", **options) ->
 # Table-only allocators
 
 
-def _uniform_choices_that_fit(problem: AllocationProblem) -> list[Choice]:
+def uniform_choices_that_fit(problem: AllocationProblem) -> list[Choice]:
+    """Every assignment of one option to all units that the budget allows."""
     units = len(problem.units)
     return [(option,) * units for option in range(len(problem.options))
             if problem.allowed[:, option].all() and problem.total_cost((option,) * units) <= problem.budget]
 
 
 def _best_uniform_choice(problem: AllocationProblem) -> Choice | None:
-    fitting = _uniform_choices_that_fit(problem)
+    fitting = uniform_choices_that_fit(problem)
     if not fitting:
         return None
     return min(fitting, key=lambda choice: (problem.total_loss(choice), problem.total_cost(choice), choice[0]))
@@ -685,7 +686,7 @@ def never_worse_than_uniform(problem: AllocationProblem, allocation: Allocation,
     fitness = fitness if fitness is not None else problem.total_loss
     scorer = _CachedFitness([fitness])
     value = scorer(allocation.choice, 0)
-    uniforms = _uniform_choices_that_fit(problem)
+    uniforms = uniform_choices_that_fit(problem)
     best_uniform = min(uniforms, key=lambda choice: (scorer(choice, 0), choice[0]), default=None)
     evaluations = allocation.evaluations + scorer.calls
     if best_uniform is not None and scorer(best_uniform, 0) < value:

@@ -128,3 +128,23 @@ class KLFitness:
     def full(self, choice: Sequence[int]) -> float:
         """The highest fidelity."""
         return self(choice, self.stages - 1)
+
+    @torch.no_grad()
+    def held_out(self, windows: TokenWindows, batch_size: int = 2):
+        """The base pass over other windows (the never-worse check's), for `window_kl`. Quantized
+        weights stay those of the fitness (GPTQ/AWQ statistics from the fitness windows)."""
+        self.restore()
+        return base_pass(self.loaded, windows, [], set(), batch_size)
+
+    @torch.no_grad()
+    def window_kl(self, choice: Sequence[int], base) -> np.ndarray:
+        """Mean KL(base || model under `choice`) of every window of `base` (from `held_out`);
+        not counted as search compute."""
+        self.apply(choice)
+        model, adapter = self.loaded.model, self.loaded.adapter
+        values = []
+        for calls, reference in zip(base.calls, base.references):
+            logits = logits_without(model, adapter, calls, 0, None)[:, :-1]
+            kl = kl_per_token(reference, logits)
+            values.extend(kl.reshape(kl.shape[0], -1).mean(dim=1).tolist())
+        return np.asarray(values)

@@ -10,15 +10,18 @@ from typing import Sequence
 
 import numpy as np
 
-from layerwise.data.windows import token_windows
+from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TextSlots, TokenWindows,
+                                    text_slots, token_windows)
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
-from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, never_worse_than_uniform
+from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, uniform_choices_that_fit
+from layerwise.plan.check import check_against_uniform
 from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.plan import Plan
 from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
 from layerwise.util.files import check_output, write_text_atomic
 from layerwise.util.meta import run_metadata
+from layerwise.util.progress import progress_bars
 
 DEFAULT_OPTIONS = "int2g64,int3g64,int4g64,int5g64,int6g64,int8g64"
 # Allocators that search under the measured KL of whole plans rather than the table alone.
@@ -45,10 +48,12 @@ def sensitivity_for(
     tokens: int = 4096,
     seq_len: int = 512,
     seed: int = 0,
+    windows: TokenWindows | None = None,
     progress: bool = True,
 ) -> SensitivityTable:
     """The table at `table` if it exists (checked against the model, options and granularity
-    asked for), else a new measurement, saved to `table` when a path is given."""
+    asked for), else a new measurement on `windows` (default: `tokens` of `calib` drawn with
+    `seed`), saved to `table` when a path is given."""
     if table is not None and Path(table).exists():
         found = SensitivityTable.load(table)
         found.check_model(loaded)
@@ -60,7 +65,8 @@ def sensitivity_for(
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
         return found
-    windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+    if windows is None:
+        windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     checkpoint = progress_file(table) if table is not None else None
     measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
                                    progress=progress, checkpoint=checkpoint)
@@ -84,6 +90,26 @@ class PlanOutcome:
     report: dict = field(default_factory=dict)
 
 
+def calibration_jobs(slots: TextSlots, table_calibration: dict, fitness_tokens: int, check_tokens: int,
+                     seed: int) -> dict[str, TokenWindows]:
+    """Windows for the search's fitness and for the never-worse check: slots of the calibration
+    text that neither the sensitivity table nor the other job uses."""
+    taken = slots.touched_by(table_calibration)
+    search = slots.take(math.ceil(fitness_tokens / slots.seq_len), seed + 1, exclude=taken)
+    check = slots.take(math.ceil(check_tokens / slots.seq_len), seed + 2, exclude=taken | set(search.slots))
+    return {"search": search, "check": check}
+
+
+def calibration_provenance(slots: TextSlots, table: SensitivityTable, jobs: dict[str, TokenWindows]) -> dict:
+    """What plan.json records of its calibration: the text, and the windows of every job."""
+    document = {"source": slots.source, "text_sha256": slots.text_sha256, "seq_len": slots.seq_len,
+                "bos_token_id": slots.bos_id,
+                "jobs": {"sensitivity": table.calibration} | {name: w.describe() for name, w in jobs.items()}}
+    if slots.source == DEFAULT_CALIBRATION_NAME:
+        document["default_excerpt_of"] = DEFAULT_CALIBRATION_PARENT
+    return document
+
+
 def run_plan(
     model: str | Path | LoadedModel,
     *,
@@ -96,6 +122,8 @@ def run_plan(
     calib: str | Path | None = None,
     tokens: int = 4096,
     fitness_tokens: int = 2048,
+    check_tokens: int = 2048,
+    seq_len: int = 512,
     generations: int = 10,
     offspring: int = 16,
     seed: int = 0,
@@ -108,10 +136,13 @@ def run_plan(
     """Allocate options to units under a budget (average bits per weight of the block linears,
     scales counted, or total model bytes) and return the plan, never worse than uniform.
 
-    The plan is judged by its KL to the base model on calibration windows drawn with another seed
-    than the table's; if the best uniform option that fits the budget does better, that is what
-    is returned (and said so). GPTQ/AWQ options are measured with Hessians (or inputs) from the
-    unquantized model, an approximation of the sequential calibration `quantize_` then runs."""
+    The calibration text is cut into window slots once; the sensitivity table, the search's
+    fitness and the never-worse check each get their own, disjoint slots (all recorded in the
+    plan). The check measures the plan and every uniform option that fits the budget on its own
+    held-out windows; if the best uniform plan does better, that is what is returned (and said
+    so), and the margin is reported with a paired 95% bootstrap interval. GPTQ/AWQ options are
+    measured with Hessians (or inputs) from the unquantized model, an approximation of the
+    sequential calibration `quantize_` then runs."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     if allocator == "ordering":
@@ -120,37 +151,72 @@ def run_plan(
     if out is not None:
         check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    sensitivity = sensitivity_for(loaded, table=table, options=options, granularity=granularity, calib=calib,
-                                  tokens=tokens, seed=seed, progress=progress)
+    slots = text_slots(loaded.tokenizer, calib, seq_len=min(seq_len, tokens, fitness_tokens, check_tokens))
+    new_table = table is None or not Path(table).exists()
+    table_windows = slots.take(math.ceil(tokens / slots.seq_len), seed) if new_table else None
+    sensitivity = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
+                                  windows=table_windows, progress=progress)
     budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
     problem = sensitivity.problem(budget)
+    jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed)
 
     from layerwise.plan.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
-    windows = token_windows(loaded.tokenizer, calib, tokens=fitness_tokens, seq_len=min(512, fitness_tokens),
-                            seed=seed + 1)
-    with KLFitness(loaded, sensitivity, windows) as fitness:
+    with KLFitness(loaded, sensitivity, jobs["search"]) as fitness, progress_bars(progress) as bars:
         settings = {}
         if allocator in SEARCHING:
-            settings = dict(fidelities=fitness, survivors=[max(1, offspring // 4), 1], generations=generations,
+            searching = bars.add_task("plan search (whole plans measured)", total=None)
+            measured_plans = [0]
+
+            def measured(choice: Sequence[int], stage: int) -> float:
+                value = fitness(choice, stage)
+                if stage > 0:
+                    measured_plans[0] += 1
+                    bars.advance(searching)
+                return value
+
+            settings = dict(fidelities=measured, survivors=[max(1, offspring // 4), 1], generations=generations,
                             offspring=offspring, seed=seed)
             if out is not None:
                 settings["checkpoint"] = progress_file(out)
         chosen = allocate(problem, allocator, **settings)
-        checked = never_worse_than_uniform(problem, chosen, fitness.full)
+        if allocator in SEARCHING:
+            bars.update(searching, total=measured_plans[0])  # the search's length is known only now
+        held_out = fitness.held_out(jobs["check"])
+        others = [c for c in uniform_choices_that_fit(problem) if tuple(c) != tuple(chosen.choice)]
+        checking = bars.add_task("never-worse check (plans measured)", total=len(others) + 1)
+
+        def window_kl(choice: Sequence[int]) -> np.ndarray:
+            values = fitness.window_kl(choice, held_out)
+            bars.advance(checking)
+            return values
+
+        check = check_against_uniform(problem, chosen, window_kl)
+        checked = check.returned
         report = {
             "allocator": allocator, "returned": checked.allocator,
             "bits_per_weight": checked.total_cost / sensitivity.total_weights,
             "total_bytes": math.ceil((checked.total_cost + sensitivity.other_bits) / 8),
             "budget_bits_per_weight": budget / sensitivity.total_weights,
-            "predicted_kl": checked.total_loss, "calibration_kl": checked.fitness,
+            "predicted_kl": checked.total_loss,
+            "calibration_kl": (check.uniform[check.best_uniform]["kl"] if checked.choice != chosen.choice
+                               else check.plan_kl),
+            "search_kl": chosen.fitness if allocator in SEARCHING else None,
+            "check": check.to_dict(),
             "search": {"fitness_calls": fitness.calls, "forward_equivalents": fitness.forward_equivalents(),
                        "seconds": fitness.seconds},
             "sensitivity_cost": sensitivity.cost,
             "options": dict(zip((unit.name for unit in sensitivity.units), checked.labels(problem))),
         }
-    plan = plan_from_choice(sensitivity, checked.choice, {"allocation": {k: v for k, v in report.items()
-                                                                          if k != "options"}})
+    provenance = run_metadata() | {
+        "model": loaded.describe(), "calibration": calibration_provenance(slots, sensitivity, jobs),
+        "options": list(sensitivity.options), "granularity": sensitivity.granularity, "allocator": allocator,
+        "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "search": seed + 1, "check": seed + 2,
+                  "allocator": seed},
+        "table": str(table) if table is not None else None,
+    }
+    plan = plan_from_choice(sensitivity, checked.choice, {
+        "allocation": {k: v for k, v in report.items() if k != "options"}, "provenance": provenance})
     if out is not None:
         plan.save(out)
         write_text_atomic(Path(out).with_suffix(".report.json"),

@@ -120,7 +120,7 @@ def profile_model(
     timings: dict[str, float] = {}
     with progress_bars(progress) as bars:
         task = bars.add_task("profiling", total=len(batches))
-        ablation_task = bars.add_task("ablation", total=len(batches) * sum(
+        ablation_task = bars.add_task("ablation (block runs)", total=len(batches) * sum(
             blocks_run(n_blocks, i, k) for k in kinds for i in range(n_blocks))) if kinds else None
 
         def on_ablation_step(blocks: int) -> None:

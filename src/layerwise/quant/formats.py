@@ -32,6 +32,11 @@ class Format:
     fixed_group_size: int | None = None
     packed: bool = False  # GGUF: bytes in llama.cpp's layout instead of codes + params
     supports_error_feedback: bool = True  # usable with GPTQ / AWQ
+    # Whether the grid is shifted by a zero point or a stored minimum: "never", "always" (GGUF
+    # Q4_1, Q5_1 and the K-quants with a min) or "optional" (chosen by QuantConfig.symmetric).
+    asymmetric: str = "never"
+    # How the fitted "scale" is stored: "float16", or "e8m0" (a power of two as its exponent byte).
+    scale_storage: str = "float16"
 
 
 FORMATS: dict[str, Format] = {}
@@ -73,10 +78,14 @@ def _int_fit(w: torch.Tensor, bits: int, symmetric: bool) -> Params:
         index = w.abs().argmax(dim=-1, keepdim=True)
         extreme = w.gather(-1, index)
         return {"scale": _fp16(extreme / -(2 ** (bits - 1)))}
-    low = w.amin(dim=-1, keepdim=True)
-    high = w.amax(dim=-1, keepdim=True)
+    # The grid always contains zero, as GPTQ's and llm-compressor's min/max observers make it: the
+    # range is [min(min, 0), max(max, 0)], so the zero point lies in [0, 2^b - 1]. Without this a
+    # group of one sign, e.g. [0.9, 1.0], would need a zero point outside the codes, and clamping
+    # it would shift every decoded value (1.0 came back as 0.1 at 4 bits).
+    low = w.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = w.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = _fp16((high - low) / (2**bits - 1))
-    zero = torch.clamp(torch.round(-low / _safe(scale)), 0, 2**bits - 1)
+    zero = torch.clamp(torch.round(low.abs() / _safe(scale)), max=2**bits - 1)  # |low| = -low, never -0.0
     return {"scale": scale, "zero": zero}
 
 
@@ -97,7 +106,7 @@ register_format(Format(
     "int", "integers of 2..8 bits: symmetric (fp16 scale) or asymmetric (fp16 scale + integer zero point)",
     fit=_int_fit, encode=_int_encode, decode=_int_decode,
     param_bits=lambda bits, symmetric: 16 if symmetric else 16 + bits,
-    allowed_bits=(2, 3, 4, 5, 6, 7, 8),
+    allowed_bits=(2, 3, 4, 5, 6, 7, 8), asymmetric="optional",
 ))
 
 
@@ -153,7 +162,7 @@ register_format(Format(
     fit=_mx_fit,
     encode=lambda w, params, bits: _nearest((w / params["scale"]).clamp(-6, 6), FP4_VALUES),
     decode=lambda codes, params, bits: FP4_VALUES.to(codes.device)[codes.long()] * params["scale"],
-    param_bits=lambda bits, symmetric: 8, fixed_bits=4, fixed_group_size=32,
+    param_bits=lambda bits, symmetric: 8, fixed_bits=4, fixed_group_size=32, scale_storage="e8m0",
 ))
 
 
@@ -196,4 +205,5 @@ def _register_gguf_types() -> None:
             fit=None, encode=None, decode=None, param_bits=None,
             fixed_bits=int(gguf_blocks.bits_per_weight(qtype)), fixed_group_size=gguf_blocks.block_size(qtype),
             packed=True, supports_error_feedback=False,
+            asymmetric="always" if qtype in gguf_blocks.ASYMMETRIC_TYPES else "never",
         ))

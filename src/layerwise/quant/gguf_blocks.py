@@ -25,6 +25,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from layerwise.errors import LayerwiseError
 
 __all__ = [
+    "ASYMMETRIC_TYPES",
     "GGUF_TYPES",
     "bits_per_weight",
     "block_size",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 GGUF_TYPES: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Types whose blocks store a minimum beside the scale (`m` or `dmin`): value = scale * code - min.
+ASYMMETRIC_TYPES: tuple[str, ...] = ("Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K")
 
 _F32 = np.float32
 QK_K = 256  # weights per K-quant super-block (ggml-common.h)

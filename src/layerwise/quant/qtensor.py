@@ -46,7 +46,7 @@ class QTensor:
     @property
     def n_bits(self) -> int:
         """Every stored bit: codes, scales, zero points, exponents, AWQ channel scales."""
-        return storage_bits(self.config, self.shape) + (0 if self.channel_scale is None else 16 * self.shape[1])
+        return storage_bits(self.config, self.shape)
 
 
 def group_spans(columns: int, config: QuantConfig, module: str = "weight") -> tuple[int, int]:
@@ -63,15 +63,20 @@ def group_spans(columns: int, config: QuantConfig, module: str = "weight") -> tu
 
 
 def storage_bits(config: QuantConfig, shape: tuple[int, int]) -> int:
+    """Bits stored for an [out, in] weight under `config`: the one count that both a plan's
+    predicted size (from the config) and a quantized QTensor's `n_bits` use."""
     rows, columns = shape
     fmt = get_format(config.format)
     if fmt.packed:
         from layerwise.quant import gguf_blocks
 
-        return 8 * rows * gguf_blocks.row_bytes(config.format.upper(), columns)
-    full, tail = group_spans(columns, config)
-    groups = full + (tail > 0)
-    return rows * (columns * config.bits + groups * fmt.param_bits(config.bits, config.symmetric))
+        weight_bits = 8 * rows * gguf_blocks.row_bytes(config.format.upper(), columns)
+    else:
+        full, tail = group_spans(columns, config)
+        groups = full + (tail > 0)
+        weight_bits = rows * (columns * config.bits + groups * fmt.param_bits(config.bits, config.symmetric))
+    # AWQ also stores one fp16 factor per input column (QTensor.channel_scale).
+    return weight_bits + (16 * columns if config.algorithm == "awq" else 0)
 
 
 def map_groups(w: torch.Tensor, width: int, fn, params: Params | None = None):

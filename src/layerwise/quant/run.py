@@ -14,13 +14,16 @@ from layerwise.quant.storage import save_quantized
 from layerwise.util.files import check_output
 from layerwise.util.meta import run_metadata
 
+# Calibration tokens for GPTQ/AWQ statistics (32 windows of 512).
+QUANTIZE_TOKENS = 16384
+
 
 def run_quantize(
     model: str | Path | LoadedModel,
     plan: Plan | str | Path,
     *,
     calib: str | Path | None = None,
-    tokens: int = 16384,
+    tokens: int = QUANTIZE_TOKENS,
     seq_len: int = 512,
     seed: int = 0,
     out: str | Path | None = None,

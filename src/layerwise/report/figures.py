@@ -13,11 +13,11 @@ import numpy as np
 # Profile columns drawn together in one panel, with the y-axis they share.
 PROFILE_PANELS = (
     ("block importance (LWQ's LIM = ShortGPT's BI)", ("lim", "angular_distance"), "1 - cos(h_in, h_out)", False),
-    ("residual update |dh| / |h|", ("rel_update", "attn_rel_update", "mlp_rel_update"), "relative update", False),
+    ("residual update |dh| / |h|", ("rel_update", "attn_rel_update", "mlp_rel_update"), "relative update", True),
     ("hidden-state norm", ("hidden_norm",), "mean |h| (L2)", True),
     ("activation kurtosis", ("act_kurtosis",), "kurtosis", True),
     ("outliers", ("max_over_median",), "max |h| / median |h|", True),
-    ("massive activations", ("massive_activations",), "share of positions", False),
+    ("massive activations (|x|>100, >1000x median)", ("massive_activations",), "share of h_out entries", False),
     ("MLP sparsity", ("mlp_sparsity",), "share of near-zero activations", False),
     ("logit lens KL", ("logit_lens_kl",), "KL(final || lens), nats", True),
     ("logit lens top-1", ("logit_lens_top1",), "agreement with final top-1", False),
@@ -62,10 +62,19 @@ def readability_problems(figure) -> list[str]:
     return problems
 
 
-def profile_figure(blocks: Sequence[Mapping], linears: Sequence[Mapping] = ()) -> "object":
-    """Every per-block statistic against depth, related ones in one panel."""
+def profile_figure(blocks: Sequence[Mapping], linears: Sequence[Mapping] = (),
+                   tokens: int | None = None) -> "object":
+    """Every per-block statistic against depth, related ones in one panel. `tokens` (the number of
+    positions profiled) turns the massive-activation count into a share; without it, or without
+    linears to tell the hidden size, that panel is left out."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     columns = block_columns(blocks, linears)
+    if "massive_activations" in columns:
+        share = massive_share(columns.pop("massive_activations"), tokens, linears)
+        if share is not None:
+            columns["massive_activations"] = share
     panels = [(title, [c for c in names if c in columns], ylabel, log)
               for title, names, ylabel, log in PROFILE_PANELS if any(c in columns for c in names)]
     grouped = {c for _, names, _, _ in panels for c in names}
@@ -81,6 +90,7 @@ def profile_figure(blocks: Sequence[Mapping], linears: Sequence[Mapping] = ()) -
         if log and all(np.nanmin(np.array(columns[n], dtype=float)) > 0 for n in names):
             axes.set_yscale("log")
         axes.set_title(title, fontsize=10)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("block (0 = nearest the embeddings)")
         axes.set_ylabel(ylabel)
         axes.grid(True, alpha=0.3)
@@ -102,23 +112,58 @@ def block_columns(blocks: Sequence[Mapping], linears: Sequence[Mapping]) -> dict
     return columns
 
 
+def massive_share(counts: Sequence[float], tokens: int | None, linears: Sequence[Mapping]) -> list[float] | None:
+    """The profile's `massive_activations` is a count of h_out entries summed over every position
+    profiled, so it grows with --tokens; divided by the entries looked at (positions x hidden size)
+    it is a share in [0, 1]. The hidden size is the most common input width of the block linears
+    (q/k/v and gate/up all read the residual stream); None where tokens or linears are unknown."""
+    widths = [int(row["columns"]) for row in linears if row.get("columns")]
+    if not tokens or not widths:
+        return None
+    hidden = max(set(widths), key=widths.count)
+    return [count / (tokens * hidden) for count in counts]
+
+
 def _number(value) -> float:
     return math.nan if value is None else float(value)
 
 
+LENS_PERCENTILES = (2, 98)
+
+
+def lens_colour_range(kl) -> tuple[float, float]:
+    """Colour limits for the logit-lens KL: percentiles of the blocks before the last. The last
+    block's lens is the model's own output (KL 0 up to rounding); letting it set the range would
+    spend the whole colour scale on one row and flatten every other."""
+    grid = np.array(kl, dtype=float)
+    body = grid[:-1] if len(grid) > 1 else grid
+    values = body[np.isfinite(body) & (body > 0)]
+    if values.size == 0:
+        return 1e-6, 1.0
+    low, high = np.percentile(values, LENS_PERCENTILES)
+    return float(low), float(max(high, low * 10))
+
+
 def logit_lens_figure(positions: Sequence[int], kl: Sequence[Sequence[float]]) -> "object":
-    """KL(final || logit lens) by block and position in the window (log colour scale)."""
+    """KL(final || logit lens) by block and position in the window, on a log colour scale whose
+    range comes from the blocks before the last (values outside it take the end colours)."""
+    from matplotlib.colors import LogNorm
+
     plt = pyplot()
     grid = np.array(kl, dtype=float)
-    figure, axes = plt.subplots(figsize=(10, max(3.0, 0.18 * len(grid) + 1.5)), dpi=100)
-    image = axes.imshow(np.log10(np.maximum(grid, 1e-6)), aspect="auto", cmap="viridis_r", interpolation="nearest",
-                        origin="lower")
+    low, high = lens_colour_range(grid)
+    figure, axes = plt.subplots(figsize=(10, max(3.5, 0.18 * len(grid) + 1.5)), dpi=100)
+    image = axes.imshow(np.maximum(grid, low * 1e-3), aspect="auto", cmap="viridis_r", interpolation="nearest",
+                        origin="lower", norm=LogNorm(vmin=low, vmax=high, clip=False))
     step = max(1, len(positions) // 12)
     axes.set_xticks(range(0, len(positions), step), [str(p) for p in positions[::step]])
     axes.set_xlabel("position in the window (sampled)")
     axes.set_ylabel("block")
     axes.set_title("logit lens: how far each block's output is from the final prediction", fontsize=10)
-    figure.colorbar(image, ax=axes, label="log10 KL(final || lens), nats")
+    first, last = LENS_PERCENTILES
+    bar = figure.colorbar(image, ax=axes, extend="both")
+    bar.set_label(f"KL(final || lens), nats, log scale;\nrange: {first}-{last}th percentile of the blocks\n"
+                  "before the last (its KL is 0 by construction)", fontsize=8)
     figure.tight_layout()
     return figure
 

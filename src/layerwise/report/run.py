@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from layerwise.errors import LayerwiseError
+from layerwise.report import verdict
 from layerwise.report.figures import (
     block_columns,
     logit_lens_figure,
@@ -27,9 +28,8 @@ from layerwise.report.figures import (
 from layerwise.report.html import Figure, Section, render
 from layerwise.util.files import check_output, write_text_atomic
 
-SECTION_IDS = ("profile", "logit-lens", "sensitivity", "pareto", "plan", "metrics")
+SECTION_IDS = ("verdict", "profile", "logit-lens", "sensitivity", "pareto", "plan", "metrics")
 _MAX_JSON_BYTES = 256 << 20
-_DROP = "drop"
 
 
 @dataclass
@@ -121,7 +121,10 @@ def _profile_sections(found: RunArtifacts) -> list[Section]:
              f"{meta.get('data', {}).get('tokens', '?')} tokens of {meta.get('data', {}).get('source', '?')}"
     profile_section.intro = ("One calibration pass. Lower LIM, residual update and ablation KL mean a block changes "
                              "the residual stream less; the logit lens shows how early the final prediction forms.")
-    profile_section.figures.append(_figure(profile_figure(data["blocks"], data.get("linears", [])),
+    tokens = meta.get("data", {}).get("tokens")
+    if "massive_activations" in data["blocks"][0] and not (tokens and data.get("linears")):
+        source += "; massive activations not drawn (their share needs the token count and the linears' widths)"
+    profile_section.figures.append(_figure(profile_figure(data["blocks"], data.get("linears", []), tokens),
                                            "profile statistics against depth", source))
     profile_section.provenance.append(_command(meta))
     lens = data.get("logit_lens") or {}
@@ -166,7 +169,7 @@ def _predicted_curves(table: dict, profile: dict | None) -> dict[str, list[tuple
 
     units, options, cost, kl, weights = _table_arrays(table)
     total = weights.sum()
-    quantizers = [o for o, name in enumerate(options) if name != _DROP and np.isfinite(kl[:, o]).all()]
+    quantizers = [o for o, name in enumerate(options) if name != verdict.DROP and np.isfinite(kl[:, o]).all()]
     uniform = sorted((float(cost[:, o].sum() / total), float(kl[:, o].sum()), o) for o in quantizers)
     curves: dict[str, list[tuple[float, float]]] = {"uniform (predicted)": [(b, k) for b, k, _ in uniform]}
     if len(uniform) < 2:
@@ -259,7 +262,7 @@ def _nominal_bits(label: str) -> float:
     """Bits per weight from an option name like int3g64 (16-bit scale per group), when no table says."""
     import re
 
-    if label == _DROP:
+    if label == verdict.DROP:
         return 0.0
     match = re.search(r"int(\d)(?:g(\d+))?", label)
     if not match:
@@ -277,7 +280,7 @@ def metric_ranking(profile: dict, table: dict) -> tuple[list[str], list[list[str
     units, options, _, kl, _ = _table_arrays(table)
     block_of = [unit["block"] for unit in table["units"]]
     n_blocks = len(blocks)
-    quantizers = [o for o, name in enumerate(options) if name != _DROP and np.isfinite(kl[:, o]).all()]
+    quantizers = [o for o, name in enumerate(options) if name != verdict.DROP and np.isfinite(kl[:, o]).all()]
     sensitivity = {o: np.array([kl[[u for u, b in enumerate(block_of) if b == block], o].sum()
                                 for block in range(n_blocks)]) for o in quantizers}
     rows = []
@@ -309,14 +312,83 @@ def _metrics_section(found: RunArtifacts) -> Section:
     return section
 
 
+def _verdict_section(found: RunArtifacts) -> Section:
+    """Above every figure: the units that matter most and least, what could be dropped, and what
+    the plan costs and buys; every line names the evidence it comes from."""
+    section = Section("verdict", "Verdict")
+    section.intro = "What to act on, from the best evidence in this run (named in the last column; intervals are 95%)."
+    rows = [*_importance_rows(found), _drop_row(found), *_plan_rows(found)]
+    section.tables.append((["", "what this run says", "from"], rows))
+    section.provenance += [f"data: {path}" for path, _ in filter(None, (found.table, found.profile, found.plan_report))]
+    return section
+
+
+def _importance_rows(found: RunArtifacts) -> list[list[str]]:
+    ranking, path = None, None
+    if found.table is not None:
+        ranking, path = verdict.importance_from_table(*_table_arrays(found.table[1])[:4]), found.table[0]
+    if ranking is None and found.profile is not None:
+        ranking, path = verdict.importance_from_profile(found.profile[1]["blocks"]), found.profile[0]
+    if ranking is None:
+        return [["what matters", "Nothing here ranks units: `layerwise profile MODEL --ablation all --out "
+                 "RUN_DIR/profile` or `layerwise plan MODEL --budget B --table RUN_DIR/sensitivity.json`.", ""]]
+    most, least = verdict.most_and_least(ranking)
+    evidence = f"{ranking.source} ({path.name})"
+    return [["matter most", verdict.listing(ranking, most), evidence],
+            ["matter least", verdict.listing(ranking, least), evidence]]
+
+
+def _drop_row(found: RunArtifacts) -> list[str]:
+    model = _model_source(found) or "MODEL"
+    drops, path = None, None
+    if found.table is not None:
+        _, options, _, kl, _ = _table_arrays(found.table[1])
+        drops, path = verdict.drops_from_table(found.table[1]["units"], options, kl, model), found.table[0]
+    if drops is None and found.profile is not None:
+        drops, path = verdict.drops_from_profile(found.profile[1]["blocks"], model), found.profile[0]
+    if drops is None or not drops.ordered():
+        return ["could be dropped", "No ablation data: `layerwise profile MODEL --ablation all` measures the KL "
+                "without each block and sublayer (or add `drop` to `layerwise plan --options`).", ""]
+    smallest = drops.ordered()[::-1][:verdict.SHOWN]
+    return ["could be dropped", f"{verdict.listing(drops, smallest)}. The first: `{drops.commands[smallest[0]]}`. "
+            "KLs of units removed together do not add up; `layerwise drop --by search` re-measures after each drop.",
+            f"{drops.source} ({path.name})"]
+
+
+def _plan_rows(found: RunArtifacts) -> list[list[str]]:
+    rows = []
+    if found.plan_report is not None:
+        path, report = found.plan_report
+        uniform = None
+        if found.table is not None and report.get("budget_bits_per_weight") is not None:
+            _, options, cost, kl, weights = _table_arrays(found.table[1])
+            uniform = verdict.best_uniform(options, cost, kl, weights, float(report["budget_bits_per_weight"]))
+        rows.append(["the plan", verdict.plan_summary(report, uniform), path.name])
+    else:
+        rows.append(["the plan", "No plan here: `layerwise plan MODEL --budget B --out RUN_DIR/plan.json`.", ""])
+    for path, evaluation in found.evaluations:
+        summary = verdict.evaluation_summary(path.stem, evaluation)
+        if summary:
+            rows.append(["measured", summary, path.name])
+    return rows
+
+
+def _model_source(found: RunArtifacts) -> str | None:
+    for artifact in (found.profile and found.profile[1].get("meta"), found.plan_report and found.plan_report[1]):
+        source = ((artifact or {}).get("model") or {}).get("source")
+        if source:
+            return source
+    return None
+
+
 def build_report(run_dir: str | Path, title: str | None = None) -> tuple[str, RunArtifacts]:
     """The report's HTML and what it was made from."""
     found = find_artifacts(run_dir)
     if not any([found.profile, found.table, found.plan_report, found.pareto, found.bench, found.evaluations]):
         raise LayerwiseError(f"{run_dir} holds no layerwise results (profile.json, a sensitivity table, plan, "
                              "pareto.json or eval JSON); nothing to report")
-    sections = [*_profile_sections(found), _sensitivity_section(found), _pareto_section(found), _plan_section(found),
-                _metrics_section(found)]
+    sections = [_verdict_section(found), *_profile_sections(found), _sensitivity_section(found),
+                _pareto_section(found), _plan_section(found), _metrics_section(found)]
     model = None
     if found.profile:
         model = found.profile[1].get("meta", {}).get("model", {}).get("source")

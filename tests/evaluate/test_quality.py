@@ -1,0 +1,37 @@
+"""Per-window values behind `evaluate`'s numbers, and their intervals, on stories260K."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import EVALUATION_TEXT
+from layerwise import token_windows
+from layerwise.evaluate import base_outputs, evaluate
+from layerwise.evaluate.divergence import Reference, kl_per_token
+
+
+@torch.no_grad()
+def test_window_values_add_up_to_the_reported_numbers(stories):
+    windows = token_windows(stories.tokenizer, EVALUATION_TEXT, tokens=2048, seq_len=256, seed=None)
+    base = base_outputs(stories, windows, progress=False)
+    one_window = windows.input_ids[3:4]
+    reference = Reference.from_logits(stories.model(input_ids=one_window, use_cache=False).logits[:, :-1])
+    weight = stories.model.model.layers[1].mlp.down_proj.weight
+    original = weight.detach().clone()
+    weight.data.add_(0.02 * torch.randn_like(weight))
+    try:
+        quality = evaluate(stories, base, progress=False)
+        # Independently: the KL of one window by a plain forward pass.
+        direct = kl_per_token(reference, stories.model(input_ids=one_window, use_cache=False).logits[:, :-1])
+    finally:
+        weight.data.copy_(original)
+    assert len(quality.window_kl) == 8 and quality.window_tokens == (255,) * 8
+    assert quality.window_kl[3] == pytest.approx(direct.mean().item(), rel=2e-3)
+    assert quality.kl == pytest.approx(np.mean(quality.window_kl))
+    assert quality.perplexity == pytest.approx(math.exp(sum(quality.window_nll) / (8 * 255)))
+    low, high = quality.kl_ci
+    assert low < quality.kl < high
+    low, high = quality.perplexity_ci
+    assert low < quality.perplexity < high
+    assert quality.to_dict()["kl_ci"] == quality.kl_ci
