@@ -19,6 +19,7 @@ bootstrap intervals. "CLI default" is `layerwise plan` itself (`run_plan` with e
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ OPTIONS = ("gptq:int2g64,gptq:int3g128t,gptq:int3g64,gptq:int3g32,gptq:int4g128t
            "gptq:int5g64,gptq:int6g64")
 # The uniform round-to-nearest configuration whose size each budget is, where there is one.
 RTN_AT = {3.25: "int3g64", 3.75: "int3g32", 4.25: "int4g64"}
+# What can be measured at each budget: uniform RTN, uniform GPTQ, the exact allocation, `layerwise plan`.
+PLANS = ("rtn", "gptq", "exact", "default")
 
 
 def main() -> None:
@@ -56,8 +59,22 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=32 * 512, help="GPTQ calibration when a plan is applied")
     parser.add_argument("--eval-tokens", type=int, default=20 * 512)
     parser.add_argument("--name", default="allocate_gptq")
+    parser.add_argument("--plans", default=",".join(PLANS),
+                        help="which plans to measure at each budget (default: %(default)s; empty: only merge)")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="result files of other runs of this script on the same windows (e.g. one budget's "
+                             "default plan measured in parallel) whose rows join this run's before the ratios")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
+    wanted = {name for name in args.plans.split(",") if name}
+    if wanted - set(PLANS):
+        raise SystemExit(f"--plans takes {','.join(PLANS)}, not {args.plans}")
+    merged = [json.loads(Path(path).read_text()) for path in args.merge]
+    if not wanted:
+        if not merged:
+            raise SystemExit("nothing to do: give --plans or --merge")
+        _finish(args, merged[0], [row for document in merged for row in document["rows"]], merged)
+        return
 
     if not args.table:
         raise SystemExit("give --table: `layerwise plan` (the CLI default rows) reads the table from a file")
@@ -99,14 +116,18 @@ def main() -> None:
 
     for budget in budgets:
         problem = table.problem(table.budget_bits(budget))
-        if budget in RTN_AT:
+        if budget in RTN_AT and "rtn" in wanted:
             judge(budget, f"uniform rtn {RTN_AT[budget]}", Plan(parse_option(RTN_AT[budget])), {})
-        plans = {"uniform gptq": allocate(problem, "uniform"), "exact": allocate(problem, "exact")}
+        plans = {"uniform gptq": allocate(problem, "uniform")} if "gptq" in wanted else {}
+        if "exact" in wanted:
+            plans["exact"] = allocate(problem, "exact")
         for name, allocation in plans.items():
             labels = allocation.labels(problem)
             judge(budget, name, plan_from_choice(table, allocation.choice),
                   {"predicted_kl": allocation.total_loss,
                    "options_used": {o: labels.count(o) for o in table.options if o in labels}, "choice": list(labels)})
+        if "default" not in wanted:
+            continue
         start = time.perf_counter()
         outcome = run_plan(loaded, bits_per_weight=budget, table=args.table, options=args.options,
                            calib=CALIBRATION_TEXT, progress=False)
@@ -118,17 +139,28 @@ def main() -> None:
             "search_forward_equivalents": report["search"]["forward_equivalents"],
             "search_seconds": report["search"]["seconds"]})
 
+    document = {"model": loaded.describe(), "options": table.options,
+                "sensitivity": {"calibration": table.calibration, "cost": table.cost},
+                "evaluation": {name: w.describe() for name, w in domains.items()},
+                "calibration": calibration.describe(), "settings": vars(args)}
+    _finish(args, document, rows + [row for other in merged for row in other["rows"]], merged)
+
+
+def _finish(args, document: dict, rows: list[dict], merged: list[dict]) -> None:
+    """Paired ratios against the uniform rows of the same budget and text, then the JSON and table."""
+    for other in merged:
+        if other["evaluation"] != document["evaluation"]:
+            raise SystemExit("a merged result file was evaluated on other windows; its rows cannot be paired")
+    rows.sort(key=lambda row: (row["budget"], _plan_order(row["allocator"]), row["domain"] != "wikitext2-test"))
     for row in rows:
         same = {r["allocator"]: r for r in rows if r["budget"] == row["budget"] and r["domain"] == row["domain"]}
         rtn = next((r for k, r in same.items() if k.startswith("uniform rtn")), None)
         for key, baseline in (("uniform_rtn", rtn), ("uniform_gptq", same.get("uniform gptq"))):
             if baseline is not None:
                 row[f"kl_over_{key}"], row[f"kl_over_{key}_ci"] = paired_ratio(row, baseline)
-    write_results(args.name, {"model": loaded.describe(), "options": table.options,
-                              "sensitivity": {"calibration": table.calibration, "cost": table.cost},
-                              "evaluation": {name: w.describe() for name, w in domains.items()},
-                              "calibration": calibration.describe(), "settings": vars(args), "rows": rows})
-
+    write_results(args.name, {key: value for key, value in document.items() if key not in ("rows", "command",
+                                                                                            "machine")}
+                  | {"merged": list(args.merge), "rows": rows})
     print("\n| budget | plan | text | bits/weight | perplexity | KL [95% interval] | KL / uniform RTN | KL / uniform GPTQ |")
     print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
@@ -140,6 +172,11 @@ def main() -> None:
         print(f"| {row['budget']:.2f} | {row['allocator']} | {row['domain']} | {row['bits_per_weight']:.4f} | "
               f"{row['perplexity']:.2f} | {row['kl']:.4f} [{row['kl_ci'][0]:.4f}, {row['kl_ci'][1]:.4f}] | "
               f"{ratio('uniform_rtn')} | {ratio('uniform_gptq')} |")
+
+
+def _plan_order(allocator: str) -> int:
+    return next((i for i, prefix in enumerate(("uniform rtn", "uniform gptq", "exact", "CLI")) if
+                 allocator.startswith(prefix)), 9)
 
 
 if __name__ == "__main__":

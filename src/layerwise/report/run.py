@@ -203,7 +203,8 @@ def _pareto_section(found: RunArtifacts) -> Section:
     if found.bench is not None:
         path, bench = found.bench
         for row in bench["rows"]:
-            name = f"{row['allocator']} (measured)"
+            # Rows judged on several kinds of text (bench/allocate.py) make one series per text.
+            name = f"{row['allocator']} (measured{', ' + row['domain'] if row.get('domain') else ''})"
             kl_series.setdefault(name, []).append((row["bits_per_weight"], row["kl"]))
             if row.get("perplexity") is not None:
                 perplexity_series.setdefault(name, []).append((row["bits_per_weight"], row["perplexity"]))
