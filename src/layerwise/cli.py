@@ -150,10 +150,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
           f"{report['search']['seconds']:.0f} s")
     check = report["check"]
     if check["best_uniform"] is not None:
+        ratio = check["ratio"] if check["ratio"] is not None else float("nan")
         low, high = check["ratio_ci"] or (float("nan"), float("nan"))
         print(f"against uniform {check['best_uniform']} on the same held-out windows: KL {check['plan_kl']:.5f} vs "
-              f"{check['uniform'][check['best_uniform']]['kl']:.5f}, ratio {check['ratio'] if check['ratio'] is not None else float('nan'):.3f} "
-              f"(95% interval {low:.3f}-{high:.3f})")
+              f"{check['uniform'][check['best_uniform']]['kl']:.5f}, ratio {ratio:.3f} (95% interval {low:.3f}-{high:.3f})")
     if report["returned"] == "uniform" and args.allocator != "uniform":
         print(f"the {args.allocator} plan was worse than uniform at this budget; the uniform plan is returned")
     if args.out:

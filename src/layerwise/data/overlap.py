@@ -13,10 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TextSlots, TokenWindows,
-                                    read_text, text_slots)
+from layerwise.data.windows import DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TokenWindows, text_slots
 from layerwise.errors import LayerwiseError
-from layerwise.util.meta import sha256_text
 
 SHARED_RUN = 32
 
@@ -55,16 +53,12 @@ def rebuild_windows(tokenizer: Any, description: dict) -> TokenWindows | None:
     if source != DEFAULT_CALIBRATION_NAME and not (source and Path(source).is_file()):
         return None
     try:
-        text = read_text(source)[0]
+        slots = text_slots(tokenizer, source, seq_len=int(description["seq_len"]),
+                           bos=description.get("bos_token_id") is not None)
     except LayerwiseError:
         return None
-    wanted = description.get("text_sha256")
-    if sha256_text(text) != wanted:
+    if slots.text_sha256 != description.get("text_sha256"):
         return None
-    seq_len = int(description["seq_len"])
-    bos = description.get("bos_token_id")
-    slots = TextSlots(text_slots(tokenizer, [text], seq_len=seq_len, bos=bos is not None).ids, seq_len, bos,
-                      source, wanted)
     if description.get("slots") is not None:
         return slots.windows(description["slots"], description.get("seed"))
     return slots.take(int(description["windows"]), description.get("seed"))

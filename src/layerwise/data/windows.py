@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,9 +119,9 @@ class TextSlots:
     def take(self, n_windows: int, seed: int | None, exclude: Sequence[int] = ()) -> TokenWindows:
         """`n_windows` slots: the first ones (seed=None), or drawn at random among those not in
         `exclude`. With nothing excluded the draw is the one `token_windows` has always made."""
-        excluded = set(int(s) for s in exclude)
-        free = self.available - len(excluded & set(range(self.available)))
-        if free < n_windows:
+        excluded = {int(s) for s in exclude}
+        candidates = [s for s in range(self.available) if s not in excluded]
+        if len(candidates) < n_windows:
             taken = f" ({len(excluded)} of them taken by other jobs)" if excluded else ""
             raise LayerwiseError(
                 f"data {self.source} has {len(self.ids)} tokens: {self.available} windows of {self.seq_len}"
@@ -129,12 +129,11 @@ class TextSlots:
                 f"give more text or fewer tokens"
             )
         if seed is None:
-            slots = np.array([s for s in range(self.available) if s not in excluded][:n_windows])
-        elif not excluded:
-            slots = np.sort(np.random.default_rng(seed).choice(self.available, size=n_windows, replace=False))
+            slots = candidates[:n_windows]
         else:
-            candidates = np.array([s for s in range(self.available) if s not in excluded])
-            slots = np.sort(np.random.default_rng(seed).choice(candidates, size=n_windows, replace=False))
+            # Drawing from range(available) when nothing is excluded keeps the draws of older runs.
+            population = candidates if excluded else self.available
+            slots = np.sort(np.random.default_rng(seed).choice(population, size=n_windows, replace=False))
         return self.windows(slots, seed)
 
     def touched_by(self, description: dict) -> set[int]:
@@ -145,7 +144,7 @@ class TextSlots:
             return set()
         their_seq_len = int(description["seq_len"])
         their_bos = description.get("bos_token_id")
-        theirs = TextSlots(self.ids, their_seq_len, their_bos, self.source, self.text_sha256)
+        theirs = replace(self, seq_len=their_seq_len, bos_id=their_bos)
         their_slots = description.get("slots")
         if their_slots is None:
             their_slots = theirs.take(int(description["windows"]), description.get("seed")).slots
