@@ -68,3 +68,16 @@ def paired_ratio(row: dict, baseline: dict) -> tuple[float, list[float]]:
     from layerwise.util.intervals import paired_ratio_ci
 
     return row["kl"] / baseline["kl"], paired_ratio_ci(row["window_kl"], baseline["window_kl"])
+
+
+DITHERED_SMOLLM2 = ROOT / "bench" / "out" / "smollm2-dithered"
+
+
+def dithered_smollm2() -> Path:
+    """The off-grid copy of SmolLM2 (../shared/README.md): written once by the shared script, then reused."""
+    if not (DITHERED_SMOLLM2 / "model.safetensors").exists():
+        import subprocess
+
+        subprocess.run([sys.executable, str(SHARED / "models" / "dither_smollm2.py"), str(DITHERED_SMOLLM2)],
+                       check=True)
+    return DITHERED_SMOLLM2

@@ -101,3 +101,19 @@ def test_drop_bad_input(args, pattern, tmp_path):
 def test_schedule_naming_a_missing_block():
     done = layerwise("eval", STORIES, "--data", EVALUATION_TEXT, "--tokens", "1024", "--schedule", "0,7", "--quiet")
     assert_one_line_error(done, "schedule names block 7")
+
+
+def test_plan_with_several_calibration_files_reports_every_domain(tmp_path):
+    (tmp_path / "other.txt").write_text(EVALUATION_TEXT.read_text()[:60000])
+    done = layerwise("plan", STORIES, "--budget", "4.5", "--options", "int2pc,int4pc,int8pc", "--calib",
+                     CALIBRATION_TEXT, "--calib", tmp_path / "other.txt", "--objective", "worst", "--tokens", "1024",
+                     "--check-tokens", "1024", "--out", tmp_path / "plan.json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "per domain, against its best uniform plan: valid " in done.stdout and "; other " in done.stdout
+    report = json.loads((tmp_path / "plan.report.json").read_text())
+    assert report["objective"] == "worst" and report["domains"] == ["valid", "other"]
+    assert set(report["check"]["domains"]) == {"valid", "other"}
+    done = layerwise("list", "objectives")
+    assert "cautious (default)" in done.stdout and "worst" in done.stdout
+    done = layerwise("plan", STORIES, "--budget", "4.5", "--objective", "median", "--quiet")
+    assert_one_line_error(done, "invalid choice: 'median'")

@@ -133,7 +133,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if (args.budget is None) == (args.budget_bytes is None):
         raise LayerwiseError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-bytes N")
     outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes, options=args.options,
-                       allocator=args.allocator, granularity=args.granularity, table=args.table, calib=args.calib,
+                       allocator=args.allocator, objective=args.objective, granularity=args.granularity,
+                       table=args.table, calib=args.calib[0] if args.calib and len(args.calib) == 1 else args.calib,
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
                        generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
@@ -154,8 +155,16 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         low, high = check["ratio_ci"] or (float("nan"), float("nan"))
         print(f"against uniform {check['best_uniform']} on the same held-out windows: KL {check['plan_kl']:.5f} vs "
               f"{check['uniform'][check['best_uniform']]['kl']:.5f}, ratio {ratio:.3f} (95% interval {low:.3f}-{high:.3f})")
+        if len(check["domains"]) > 1:
+            print("per domain, against its best uniform plan: " + "; ".join(
+                f"{name} {d['ratio']:.3f} ({d['ratio_ci'][0]:.3f}-{d['ratio_ci'][1]:.3f})"
+                for name, d in check["domains"].items() if d.get("ratio") is not None))
     if report["returned"] == "uniform" and args.allocator != "uniform":
-        print(f"the {args.allocator} plan was worse than uniform at this budget; the uniform plan is returned")
+        print(f"the {args.allocator} plan was worse than uniform on some calibration domain at this budget; the "
+              "uniform plan is returned")
+    elif report["returned"] != args.allocator:
+        print(f"the {args.allocator} plan was worse than uniform on some calibration domain; the safer "
+              f"{report['returned']} plan passed and is returned")
     if args.out:
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.report.json')}")
 
@@ -259,6 +268,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     from layerwise.models import supported_architectures
+    from layerwise.plan.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
     from layerwise.profile import METRIC_ALIASES, METRICS, WEIGHT_METRICS
 
     console = Console(width=max(Console().width, 170))
@@ -272,6 +282,10 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
         for name, function in ALLOCATORS.items():
             console.print(f"[bold]{name}[/bold]: {(function.__doc__ or '').strip().splitlines()[0]}")
+    elif args.what == "objectives":
+        for name, objective in OBJECTIVES.items():
+            default = " (default)" if name == DEFAULT_OBJECTIVE else ""
+            console.print(f"[bold]{name}[/bold]{default}: {objective.description}")
     elif args.what == "architectures":
         for name in supported_architectures():
             console.print(name)
@@ -292,6 +306,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from layerwise.plan.objectives import DEFAULT_OBJECTIVE, OBJECTIVES  # numbers only, no torch
+
     parser = _Parser(prog="layerwise", description="Find out which layers of a transformer LM matter.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -355,16 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bytes", type=_positive_float, default=None, help="or the whole model's size in bytes")
     p.add_argument("--options", default=None,
                    help="comma-separated choices, e.g. int3g64,int4g64,gptq:int4g64,q4_0 (default int2..int8 g64)")
-    p.add_argument("--allocator", default="hybrid", help="hybrid (default), exact, greedy, evolutionary, uniform")
+    p.add_argument("--allocator", default="exact", help="exact (default), hybrid, greedy, evolutionary, uniform")
+    p.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
+                   help=f"how calibration domains are weighed (default {DEFAULT_OBJECTIVE}): " + "; ".join(
+                       f"{name}: {objective.description}" for name, objective in OBJECTIVES.items()))
     p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear"],
                    help="what one choice covers (default sublayer; linear keeps q/k/v and gate/up together)")
     p.add_argument("--table", default=None, help="sensitivity table to reuse, or where to save a new one")
-    p.add_argument("--calib", default=None, help="calibration text (default: the shipped WikiText-2 valid excerpt)")
-    p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens for the sensitivity table (default 4096)")
+    p.add_argument("--calib", default=None, action="append",
+                   help="calibration text, one domain per file; repeat for several (default: the shipped mix of "
+                        "prose, code, verse and tables)")
+    p.add_argument("--tokens", type=_positive_int, default=4096,
+                   help="tokens for the sensitivity table, split over the domains (default 4096)")
     p.add_argument("--fitness-tokens", type=_positive_int, default=2048,
                    help="tokens on which the search judges whole plans (default 2048)")
-    p.add_argument("--check-tokens", type=_positive_int, default=2048,
-                   help="held-out calibration tokens on which the plan is checked against uniform (default 2048)")
+    p.add_argument("--check-tokens", type=_positive_int, default=4096,
+                   help="held-out calibration tokens, split over the domains, on which the plan is checked against "
+                        "uniform (default 4096)")
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")
@@ -437,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_report)
 
     p = commands.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators"])
+    p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators", "objectives"])
     p.set_defaults(run=_cmd_list)
     return parser
 

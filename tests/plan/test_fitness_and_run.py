@@ -153,9 +153,10 @@ def test_eval_refuses_windows_that_share_text_with_the_plan_calibration(loaded, 
 
 
 def test_eval_refuses_wikitext_valid_for_a_plan_calibrated_on_the_shipped_excerpt(loaded, table, tmp_path):
-    outcome = run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, allocator="exact", tokens=1024,
-                       fitness_tokens=512, check_tokens=512, progress=False)
-    assert outcome.plan.meta["provenance"]["calibration"]["default_excerpt_of"]["name"] == "WikiText-2 valid"
+    outcome = run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, tokens=1024, check_tokens=1024, seq_len=128,
+                       progress=False)
+    prose = outcome.plan.meta["provenance"]["calibration"]["domains"]["prose"]
+    assert prose["default_excerpt_of"]["name"] == "WikiText-2 valid"
     outcome.plan.save(tmp_path / "plan.json")
     with pytest.raises(LayerwiseError, match="WikiText-2 valid, the text layerwise's default calibration excerpt"):
         run_eval(STORIES, data=CALIBRATION_TEXT, plan=tmp_path / "plan.json", tokens=2048, progress=False)
@@ -184,3 +185,41 @@ def test_pareto_curve_from_one_table(table, tmp_path):
     with pytest.raises(LayerwiseError, match="table alone"):
         run_pareto(table, budgets=budgets, allocator="hybrid")
     assert np.isclose(rows[0]["predicted_kl"], table.kl[:, 0].sum())
+
+
+def test_a_plan_on_several_domains_keeps_each_domain_apart(loaded, tmp_path):
+    """Two calibration files: the table has one column set per file, equal to measuring that
+    file's windows alone; every job takes disjoint windows of every file; the check reports each
+    domain; and evaluation on a copy of one domain's text is refused."""
+    from layerwise.data.domains import DEFAULT_DOMAINS
+    from layerwise.data.windows import read_text
+
+    code = tmp_path / "code.txt"
+    code.write_text(read_text(DEFAULT_DOMAINS["code"])[0])
+    outcome = run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, calib=[CALIBRATION_TEXT, code], objective="worst",
+                       tokens=1024, check_tokens=1024, seq_len=128, table=tmp_path / "sens.json",
+                       out=tmp_path / "plan.json", progress=False)
+    table = outcome.table
+    assert table.domains == ["valid", "code"]
+    for name, description in table.calibration["domains"].items():
+        alone = measure_sensitivity(loaded, rebuild_windows(loaded.tokenizer, description), OPTIONS, "sublayer",
+                                    progress=False)
+        np.testing.assert_allclose(table.domain_kl[name], alone.kl, rtol=1e-4, equal_nan=True)
+    np.testing.assert_allclose(table.kl, (table.domain_kl["valid"] + table.domain_kl["code"]) / 2, equal_nan=True)
+    report = outcome.report
+    assert report["objective"] == "worst" and report["domains"] == ["valid", "code"]
+    assert set(report["check"]["domains"]) == {"valid", "code"}
+    for entry in report["check"]["domains"].values():
+        assert entry["ratio_ci"][0] <= entry["ratio"] <= entry["ratio_ci"][1]
+    if report["returned"] != "uniform":  # the promise: at least as good as uniform on every domain
+        assert all(entry["margin"] >= 0 for entry in report["check"]["domains"].values())
+    domains = Plan.load(tmp_path / "plan.json").meta["provenance"]["calibration"]["domains"]
+    for name, record in domains.items():
+        assert set(record["jobs"]) == {"sensitivity", "check"}
+        slots = [set(job["slots"]) for job in record["jobs"].values()]
+        assert len(slots[0]) == 4 and len(slots[1]) == 4 and not slots[0] & slots[1]
+    copy = tmp_path / "copy.txt"
+    copy.write_text("# another first line\n" + code.read_text())
+    with pytest.raises(LayerwiseError, match=r"shares text with calibration window \d+ of .*code.txt \(used for the "
+                                             r"plan's (sensitivity|check) \(code domain\)"):
+        run_eval(STORIES, data=copy, plan=tmp_path / "plan.json", tokens=20 * 512, progress=False)

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from layerwise.data.windows import DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TokenWindows, text_slots
+from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, SHIPPED_PREFIX, TokenWindows,
+                                    mix_windows, text_slots)
 from layerwise.errors import LayerwiseError
 
 SHARED_RUN = 32
@@ -49,8 +50,11 @@ def shared_windows(evaluation: TokenWindows, calibration: TokenWindows,
 def rebuild_windows(tokenizer: Any, description: dict) -> TokenWindows | None:
     """The calibration windows `description` (a `TokenWindows.describe()`) names, re-cut from their
     source file; None when the file is gone or no longer holds the same text."""
+    if "domains" in description:  # windows of several texts, mixed
+        parts = {name: rebuild_windows(tokenizer, part) for name, part in description["domains"].items()}
+        return None if any(part is None for part in parts.values()) else mix_windows(parts)
     source = description.get("source")
-    if source != DEFAULT_CALIBRATION_NAME and not (source and Path(source).is_file()):
+    if not (source and (source.startswith(SHIPPED_PREFIX) or Path(source).is_file())):
         return None
     try:
         slots = text_slots(tokenizer, source, seq_len=int(description["seq_len"]),
@@ -101,8 +105,14 @@ def calibrations_of(plan_meta: dict | None, quant_meta: dict | None) -> dict[str
     """Every set of calibration windows a plan's metadata and a quantized model's metadata name."""
     found: dict[str, dict] = {}
     provenance = (plan_meta or {}).get("provenance") or {}
-    for job, description in ((provenance.get("calibration") or {}).get("jobs") or {}).items():
-        found[f"plan's {job}"] = description
+    calibration = provenance.get("calibration") or {}
+    # Plans calibrated on several domains record each domain as plans of one text record theirs.
+    domains = calibration.get("domains") or {None: calibration}
+    if calibration.get("table_elsewhere"):
+        domains = domains | {None: calibration["table_elsewhere"]}
+    for domain, record in domains.items():
+        for job, description in ((record or {}).get("jobs") or {}).items():
+            found[f"plan's {job}" + (f" ({domain} domain)" if domain else "")] = description
     if quant_meta and quant_meta.get("calibration"):
         found["quantization statistics"] = quant_meta["calibration"]
     return found

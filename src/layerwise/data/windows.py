@@ -12,8 +12,11 @@ import torch
 from layerwise.errors import LayerwiseError
 from layerwise.util.meta import sha256_text
 
-DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "wikitext2_valid_excerpt.txt"
+CALIBRATION_FOLDER = Path(__file__).parent / "calibration"
+DEFAULT_CALIBRATION = CALIBRATION_FOLDER / "wikitext2_valid_excerpt.txt"
 DEFAULT_CALIBRATION_NAME = "layerwise:wikitext2_valid_excerpt"
+# Every calibration text shipped with layerwise goes by "layerwise:<file stem>" (see its LICENSE).
+SHIPPED_PREFIX = "layerwise:"
 # The corpus the shipped excerpt was cut from (the start of WikiText-2 valid, tokenized form):
 # evaluating a model calibrated on the excerpt on that corpus is evaluating on calibration text.
 DEFAULT_CALIBRATION_PARENT = {"name": "WikiText-2 valid",
@@ -32,6 +35,15 @@ class TokenWindows:
     # Which slots of the text (consecutive runs of seq_len - BOS tokens, counted from the start)
     # these windows are: what lets two uses of one text be proven disjoint.
     slots: tuple[int, ...] | None = None
+    # Windows drawn from several texts (calibration domains): (name, windows) per domain, and the
+    # domain of every row of input_ids. None for windows of one text.
+    parts: tuple[tuple[str, "TokenWindows"], ...] | None = None
+    row_domains: tuple[str, ...] | None = None
+
+    @property
+    def window_domains(self) -> tuple[str, ...]:
+        """The calibration domain of every window (one name for windows of a single text)."""
+        return self.row_domains or ("calibration",) * len(self.input_ids)
 
     @property
     def n_tokens(self) -> int:
@@ -42,6 +54,11 @@ class TokenWindows:
 
     def describe(self) -> dict:
         n_windows, seq_len = self.input_ids.shape
+        if self.parts is not None:
+            return {"source": self.source, "text_sha256": self.text_sha256, "tokens": self.n_tokens,
+                    "windows": n_windows, "seq_len": seq_len, "seed": self.seed, "bos_token_id": self.bos_token_id,
+                    "sampling": "per domain, interleaved", "slots": None,
+                    "domains": {name: part.describe() for name, part in self.parts}}
         return {
             "source": self.source,
             "text_sha256": self.text_sha256,
@@ -55,12 +72,35 @@ class TokenWindows:
         }
 
 
+def mix_windows(parts: dict[str, TokenWindows]) -> TokenWindows:
+    """Windows of several domains as one set, interleaved (so that the first batches already hold
+    every domain), each row remembering its domain; one domain is returned as it is."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    shapes = {windows.input_ids.shape[1] for windows in parts.values()}
+    bos = {windows.bos_token_id for windows in parts.values()}
+    if len(shapes) != 1 or len(bos) != 1:
+        raise LayerwiseError("windows of every calibration domain need the same length and BOS to be mixed")
+    order = [(name, row) for row in range(max(len(w.input_ids) for w in parts.values()))
+             for name, w in parts.items() if row < len(w.input_ids)]
+    input_ids = torch.stack([parts[name].input_ids[row] for name, row in order])
+    combined = sha256_text("\n".join(f"{name} {w.text_sha256}" for name, w in parts.items()))
+    seeds = {w.seed for w in parts.values()}
+    return TokenWindows(input_ids, "mix of " + ", ".join(parts), combined, seeds.pop() if len(seeds) == 1 else None,
+                        bos.pop(), None, tuple(parts.items()), tuple(name for name, _ in order))
+
+
 def read_text(data: str | Path | Sequence[str] | None) -> tuple[str, str]:
-    """(text, description) from a file path, a list of strings, or None for the shipped excerpt."""
+    """(text, description) from a file path, a list of strings, "layerwise:<name>" for a shipped
+    text, or None for the shipped prose excerpt."""
     if data is None:
         return DEFAULT_CALIBRATION.read_text(encoding="utf-8"), DEFAULT_CALIBRATION_NAME
-    if data == DEFAULT_CALIBRATION_NAME:
-        return read_text(None)
+    if isinstance(data, str) and data.startswith(SHIPPED_PREFIX):
+        shipped = CALIBRATION_FOLDER / (data[len(SHIPPED_PREFIX):] + ".txt")
+        if not shipped.is_file():
+            known = ", ".join(SHIPPED_PREFIX + path.stem for path in sorted(CALIBRATION_FOLDER.glob("*.txt")))
+            raise LayerwiseError(f"{data} is not a text shipped with layerwise; shipped: {known}")
+        return shipped.read_text(encoding="utf-8"), data
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():

@@ -34,6 +34,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from layerwise.errors import LayerwiseError
+from layerwise.plan.objectives import objective_named
 from layerwise.util.files import read_artifact, write_text_atomic
 
 Choice = tuple[int, ...]
@@ -53,6 +54,10 @@ class AllocationProblem:
     cost: np.ndarray
     loss: np.ndarray
     budget: float
+    # Optional [D, U, O] losses per calibration domain, and how `total_loss` combines them
+    # (`layerwise.plan.objectives`); `loss` is then that objective's additive per-unit loss.
+    domain_loss: np.ndarray | None = None
+    objective: str = "mean"
     allowed: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,27 @@ class AllocationProblem:
             raise LayerwiseError(f"AllocationProblem.budget={budget} is below the smallest achievable total cost "
                                  f"{self.min_cost()} (largest {self.max_cost()}); give a budget >= {self.min_cost()}")
         object.__setattr__(self, "budget", budget)
+        objective_named(self.objective)
+        if self.domain_loss is not None:
+            domain_loss = np.array(self.domain_loss, dtype=np.float64)
+            if domain_loss.ndim != 3 or domain_loss.shape[1:] != shape:
+                raise LayerwiseError(f"AllocationProblem.domain_loss has shape {domain_loss.shape}; expected "
+                                     f"(domains, units, options) = (D, {shape[0]}, {shape[1]})")
+            domain_loss[:, ~allowed] = np.inf
+            domain_loss.setflags(write=False)
+            object.__setattr__(self, "domain_loss", domain_loss)
+
+    @property
+    def worst_domain(self) -> bool:
+        """Whether `total_loss` is the worst domain's total (not a sum over units)."""
+        return self.domain_loss is not None and objective_named(self.objective).worst_domain
+
+    def domain_totals(self, choice: Sequence[int]) -> np.ndarray:
+        """Summed loss of an assignment on every domain ([D]; one entry without domains)."""
+        if self.domain_loss is None:
+            return np.array([self.total_loss(choice)])
+        return np.array([math.fsum(table[unit, option] for unit, option in enumerate(choice))
+                         for table in self.domain_loss])
 
     def _allowed_cost(self, fill: float) -> np.ndarray:
         return np.where(self.allowed, self.cost, fill)
@@ -128,7 +154,10 @@ class AllocationProblem:
         return math.fsum(self.cost[unit, option] for unit, option in enumerate(choice))
 
     def total_loss(self, choice: Sequence[int]) -> float:
-        """Summed table loss of an assignment (the additive model); +inf if an option is forbidden."""
+        """The objective of an assignment under the table: the summed loss (the additive model), or
+        under the "worst" objective the largest domain total; +inf if an option is forbidden."""
+        if self.worst_domain:
+            return float(self.domain_totals(choice).max())
         return math.fsum(self.loss[unit, option] for unit, option in enumerate(choice))
 
     def option_index(self, option: int | str, field_name: str = "option") -> int:
@@ -255,8 +284,13 @@ def _cheapest_choice(problem: AllocationProblem) -> Choice:
 
 @register_allocator("exact")
 def exact(problem: AllocationProblem, solver: str = "milp") -> Allocation:
-    """The optimum of the additive model: a MILP (HiGHS), or a DP when costs are integers."""
-    if problem.budget >= problem.max_cost():
+    """The optimum of the additive model: a MILP (HiGHS), or a DP when costs are integers. Under
+    the "worst" objective, the assignment whose worst domain total is least (a MILP)."""
+    if problem.worst_domain:
+        if solver != "milp":
+            raise LayerwiseError(f"exact: solver={solver!r} cannot minimise the worst domain; use solver='milp'")
+        choice = _exact_by_milp(problem)
+    elif problem.budget >= problem.max_cost():
         # The budget binds nothing: every unit takes its lowest-loss option.
         choice = tuple(int(np.argmin(problem.loss[u])) for u in range(len(problem.units)))
     elif solver == "milp":
@@ -269,24 +303,44 @@ def exact(problem: AllocationProblem, solver: str = "milp") -> Allocation:
 
 
 def _solve_milp(problem: AllocationProblem, solver_budget: float) -> Choice | None:
-    """Binary x[u, o], one option per unit, summed cost <= solver_budget, minimal summed loss."""
+    """Binary x[u, o], one option per unit, summed cost <= solver_budget, minimal summed loss; under
+    the "worst" objective, minimal t with every domain's summed loss <= t (one extra variable)."""
     units, options = problem.cost.shape
     # Scale both tables to O(1): HiGHS's tolerances are absolute, and KLs of 1e-4 or costs of
     # 1e9 bits would otherwise sit below or far above them.
     cost_scale = problem.max_cost()
-    shifted_loss = np.where(problem.allowed, problem.loss - problem.loss.min(axis=1, keepdims=True), 0.0)
-    loss_scale = shifted_loss.max() or 1.0
-    objective = (shifted_loss / loss_scale).ravel()
     cost_row = (problem._allowed_cost(0.0) / cost_scale).ravel()
     one_hot = sparse.kron(sparse.eye(units), np.ones((1, options)), format="csr")
-    constraints = [LinearConstraint(one_hot, 1.0, 1.0),
-                   LinearConstraint(cost_row[None, :], -np.inf, solver_budget / cost_scale)]
     upper = problem.allowed.ravel().astype(np.float64)  # forbidden options fixed to 0
-    result = milp(objective, constraints=constraints, integrality=np.ones_like(objective),
-                  bounds=Bounds(0.0, upper), options={"mip_rel_gap": 0.0})
+    if not problem.worst_domain:
+        shifted_loss = np.where(problem.allowed, problem.loss - problem.loss.min(axis=1, keepdims=True), 0.0)
+        loss_scale = shifted_loss.max() or 1.0
+        objective = (shifted_loss / loss_scale).ravel()
+        constraints = [LinearConstraint(one_hot, 1.0, 1.0),
+                       LinearConstraint(cost_row[None, :], -np.inf, solver_budget / cost_scale)]
+        integrality, bounds = np.ones_like(objective), Bounds(0.0, upper)
+    else:
+        # Each domain's loss is shifted by its per-unit minimum (a constant it keeps on the right).
+        domain_loss = np.where(problem.allowed, problem.domain_loss, np.nan)
+        floor = np.nanmin(domain_loss, axis=2)  # [D, U]
+        shifted = np.nan_to_num(domain_loss - floor[:, :, None], nan=0.0)
+        loss_scale = shifted.max() or 1.0
+        domains = shifted.shape[0]
+        rows = np.hstack([shifted.reshape(domains, -1) / loss_scale, -np.ones((domains, 1))])
+        objective = np.zeros(units * options + 1)
+        objective[-1] = 1.0
+        pad = sparse.csr_matrix((1, 1))
+        constraints = [LinearConstraint(sparse.hstack([one_hot, sparse.csr_matrix((units, 1))]), 1.0, 1.0),
+                       LinearConstraint(sparse.hstack([sparse.csr_matrix(cost_row[None, :]), pad]), -np.inf,
+                                        solver_budget / cost_scale),
+                       LinearConstraint(rows, -np.inf, -floor.sum(axis=1) / loss_scale)]
+        integrality = np.r_[np.ones(units * options), 0.0]
+        bounds = Bounds(np.zeros(units * options + 1), np.r_[upper, np.inf])
+    result = milp(objective, constraints=constraints, integrality=integrality, bounds=bounds,
+                  options={"mip_rel_gap": 0.0})
     if result.x is None:
         return None
-    return tuple(int(o) for o in np.argmax(result.x.reshape(units, options), axis=1))
+    return tuple(int(o) for o in np.argmax(result.x[:units * options].reshape(units, options), axis=1))
 
 
 def _exact_by_milp(problem: AllocationProblem) -> Choice:

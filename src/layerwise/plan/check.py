@@ -1,9 +1,12 @@
-"""The never-worse check: the chosen plan against every same-size uniform plan, on held-out windows.
+"""The never-worse check: the chosen plan against every same-size uniform plan, on every
+calibration domain, on held-out windows.
 
 The check's windows are calibration text that neither the sensitivity table nor the search saw
 (`layerwise.data.windows.TextSlots` hands each job its own slots), so a plan the search over-fitted
-to its own windows gets no advantage here. Each plan's KL is kept per window, so the margin over
-the best uniform plan comes with a paired 95% bootstrap interval.
+to its own windows gets no advantage here. A plan passes only if, on every domain, its mean KL is
+at most that of every uniform plan that fits the budget; otherwise the next candidate (a safer
+plan) is tried, and if none passes the best uniform plan is returned. Each plan's KL is kept per
+window, so every margin comes with a paired 95% bootstrap interval.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from layerwise.plan.allocate import Allocation, AllocationProblem, uniform_choices_that_fit
+from layerwise.plan.objectives import objective_named
 from layerwise.util.intervals import mean_ci, paired_difference_ci, paired_ratio_ci
 
 WindowKL = Callable[[Sequence[int]], np.ndarray]
@@ -20,51 +24,102 @@ WindowKL = Callable[[Sequence[int]], np.ndarray]
 
 @dataclass
 class UniformCheck:
-    """What the check found; `returned` is the plan to use (the uniform one if it did better)."""
+    """What the check found; `returned` is the plan to use. The plan-level numbers are for the
+    returned candidate (or, when uniform is returned, the first candidate), over all windows;
+    `domains` has them per domain against that domain's best uniform plan."""
 
     returned: Allocation
     plan_kl: float
     plan_kl_ci: list[float]
-    uniform: dict[str, dict] = field(default_factory=dict)  # option -> {"kl", "kl_ci"}
+    uniform: dict[str, dict] = field(default_factory=dict)  # option -> {"kl", "kl_ci", "domains": {d: kl}}
     best_uniform: str | None = None
     margin: float | None = None  # best uniform KL - plan KL (positive: the plan is better)
     margin_ci: list[float] | None = None
     ratio: float | None = None  # plan KL / best uniform KL
     ratio_ci: list[float] | None = None
+    domains: dict[str, dict] = field(default_factory=dict)
+    candidates: list[dict] = field(default_factory=list)  # every plan tried, in order, and whether it passed
 
     def to_dict(self) -> dict:
         return {"returned": self.returned.allocator, "plan_kl": self.plan_kl, "plan_kl_ci": self.plan_kl_ci,
                 "uniform": self.uniform, "best_uniform": self.best_uniform, "margin": self.margin,
-                "margin_ci": self.margin_ci, "ratio": self.ratio, "ratio_ci": self.ratio_ci}
+                "margin_ci": self.margin_ci, "ratio": self.ratio, "ratio_ci": self.ratio_ci,
+                "domains": self.domains, "candidates": self.candidates}
 
 
-def check_against_uniform(problem: AllocationProblem, allocation: Allocation, window_kl: WindowKL) -> UniformCheck:
+def _by_domain(values: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[labels == name] for name in dict.fromkeys(labels.tolist())}
+
+
+def _comparison(plan: np.ndarray, uniform: np.ndarray) -> dict:
+    compared = {"margin": float(uniform.mean() - plan.mean()), "margin_ci": paired_difference_ci(uniform, plan)}
+    if uniform.mean() > 0:
+        compared |= {"ratio": float(plan.mean() / uniform.mean()), "ratio_ci": paired_ratio_ci(plan, uniform)}
+    return compared
+
+
+def check_against_uniform(problem: AllocationProblem, allocation: Allocation, window_kl: WindowKL,
+                          window_domains: Sequence[str] | None = None,
+                          fallbacks: Sequence[Allocation] = ()) -> UniformCheck:
     """Measure `allocation` and every uniform assignment that fits the budget with `window_kl`
-    (choice -> KL per held-out window); return the uniform one if its mean KL is lower."""
-    plan = np.asarray(window_kl(allocation.choice), dtype=np.float64)
-    check = UniformCheck(allocation, float(plan.mean()), mean_ci(plan))
-    per_uniform = {}
-    for choice in uniform_choices_that_fit(problem):
-        if tuple(choice) == tuple(allocation.choice):
-            values = plan
-        else:
-            values = np.asarray(window_kl(choice), dtype=np.float64)
-        name = problem.options[choice[0]]
-        per_uniform[name] = (choice, values)
-        check.uniform[name] = {"kl": float(values.mean()), "kl_ci": mean_ci(values)}
-    if not per_uniform:
+    (choice -> KL per held-out window, each window in `window_domains`). The first of
+    `allocation`, *`fallbacks` whose mean KL on every domain is at most every uniform plan's is
+    returned; if none is, the uniform plan with the best score under the problem's objective."""
+    measured: dict[tuple[int, ...], np.ndarray] = {}
+
+    def kl_of(choice: Sequence[int]) -> np.ndarray:
+        key = tuple(choice)
+        if key not in measured:
+            measured[key] = np.asarray(window_kl(key), dtype=np.float64)
+        return measured[key]
+
+    first = kl_of(allocation.choice)
+    labels = np.asarray(window_domains if window_domains is not None else ["calibration"] * len(first))
+    score = objective_named(problem.objective).plan_score
+    uniforms = {problem.options[choice[0]]: choice for choice in uniform_choices_that_fit(problem)}
+    uniform_kl = {name: kl_of(choice) for name, choice in uniforms.items()}
+    uniform_domains = {name: _by_domain(values, labels) for name, values in uniform_kl.items()}
+
+    def passes(values: np.ndarray) -> bool:
+        return all(domain.mean() <= uniform_domains[name][d].mean()
+                   for d, domain in _by_domain(values, labels).items() for name in uniform_domains)
+
+    candidates, returned = [], None
+    for candidate in (allocation, *fallbacks):
+        values = kl_of(candidate.choice)
+        ok = passes(values)
+        candidates.append({"allocator": candidate.allocator, "kl": float(values.mean()), "passed": ok,
+                           "domain_kl": {d: float(v.mean()) for d, v in _by_domain(values, labels).items()}})
+        if ok:
+            returned = candidate
+            break
+    shown = returned or allocation
+    plan = kl_of(shown.choice)
+    check = UniformCheck(shown, float(plan.mean()), mean_ci(plan))
+    for name, values in uniform_kl.items():
+        check.uniform[name] = {"kl": float(values.mean()), "kl_ci": mean_ci(values),
+                               "domains": {d: float(v.mean()) for d, v in uniform_domains[name].items()}}
+    check.candidates = candidates
+    evaluations = allocation.evaluations + len(measured)
+    if not uniform_kl:
+        check.returned = replace(shown, evaluations=evaluations)
         return check
-    best = min(per_uniform, key=lambda name: (per_uniform[name][1].mean(), per_uniform[name][0][0]))
-    choice, best_values = per_uniform[best]
+
+    def domain_score(name: str) -> float:
+        return score(np.array([v.mean() for v in uniform_domains[name].values()]))
+
+    best = min(uniform_kl, key=lambda name: (domain_score(name), uniforms[name][0]))
     check.best_uniform = best
-    check.margin = float(best_values.mean() - plan.mean())
-    check.margin_ci = paired_difference_ci(best_values, plan)
-    if best_values.mean() > 0:
-        check.ratio = float(plan.mean() / best_values.mean())
-        check.ratio_ci = paired_ratio_ci(plan, best_values)
-    evaluations = allocation.evaluations + len(per_uniform) + 1
-    if best_values.mean() < plan.mean():
-        check.returned = Allocation.of(problem, choice, "uniform", evaluations, float(best_values.mean()))
+    compared = _comparison(plan, uniform_kl[best])
+    check.margin, check.margin_ci = compared["margin"], compared["margin_ci"]
+    check.ratio, check.ratio_ci = compared.get("ratio"), compared.get("ratio_ci")
+    for d, values in _by_domain(plan, labels).items():
+        rival = min(uniform_domains, key=lambda name: (uniform_domains[name][d].mean(), uniforms[name][0]))
+        check.domains[d] = {"plan_kl": float(values.mean()), "plan_kl_ci": mean_ci(values), "best_uniform": rival,
+                            "uniform_kl": float(uniform_domains[rival][d].mean()),
+                            **_comparison(values, uniform_domains[rival][d])}
+    if returned is None:
+        check.returned = Allocation.of(problem, uniforms[best], "uniform", evaluations, domain_score(best))
     else:
-        check.returned = replace(allocation, evaluations=evaluations)
+        check.returned = replace(returned, evaluations=evaluations)
     return check

@@ -19,6 +19,8 @@ from layerwise.data.windows import TokenWindows
 from layerwise.evaluate.divergence import kl_per_token
 from layerwise.models.layout import linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
+from layerwise.plan.allocate import AllocationProblem
+from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP
 from layerwise.plan.sensitivity import SensitivityTable, head_cost_in_blocks, base_pass
 from layerwise.profile.replay import logits_without
@@ -26,17 +28,21 @@ from layerwise.quant.apply import quantize_linear
 
 
 class KLFitness:
-    """`fitness(choice, stage)` -> mean KL(base || model under `choice`) on calibration windows.
+    """`fitness(choice, stage)` -> mean KL(base || model under `choice`) on calibration windows;
+    with windows of several domains, the objective's score of the per-domain means.
 
-    `stage` counts fidelities: 0 is the table's additive loss, 1..len(batches_per_stage) the KL on
-    the first `batches_per_stage[i - 1]` batches (None = all). Restore the model with `restore()`
-    (also done on leaving a `with` block).
+    `stage` counts fidelities: 0 is the table's prediction (`problem.total_loss`, or the additive
+    loss without a problem), 1..len(batches_per_stage) the KL on the first `batches_per_stage[i - 1]`
+    batches (None = all). Restore the model with `restore()` (also done on leaving a `with` block).
     """
 
     def __init__(self, loaded: LoadedModel, table: SensitivityTable, windows: TokenWindows, *,
-                 batch_size: int = 2, batches_per_stage: Sequence[int | None] = (1, None)) -> None:
+                 batch_size: int = 2, batches_per_stage: Sequence[int | None] = (1, None),
+                 problem: AllocationProblem | None = None) -> None:
         table.check_model(loaded)
-        self.loaded, self.table = loaded, table
+        self.loaded, self.table, self.problem = loaded, table, problem
+        self.window_domains = np.asarray(windows.window_domains)
+        self.score = objective_named(problem.objective if problem is not None else "mean").plan_score
         self.configs = table.configs
         modules = [name for unit in table.units for name in unit.modules]
         self.modules = {name: loaded.model.get_submodule(name) for name in modules}
@@ -110,20 +116,18 @@ class KLFitness:
     def __call__(self, choice: Sequence[int], stage: int | None = None) -> float:
         stage = self.stages - 1 if stage is None else stage
         if stage == 0:
+            if self.problem is not None:
+                return self.problem.total_loss(choice)
             return float(np.sum(self.table.kl[np.arange(len(choice)), list(choice)]))
         started = time.perf_counter()
-        self.apply(choice)
         batches = self.stage_batches[stage - 1]
-        model, adapter = self.loaded.model, self.loaded.adapter
-        total, positions = 0.0, 0
-        for calls, reference in zip(self.base.calls[:batches], self.base.references[:batches]):
-            logits = logits_without(model, adapter, calls, 0, None)[:, :-1]
-            total += kl_per_token(reference, logits).sum().item()
-            positions += logits.shape[0] * logits.shape[1]
+        values = self._window_kl(choice, self.base, batches)
         self.calls += 1
         self.block_runs += batches * (self.loaded.n_blocks + self._head)
         self.seconds += time.perf_counter() - started
-        return total / positions
+        labels = self.window_domains[:len(values)]
+        # Windows are of equal length, so a domain's mean over windows is its mean over tokens.
+        return self.score(np.array([values[labels == name].mean() for name in dict.fromkeys(labels.tolist())]))
 
     def full(self, choice: Sequence[int]) -> float:
         """The highest fidelity."""
@@ -136,14 +140,17 @@ class KLFitness:
         self.restore()
         return base_pass(self.loaded, windows, [], set(), batch_size)
 
+    def window_kl(self, choice: Sequence[int], base=None) -> np.ndarray:
+        """Mean KL(base || model under `choice`) of every window of `base` (from `held_out`; default
+        the fitness windows); not counted as search compute."""
+        return self._window_kl(choice, base if base is not None else self.base)
+
     @torch.no_grad()
-    def window_kl(self, choice: Sequence[int], base) -> np.ndarray:
-        """Mean KL(base || model under `choice`) of every window of `base` (from `held_out`);
-        not counted as search compute."""
+    def _window_kl(self, choice: Sequence[int], base, batches: int | None = None) -> np.ndarray:
         self.apply(choice)
         model, adapter = self.loaded.model, self.loaded.adapter
         values = []
-        for calls, reference in zip(base.calls, base.references):
+        for calls, reference in zip(base.calls[:batches], base.references[:batches]):
             logits = logits_without(model, adapter, calls, 0, None)[:, :-1]
             kl = kl_per_token(reference, logits)
             values.extend(kl.reshape(kl.shape[0], -1).mean(dim=1).tolist())

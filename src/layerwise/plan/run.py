@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from layerwise.data.domains import Calibration, domain_slots, parts_of, take_from_domains
 from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TextSlots, TokenWindows,
-                                    text_slots, token_windows)
+                                    token_windows)
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, uniform_choices_that_fit
 from layerwise.plan.check import check_against_uniform
+from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.plan import Plan
 from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
@@ -90,24 +92,65 @@ class PlanOutcome:
     report: dict = field(default_factory=dict)
 
 
-def calibration_jobs(slots: TextSlots, table_calibration: dict, fitness_tokens: int, check_tokens: int,
-                     seed: int) -> dict[str, TokenWindows]:
-    """Windows for the search's fitness and for the never-worse check: slots of the calibration
-    text that neither the sensitivity table nor the other job uses."""
-    taken = slots.touched_by(table_calibration)
-    search = slots.take(math.ceil(fitness_tokens / slots.seq_len), seed + 1, exclude=taken)
-    check = slots.take(math.ceil(check_tokens / slots.seq_len), seed + 2, exclude=taken | set(search.slots))
-    return {"search": search, "check": check}
+def calibration_jobs(slots: dict[str, TextSlots], table_calibration: dict, fitness_tokens: int,
+                     check_tokens: int, seed: int, search: bool = True) -> dict[str, TokenWindows]:
+    """Windows for the search's fitness (if `search`) and for the never-worse check: in every
+    domain, slots that neither the sensitivity table nor the other job uses."""
+    taken = {name: set().union(*(text.touched_by(part) for part in parts_of(table_calibration).values()))
+             for name, text in slots.items()}
+    jobs = {}
+    if search:
+        jobs["search"] = take_from_domains(slots, fitness_tokens, seed + 1, exclude=taken)
+        for name, part in _parts(jobs["search"], list(slots)).items():
+            taken[name] |= set(part.slots)
+    jobs["check"] = take_from_domains(slots, check_tokens, seed + 2, exclude=taken)
+    return jobs
 
 
-def calibration_provenance(slots: TextSlots, table: SensitivityTable, jobs: dict[str, TokenWindows]) -> dict:
-    """What plan.json records of its calibration: the text, and the windows of every job."""
-    document = {"source": slots.source, "text_sha256": slots.text_sha256, "seq_len": slots.seq_len,
-                "bos_token_id": slots.bos_id,
-                "jobs": {"sensitivity": table.calibration} | {name: w.describe() for name, w in jobs.items()}}
-    if slots.source == DEFAULT_CALIBRATION_NAME:
-        document["default_excerpt_of"] = DEFAULT_CALIBRATION_PARENT
+def _parts(windows: TokenWindows, names: list[str]) -> dict[str, TokenWindows]:
+    """Each domain's windows of a job (`names`: the domains, in order; one name for one text)."""
+    return dict(windows.parts) if windows.parts is not None else {names[0]: windows}
+
+
+def calibration_provenance(slots: dict[str, TextSlots], table: SensitivityTable,
+                           jobs: dict[str, TokenWindows]) -> dict:
+    """What plan.json records of its calibration: the text of every domain, and the windows of
+    every job (one text: as before domains existed; several: one such record per domain)."""
+    table_parts = parts_of(table.calibration)
+
+    def record(name: str, text: TextSlots) -> dict:
+        same_text = [part for part in table_parts.values() if part.get("text_sha256") == text.text_sha256]
+        table_windows = same_text[0] if same_text else (table.calibration if len(slots) == 1 else None)
+        document = {"source": text.source, "text_sha256": text.text_sha256, "seq_len": text.seq_len,
+                    "bos_token_id": text.bos_id,
+                    "jobs": {"sensitivity": table_windows} | {job: _parts(w, list(slots))[name].describe()
+                                                              for job, w in jobs.items()}}
+        if text.source == DEFAULT_CALIBRATION_NAME:
+            document["default_excerpt_of"] = DEFAULT_CALIBRATION_PARENT
+        return document
+
+    if len(slots) == 1:
+        return record(*next(iter(slots.items())))
+    document = {"domains": {name: record(name, text) for name, text in slots.items()}}
+    known = {text.text_sha256 for text in slots.values()}
+    elsewhere = {name: part for name, part in table_parts.items() if part.get("text_sha256") not in known}
+    if elsewhere:  # a reused table measured on other texts: its windows are calibration too
+        document["table_elsewhere"] = {"jobs": {f"sensitivity ({name})": part for name, part in elsewhere.items()}}
     return document
+
+
+def table_for_domains(table: SensitivityTable, slots: dict[str, TextSlots]) -> SensitivityTable:
+    """The table's columns for exactly the calibration domains given, when it has them all (same
+    names, same texts): a table measured on four domains serves a plan calibrated on three."""
+    parts = parts_of(table.calibration)
+    if table.domains and all(parts.get(name, {}).get("text_sha256") == text.text_sha256
+                             for name, text in slots.items()):
+        return table.restricted(list(slots)) if len(slots) > 1 else _one_domain(table, next(iter(slots)))
+    return table
+
+
+def _one_domain(table: SensitivityTable, name: str) -> SensitivityTable:
+    return replace(table, kl=table.domain_kl[name], domain_kl={}, calibration=parts_of(table.calibration)[name])
 
 
 def run_plan(
@@ -116,13 +159,14 @@ def run_plan(
     bits_per_weight: float | None = None,
     total_bytes: float | None = None,
     options: str | Sequence[str] | None = None,
-    allocator: str = "hybrid",
+    allocator: str = "exact",
+    objective: str = DEFAULT_OBJECTIVE,
     granularity: str | None = None,
     table: str | Path | None = None,
-    calib: str | Path | None = None,
+    calib: Calibration = None,
     tokens: int = 4096,
     fitness_tokens: int = 2048,
-    check_tokens: int = 2048,
+    check_tokens: int = 4096,
     seq_len: int = 512,
     generations: int = 10,
     offspring: int = 16,
@@ -136,72 +180,90 @@ def run_plan(
     """Allocate options to units under a budget (average bits per weight of the block linears,
     scales counted, or total model bytes) and return the plan, never worse than uniform.
 
-    The calibration text is cut into window slots once; the sensitivity table, the search's
-    fitness and the never-worse check each get their own, disjoint slots (all recorded in the
-    plan). The check measures the plan and every uniform option that fits the budget on its own
-    held-out windows; if the best uniform plan does better, that is what is returned (and said
-    so), and the margin is reported with a paired 95% bootstrap interval. GPTQ/AWQ options are
-    measured with Hessians (or inputs) from the unquantized model, an approximation of the
-    sequential calibration `quantize_` then runs."""
+    Calibration text comes in domains (`calib`: None for the shipped mix of prose, code, verse and
+    tables; one file; several files, one domain each; or a mapping name -> file). Each domain is cut
+    into window slots once; the sensitivity table, the search's fitness and the never-worse check
+    each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
+    evenly over domains. The table keeps a column set per domain and `objective`
+    (`layerwise.plan.objectives`) says how the allocator weighs them. The check measures the plan
+    and every uniform option that fits the budget on every domain's held-out windows; unless the
+    plan is at least as good as each of them on every domain, a safer plan (the "worst"-domain
+    optimum) is tried, then the best uniform plan is returned (and said so); per-domain margins
+    come with paired 95% bootstrap intervals. GPTQ/AWQ options are measured with Hessians (or
+    inputs) from the unquantized model, an approximation of the sequential calibration
+    `quantize_` then runs."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     if allocator == "ordering":
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
+    objective_named(objective)
     if out is not None:
         check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    slots = text_slots(loaded.tokenizer, calib, seq_len=min(seq_len, tokens, fitness_tokens, check_tokens))
+    searching = allocator in SEARCHING
+    slots = domain_slots(loaded.tokenizer, calib,
+                         seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
     new_table = table is None or not Path(table).exists()
-    table_windows = slots.take(math.ceil(tokens / slots.seq_len), seed) if new_table else None
-    sensitivity = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
-                                  windows=table_windows, progress=progress)
+    table_windows = take_from_domains(slots, tokens, seed) if new_table else None
+    measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
+                               windows=table_windows, progress=progress)
+    sensitivity = table_for_domains(measured, slots)
     budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
-    problem = sensitivity.problem(budget)
-    jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed)
+    problem = sensitivity.problem(budget, objective)
+    jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching)
 
     from layerwise.plan.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
-    with KLFitness(loaded, sensitivity, jobs["search"]) as fitness, progress_bars(progress) as bars:
+    fitness_windows = jobs["search"] if searching else jobs["check"]
+    with KLFitness(loaded, sensitivity, fitness_windows, problem=problem) as fitness, \
+            progress_bars(progress) as bars:
         settings = {}
-        if allocator in SEARCHING:
-            searching = bars.add_task("plan search (whole plans measured)", total=None)
+        if searching:
+            search_task = bars.add_task("plan search (whole plans measured)", total=None)
             measured_plans = [0]
 
-            def measured(choice: Sequence[int], stage: int) -> float:
+            def measured_fitness(choice: Sequence[int], stage: int) -> float:
                 value = fitness(choice, stage)
                 if stage > 0:
                     measured_plans[0] += 1
-                    bars.advance(searching)
+                    bars.advance(search_task)
                 return value
 
-            settings = dict(fidelities=measured, survivors=[max(1, offspring // 4), 1], generations=generations,
-                            offspring=offspring, seed=seed)
+            settings = dict(fidelities=measured_fitness, survivors=[max(1, offspring // 4), 1],
+                            generations=generations, offspring=offspring, seed=seed)
             if out is not None:
                 settings["checkpoint"] = progress_file(out)
         chosen = allocate(problem, allocator, **settings)
-        if allocator in SEARCHING:
-            bars.update(searching, total=measured_plans[0])  # the search's length is known only now
-        held_out = fitness.held_out(jobs["check"])
-        others = [c for c in uniform_choices_that_fit(problem) if tuple(c) != tuple(chosen.choice)]
-        checking = bars.add_task("never-worse check (plans measured)", total=len(others) + 1)
+        if searching:
+            bars.update(search_task, total=measured_plans[0])  # the search's length is known only now
+        held_out = fitness.held_out(jobs["check"]) if searching else fitness.base
+        # A safer plan to fall back on before uniform: the worst-domain optimum of the table.
+        fallbacks = []
+        if len(sensitivity.domains) > 1 and objective != "worst":
+            safer = allocate(sensitivity.problem(budget, "worst"), "exact")
+            if safer.choice != chosen.choice:
+                fallbacks.append(Allocation.of(problem, safer.choice, "exact (worst domain)"))
+        checking = bars.add_task("never-worse check (plans measured)",
+                                 total=len(uniform_choices_that_fit(problem)) + 1 + len(fallbacks))
 
         def window_kl(choice: Sequence[int]) -> np.ndarray:
             values = fitness.window_kl(choice, held_out)
             bars.advance(checking)
             return values
 
-        check = check_against_uniform(problem, chosen, window_kl)
+        check = check_against_uniform(problem, chosen, window_kl, jobs["check"].window_domains, fallbacks)
         checked = check.returned
         report = {
-            "allocator": allocator, "returned": checked.allocator,
+            "allocator": allocator, "objective": objective, "returned": checked.allocator,
+            "domains": sensitivity.domains or list(slots),
             "bits_per_weight": checked.total_cost / sensitivity.total_weights,
             "total_bytes": math.ceil((checked.total_cost + sensitivity.other_bits) / 8),
             "budget_bits_per_weight": budget / sensitivity.total_weights,
-            "predicted_kl": checked.total_loss,
-            "calibration_kl": (check.uniform[check.best_uniform]["kl"] if checked.choice != chosen.choice
+            "predicted_kl": problem.total_loss(checked.choice),
+            "calibration_kl": (check.uniform[check.best_uniform]["kl"] if checked.allocator == "uniform"
                                else check.plan_kl),
-            "search_kl": chosen.fitness if allocator in SEARCHING else None,
+            "search_kl": chosen.fitness if searching else None,
             "check": check.to_dict(),
             "search": {"fitness_calls": fitness.calls, "forward_equivalents": fitness.forward_equivalents(),
                        "seconds": fitness.seconds},
@@ -211,8 +273,9 @@ def run_plan(
     provenance = run_metadata() | {
         "model": loaded.describe(), "calibration": calibration_provenance(slots, sensitivity, jobs),
         "options": list(sensitivity.options), "granularity": sensitivity.granularity, "allocator": allocator,
-        "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "search": seed + 1, "check": seed + 2,
-                  "allocator": seed},
+        "objective": objective,
+        "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "check": seed + 2, "allocator": seed}
+        | ({"search": seed + 1} if searching else {}),
         "table": str(table) if table is not None else None,
     }
     plan = plan_from_choice(sensitivity, checked.choice, {

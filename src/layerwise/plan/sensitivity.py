@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
+from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import Unit, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
@@ -52,6 +54,26 @@ class SensitivityTable:
     cost: dict  # seconds and forward-pass equivalents spent measuring
     skipped: dict[str, str] = field(default_factory=dict)  # "unit option" -> why the option cannot apply
     meta: dict = field(default_factory=dict)
+    # With several calibration domains: domain -> [U, O] KL on that domain's windows alone (`kl` is
+    # then their average). Empty for one text.
+    domain_kl: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.domain_kl)
+
+    def restricted(self, domains: list[str]) -> "SensitivityTable":
+        """The table as if measured on these of its domains only (e.g. leaving one out)."""
+        missing = [name for name in domains if name not in self.domain_kl]
+        if missing:
+            raise LayerwiseError(f"the sensitivity table has no column set for domain(s) {missing}; it was "
+                                 f"measured on {self.domains or 'one text'}")
+        kept = {name: self.domain_kl[name] for name in domains}
+        calibration = dict(self.calibration)
+        if "domains" in calibration:
+            calibration["domains"] = {name: calibration["domains"][name] for name in domains}
+        return replace(self, kl=np.mean(np.stack(list(kept.values())), axis=0), domain_kl=kept,
+                       calibration=calibration)
 
     @property
     def configs(self) -> list[QuantConfig | str]:
@@ -93,9 +115,15 @@ class SensitivityTable:
                                  "allocate; lower the budget or add a costlier option")
         return budget
 
-    def problem(self, budget_bits: float) -> AllocationProblem:
-        return AllocationProblem(tuple(unit.name for unit in self.units), tuple(self.options),
-                                 np.nan_to_num(self.cost_bits, nan=0.0), self.kl, budget_bits)
+    def problem(self, budget_bits: float, objective: str = "mean") -> AllocationProblem:
+        """The allocation problem at this budget; with domains, `objective` combines them."""
+        cost = np.nan_to_num(self.cost_bits, nan=0.0)
+        names = (tuple(unit.name for unit in self.units), tuple(self.options))
+        if not self.domain_kl:
+            objective_named(objective)
+            return AllocationProblem(*names, cost, self.kl, budget_bits)
+        stack = np.stack([self.domain_kl[name] for name in self.domains])
+        return AllocationProblem(*names, cost, objective_named(objective).unit_loss(stack), budget_bits, stack, objective)
 
     def check_model(self, loaded: LoadedModel) -> None:
         if self.model_fingerprint != loaded.fingerprint:
@@ -112,6 +140,7 @@ class SensitivityTable:
             "options": self.options, "cost_bits": rows(self.cost_bits), "kl": rows(self.kl),
             "unit_weights": [int(n) for n in self.unit_weights], "other_bits": int(self.other_bits),
             "calibration": self.calibration, "cost": self.cost, "skipped": self.skipped, "meta": self.meta,
+            "domain_kl": {name: rows(table) for name, table in self.domain_kl.items()},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -127,12 +156,14 @@ class SensitivityTable:
                 np.array(data["cost_bits"], dtype=np.float64), np.array(data["kl"], dtype=np.float64),
                 np.array(data["unit_weights"], dtype=np.int64), int(data["other_bits"]), data["calibration"],
                 data["cost"], data.get("skipped", {}), data.get("meta", {}),
+                {name: np.array(rows, dtype=np.float64) for name, rows in data.get("domain_kl", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as error:
             raise LayerwiseError(f"{path} is not a complete sensitivity table ({type(error).__name__}: {error})") \
                 from None
         shape = (len(units), len(table.options))
-        if table.cost_bits.shape != shape or table.kl.shape != shape:
+        if table.cost_bits.shape != shape or table.kl.shape != shape or \
+                any(rows.shape != shape for rows in table.domain_kl.values()):
             raise LayerwiseError(f"{path}: tables of shape {table.kl.shape}, expected {shape}")
         return table
 
@@ -180,14 +211,22 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
     return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start)
 
 
-def _kl_from(model, adapter, base: _BaseRun, block: int, removed: str | None) -> float:
-    """Mean KL to the base of the model as it now is, run from block `block`'s cached inputs
-    (with that block's `removed` unit skipped, if given)."""
-    total = 0.0
+def _kl_from(model, adapter, base: _BaseRun, block: int, removed: str | None) -> np.ndarray:
+    """Mean KL to the base of every window, the model as it now is, run from block `block`'s
+    cached inputs (with that block's `removed` unit skipped, if given)."""
+    values = []
     for calls, reference in zip(base.calls, base.references):
         logits = logits_without(model, adapter, calls, block, removed)[:, :-1]
-        total += kl_per_token(reference, logits).sum().item()
-    return total / base.positions
+        kl = kl_per_token(reference, logits)
+        values.append(kl.reshape(kl.shape[0], -1).mean(dim=1).double().numpy())
+    return np.concatenate(values)
+
+
+def domain_means(window_values: np.ndarray, window_domains: Sequence[str]) -> dict[str, float]:
+    """The mean of the per-window values of each domain, in order of first appearance."""
+    names = list(dict.fromkeys(window_domains))
+    labels = np.asarray(window_domains)
+    return {name: float(np.mean(window_values[labels == name])) for name in names}
 
 
 PROGRESS_SCHEMA = "layerwise.sensitivity-progress"
@@ -256,8 +295,14 @@ def measure_sensitivity(
     started = time.perf_counter()
     base = base_pass(loaded, calibration, list(modules), algorithms, batch_size)
 
+    domains = list(dict.fromkeys(calibration.window_domains))
+    labels = np.asarray(calibration.window_domains)
     cost = np.full((len(units), len(configs)), np.nan)
-    kl = np.full((len(units), len(configs)), np.nan)
+    kl = np.full((len(units), len(configs), len(domains)), np.nan)  # per domain, last axis
+    kl_rows = kl.reshape(len(units), -1)  # a view: what the checkpoint saves and restores
+
+    def by_domain(window_kl: np.ndarray) -> list[float]:
+        return [float(window_kl[labels == name].mean()) for name in domains]
     skipped: dict[str, str] = {}
     n_blocks, head = loaded.n_blocks, head_cost_in_blocks(loaded)
     block_runs = earlier_seconds = 0.0
@@ -265,7 +310,7 @@ def measure_sensitivity(
     key = {"model": loaded.fingerprint, "calibration": calibration.describe(), "options": names,
            "granularity": granularity, "units": [unit.name for unit in units]}
     if checkpoint is not None and Path(checkpoint).exists():
-        done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl, skipped)
+        done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
     with progress_bars(progress) as bars:
         task = bars.add_task("sensitivity", total=len(units) * len(configs), completed=done * len(configs))
         for u, unit in enumerate(units):
@@ -275,7 +320,7 @@ def measure_sensitivity(
             for o, config in enumerate(configs):
                 if config == DROP:
                     cost[u, o] = 0.0
-                    kl[u, o] = _kl_from(model, adapter, base, unit.block, unit.kind)
+                    kl[u, o] = by_domain(_kl_from(model, adapter, base, unit.block, unit.kind))
                     block_runs += (n_blocks - unit.block + head) * len(base.calls)
                     bars.advance(task)
                     continue
@@ -290,24 +335,26 @@ def measure_sensitivity(
                 try:
                     for name, qtensor in stored.items():
                         set_linear_weight(modules[name], qtensor.dequantize())
-                    kl[u, o] = _kl_from(model, adapter, base, unit.block, None)
+                    kl[u, o] = by_domain(_kl_from(model, adapter, base, unit.block, None))
                 finally:  # an interruption must not leave the caller's model quantized
                     for name, weight in originals.items():
                         set_linear_weight(modules[name], weight)
                 block_runs += (n_blocks - unit.block + head) * len(base.calls)
                 bars.advance(task)
             if checkpoint is not None:
-                _save_progress(checkpoint, key, u + 1, cost, kl, skipped, block_runs,
+                _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,
                                earlier_seconds + time.perf_counter() - started)
     batches = len(base.calls)
     forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
     other_bits = 8 * size_report(loaded, {})["total_bytes"] - 16 * sum(
         linear_weight(module).numel() for module in modules.values())
+    # Every domain weighs the same in `kl`, however many windows it gave.
+    domain_kl = {name: kl[:, :, d] for d, name in enumerate(domains)} if len(domains) > 1 else {}
     return SensitivityTable(
-        loaded.fingerprint, granularity, units, names, cost, kl,
+        loaded.fingerprint, granularity, units, names, cost, kl.mean(axis=2),
         np.array([sum(linear_weight(modules[n]).numel() for n in unit.modules) for unit in units]),
         int(other_bits), calibration.describe(),
         {"seconds": earlier_seconds + time.perf_counter() - started, "forward_seconds": base.seconds,
          "forward_equivalents": forward_equivalents, "positions": base.positions},
-        skipped, run_metadata() | {"model": loaded.describe()},
+        skipped, run_metadata() | {"model": loaded.describe()}, domain_kl,
     )

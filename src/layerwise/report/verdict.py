@@ -156,8 +156,16 @@ def _check_summary(check: Mapping) -> list[str]:
                      "the plan is better)")
     if check.get("ratio") is not None:
         parts.append(f"KL ratio plan / uniform {number(check['ratio'], check.get('ratio_ci'))}")
+    domains = check.get("domains") if isinstance(check.get("domains"), Mapping) else {}
+    if len(domains) > 1:
+        parts.append("per calibration domain, KL ratio to its best uniform plan: " + ", ".join(
+            f"{name} {number(entry['ratio'], entry.get('ratio_ci'))}" for name, entry in domains.items()
+            if isinstance(entry, Mapping) and entry.get("ratio") is not None))
     if check.get("returned") == "uniform":
-        parts.append(f"uniform {best} did better, so it is the plan returned")
+        parts.append(f"uniform {best} did better on some calibration domain, so it is the plan returned")
+    elif check.get("returned") and check.get("candidates") and not check["candidates"][0].get("passed", True):
+        parts.append(f"the allocated plan lost to uniform on some calibration domain; the safer "
+                     f"{check['returned']} plan passed and is returned")
     return parts
 
 

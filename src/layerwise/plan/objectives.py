@@ -1,0 +1,59 @@
+"""What an allocation minimises when the loss was measured on several kinds of text (domains).
+
+A sensitivity table measured on D calibration domains gives a loss per domain, unit and option,
+[D, U, O]. A plan fitted to the average can still be bad on one domain: cheap options (int2) look
+harmless on prose and hurt code or tables. An objective says how the domains are combined:
+
+- "mean": the average over domains (the additive model of one pooled text).
+- "worst": the worst domain's total, max_d sum_u loss[d, u, o_u] (solved exactly as a MILP).
+- "cautious": each unit priced at its worst domain, sum_u max_d loss[d, u, o_u]: an option is cheap
+  for a unit only if every domain says so. It bounds every domain's total from above.
+
+Each objective gives an additive per-unit loss (`unit_loss`, what table-only allocators add up) and
+a score of a whole plan from its measured KL per domain (`plan_score`, what a search or the
+never-worse check compares). No torch here: numbers in, numbers out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from layerwise.errors import LayerwiseError
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    description: str
+    unit_loss: Callable[[np.ndarray], np.ndarray]  # [D, U, O] -> [U, O]
+    plan_score: Callable[[np.ndarray], float]  # [D] KL of one plan per domain -> score
+    worst_domain: bool  # the table-level objective is max_d of domain totals (not additive)
+
+
+def _nan_aware(reduce: Callable[..., np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def unit_loss(domain_loss: np.ndarray) -> np.ndarray:
+        domain_loss = np.asarray(domain_loss, dtype=np.float64)
+        # An option a unit cannot take is NaN in every domain; keep it NaN rather than warn.
+        forbidden = ~np.isfinite(domain_loss).all(axis=0)
+        combined = reduce(np.where(np.isfinite(domain_loss), domain_loss, 0.0), axis=0)
+        return np.where(forbidden, np.nan, combined)
+    return unit_loss
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "mean": Objective("mean", "the average over calibration domains", _nan_aware(np.mean),
+                      lambda kl: float(np.mean(kl)), worst_domain=False),
+    "worst": Objective("worst", "the worst calibration domain's total KL (an exact MILP)", _nan_aware(np.mean),
+                       lambda kl: float(np.max(kl)), worst_domain=True),
+    "cautious": Objective("cautious", "every unit priced at its worst domain: cheap only where all domains agree",
+                          _nan_aware(np.max), lambda kl: float(np.max(kl)), worst_domain=False),
+}
+DEFAULT_OBJECTIVE = "cautious"
+
+
+def objective_named(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise LayerwiseError(f"unknown objective {name!r}; registered: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]

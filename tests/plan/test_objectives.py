@@ -1,0 +1,112 @@
+"""Objectives over calibration domains: exact under each against brute force, the planted fragile
+domain, and a never-worse check that holds on every domain."""
+import itertools
+
+import numpy as np
+import pytest
+
+from layerwise.errors import LayerwiseError
+from layerwise.plan.allocate import Allocation, AllocationProblem, allocate
+from layerwise.plan.check import check_against_uniform
+from layerwise.plan.objectives import OBJECTIVES, objective_named
+from layerwise.plan.sensitivity import SensitivityTable
+from layerwise.plan.units import Unit
+
+
+def _problem(domain_loss, cost, budget, objective):
+    units = tuple(f"u{i}" for i in range(cost.shape[0]))
+    options = tuple(f"o{j}" for j in range(cost.shape[1]))
+    return AllocationProblem(units, options, cost, objective_named(objective).unit_loss(domain_loss), budget,
+                             domain_loss, objective)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_exact_is_the_brute_force_optimum_of_every_objective(objective):
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        units, options, domains = 4, 3, 3
+        cost = np.sort(rng.integers(1, 9, size=(units, options)), axis=1).astype(float)
+        domain_loss = rng.random((domains, units, options)) * np.sort(rng.random((units, options)), axis=1)[:, ::-1]
+        budget = rng.uniform(cost.min(axis=1).sum(), cost.max(axis=1).sum())
+        problem = _problem(domain_loss, cost, budget, objective)
+        best = min((c for c in itertools.product(range(options), repeat=units) if problem.total_cost(c) <= budget),
+                   key=problem.total_loss)
+        found = allocate(problem, "exact")
+        assert problem.total_loss(found.choice) == pytest.approx(problem.total_loss(best), abs=1e-12)
+
+
+def test_objectives_score_the_domain_totals_as_documented():
+    domain_loss = np.array([[[1.0, 0.0]], [[0.2, 0.3]]])  # 2 domains, 1 unit, 2 options
+    cost = np.array([[1.0, 2.0]])
+    assert _problem(domain_loss, cost, 2, "mean").total_loss((0,)) == pytest.approx(0.6)
+    assert _problem(domain_loss, cost, 2, "worst").total_loss((0,)) == pytest.approx(1.0)
+    assert _problem(domain_loss, cost, 2, "cautious").total_loss((1,)) == pytest.approx(0.3)
+    assert list(_problem(domain_loss, cost, 2, "mean").domain_totals((1,))) == [0.0, 0.3]
+    with pytest.raises(LayerwiseError, match="unknown objective 'median'"):
+        _problem(domain_loss, cost, 2, "mean").__class__(("u",), ("a", "b"), cost, domain_loss[0], 2, domain_loss,
+                                                         "median")
+    with pytest.raises(LayerwiseError, match="domain_loss has shape"):
+        AllocationProblem(("u",), ("a", "b"), cost, domain_loss[0], 2, domain_loss[:, :, :1], "mean")
+    with pytest.raises(LayerwiseError, match="cannot minimise the worst domain"):
+        allocate(_problem(domain_loss, cost, 2, "worst"), "exact", solver="dp")
+
+
+def _planted_table() -> SensitivityTable:
+    """Six units at int2/int3/int4 (2, 3, 4 bits per weight, 100 weights each). Units 0 and 1 gain
+    much from int4; ordinary units lose 0.35 nats at int2 on every domain. Unit 3 looks nearly free
+    at int2 on prose and code, and is fragile on the planted domain (it drives a path only that
+    text uses): 0.9 there. The mean over three domains (0.31) hides it."""
+    options = ["int2", "int3", "int4"]
+    ordinary = [0.40, 0.05, 0.01]
+    important = [1.0, 0.50, 0.05]
+    base = np.array([important, important, ordinary, ordinary, ordinary, ordinary])
+    fragile = base.copy()
+    base[3] = [0.02, 0.01, 0.005]
+    fragile[3] = [0.90, 0.01, 0.005]
+    domain_kl = {"prose": base, "code": base.copy(), "planted": fragile}
+    units = [Unit(f"model.layers.{i}.mlp", i, (f"model.layers.{i}.mlp.up_proj",), "mlp") for i in range(6)]
+    cost = np.tile([200.0, 300.0, 400.0], (6, 1))
+    return SensitivityTable("fingerprint", "sublayer", units, options, cost,
+                            np.mean(np.stack(list(domain_kl.values())), axis=0), np.full(6, 100), 0,
+                            {"domains": {name: {} for name in domain_kl}}, {}, domain_kl=domain_kl)
+
+
+def test_a_planted_fragile_domain_keeps_its_unit_at_more_bits_under_the_robust_objectives():
+    table = _planted_table()
+    budget = table.budget_bits(3.0)
+    chosen = {objective: allocate(table.problem(budget, objective), "exact").labels(table.problem(budget, objective))
+              for objective in OBJECTIVES}
+    assert chosen["mean"][3] == "int2"  # the mean trades the fragile unit for an int4 elsewhere
+    for objective in ("worst", "cautious"):
+        assert chosen[objective][3] != "int2", objective
+        assert "int4" in chosen[objective]  # still a mixed plan: an ordinary unit pays for the upgrade
+    # Leaving the planted domain out, the robust objectives cannot know: they behave as the mean.
+    without = table.restricted(["prose", "code"])
+    problem = without.problem(budget, "cautious")
+    assert allocate(problem, "exact").labels(problem)[3] == "int2"
+
+
+def test_the_check_returns_a_safer_plan_or_uniform_unless_the_plan_wins_on_every_domain():
+    table = _planted_table()
+    budget = table.budget_bits(3.0)
+    problem = table.problem(budget, "mean")
+    mean_plan = allocate(problem, "exact")
+    safer = Allocation.of(problem, allocate(table.problem(budget, "worst"), "exact").choice, "exact (worst domain)")
+    domains = ["prose", "code", "planted"] * 4
+
+    def window_kl(choice):  # the table's prediction per domain, as if measured on 4 windows each
+        totals = dict(zip(table.domains, table.problem(budget, "mean").domain_totals(choice)))
+        return np.array([totals[d] for d in domains]) * np.repeat([0.98, 1.0, 1.02, 1.0], 3)
+
+    check = check_against_uniform(problem, mean_plan, window_kl, domains, [safer])
+    assert check.candidates[0]["passed"] is False and check.candidates[1]["passed"] is True
+    assert check.returned.choice == safer.choice
+    assert set(check.domains) == {"prose", "code", "planted"}
+    assert all(entry["margin"] > 0 and entry["ratio"] < 1 for entry in check.domains.values())
+    # With no safer plan, uniform int3 (the best uniform plan on every domain) comes back.
+    check = check_against_uniform(problem, mean_plan, window_kl, domains)
+    assert check.returned.allocator == "uniform" and check.best_uniform == "int3"
+    assert check.candidates == [check.candidates[0]] and not check.candidates[0]["passed"]
+    # One domain alone behaves as before domains existed: the lower mean wins.
+    one = check_against_uniform(problem, mean_plan, lambda c: window_kl(c)[0::3], None)
+    assert one.returned.choice == mean_plan.choice and set(one.domains) == {"calibration"}
