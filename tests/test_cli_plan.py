@@ -114,6 +114,6 @@ def test_plan_with_several_calibration_files_reports_every_domain(tmp_path):
     assert report["objective"] == "worst" and report["domains"] == ["valid", "other"]
     assert set(report["check"]["domains"]) == {"valid", "other"}
     done = layerwise("list", "objectives")
-    assert "cautious (default)" in done.stdout and "worst" in done.stdout
+    assert "mean (default)" in done.stdout and "cautious" in done.stdout
     done = layerwise("plan", STORIES, "--budget", "4.5", "--objective", "median", "--quiet")
     assert_one_line_error(done, "invalid choice: 'median'")

@@ -50,7 +50,9 @@ OBJECTIVES: dict[str, Objective] = {
     "cautious": Objective("cautious", "every unit priced at its worst domain: cheap only where all domains agree",
                           _nan_aware(np.max), lambda kl: float(np.max(kl)), worst_domain=False),
 }
-DEFAULT_OBJECTIVE = "cautious"
+# The one bench/robust.py supports: leaving one domain out, "cautious" was no better than "mean" on
+# the held-out domain (3.25 bits on SmolLM2: 0.90x against 0.82x of uniform on average).
+DEFAULT_OBJECTIVE = "mean"
 
 
 def objective_named(name: str) -> Objective:
