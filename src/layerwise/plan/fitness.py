@@ -22,7 +22,7 @@ from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP
-from layerwise.plan.sensitivity import SensitivityTable, head_cost_in_blocks, base_pass
+from layerwise.plan.sensitivity import SensitivityTable, base_pass, domain_means, head_cost_in_blocks
 from layerwise.profile.replay import logits_without
 from layerwise.quant.apply import quantize_linear
 
@@ -125,9 +125,8 @@ class KLFitness:
         self.calls += 1
         self.block_runs += batches * (self.loaded.n_blocks + self._head)
         self.seconds += time.perf_counter() - started
-        labels = self.window_domains[:len(values)]
         # Windows are of equal length, so a domain's mean over windows is its mean over tokens.
-        return self.score(np.array([values[labels == name].mean() for name in dict.fromkeys(labels.tolist())]))
+        return self.score(np.array(list(domain_means(values, self.window_domains[:len(values)]).values())))
 
     def full(self, choice: Sequence[int]) -> float:
         """The highest fidelity."""

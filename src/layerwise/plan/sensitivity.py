@@ -296,13 +296,12 @@ def measure_sensitivity(
     base = base_pass(loaded, calibration, list(modules), algorithms, batch_size)
 
     domains = list(dict.fromkeys(calibration.window_domains))
-    labels = np.asarray(calibration.window_domains)
     cost = np.full((len(units), len(configs)), np.nan)
     kl = np.full((len(units), len(configs), len(domains)), np.nan)  # per domain, last axis
     kl_rows = kl.reshape(len(units), -1)  # a view: what the checkpoint saves and restores
 
     def by_domain(window_kl: np.ndarray) -> list[float]:
-        return [float(window_kl[labels == name].mean()) for name in domains]
+        return list(domain_means(window_kl, calibration.window_domains).values())  # in `domains` order
     skipped: dict[str, str] = {}
     n_blocks, head = loaded.n_blocks, head_cost_in_blocks(loaded)
     block_runs = earlier_seconds = 0.0
