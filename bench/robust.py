@@ -121,7 +121,8 @@ def main() -> None:
                         continue
                     bank.restore()
                     start = time.perf_counter()
-                    outcome = run_plan(loaded, bits_per_weight=bits, table=args.table, objective=objective,
+                    outcome = run_plan(loaded, bits_per_weight=bits, table=args.table, options=args.options,
+                                       objective=objective,
                                        calib={d: DEFAULT_DOMAINS[d] for d in calibrated}, seq_len=args.seq_len,
                                        progress=False)
                     seconds = time.perf_counter() - start

@@ -29,6 +29,21 @@ def require_tool(name: str, found, how_to_get: str):
     pytest.skip(message)
 
 
+# Set by .ci/run to the folder holding llama.cpp's llama-quantize, llama-imatrix and
+# llama-perplexity (built by .ci/llama_cpp_tools): the referees for GGUF bytes and imatrices.
+LLAMA_CPP_BIN_ENV = "LAYERWISE_LLAMA_CPP_BIN"
+LLAMA_CPP_TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_bin() -> Path:
+    folder = os.environ.get(LLAMA_CPP_BIN_ENV)
+    found = folder and all((Path(folder) / tool).is_file() for tool in LLAMA_CPP_TOOLS)
+    return Path(require_tool("llama.cpp's " + ", ".join(LLAMA_CPP_TOOLS), folder if found else None,
+                             f"{LLAMA_CPP_BIN_ENV} names no folder holding them; bash .ci/llama_cpp_tools DIR builds "
+                             "them into DIR/bin"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

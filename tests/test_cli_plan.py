@@ -47,7 +47,7 @@ def test_pareto_from_the_saved_table(measured, tmp_path):
 @pytest.mark.parametrize("args, pattern", [
     (["--budget", "1.0"], "below the smallest plan"),
     (["--budget", "9.5"], "above the largest plan"),
-    (["--budget", "4", "--options", "int3pc"], "was measured for options"),
+    (["--budget", "4", "--granularity", "block"], "was measured per sublayer"),
     (["--budget", "4", "--allocator", "magic"], "unknown allocator"),
     ([], "give exactly one budget"),
     (["--budget", "-2"], "must be a positive number"),

@@ -60,8 +60,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     plan = args.plan or Plan(QuantConfig(args.format, args.bits, args.group_size, not args.asym, args.method,
                                          remainder))
     loaded, quantized, sizes = run_quantize(args.model, plan, calib=args.calib, tokens=args.tokens, seed=args.seed,
-                                            out=args.out, overwrite=args.overwrite, dtype=args.dtype,
-                                            device=args.device, progress=not args.quiet)
+                                            out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
+                                            dtype=args.dtype, device=args.device, progress=not args.quiet)
     _print_sizes(sizes)
     from layerwise.quant.apply import plan_fallbacks
 
@@ -242,7 +242,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
                         calib=args.calib, tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
-                        converter=args.converter, progress=not args.quiet)
+                        converter=args.converter, imatrix=args.imatrix, progress=not args.quiet)
     if report.get("converted_by"):
         print(f"converted the Hugging Face model with {report['converted_by']}")
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes")
@@ -257,6 +257,19 @@ def _cmd_export(args: argparse.Namespace) -> None:
         if args.llama_quantize_args:
             write_text_atomic(args.llama_quantize_args, "\n".join(report["llama_quantize_args"]) + "\n")
             print(f"wrote the equivalent llama-quantize arguments to {args.llama_quantize_args}")
+
+
+IMATRIX_HELP = ("an importance matrix (llama-imatrix's .gguf or .dat, or `layerwise imatrix`): GGUF types weight "
+                "each column's rounding by it, as llama-quantize --imatrix does")
+
+
+def _cmd_imatrix(args: argparse.Namespace) -> None:
+    from layerwise.quant.imatrix import run_imatrix
+
+    found = run_imatrix(args.model, data=args.data, out=args.out, ctx=args.ctx, chunks=args.chunks,
+                        include_output=args.process_output, overwrite=args.overwrite, dtype=args.dtype,
+                        device=args.device, progress=not args.quiet)
+    print(f"wrote {args.out}: {len(found.sums)} entries from {found.chunk_count} chunks of {found.chunk_size} tokens")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -341,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), as llama-quantize does")
     p.add_argument("--plan", default=None, help="a plan.json instead of the uniform options above")
     p.add_argument("--calib", default=None, help="calibration text (needed by gptq and awq)")
+    p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for plan.json, quant.json, qweights.safetensors")
@@ -441,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="a plan.json (quantized now)")
     p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
     p.add_argument("--calib", default=None, help="calibration text for gptq/awq plans")
+    p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=16384)
     p.add_argument("--converter", default=None,
                    help="llama.cpp's convert_hf_to_gguf.py (or its llama.cpp folder), for GGUF from a Hugging Face "
@@ -451,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_export)
+
+    p = commands.add_parser("imatrix", help="llama.cpp's importance matrix (squared inputs per linear), as a file "
+                                            "llama-quantize --imatrix reads")
+    _add_model_options(p)
+    p.add_argument("--data", required=True, help="calibration text")
+    p.add_argument("--ctx", type=_positive_int, default=512, help="tokens per chunk, as llama-imatrix -c (default 512)")
+    p.add_argument("--chunks", type=_positive_int, default=100, help="at most this many chunks (default 100)")
+    p.add_argument("--process-output", action="store_true", help="also the output (LM head) weight")
+    p.add_argument("--out", required=True, help="imatrix.gguf (or a .dat name for llama.cpp's legacy format)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_imatrix)
 
     p = commands.add_parser("report", help="one self-contained HTML page of every result in a run directory")
     p.add_argument("run_dir", help="a directory holding layerwise outputs (profile, sensitivity table, plan, ...)")

@@ -1,5 +1,6 @@
 """Whole-plan fitness, `run_plan` and `run_pareto` on stories260K."""
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from layerwise.plan.allocate import allocate
 from layerwise.plan.fitness import KLFitness
 from layerwise.plan.options import parse_option
 from layerwise.plan.plan import Plan
-from layerwise.plan.run import budgets_between, plan_from_choice, run_pareto, run_plan
-from layerwise.plan.sensitivity import measure_sensitivity
+from layerwise.plan.run import budgets_between, plan_from_choice, run_pareto, run_plan, sensitivity_for
+from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
 from layerwise.quant.apply import quantize_
 from layerwise.quant.size import size_report
 
@@ -164,13 +165,33 @@ def test_eval_refuses_wikitext_valid_for_a_plan_calibrated_on_the_shipped_excerp
 
 def test_run_plan_bad_input(loaded, table, tmp_path):
     path = table.save(tmp_path / "sens.json")
-    with pytest.raises(LayerwiseError, match="not int3pc"):
-        run_plan(loaded, bits_per_weight=4.0, table=path, options="int3pc", progress=False)
     with pytest.raises(LayerwiseError, match="below the smallest"):
         run_plan(loaded, bits_per_weight=1.0, table=path, progress=False)
     with pytest.raises(LayerwiseError, match="unknown allocator"):
         run_plan(loaded, bits_per_weight=4.0, table=path, allocator="magic", progress=False)
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_a_table_grows_by_the_options_it_lacks_and_serves_any_subset(loaded, table, tmp_path):
+    path = table.save(tmp_path / "sens.json")
+    asked = sensitivity_for(loaded, table=path, options="int8pc,int3pc,int2pc", progress=False)
+    assert asked.options == ["int8pc", "int3pc", "int2pc"]
+    grown = SensitivityTable.load(path)
+    assert grown.options == ["int2pc", "int4pc", "int8pc", "int3pc"] and grown.calibration == table.calibration
+    np.testing.assert_array_equal(grown.kl[:, :3], table.kl)
+    alone = measure_sensitivity(loaded, rebuild_windows(loaded.tokenizer, table.calibration), "int3pc", "sublayer",
+                                progress=False)
+    np.testing.assert_allclose(grown.kl[:, 3], alone.kl[:, 0], rtol=1e-5)
+    np.testing.assert_array_equal(asked.kl, grown.kl[:, [2, 3, 0]])
+    np.testing.assert_array_equal(asked.cost_bits, grown.cost_bits[:, [2, 3, 0]])
+    assert not (tmp_path / "sens.json.progress").exists()
+    moved = json.loads(path.read_text())
+    moved["calibration"]["source"] = str(tmp_path / "gone.txt")
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    with pytest.raises(LayerwiseError, match="cannot be found"):
+        sensitivity_for(loaded, table=tmp_path / "moved.json", options="int6pc", progress=False)
+    with pytest.raises(LayerwiseError, match="different calibration windows"):
+        table.joined(SensitivityTable.load(tmp_path / "moved.json").with_options(["int3pc"]))
 
 
 def test_pareto_curve_from_one_table(table, tmp_path):

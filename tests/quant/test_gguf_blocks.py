@@ -3,6 +3,7 @@ round-trip errors within what each format's construction guarantees."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType
 
+from conftest import require_tool
 from layerwise.errors import LayerwiseError
 from layerwise.quant.gguf_blocks import (
     GGUF_TYPES,
@@ -182,15 +184,17 @@ def golden_importance() -> np.ndarray:
 
 
 # sha256[:16] of the packed golden_input(): without / with golden_importance(). Produced by
-# llama.cpp's own C code (ggml-quants.c at commit 01243c58: quantize_row_*_ref and
-# quantize_row_*_impl, compiled with gcc -O2 -ffp-contract=off) for the K-quants and the
-# importance variants, and by gguf-py for the plain 32-weight formats; Q8_0 ignores importance.
+# llama.cpp's own C code (ggml-quants.c of llama-cpp-python 0.3.36's llama.cpp: quantize_row_*_ref
+# and quantize_row_*_impl, compiled with gcc -O2 -ffp-contract=off); Q8_0 ignores importance.
+# Regenerate: python tests/quant/golden/regenerate.py --llama-cpp build/llama.cpp-tools/src
+# (test_golden_digests_are_llama_cpp_s does, where the sources are). gguf-py's Q4_1/Q5_1 differ
+# from llama.cpp's on one block of golden_input(), of +0 and -0: the sign of its stored minimum.
 GOLDEN = {
     "Q8_0": ("096a092c2a93a17c", "096a092c2a93a17c"),
     "Q4_0": ("8f848e5ddd3d7d18", "55e7fea764b3e69f"),
-    "Q4_1": ("ffdac6d922807a9f", "6ba58e1880546967"),
+    "Q4_1": ("80abb1d3f5791d1d", "6ba58e1880546967"),
     "Q5_0": ("191e13b98f76991f", "37f713e1d79ceb5e"),
-    "Q5_1": ("10919f84f5ebd00e", "b676163769b500ec"),
+    "Q5_1": ("d04da7e7cba53497", "b676163769b500ec"),
     "Q2_K": ("ee18ab8811dc9879", "55e9c9f8f5149d21"),
     "Q3_K": ("551a1a385589dd86", "c15f3850e0730ef5"),
     "Q4_K": ("c53b44a57257eba7", "5492c172fb850b98"),
@@ -208,6 +212,18 @@ def test_bytes_match_llama_cpp_reference(name):
     x = golden_input()
     assert digest(quantize(x, name)) == GOLDEN[name][0]
     assert digest(quantize(x, name, importance=golden_importance())) == GOLDEN[name][1]
+
+
+def test_golden_digests_are_llama_cpp_s(llama_cpp_bin):
+    """The table above is what llama.cpp's C code makes of the golden input today."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "golden"))
+    from regenerate import golden_digests
+
+    source = require_tool("llama.cpp's ggml sources", (llama_cpp_bin.parent / "src" / "ggml").is_dir() or None,
+                          "bash .ci/llama_cpp_tools DIR keeps them in DIR/src")
+    assert source and golden_digests(llama_cpp_bin.parent / "src") == GOLDEN
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def bos_policy(tokenizer: Any) -> int | None:
     return bos if bos != tokenizer.eos_token_id else None
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return list(ids)
 
@@ -213,7 +213,7 @@ def text_slots(tokenizer: Any, data: str | Path | Sequence[str] | None, *, seq_l
     bos_id = bos_policy(tokenizer) if bos is None else (tokenizer.bos_token_id if bos else None)
     if bos and bos_id is None:
         raise LayerwiseError("bos=True, but the tokenizer has no BOS token")
-    return TextSlots(_encode(tokenizer, text), seq_len, bos_id, description, sha256_text(text))
+    return TextSlots(encode_text(tokenizer, text), seq_len, bos_id, description, sha256_text(text))
 
 
 def token_windows(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from layerwise.errors import LayerwiseError
+from layerwise.models.gguf_names import gguf_tensor_names
 from layerwise.models.loading import LoadedModel, ModelSource
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_path
@@ -40,24 +41,6 @@ def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """HF row order -> llama.cpp's (the inverse of transformers' reverse permutation)."""
     dim = rows.shape[0] // n_head // 2
     return rows.reshape(n_head, 2, dim, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str) -> dict[str, str]:
-    """HF module name -> GGUF tensor name, by gguf-py's own name map."""
-    import gguf
-
-    try:
-        arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-    except StopIteration:
-        raise LayerwiseError(f"gguf-py does not know the architecture {arch!r}") from None
-    name_map = gguf.get_tensor_name_map(arch_enum, loaded.n_blocks)
-    names = {}
-    for module in modules:
-        mapped = name_map.get_name(module)
-        if mapped is None:
-            raise LayerwiseError(f"no GGUF tensor name for {module} in architecture {arch!r}")
-        names[module] = f"{mapped}.weight"
-    return names
 
 
 def check_gguf_exportable(quantized: dict[str, QTensor], dropped: list[str] | None = None) -> None:

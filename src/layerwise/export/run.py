@@ -26,6 +26,7 @@ def run_export(
     tokens: int = 16384,
     dtype: str = "auto",
     converter: str | Path | None = None,
+    imatrix: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
     """"gguf": one GGUF file with the plan's type per tensor (the plan must use GGUF types).
@@ -36,7 +37,8 @@ def run_export(
     GGUF from a Hugging Face model (folder or hub id) first converts it with llama.cpp's
     convert_hf_to_gguf.py (`converter`: the script or its llama.cpp folder; default
     $LAYERWISE_CONVERT_HF_TO_GGUF or PATH) into a temporary file whose metadata, tokenizer and
-    untouched tensors are copied."""
+    untouched tensors are copied. `imatrix` weights a plan's GGUF types as `llama-quantize
+    --imatrix` does (for --quantized, the importance matrix was given to `quantize`)."""
     if format not in EXPORT_FORMATS:
         raise LayerwiseError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if (plan is None) == (quantized is None):
@@ -51,6 +53,9 @@ def run_export(
     if out.exists() and (out.is_dir() != (format != "gguf")):
         raise LayerwiseError(f"{out} exists and is a {'folder' if out.is_dir() else 'file'}; "
                              f"{format} export writes a {'file' if format == 'gguf' else 'folder'}")
+    if quantized is not None and imatrix is not None:
+        raise LayerwiseError("--imatrix goes with --plan (quantized now); a --quantized folder was quantized "
+                             "already: pass the importance matrix to `layerwise quantize`")
     if quantized is not None:
         from layerwise.quant.storage import apply_quantized, load_quantized
 
@@ -70,7 +75,8 @@ def run_export(
             from layerwise.quant.apply import plan_targets
 
             check_plan_representable(plan_targets(loaded, plan))  # before any quantization work
-        loaded, stored, sizes = run_quantize(loaded, plan, calib=calib, tokens=tokens, progress=progress)
+        loaded, stored, sizes = run_quantize(loaded, plan, calib=calib, tokens=tokens, imatrix=imatrix,
+                                             progress=progress)
         from layerwise.quant.apply import plan_dropped
 
         dropped = plan_dropped(loaded, plan)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from layerwise.data.domains import Calibration, domain_slots, parts_of, take_from_domains
+from layerwise.data.overlap import rebuild_windows
 from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TextSlots, TokenWindows,
                                     token_windows)
 from layerwise.errors import LayerwiseError
@@ -53,20 +54,22 @@ def sensitivity_for(
     windows: TokenWindows | None = None,
     progress: bool = True,
 ) -> SensitivityTable:
-    """The table at `table` if it exists (checked against the model, options and granularity
-    asked for), else a new measurement on `windows` (default: `tokens` of `calib` drawn with
-    `seed`), saved to `table` when a path is given."""
+    """The table at `table` if it exists (checked against the model and granularity asked for),
+    else a new measurement on `windows` (default: `tokens` of `calib` drawn with `seed`), saved to
+    `table` when a path is given. An existing table serves any subset of its options; options it
+    lacks are measured on its own calibration windows (re-cut from their files) and added to it."""
     if table is not None and Path(table).exists():
         found = SensitivityTable.load(table)
         found.check_model(loaded)
-        if options is not None:
-            wanted = [option_name(config) for config in parse_options(options)]
-            if wanted != found.options:
-                raise LayerwiseError(f"{table} was measured for options {','.join(found.options)}, not "
-                                     f"{','.join(wanted)}; measure a new table (another --table path)")
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
-        return found
+        if options is None:
+            return found
+        wanted = [option_name(config) for config in parse_options(options)]
+        missing = [name for name in wanted if name not in found.options]
+        if missing:
+            found = _grown(loaded, found, table, missing, progress)
+        return found.with_options(wanted)
     if windows is None:
         windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     checkpoint = progress_file(table) if table is not None else None
@@ -76,6 +79,21 @@ def sensitivity_for(
         measured.save(table)
         checkpoint.unlink(missing_ok=True)
     return measured
+
+
+def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, missing: list[str],
+           progress: bool) -> SensitivityTable:
+    """`found` with columns for the `missing` options, measured on its own windows; saved."""
+    windows = rebuild_windows(loaded.tokenizer, found.calibration)
+    if windows is None:
+        raise LayerwiseError(f"{table} lacks option(s) {','.join(missing)} and its calibration text cannot be "
+                             "found to measure them on the same windows; measure a new table (another --table path)")
+    checkpoint = progress_file(table)
+    extra = measure_sensitivity(loaded, windows, missing, found.granularity, progress=progress, checkpoint=checkpoint)
+    grown = found.joined(extra)
+    grown.save(table)
+    checkpoint.unlink(missing_ok=True)
+    return grown
 
 
 def progress_file(output: str | Path) -> Path:

@@ -75,6 +75,40 @@ class SensitivityTable:
         return replace(self, kl=np.mean(np.stack(list(kept.values())), axis=0), domain_kl=kept,
                        calibration=calibration)
 
+    def with_options(self, names: Sequence[str]) -> "SensitivityTable":
+        """The table's columns for these of its options, in this order (a table measured for more
+        options serves a plan that may take fewer)."""
+        missing = [name for name in names if name not in self.options]
+        if missing:
+            raise LayerwiseError(f"the sensitivity table has no column for option(s) {missing}; it was measured "
+                                 f"for {','.join(self.options)}")
+        columns = [self.options.index(name) for name in names]
+        prefixes = [f"{unit.name} " for unit in self.units]
+        skipped = {key: why for key, why in self.skipped.items()
+                   if any(key == prefix + name for prefix in prefixes for name in names)}
+        return replace(self, options=list(names), cost_bits=self.cost_bits[:, columns], kl=self.kl[:, columns],
+                       skipped=skipped, domain_kl={d: kl[:, columns] for d, kl in self.domain_kl.items()})
+
+    def joined(self, other: "SensitivityTable") -> "SensitivityTable":
+        """This table with `other`'s columns appended: both measured on the same model, units and
+        calibration windows, for different options (how a table grows by new options)."""
+        if (self.model_fingerprint, self.granularity, [u.name for u in self.units]) != \
+                (other.model_fingerprint, other.granularity, [u.name for u in other.units]):
+            raise LayerwiseError("cannot join sensitivity tables of different models, units or granularity")
+        if json.loads(json.dumps(self.calibration)) != json.loads(json.dumps(other.calibration)) or \
+                self.domains != other.domains:
+            raise LayerwiseError("cannot join sensitivity tables measured on different calibration windows")
+        repeated = sorted(set(self.options) & set(other.options))
+        if repeated:
+            raise LayerwiseError(f"both sensitivity tables have option(s) {repeated}")
+        cost = {key: self.cost.get(key, 0) + other.cost.get(key, 0) for key in ("seconds", "forward_equivalents")}
+        return replace(self, options=self.options + other.options,
+                       cost_bits=np.concatenate([self.cost_bits, other.cost_bits], axis=1),
+                       kl=np.concatenate([self.kl, other.kl], axis=1), cost=self.cost | cost,
+                       skipped=self.skipped | other.skipped,
+                       domain_kl={d: np.concatenate([kl, other.domain_kl[d]], axis=1)
+                                  for d, kl in self.domain_kl.items()})
+
     @property
     def configs(self) -> list[QuantConfig | str]:
         return [parse_option(name) for name in self.options]

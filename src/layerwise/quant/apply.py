@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -89,9 +90,11 @@ def gather_inputs(stats: InputStats, x: torch.Tensor, config: QuantConfig) -> No
     stats.rows += len(x)
 
 
-def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None) -> QTensor:
+def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None,
+                    importance: np.ndarray | None = None) -> QTensor:
     """The stored form of one linear's weight under `config`; the module is left unchanged.
-    GPTQ and AWQ need `stats` gathered from the module's inputs (`gather_inputs`)."""
+    GPTQ and AWQ need `stats` gathered from the module's inputs (`gather_inputs`); GGUF types
+    rounded to nearest take the module's `importance` (`layerwise.quant.imatrix`)."""
     weight = linear_weight(module).detach().float()
     if config.algorithm == "gptq":
         qtensor = gptq_quantize(weight, 2 * stats.hessian / stats.rows, config, module=name)
@@ -99,12 +102,13 @@ def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: In
         sample = torch.cat(stats.sample)[:AWQ_SAMPLE_ROWS].to(weight.device)
         qtensor = awq_quantize(weight, sample, config, module=name)
     else:
-        qtensor = quantize_weight(weight, config, name)
+        qtensor = quantize_weight(weight, config, name, importance)
     return qtensor
 
 
-def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None) -> QTensor:
-    qtensor = quantize_linear(name, module, config, stats)
+def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None,
+                     importance: np.ndarray | None = None) -> QTensor:
+    qtensor = quantize_linear(name, module, config, stats, importance)
     set_linear_weight(module, qtensor.dequantize())
     return qtensor
 
@@ -133,11 +137,14 @@ def quantize_(
     calibration: TokenWindows | None = None,
     *,
     batch_size: int = 4,
+    importance: dict[str, np.ndarray] | None = None,
     progress: bool = True,
 ) -> dict[str, QTensor]:
     """Quantize `loaded.model` in place according to `plan`; return each module's stored form.
     Units the plan drops are silenced first (their output projections zeroed), so that the
-    units after them calibrate on what the pruned model computes."""
+    units after them calibrate on what the pruned model computes. `importance` (module -> column
+    weights, from an importance matrix) weights the GGUF types' rounding, as llama-quantize does."""
+    importance = importance or {}
     targets = plan_targets(loaded, plan)
     drop_units_(loaded, plan.drop)
     needs_data = any(config.algorithm != "rtn" for config in targets.values())
@@ -167,12 +174,13 @@ def quantize_(
                         for calls, h in zip(per_batch, hidden):
                             run_block(block, calls[index], h)
                 for name in names:
-                    result[name] = _quantize_module(name, modules[name], targets[name], stats.get(name))
+                    result[name] = _quantize_module(name, modules[name], targets[name], stats.get(name),
+                                                    importance.get(name))
                     bars.advance(task)
                 stats.clear()
                 hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
         for name, config in targets.items():
             if name not in result:
-                result[name] = _quantize_module(name, modules[name], config, None)
+                result[name] = _quantize_module(name, modules[name], config, None, importance.get(name))
                 bars.advance(task)
     return result

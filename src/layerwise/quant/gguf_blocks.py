@@ -387,6 +387,14 @@ def _make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarra
 # +16.5, round-half-away for Q8_0, scales rounded to fp16 only when stored).
 # --------------------------------------------------------------------------------------------
 
+def _first_equal(blocks: np.ndarray, extreme: np.ndarray) -> np.ndarray:
+    """[n, 1]: each block's first value equal to `extreme` -- what C's running `if (v < min) min = v`
+    keeps. It differs from numpy's min/max only in the sign of a zero (a block of +0 and -0), which
+    is stored (fp16 0x0000 vs 0x8000), so llama-quantize's bytes depend on it."""
+    first = (blocks == extreme[:, None]).argmax(axis=-1)
+    return np.take_along_axis(blocks, first[:, None], axis=-1)
+
+
 def _inverse(d: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         return np.where(d == 0, _F32(0.0), _F32(1.0) / d)
@@ -444,8 +452,7 @@ def _q4_1(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None)
         d, the_min, L = _make_qkx_quants(_subblocks(blocks, 32), w, 15, -0.9, 0.05, 36, False, version=3)
         q = _unsub(L, len(blocks)).astype(np.uint8)
         return np.concatenate([_fp16(d[:, None]), _fp16(-the_min[:, None]), _pack_nibbles_32(q)], axis=1)
-    mx = blocks.max(axis=-1, keepdims=True)
-    mn = blocks.min(axis=-1, keepdims=True)
+    mx, mn = _first_equal(blocks, blocks.max(axis=-1)), _first_equal(blocks, blocks.min(axis=-1))
     d = (mx - mn) / _F32(15)
     q = np.trunc((blocks - mn) * _inverse(d) + _F32(0.5)).astype(np.uint8).clip(0, 15)
     return np.concatenate([_fp16(d), _fp16(mn), _pack_nibbles_32(q)], axis=1)
@@ -469,8 +476,7 @@ def _q5_1(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None)
         return np.concatenate(
             [_fp16(d[:, None]), _fp16(-the_min[:, None]), _high_bits_32(q), _pack_nibbles_32(q)], axis=1
         )
-    mx = blocks.max(axis=-1, keepdims=True)
-    mn = blocks.min(axis=-1, keepdims=True)
+    mx, mn = _first_equal(blocks, blocks.max(axis=-1)), _first_equal(blocks, blocks.min(axis=-1))
     d = (mx - mn) / _F32(31)
     q = np.trunc((blocks - mn) * _inverse(d) + _F32(0.5)).astype(np.uint8).clip(0, 31)
     return np.concatenate([_fp16(d), _fp16(mn), _high_bits_32(q), _pack_nibbles_32(q)], axis=1)

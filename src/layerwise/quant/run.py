@@ -8,6 +8,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
 from layerwise.quant.apply import plan_dropped, plan_fallbacks, plan_targets, quantize_
+from layerwise.quant.imatrix import Imatrix, importance_for
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
@@ -28,12 +29,15 @@ def run_quantize(
     seed: int = 0,
     out: str | Path | None = None,
     overwrite: bool = False,
+    imatrix: str | Path | Imatrix | None = None,
     dtype: str = "auto",
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[LoadedModel, dict[str, QTensor], dict]:
     """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
-    stored form of each module and the size report; with `out`, writes them there."""
+    stored form of each module and the size report; with `out`, writes them there. `imatrix` (a
+    file llama-imatrix or `layerwise imatrix` wrote) weights the GGUF types' rounding by each
+    input column's mean square, as `llama-quantize --imatrix` does."""
     if out is not None:
         check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
@@ -52,11 +56,30 @@ def run_quantize(
     else:
         # Validate every module's shape before any work (group sizes, GGUF block sizes).
         size_report(loaded, targets, dropped)
-    quantized = quantize_(loaded, plan, windows, progress=progress)
+    importance, imatrix_record = _importance(loaded, targets, imatrix)
+    quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
     sizes = size_report(loaded, quantized, dropped)
     meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
                              "sizes": sizes, "drop": list(plan.drop), "dropped_modules": dropped,
-                             "fallbacks": plan_fallbacks(loaded, plan)}
+                             "fallbacks": plan_fallbacks(loaded, plan), "imatrix": imatrix_record}
     if out is not None:
         save_quantized(out, plan, quantized, meta)
     return loaded, quantized, sizes
+
+
+def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatrix | None) -> tuple[dict, dict | None]:
+    """Column weights for the plan's GGUF-typed modules rounded to nearest, and what the
+    quantization record says of the importance matrix."""
+    if imatrix is None:
+        return {}, None
+    from layerwise.quant.formats import get_format
+
+    weighted = [name for name, config in targets.items()
+                if get_format(config.format).packed and config.algorithm == "rtn"]
+    if not weighted:
+        raise LayerwiseError("an importance matrix weights GGUF block types (q4_k, q5_0, ...) only, and this plan "
+                             "quantizes no module to one")
+    found = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
+    record = {"file": None if isinstance(imatrix, Imatrix) else str(imatrix), "datasets": found.datasets,
+              "chunk_count": found.chunk_count, "chunk_size": found.chunk_size, "modules": len(weighted)}
+    return importance_for(loaded, found, weighted), record

@@ -1,0 +1,49 @@
+"""Where a Hugging Face module lives in a GGUF file: llama.cpp's architecture name and tensor names.
+
+Both the GGUF export and the importance matrix (whose entries are keyed by GGUF tensor name) need
+this map; it is gguf-py's own (`gguf.get_tensor_name_map`), the one llama.cpp's converter uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.loading import LoadedModel
+
+# transformers' model_type -> llama.cpp's architecture, where the two names differ
+# (convert_hf_to_gguf.py writes these HF families under these GGUF architectures).
+_ARCH_OF_MODEL_TYPE = {"mistral": "llama", "gpt_neox": "gptneox", "phi": "phi2"}
+
+
+def gguf_architecture(loaded: LoadedModel) -> str:
+    """The GGUF architecture of the model: the file's own for a GGUF source, else llama.cpp's name
+    for the transformers model type."""
+    import gguf
+
+    source = loaded.source
+    if source.kind == "gguf" and source.gguf_file:
+        reader = gguf.GGUFReader(Path(source.location) / source.gguf_file)
+        return str(reader.fields["general.architecture"].contents())
+    arch = _ARCH_OF_MODEL_TYPE.get(loaded.model_type, loaded.model_type)
+    if arch not in gguf.MODEL_ARCH_NAMES.values():
+        raise LayerwiseError(f"gguf-py knows no GGUF architecture for model type {loaded.model_type!r}")
+    return arch
+
+
+def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None = None) -> dict[str, str]:
+    """HF module name -> GGUF tensor name (with ".weight"), by gguf-py's own name map."""
+    import gguf
+
+    arch = arch or gguf_architecture(loaded)
+    try:
+        arch_enum = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    except StopIteration:
+        raise LayerwiseError(f"gguf-py does not know the architecture {arch!r}") from None
+    name_map = gguf.get_tensor_name_map(arch_enum, loaded.n_blocks)
+    names = {}
+    for module in modules:
+        mapped = name_map.get_name(module)
+        if mapped is None:
+            raise LayerwiseError(f"no GGUF tensor name for {module} in architecture {arch!r}")
+        names[module] = f"{mapped}.weight"
+    return names

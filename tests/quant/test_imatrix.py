@@ -1,0 +1,116 @@
+"""The importance matrix: what it sums, llama.cpp's two file formats, and its use by GGUF types."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CALIBRATION_TEXT, SMOLLM2
+from layerwise.data.windows import bos_policy, encode_text, read_text
+from layerwise.errors import LayerwiseError
+from layerwise.models.layout import linear_weight
+from layerwise.plan import Plan
+from layerwise.quant import QuantConfig
+from layerwise.quant import gguf_blocks
+from layerwise.quant.imatrix import Imatrix, collect_imatrix, imatrix_windows, importance_for, run_imatrix
+from layerwise.quant.run import run_quantize
+
+
+@pytest.fixture(scope="module")
+def computed(stories, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imatrix") / "imatrix.gguf"
+    return run_imatrix(stories, data=CALIBRATION_TEXT, out=out, ctx=128, chunks=6, progress=False), out
+
+
+def test_chunks_are_llama_imatrix_s(stories):
+    windows = imatrix_windows(stories.tokenizer, CALIBRATION_TEXT, ctx=128, chunks=3)
+    bos = bos_policy(stories.tokenizer)
+    ids = [bos] + encode_text(stories.tokenizer, read_text(CALIBRATION_TEXT)[0])
+    assert windows.input_ids.shape == (3, 128)
+    for i, row in enumerate(windows.input_ids.tolist()):
+        assert row == [bos] + ids[i * 128 + 1:(i + 1) * 128]  # consecutive chunks, the first token made BOS
+    with pytest.raises(LayerwiseError, match="needs at least 512"):
+        imatrix_windows(stories.tokenizer, ["a short text"], ctx=256)
+
+
+def test_sums_are_the_squared_inputs_of_each_linear(stories, computed):
+    imatrix, _ = computed
+    windows = imatrix_windows(stories.tokenizer, CALIBRATION_TEXT, ctx=128, chunks=6)
+    layers = stories.model.model.layers
+    with torch.no_grad():
+        hidden = stories.model(input_ids=windows.input_ids, output_hidden_states=True).hidden_states
+        attn_in = layers[2].input_layernorm(hidden[2]).reshape(-1, 64).double()
+    assert set(imatrix.counts["blk.2.attn_q.weight"]) == {6 * 128}
+    np.testing.assert_allclose(imatrix.sums["blk.2.attn_q.weight"][0], (attn_in ** 2).sum(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(imatrix.importance("blk.2.attn_k.weight"), (attn_in ** 2).mean(0).numpy(), rtol=1e-5)
+    assert len(imatrix.sums) == 5 * 7 and imatrix.chunk_count == 6 and imatrix.chunk_size == 128
+    assert "output.weight" not in imatrix.sums
+
+
+def test_both_file_formats_read_back(computed, tmp_path):
+    import gguf
+
+    imatrix, path = computed
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.type"].contents() == "imatrix"
+    assert "general.architecture" not in reader.fields
+    assert reader.fields["imatrix.chunk_size"].contents() == 128
+    assert {t.name for t in reader.tensors} == {f"{name}{suffix}" for name in imatrix.sums
+                                                for suffix in (".in_sum2", ".counts")}
+    back = Imatrix.load(path)
+    assert back.datasets == [str(CALIBRATION_TEXT)] and back.chunk_count == 6
+    legacy = Imatrix.load(imatrix.save(tmp_path / "imatrix.dat"))
+    assert legacy.chunk_count == 6 and legacy.datasets == [str(CALIBRATION_TEXT)]
+    for name in imatrix.sums:
+        np.testing.assert_allclose(back.sums[name], imatrix.sums[name], rtol=1e-6)
+        np.testing.assert_allclose(legacy.importance(name), imatrix.importance(name), rtol=1e-6)
+    assert legacy.counts["blk.0.ffn_down.weight"].tolist() == [6.0]  # the chunks, as llama-imatrix writes them
+
+
+def test_bad_files_are_refused(tmp_path, computed):
+    with pytest.raises(LayerwiseError, match="no importance matrix at"):
+        Imatrix.load(tmp_path / "missing.gguf")
+    (tmp_path / "junk.dat").write_bytes(b"\xff\xff\xff\xff")
+    with pytest.raises(LayerwiseError, match="neither a GGUF nor a legacy"):
+        Imatrix.load(tmp_path / "junk.dat")
+    imatrix, path = computed
+    (tmp_path / "cut.dat").write_bytes(imatrix.save(tmp_path / "whole.dat").read_bytes()[:100])
+    with pytest.raises(LayerwiseError, match="not a readable importance matrix"):
+        Imatrix.load(tmp_path / "cut.dat")
+    with pytest.raises(LayerwiseError, match="not an importance matrix"):
+        Imatrix.load(SMOLLM2)
+
+
+def test_importance_is_checked_against_the_model(stories, computed):
+    imatrix, _ = computed
+    found = importance_for(stories, imatrix, ["model.layers.1.mlp.down_proj"])
+    assert found["model.layers.1.mlp.down_proj"].shape == (172,)
+    wrong = Imatrix({name: sums[:, :10] for name, sums in imatrix.sums.items()}, imatrix.counts)
+    with pytest.raises(LayerwiseError, match="has 10 values, but model.layers.1.mlp.down_proj has 172 input columns"):
+        importance_for(stories, wrong, ["model.layers.1.mlp.down_proj"])
+    partial = Imatrix({k: v for k, v in imatrix.sums.items() if "blk.4." not in k}, imatrix.counts)
+    with pytest.raises(LayerwiseError, match="no entry for blk.4"):
+        importance_for(stories, partial, ["model.layers.4.self_attn.q_proj"])
+
+
+def test_quantize_weights_gguf_types_by_the_importance_matrix(stories, computed):
+    imatrix, path = computed
+    plan = Plan(QuantConfig("q4_0")).override("re:.*down_proj", QuantConfig("int", 4, None))
+    name = "model.layers.3.self_attn.v_proj"
+    weight = linear_weight(stories.model.get_submodule(name)).detach().clone()
+    _, weighted, _ = run_quantize(copy.deepcopy(stories), plan, imatrix=path, progress=False)
+    _, plain, _ = run_quantize(copy.deepcopy(stories), plan, progress=False)
+    expected = gguf_blocks.quantize(weight, "Q4_0", imatrix.importance("blk.3.attn_v.weight"))
+    assert np.array_equal(weighted[name].packed, expected)
+    assert not np.array_equal(weighted[name].packed, plain[name].packed)
+    assert torch.equal(weighted["model.layers.3.mlp.down_proj"].codes, plain["model.layers.3.mlp.down_proj"].codes)
+    with pytest.raises(LayerwiseError, match="GGUF block types .* only"):
+        run_quantize(copy.deepcopy(stories), Plan(QuantConfig("int", 4, None)), imatrix=path, progress=False)
+
+
+def test_collect_includes_the_head_when_asked(stories):
+    windows = imatrix_windows(stories.tokenizer, CALIBRATION_TEXT, ctx=64, chunks=2)
+    imatrix = collect_imatrix(stories, windows, include_output=True, progress=False)
+    assert imatrix.sums["output.weight"].shape == (1, 64)
