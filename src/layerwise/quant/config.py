@@ -54,7 +54,10 @@ class QuantConfig:
             raise LayerwiseError(f"group_size must be positive or None (per row), got {self.group_size}")
         if self.algorithm not in ALGORITHMS:
             raise LayerwiseError(f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHMS)}")
-        if self.algorithm != "rtn" and not spec.supports_error_feedback:
+        # GPTQ rounds GGUF types on the grids llama.cpp's quantizer chooses (quant/gptq.py); AWQ's
+        # rescaling has no place in a GGUF block.
+        if self.algorithm != "rtn" and not spec.supports_error_feedback and \
+                not (self.algorithm == "gptq" and spec.packed):
             raise LayerwiseError(f"format {self.format!r} supports only algorithm 'rtn', not {self.algorithm!r}")
         if self.remainder not in REMAINDERS:
             raise LayerwiseError(f"unknown remainder {self.remainder!r}; choose from {', '.join(REMAINDERS)}")

@@ -16,6 +16,7 @@ over the 16/32 weights of a block, never over blocks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -30,9 +31,11 @@ __all__ = [
     "bits_per_weight",
     "block_size",
     "bytes_per_block",
+    "code_grid",
     "dequantize",
     "quantize",
     "row_bytes",
+    "with_codes",
 ]
 
 GGUF_TYPES: tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -486,6 +489,44 @@ def _q5_1(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None)
 # K-quants (256-weight super-blocks)
 # --------------------------------------------------------------------------------------------
 
+def _pack_q4_k_codes(L: np.ndarray) -> np.ndarray:
+    Lr = L.astype(np.uint8).reshape(len(L), 4, 2, 32)  # per 64 weights: l | (l+32) << 4
+    return (Lr[:, :, 0] | (Lr[:, :, 1] << 4)).reshape(len(L), 128)
+
+
+def _pack_q5_k_codes(L: np.ndarray) -> np.ndarray:
+    """qh [B, 32] then qs [B, 128]."""
+    Lr = L.astype(np.uint8).reshape(len(L), 4, 2, 32)
+    qs = ((Lr[:, :, 0] & 0xF) | ((Lr[:, :, 1] & 0xF) << 4)).reshape(len(L), 128)
+    qh = np.zeros((len(L), 32), dtype=np.uint8)
+    for c in range(4):  # quantize_row_q5_K_ref: masks m1 = 1 << 2c, m2 = 2 << 2c
+        qh |= (Lr[:, c, 0] >> 4) << np.uint8(2 * c)
+        qh |= (Lr[:, c, 1] >> 4) << np.uint8(2 * c + 1)
+    return np.concatenate([qh, qs], axis=1)
+
+
+def _pack_q6_k_codes(L: np.ndarray) -> np.ndarray:
+    """ql [B, 128] then qh [B, 64] of codes 0..63."""
+    B = len(L)
+    Lr = L.astype(np.uint8).reshape(B, 2, 4, 32)  # [half, quarter, l]
+    lo = Lr & np.uint8(0x0F)
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    hi = Lr >> np.uint8(4)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return np.concatenate([ql.reshape(B, 128), qh.reshape(B, 64)], axis=1)
+
+
+def _pack_q3_k_codes(L: np.ndarray) -> np.ndarray:
+    """hmask [B, 32] then qs [B, 64] of codes 0..7."""
+    B = len(L)
+    high = L > 3
+    hmask = np.zeros((B, 32), dtype=np.uint8)
+    hr = high.reshape(B, 8, 32)
+    for b in range(8):  # bit b of hmask[m] is weight 32*b + m
+        hmask |= hr[:, b].astype(np.uint8) << np.uint8(b)
+    return np.concatenate([hmask, _pack_2bit(np.where(high, L - 4, L))], axis=1)
+
+
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
     """Q2_K/Q3_K `qs`: per 128 weights, byte l holds weights l, l+32, l+64, l+96 (2 bits each)."""
     Lr = L.astype(np.uint8).reshape(len(L), 2, 4, 32)
@@ -589,13 +630,7 @@ def _q3_k(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None)
     sc = (l6 - 32).reshape(-1)  # what get-scale decodes from the 12 bytes
     d_sub = np.repeat(_fp16_round(d_raw), 16) * sc.astype(_F32)
     L = _unsub(_requantize(xs, d_sub, -4, 3, L - 4) + 4, B)
-    high = L > 3
-    hmask = np.zeros((B, 32), dtype=np.uint8)
-    hr = high.reshape(B, 8, 32)
-    for b in range(8):  # bit b of hmask[m] is weight 32*b + m
-        hmask |= hr[:, b].astype(np.uint8) << np.uint8(b)
-    L = np.where(high, L - 4, L)
-    return np.concatenate([hmask, _pack_2bit(L), packed_scales, d], axis=1)
+    return np.concatenate([_pack_q3_k_codes(L), packed_scales, d], axis=1)
 
 
 def _pack_k4_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -663,20 +698,12 @@ def _k4_common(blocks: np.ndarray, importance: np.ndarray | None, nmax: int, fiv
 
 def _q4_k(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     head, L = _k4_common(blocks, importance, 15, five_bit=False)
-    Lr = L.astype(np.uint8).reshape(len(L), 4, 2, 32)  # per 64 weights: l | (l+32) << 4
-    qs = (Lr[:, :, 0] | (Lr[:, :, 1] << 4)).reshape(len(L), 128)
-    return np.concatenate([head, qs], axis=1)
+    return np.concatenate([head, _pack_q4_k_codes(L)], axis=1)
 
 
 def _q5_k(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     head, L = _k4_common(blocks, importance, 31, five_bit=True)
-    Lr = L.astype(np.uint8).reshape(len(L), 4, 2, 32)
-    qs = ((Lr[:, :, 0] & 0xF) | ((Lr[:, :, 1] & 0xF) << 4)).reshape(len(L), 128)
-    qh = np.zeros((len(L), 32), dtype=np.uint8)
-    for c in range(4):  # quantize_row_q5_K_ref: masks m1 = 1 << 2c, m2 = 2 << 2c
-        qh |= (Lr[:, c, 0] >> 4) << np.uint8(2 * c)
-        qh |= (Lr[:, c, 1] >> 4) << np.uint8(2 * c + 1)
-    return np.concatenate([head, qh, qs], axis=1)
+    return np.concatenate([head, _pack_q5_k_codes(L)], axis=1)
 
 
 def _q6_k(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -698,14 +725,7 @@ def _q6_k(blocks: np.ndarray, x_rows: np.ndarray, importance: np.ndarray | None)
     d_sub = np.repeat(_fp16_round(d_raw), 16) * sc.reshape(-1).astype(_F32)
     L = _unsub(_requantize(xs, d_sub, -32, 31, L - 32) + 32, B)
     L = np.where(zero_block[:, None], 0, L).astype(np.uint8)  # an all-zero super-block is all-zero bytes
-    Lr = L.reshape(B, 2, 4, 32)  # [half, quarter, l]
-    lo = Lr & np.uint8(0x0F)
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
-    hi = Lr >> np.uint8(4)
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    return np.concatenate(
-        [ql.reshape(B, 128), qh.reshape(B, 64), sc.astype(np.int8).view(np.uint8), _fp16(d_raw[:, None])], axis=1
-    )
+    return np.concatenate([_pack_q6_k_codes(L), sc.astype(np.int8).view(np.uint8), _fp16(d_raw[:, None])], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -811,6 +831,100 @@ def _dq6_k(b: np.ndarray) -> np.ndarray:
     return (dd * q.reshape(B, 16, 16).astype(_F32)).reshape(B, QK_K)
 
 
+# --------------------------------------------------------------------------------------------
+# Codes on a fixed grid: every type's value is scale * code + offset, with the scales in the
+# block's bytes and the code in a fixed integer range. What error-feedback quantizers (GPTQ) need
+# to round one column at a time on grids llama.cpp's own quantizer chose.
+# --------------------------------------------------------------------------------------------
+
+def _per(values: np.ndarray, width: int) -> np.ndarray:
+    """[B, n] per-sub-block values -> [B, n * width] per weight."""
+    return np.repeat(values, width, axis=1)
+
+
+def _codes_q8_0(b):
+    return _per(_f16_at(b, 0), 32), None, b[:, 2:].view(np.int8).astype(np.int32)
+
+
+def _codes_q4_0(b):
+    return _per(_f16_at(b, 0), 32), None, _nibbles_32(b[:, 2:]).astype(np.int32) - 8
+
+
+def _codes_q4_1(b):
+    return _per(_f16_at(b, 0), 32), _per(_f16_at(b, 2), 32), _nibbles_32(b[:, 4:]).astype(np.int32)
+
+
+def _codes_q5_0(b):
+    q = _nibbles_32(b[:, 6:]) | (_bits_32(b[:, 2:6]) << np.uint8(4))
+    return _per(_f16_at(b, 0), 32), None, q.astype(np.int32) - 16
+
+
+def _codes_q5_1(b):
+    q = _nibbles_32(b[:, 8:]) | (_bits_32(b[:, 4:8]) << np.uint8(4))
+    return _per(_f16_at(b, 0), 32), _per(_f16_at(b, 2), 32), q.astype(np.int32)
+
+
+def _codes_q2_k(b):
+    sc = b[:, :16]
+    dl = _f16_at(b, 80) * (sc & np.uint8(0xF)).astype(_F32)
+    ml = _f16_at(b, 82) * (sc >> np.uint8(4)).astype(_F32)
+    return _per(dl, 16), _per(-ml, 16), _unpack_2bit(b[:, 16:80]).astype(np.int32)
+
+
+def _codes_q3_k(b):
+    B = len(b)
+    hmask, s = b[:, :32], b[:, 96:108]
+    low = np.concatenate([s[:, :8] & np.uint8(0xF), s[:, :8] >> np.uint8(4)], axis=1)
+    high = (s[:, 8:12].reshape(B, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & np.uint8(3)
+    scales = (low | (high.reshape(B, 16) << np.uint8(4))).astype(np.int8) - np.int8(32)
+    hbit = (hmask.reshape(B, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
+    q = _unpack_2bit(b[:, 32:96]).astype(np.int32) - ((hbit.reshape(B, QK_K) ^ np.uint8(1)).astype(np.int32) << 2)
+    return _per(_f16_at(b, 108) * scales.astype(_F32), 16), None, q
+
+
+def _codes_k4(b, qs, qh):
+    B = len(b)
+    sc, m = _unpack_k4_scales(b[:, 4:16])
+    q = (qs.reshape(B, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0xF)
+    q = q.reshape(B, 8, 32)
+    if qh is not None:
+        q = q | (((qh.reshape(B, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)) << np.uint8(4))
+    return (_per(_f16_at(b, 0) * sc.astype(_F32), 32), _per(-(_f16_at(b, 2) * m.astype(_F32)), 32),
+            q.reshape(B, QK_K).astype(np.int32))
+
+
+def _codes_q6_k(b):
+    B = len(b)
+    ql, qh = b[:, :128], b[:, 128:192]
+    lo = (ql.reshape(B, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0xF)
+    hi = (qh.reshape(B, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+    q = (lo.reshape(B, 2, 4, 32) | (hi << np.uint8(4))).astype(np.int32) - 32
+    return _per(_f16_at(b, 208) * b[:, 192:208].view(np.int8).astype(_F32), 16), None, q.reshape(B, QK_K)
+
+
+def _put(b: np.ndarray, start: int, codes_bytes: np.ndarray) -> np.ndarray:
+    out = b.copy()
+    out[:, start:start + codes_bytes.shape[1]] = codes_bytes
+    return out
+
+
+# type -> (lowest code, highest code, bytes -> (scale, offset or None, code), (bytes, code) -> bytes)
+_CODES: dict[str, tuple[int, int, Callable, Callable]] = {
+    "Q8_0": (-128, 127, _codes_q8_0, lambda b, q: _put(b, 2, q.astype(np.int8).view(np.uint8))),
+    "Q4_0": (-8, 7, _codes_q4_0, lambda b, q: _put(b, 2, _pack_nibbles_32(q + 8))),
+    "Q4_1": (0, 15, _codes_q4_1, lambda b, q: _put(b, 4, _pack_nibbles_32(q))),
+    "Q5_0": (-16, 15, _codes_q5_0, lambda b, q: _put(b, 2, np.concatenate(
+        [_high_bits_32(q + 16), _pack_nibbles_32(q + 16)], axis=1))),
+    "Q5_1": (0, 31, _codes_q5_1, lambda b, q: _put(b, 4, np.concatenate(
+        [_high_bits_32(q), _pack_nibbles_32(q)], axis=1))),
+    "Q2_K": (0, 3, _codes_q2_k, lambda b, q: _put(b, 16, _pack_2bit(q))),
+    "Q3_K": (-4, 3, _codes_q3_k, lambda b, q: _put(b, 0, _pack_q3_k_codes(q + 4))),
+    "Q4_K": (0, 15, lambda b: _codes_k4(b, b[:, 16:144], None), lambda b, q: _put(b, 16, _pack_q4_k_codes(q))),
+    "Q5_K": (0, 31, lambda b: _codes_k4(b, b[:, 48:176], b[:, 16:48]), lambda b, q: _put(b, 16, _pack_q5_k_codes(q))),
+    "Q6_K": (-32, 31, _codes_q6_k, lambda b, q: _put(b, 0, _pack_q6_k_codes(q + 32))),
+}
+
+
 QuantizeFn = Callable[[np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
 DequantizeFn = Callable[[np.ndarray], np.ndarray]
 
@@ -908,3 +1022,49 @@ def dequantize(packed: np.ndarray | torch.Tensor, qtype: str, shape: tuple[int, 
     with np.errstate(all="ignore"):  # inf/NaN fp16 scales decode to inf/NaN, as in gguf-py
         values = _FORMATS[name][1](blocks)
     return torch.from_numpy(values.reshape(shape))
+
+
+@dataclass(frozen=True)
+class CodeGrid:
+    """Packed blocks seen as value = scale * code + offset per weight ([rows, cols] float32; offset
+    0 for the symmetric types), codes in [low, high]. `dequantize` computes exactly this."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    code: np.ndarray
+    low: int
+    high: int
+
+    def round(self, x: np.ndarray, columns: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Codes for values `x` [rows, k] of `columns` on this grid, and the values they decode to."""
+        scale, offset = self.scale[:, columns], self.offset[:, columns]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            code = np.where(scale != 0, np.rint((x - offset) / scale), 0)
+        code = np.clip(code, self.low, self.high).astype(np.int32)
+        return code, scale * code.astype(_F32) + offset
+
+
+def code_grid(packed: np.ndarray, qtype: str, shape: tuple[int, int]) -> CodeGrid:
+    """The grid llama.cpp's scales in `packed` (bytes of `qtype` for a [rows, cols] weight) define."""
+    name = _gguf_type(qtype).name
+    rows, cols = shape
+    if np.asarray(packed).size != rows * row_bytes(name, cols):
+        raise LayerwiseError(f"{name} data for shape {tuple(shape)} must be {rows * row_bytes(name, cols)} bytes, "
+                             f"got {np.asarray(packed).size}")
+    low, high, parts, _ = _CODES[name]
+    blocks = np.ascontiguousarray(packed).view(np.uint8).reshape(-1, bytes_per_block(name))
+    with np.errstate(all="ignore"):
+        scale, offset, code = parts(blocks)
+    offset = np.zeros_like(scale) if offset is None else offset
+    return CodeGrid(scale.reshape(rows, cols), offset.reshape(rows, cols), code.reshape(rows, cols), low, high)
+
+
+def with_codes(packed: np.ndarray, qtype: str, codes: np.ndarray) -> np.ndarray:
+    """`packed` with every weight's code replaced by `codes` [rows, cols] (scales kept)."""
+    name = _gguf_type(qtype).name
+    low, high, _, put = _CODES[name]
+    if codes.min() < low or codes.max() > high:
+        raise LayerwiseError(f"{name} codes must lie in [{low}, {high}]")
+    bs = block_size(name)
+    blocks = np.ascontiguousarray(packed).view(np.uint8).reshape(-1, bytes_per_block(name))
+    return put(blocks, codes.reshape(-1, bs).astype(np.int32)).reshape(packed.shape)

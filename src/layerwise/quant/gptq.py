@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from layerwise.errors import LayerwiseError
@@ -53,8 +54,11 @@ def gptq_quantize(
     """Quantize an [out, in] weight given H = sum of x x^T over its calibration inputs ([in, in]).
 
     Group parameters are fitted when the first column of a group is reached, from the weights as
-    updated by the error feedback so far (the reference implementation's order).
+    updated by the error feedback so far (the reference implementation's order). GGUF types go to
+    `gptq_gguf`.
     """
+    if get_format(config.format).packed:
+        return gptq_gguf(weight, hessian, config, damp=damp, block_size=block_size, module=module)
     rows, columns = weight.shape
     group_spans(columns, config, module)
     fmt = get_format(config.format)
@@ -92,3 +96,62 @@ def _column_loop(w, h_inv, codes, fitted, fmt, config, width, block_size) -> Non
             block[:, i:] -= error @ h_block[i:i + 1, i:]
             errors[:, i] = error[:, 0]
         w[:, end:] -= errors @ h_inv[start:end, end:]
+
+
+def gptq_gguf(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: QuantConfig,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    module: str = "weight",
+) -> QTensor:
+    """GPTQ onto a GGUF type's grids, written as the bytes llama.cpp runs.
+
+    When the loop reaches the first column of a GGUF block (32 weights, or a 256-weight K-quant
+    super-block), llama.cpp's own quantizer for the type chooses that block's scales from the
+    weights as updated so far, weighting columns by the Hessian's diagonal (the importance matrix
+    llama-quantize would use); then every column is rounded on those grids and its error pushed
+    onto the columns not yet rounded. The stored bytes are the quantizer's scales with GPTQ's
+    codes, so what llama.cpp dequantizes is exactly what was evaluated.
+    """
+    from layerwise.quant import gguf_blocks
+
+    qtype = config.format.upper()
+    rows, columns = weight.shape
+    unit = gguf_blocks.block_size(qtype)
+    row_bytes = gguf_blocks.row_bytes(qtype, columns)  # refuses rows that are not whole blocks, by name
+    unit_bytes = gguf_blocks.bytes_per_block(qtype)
+    w = weight.detach().float().cpu().clone()
+    hessian = hessian.detach().float().cpu()
+    importance = torch.diagonal(hessian).clamp(min=0).numpy()
+    h_inv, dead = inverse_hessian_factor(hessian, damp)
+    w[:, dead] = 0
+    packed = np.zeros((rows, row_bytes), dtype=np.uint8)
+    codes = np.zeros((rows, columns), dtype=np.int32)
+    grid = None
+    with _one_thread():
+        for start in range(0, columns, block_size):
+            end = min(start + block_size, columns)
+            block = w[:, start:end].clone()
+            errors = torch.zeros_like(block)
+            h_block = h_inv[start:end, start:end]
+            for i in range(end - start):
+                column = start + i
+                if column % unit == 0:
+                    group = torch.cat([block[:, i:], w[:, end:column + unit]], dim=1)[:, :unit].numpy()
+                    weights = importance[column:column + unit]
+                    fitted = gguf_blocks.quantize(group, qtype, weights if weights.sum() > 0 else None)
+                    at = column // unit * unit_bytes
+                    packed[:, at:at + unit_bytes] = fitted
+                    grid = gguf_blocks.code_grid(fitted, qtype, (rows, unit))
+                x = block[:, i:i + 1]
+                local = slice(column % unit, column % unit + 1)
+                code, value = grid.round(x.numpy(), local)
+                codes[:, column] = code[:, 0]
+                error = (x - torch.from_numpy(value)) / h_block[i, i]
+                block[:, i:] -= error @ h_block[i:i + 1, i:]
+                errors[:, i] = error[:, 0]
+            w[:, end:] -= errors @ h_inv[start:end, end:]
+    return QTensor(config, (rows, columns), packed=gguf_blocks.with_codes(packed, qtype, codes))
