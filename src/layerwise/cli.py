@@ -137,8 +137,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                        table=args.table, calib=args.calib[0] if args.calib and len(args.calib) == 1 else args.calib,
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
                        generations=args.generations,
-                       seed=args.seed, out=args.out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
-                       progress=not args.quiet)
+                       seed=args.seed, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
+                       dtype=args.dtype, device=args.device, progress=not args.quiet)
     report = outcome.report
     used = {}
     for label in report["options"].values():
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out calibration tokens, split over the domains, on which the plan is checked against "
                         "uniform (default 4096)")
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
+    p.add_argument("--imatrix", default=None,
+                   help=IMATRIX_HELP + "; the plan records it, and quantize/export of the plan use it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")

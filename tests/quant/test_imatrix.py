@@ -114,3 +114,39 @@ def test_collect_includes_the_head_when_asked(stories):
     windows = imatrix_windows(stories.tokenizer, CALIBRATION_TEXT, ctx=64, chunks=2)
     imatrix = collect_imatrix(stories, windows, include_output=True, progress=False)
     assert imatrix.sums["output.weight"].shape == (1, 64)
+
+
+def test_a_plan_measured_with_an_importance_matrix_is_quantized_with_it(stories, computed, tmp_path):
+    from layerwise.plan.run import run_plan
+
+    imatrix, path = computed
+    kept = tmp_path / "imatrix.gguf"
+    kept.write_bytes(path.read_bytes())
+    options = "q4_0,q8_0,int8pc"  # int8pc for down_proj, whose 172 columns take no GGUF type
+    common = dict(bits_per_weight=6.0, options=options, granularity="linear", tokens=1024, check_tokens=1024,
+                  seq_len=128, progress=False)
+    outcome = run_plan(stories, imatrix=kept, table=tmp_path / "sens.json", out=tmp_path / "plan.json", **common)
+    record = outcome.plan.meta["provenance"]["imatrix"]
+    assert record["file"] == str(kept.resolve()) and outcome.table.meta["importance_sha256"] == \
+        record["importance_sha256"]
+    plain = run_plan(stories, **common)
+    q4 = outcome.table.options.index("q4_0")
+    assert not np.allclose(outcome.table.kl[:, q4], plain.table.kl[:, q4], equal_nan=True), \
+        "the importance matrix changed no entry of the table"
+    with pytest.raises(LayerwiseError, match="measured with importance matrix .* asks for no importance matrix"):
+        run_plan(stories, table=tmp_path / "sens.json", **common)
+    # quantize (and so eval and export) of the plan takes the plan's importance matrix by itself
+    _, stored, _ = run_quantize(copy.deepcopy(stories), Plan.load(tmp_path / "plan.json"), progress=False)
+    name = next(n for n, q in stored.items() if q.config.format == "q4_0")
+    weight = linear_weight(stories.model.get_submodule(name)).detach()
+    tensor = f"blk.{name.split('.')[2]}.{GGUF_NAME[name.split('.')[-1]]}.weight"
+    assert np.array_equal(stored[name].packed, gguf_blocks.quantize(weight, "Q4_0", imatrix.importance(tensor)))
+    kept.unlink()
+    with pytest.raises(LayerwiseError, match="which is gone; pass --imatrix"):
+        run_quantize(copy.deepcopy(stories), Plan.load(tmp_path / "plan.json"), progress=False)
+    with pytest.raises(LayerwiseError, match="none of the plan's options is one"):
+        run_plan(stories, bits_per_weight=6.0, options="int4pc,int8pc", imatrix=path, progress=False)
+
+
+GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up"}

@@ -38,9 +38,10 @@ class KLFitness:
 
     def __init__(self, loaded: LoadedModel, table: SensitivityTable, windows: TokenWindows, *,
                  batch_size: int = 2, batches_per_stage: Sequence[int | None] = (1, None),
-                 problem: AllocationProblem | None = None) -> None:
+                 problem: AllocationProblem | None = None, importance: dict | None = None) -> None:
         table.check_model(loaded)
         self.loaded, self.table, self.problem = loaded, table, problem
+        self.importance = importance or {}  # module -> importance-matrix column weights (GGUF options)
         self.window_domains = np.asarray(windows.window_domains)
         self.score = objective_named(problem.objective if problem is not None else "mean").plan_score
         self.configs = table.configs
@@ -82,7 +83,8 @@ class KLFitness:
                     continue
                 set_linear_weight(self.modules[name], self.originals[name])  # quantize the original
                 stats = self.base.stats.get((name, config.algorithm))
-                weights[name] = (quantize_linear(name, self.modules[name], config, stats).dequantize(), None)
+                weights[name] = (quantize_linear(name, self.modules[name], config, stats,
+                                                 self.importance.get(name)).dequantize(), None)
             self.bank[key] = weights
             self.current[unit] = None
         return self.bank[key]

@@ -22,8 +22,9 @@ from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.plan import Plan
 from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
+from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
-from layerwise.util.meta import run_metadata
+from layerwise.util.meta import file_fingerprint, run_metadata
 from layerwise.util.progress import progress_bars
 
 DEFAULT_OPTIONS = "int2g64,int3g64,int4g64,int5g64,int6g64,int8g64"
@@ -52,15 +53,24 @@ def sensitivity_for(
     seq_len: int = 512,
     seed: int = 0,
     windows: TokenWindows | None = None,
+    importance: dict | None = None,
     progress: bool = True,
 ) -> SensitivityTable:
     """The table at `table` if it exists (checked against the model and granularity asked for),
     else a new measurement on `windows` (default: `tokens` of `calib` drawn with `seed`), saved to
     `table` when a path is given. An existing table serves any subset of its options; options it
-    lacks are measured on its own calibration windows (re-cut from their files) and added to it."""
+    lacks are measured on its own calibration windows (re-cut from their files) and added to it.
+    `importance` (module -> importance-matrix column weights) weights GGUF options; a table
+    measured with other weights (or none) is refused."""
+    digest = importance_digest(importance) if importance else None
     if table is not None and Path(table).exists():
         found = SensitivityTable.load(table)
         found.check_model(loaded)
+        if found.meta.get("importance_sha256") != digest:
+            def said(value):
+                return f"importance matrix {value}" if value else "no importance matrix"
+            raise LayerwiseError(f"{table} was measured with {said(found.meta.get('importance_sha256'))}, this plan "
+                                 f"asks for {said(digest)}; measure a new table (another --table path)")
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
         if options is None:
@@ -68,13 +78,13 @@ def sensitivity_for(
         wanted = [option_name(config) for config in parse_options(options)]
         missing = [name for name in wanted if name not in found.options]
         if missing:
-            found = _grown(loaded, found, table, missing, progress)
+            found = _grown(loaded, found, table, missing, importance, progress)
         return found.with_options(wanted)
     if windows is None:
         windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     checkpoint = progress_file(table) if table is not None else None
     measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
-                                   progress=progress, checkpoint=checkpoint)
+                                   importance=importance, progress=progress, checkpoint=checkpoint)
     if table is not None:
         measured.save(table)
         checkpoint.unlink(missing_ok=True)
@@ -82,14 +92,15 @@ def sensitivity_for(
 
 
 def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, missing: list[str],
-           progress: bool) -> SensitivityTable:
+           importance: dict | None, progress: bool) -> SensitivityTable:
     """`found` with columns for the `missing` options, measured on its own windows; saved."""
     windows = rebuild_windows(loaded.tokenizer, found.calibration)
     if windows is None:
         raise LayerwiseError(f"{table} lacks option(s) {','.join(missing)} and its calibration text cannot be "
                              "found to measure them on the same windows; measure a new table (another --table path)")
     checkpoint = progress_file(table)
-    extra = measure_sensitivity(loaded, windows, missing, found.granularity, progress=progress, checkpoint=checkpoint)
+    extra = measure_sensitivity(loaded, windows, missing, found.granularity, importance=importance, progress=progress,
+                                checkpoint=checkpoint)
     grown = found.joined(extra)
     grown.save(table)
     checkpoint.unlink(missing_ok=True)
@@ -191,6 +202,7 @@ def run_plan(
     seed: int = 0,
     out: str | Path | None = None,
     overwrite: bool = False,
+    imatrix: str | Path | None = None,
     dtype: str = "auto",
     device: str = "cpu",
     progress: bool = True,
@@ -209,7 +221,9 @@ def run_plan(
     optimum) is tried, then the best uniform plan is returned (and said so); per-domain margins
     come with paired 95% bootstrap intervals. GPTQ/AWQ options are measured with Hessians (or
     inputs) from the unquantized model, an approximation of the sequential calibration
-    `quantize_` then runs."""
+    `quantize_` then runs. `imatrix` (a llama-imatrix or `layerwise imatrix` file) weights the
+    GGUF options' rounding in the table, the search and the check; the plan records it, and
+    `quantize`/`export` of the plan use it."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     if allocator == "ordering":
@@ -224,8 +238,9 @@ def run_plan(
                          seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
     new_table = table is None or not Path(table).exists()
     table_windows = take_from_domains(slots, tokens, seed) if new_table else None
+    importance, imatrix_record = plan_importance(loaded, options or DEFAULT_OPTIONS, granularity, imatrix)
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
-                               windows=table_windows, progress=progress)
+                               windows=table_windows, importance=importance, progress=progress)
     sensitivity = table_for_domains(measured, slots)
     budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
     problem = sensitivity.problem(budget, objective)
@@ -234,7 +249,7 @@ def run_plan(
     from layerwise.plan.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
     fitness_windows = jobs["search"] if searching else jobs["check"]
-    with KLFitness(loaded, sensitivity, fitness_windows, problem=problem) as fitness, \
+    with KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance) as fitness, \
             progress_bars(progress) as bars:
         settings = {}
         if searching:
@@ -294,7 +309,7 @@ def run_plan(
         "objective": objective,
         "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "check": seed + 2, "allocator": seed}
         | ({"search": seed + 1} if searching else {}),
-        "table": str(table) if table is not None else None,
+        "table": str(table) if table is not None else None, "imatrix": imatrix_record,
     }
     plan = plan_from_choice(sensitivity, checked.choice, {
         "allocation": {k: v for k, v in report.items() if k != "options"}, "provenance": provenance})
@@ -304,6 +319,26 @@ def run_plan(
                           json.dumps(run_metadata() | {"model": loaded.describe(), **report}, indent=1) + "\n")
         progress_file(out).unlink(missing_ok=True)
     return PlanOutcome(plan, checked, sensitivity, report)
+
+
+def plan_importance(loaded: LoadedModel, options: str | Sequence[str], granularity: str | None,
+                    imatrix: str | Path | None) -> tuple[dict | None, dict | None]:
+    """Column weights for the plan's units from `imatrix`, and what the plan records of it."""
+    if imatrix is None:
+        return None, None
+    from layerwise.plan.units import units_of
+    from layerwise.quant.formats import get_format
+    from layerwise.quant.imatrix import Imatrix, importance_digest, importance_for
+
+    configs = [config for config in parse_options(options) if config != DROP]
+    if not any(get_format(config.format).packed and config.algorithm == "rtn" for config in configs):
+        raise LayerwiseError("an importance matrix weights GGUF block types (q4_k, q5_0, ...) rounded to nearest, "
+                             "and none of the plan's options is one")
+    modules = [name for unit in units_of(loaded.adapter, loaded.n_blocks, granularity or "sublayer")
+               for name in unit.modules]
+    importance = importance_for(loaded, Imatrix.load(imatrix), modules)
+    return importance, {"file": str(Path(imatrix).resolve()), "sha256": file_fingerprint(imatrix),
+                        "importance_sha256": importance_digest(importance)}
 
 
 def budgets_between(table: SensitivityTable, low: float | None = None, high: float | None = None,

@@ -31,6 +31,7 @@ from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.profile.replay import logits_without
 from layerwise.quant.apply import InputStats, gather_inputs, quantize_linear
 from layerwise.quant.config import QuantConfig
+from layerwise.quant.imatrix import importance_digest
 from layerwise.quant.size import size_report
 from layerwise.util.files import read_artifact, write_text_atomic
 from layerwise.util.meta import run_metadata
@@ -306,6 +307,7 @@ def measure_sensitivity(
     granularity: str = "sublayer",
     *,
     batch_size: int = 4,
+    importance: dict[str, np.ndarray] | None = None,
     progress: bool = True,
     checkpoint: str | Path | None = None,
 ) -> SensitivityTable:
@@ -315,7 +317,9 @@ def measure_sensitivity(
     no bits, and its KL is the unit's ablation KL. With `checkpoint` (a file path), the rows
     measured so far are saved after every unit, and a run that finds the file resumes after the
     last saved unit (one base pass is repeated); the result is the same as an uninterrupted run.
-    The caller deletes the checkpoint once the table is saved."""
+    The caller deletes the checkpoint once the table is saved. `importance` (module -> column
+    weights of an importance matrix) weights GGUF options' rounding, as `quantize` will."""
+    importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
     names = [option_name(config) for config in configs]
@@ -341,6 +345,7 @@ def measure_sensitivity(
     block_runs = earlier_seconds = 0.0
     done = 0
     key = {"model": loaded.fingerprint, "calibration": calibration.describe(), "options": names,
+           "importance": importance_digest(importance) if importance else None,
            "granularity": granularity, "units": [unit.name for unit in units]}
     if checkpoint is not None and Path(checkpoint).exists():
         done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
@@ -358,8 +363,8 @@ def measure_sensitivity(
                     bars.advance(task)
                     continue
                 try:
-                    stored = {name: quantize_linear(name, modules[name], config, base.stats.get((name, config.algorithm)))
-                              for name in unit.modules}
+                    stored = {name: quantize_linear(name, modules[name], config, base.stats.get((name, config.algorithm)),
+                                                    importance.get(name)) for name in unit.modules}
                 except LayerwiseError as error:
                     skipped[f"{unit.name} {names[o]}"] = str(error)
                     bars.advance(task)
@@ -389,5 +394,7 @@ def measure_sensitivity(
         int(other_bits), calibration.describe(),
         {"seconds": earlier_seconds + time.perf_counter() - started, "forward_seconds": base.seconds,
          "forward_equivalents": forward_equivalents, "positions": base.positions},
-        skipped, run_metadata() | {"model": loaded.describe()}, domain_kl,
+        skipped, run_metadata() | {"model": loaded.describe(),
+                                   "importance_sha256": importance_digest(importance) if importance else None},
+        domain_kl,
     )

@@ -217,7 +217,8 @@ def collect_imatrix(loaded: LoadedModel, windows: TokenWindows, *, include_outpu
     finally:
         for handle in handles:
             handle.remove()
-    return Imatrix({tensor_names[name]: sums[name].cpu().numpy().reshape(1, -1) for name in modules},
+    # Held at the float32 precision the file stores, so that the object and its file weigh alike.
+    return Imatrix({tensor_names[name]: sums[name].float().double().cpu().numpy().reshape(1, -1) for name in modules},
                    {tensor_names[name]: np.array([float(counts[name])]) for name in modules},
                    [windows.source], len(windows.input_ids), int(windows.input_ids.shape[1]))
 
@@ -242,6 +243,18 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) ->
                                  f"{module} has {columns} input columns; was it computed on this model?")
         found[module] = values
     return found
+
+
+def importance_digest(importance: dict[str, np.ndarray]) -> str:
+    """A short hash of module -> column weights: what a sensitivity table and a plan record of the
+    importance matrix they were measured with."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(importance):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(importance[name], dtype="<f4").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_imatrix(

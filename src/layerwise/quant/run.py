@@ -13,7 +13,7 @@ from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
 from layerwise.util.files import check_output
-from layerwise.util.meta import run_metadata
+from layerwise.util.meta import file_fingerprint, run_metadata
 
 # Calibration tokens for GPTQ/AWQ statistics (32 windows of 512).
 QUANTIZE_TOKENS = 16384
@@ -56,7 +56,7 @@ def run_quantize(
     else:
         # Validate every module's shape before any work (group sizes, GGUF block sizes).
         size_report(loaded, targets, dropped)
-    importance, imatrix_record = _importance(loaded, targets, imatrix)
+    importance, imatrix_record = _importance(loaded, targets, imatrix if imatrix is not None else _planned(plan))
     quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
     sizes = size_report(loaded, quantized, dropped)
     meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
@@ -79,7 +79,22 @@ def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatri
     if not weighted:
         raise LayerwiseError("an importance matrix weights GGUF block types (q4_k, q5_0, ...) only, and this plan "
                              "quantizes no module to one")
+    planned = imatrix if isinstance(imatrix, dict) else None  # the plan's record of the one it was measured with
+    if planned is not None:
+        imatrix = planned["file"]
+        if not Path(imatrix).is_file():
+            raise LayerwiseError(f"the plan was measured with the importance matrix {imatrix}, which is gone; pass "
+                                 "--imatrix (the same file) to quantize as the plan was measured")
     found = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
     record = {"file": None if isinstance(imatrix, Imatrix) else str(imatrix), "datasets": found.datasets,
-              "chunk_count": found.chunk_count, "chunk_size": found.chunk_size, "modules": len(weighted)}
+              "chunk_count": found.chunk_count, "chunk_size": found.chunk_size, "modules": len(weighted),
+              "from_plan": planned is not None}
+    if planned is not None and file_fingerprint(imatrix) != planned["sha256"]:
+        raise LayerwiseError(f"the importance matrix {imatrix} changed since the plan was measured with it; pass "
+                             "--imatrix to quantize with another one")
     return importance_for(loaded, found, weighted), record
+
+
+def _planned(plan: Plan) -> dict | None:
+    """The importance matrix a plan from `layerwise plan --imatrix` was measured with."""
+    return (plan.meta or {}).get("provenance", {}).get("imatrix")
