@@ -214,11 +214,9 @@ def test_bytes_match_llama_cpp_reference(name):
     assert digest(quantize(x, name, importance=golden_importance())) == GOLDEN[name][1]
 
 
-def test_golden_digests_are_llama_cpp_s(llama_cpp_bin):
+def test_golden_digests_are_llama_cpp_s(llama_cpp_bin, monkeypatch):
     """The table above is what llama.cpp's C code makes of the golden input today."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent / "golden"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "golden"))
     from regenerate import golden_digests
 
     source = require_tool("llama.cpp's ggml sources", (llama_cpp_bin.parent / "src" / "ggml").is_dir() or None,

@@ -67,6 +67,13 @@ def test_both_file_formats_read_back(computed, tmp_path):
         np.testing.assert_allclose(back.sums[name], imatrix.sums[name], rtol=1e-6)
         np.testing.assert_allclose(legacy.importance(name), imatrix.importance(name), rtol=1e-6)
     assert legacy.counts["blk.0.ffn_down.weight"].tolist() == [6.0]  # the chunks, as llama-imatrix writes them
+    # A matrix that saw no token (an expert never routed to) reads back as weight 1, as llama.cpp's.
+    unseen = Imatrix({"blk.0.ffn_down_exps.weight": np.ones((2, 4))}, {"blk.0.ffn_down_exps.weight": np.array([8., 0.])},
+                     [], 2, 4)
+    for saved in (unseen.save(tmp_path / "unseen.dat"), unseen.save(tmp_path / "unseen.gguf")):
+        np.testing.assert_allclose(Imatrix.load(saved).importance("blk.0.ffn_down_exps.weight"),
+                                   [0.125] * 4 + [1.0] * 4)
+    assert Imatrix.load(tmp_path / "unseen.gguf").datasets == ["(unknown)"]
 
 
 def test_bad_files_are_refused(tmp_path, computed):
@@ -106,7 +113,7 @@ def test_quantize_weights_gguf_types_by_the_importance_matrix(stories, computed)
     assert np.array_equal(weighted[name].packed, expected)
     assert not np.array_equal(weighted[name].packed, plain[name].packed)
     assert torch.equal(weighted["model.layers.3.mlp.down_proj"].codes, plain["model.layers.3.mlp.down_proj"].codes)
-    with pytest.raises(LayerwiseError, match="GGUF block types .* only"):
+    with pytest.raises(LayerwiseError, match="GGUF block types rounded to nearest"):
         run_quantize(copy.deepcopy(stories), Plan(QuantConfig("int", 4, None)), imatrix=path, progress=False)
 
 
@@ -141,6 +148,12 @@ def test_a_plan_measured_with_an_importance_matrix_is_quantized_with_it(stories,
     weight = linear_weight(stories.model.get_submodule(name)).detach()
     tensor = f"blk.{name.split('.')[2]}.{GGUF_NAME[name.split('.')[-1]]}.weight"
     assert np.array_equal(stored[name].packed, gguf_blocks.quantize(weight, "Q4_0", imatrix.importance(tensor)))
+    # The table's own options serve a plan that names none; a plan that no longer rounds a GGUF
+    # type (here overridden to int8) carries its importance matrix unused, without complaint.
+    again = run_plan(stories, imatrix=kept, table=tmp_path / "sens.json", **(common | {"options": None}))
+    assert again.table.options == outcome.table.options
+    _, _, _ = run_quantize(copy.deepcopy(stories), Plan.load(tmp_path / "plan.json").override(
+        "re:.*", QuantConfig("int", 8, None)), progress=False)
     kept.unlink()
     with pytest.raises(LayerwiseError, match="which is gone; pass --imatrix"):
         run_quantize(copy.deepcopy(stories), Plan.load(tmp_path / "plan.json"), progress=False)

@@ -238,7 +238,9 @@ def run_plan(
                          seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
     new_table = table is None or not Path(table).exists()
     table_windows = take_from_domains(slots, tokens, seed) if new_table else None
-    importance, imatrix_record = plan_importance(loaded, options or DEFAULT_OPTIONS, granularity, imatrix)
+    asked = options if options is not None else (SensitivityTable.load(table).options if not new_table
+                                                 else DEFAULT_OPTIONS)
+    importance, imatrix_record = plan_importance(loaded, asked, granularity, imatrix)
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
                                windows=table_windows, importance=importance, progress=progress)
     sensitivity = table_for_domains(measured, slots)

@@ -55,9 +55,10 @@ class Imatrix:
         matrix saw no token), flattened as llama.cpp passes it ([columns] for a dense weight)."""
         if tensor not in self.sums:
             raise LayerwiseError(f"the importance matrix has no entry for {tensor}")
-        sums, counts = self.sums[tensor], self.counts[tensor]
+        # In float32, as llama-quantize divides, so that equal files give equal bytes.
+        sums, counts = self.sums[tensor].astype(np.float32), self.counts[tensor].astype(np.float32)
         seen = counts > 0
-        values = np.where(seen[:, None], sums / np.where(seen, counts, 1)[:, None], 1.0)
+        values = np.where(seen[:, None], sums / np.where(seen, counts, np.float32(1))[:, None], np.float32(1))
         return values.astype(np.float32).reshape(-1)
 
     def save(self, path: str | Path) -> Path:
@@ -78,7 +79,8 @@ class Imatrix:
         for kv in writer.kv_data:
             kv.pop(gguf.Keys.General.ARCHITECTURE, None)
         writer.add_type("imatrix")
-        writer.add_array("imatrix.datasets", list(self.datasets))
+        # llama-quantize refuses a file without this key, and gguf-py writes no empty array.
+        writer.add_array("imatrix.datasets", list(self.datasets) or ["(unknown)"])
         writer.add_uint32("imatrix.chunk_count", int(self.chunk_count))
         writer.add_uint32("imatrix.chunk_size", int(self.chunk_size))
         for name in sorted(self.sums):  # llama-imatrix's order, for files that compare equal
@@ -95,7 +97,8 @@ class Imatrix:
         for name in sorted(self.sums):
             sums, counts = self.sums[name], self.counts[name]
             calls = int((counts.max() + chunk - 1) // chunk)  # ceiling, as llama-imatrix
-            values = np.where(counts[:, None] > 0, sums / np.where(counts > 0, counts, 1)[:, None] * calls, 1.0)
+            # llama-imatrix stores mean * calls, and 1 * calls for a matrix that saw no token
+            values = np.where(counts[:, None] > 0, sums / np.where(counts > 0, counts, 1)[:, None], 1.0) * calls
             encoded = name.encode()
             out += [struct.pack("<i", len(encoded)), encoded, struct.pack("<ii", calls, sums.size),
                     values.astype("<f4").tobytes()]
@@ -161,13 +164,16 @@ def _load_legacy(path: Path) -> Imatrix:
         values = np.frombuffer(data, dtype="<f4", count=n_values, offset=offset).astype(np.float64)
         offset += 4 * n_values
         # Stored as sum / count * calls: keep it with `calls` as the count, so that sums / counts
-        # is the mean square, as llama-quantize reads it.
-        sums[name], counts[name] = values.reshape(1, -1), np.array([float(calls)])
+        # is the mean square, as llama-quantize reads it (which takes the values as they are
+        # when calls is 0).
+        sums[name], counts[name] = values.reshape(1, -1), np.array([float(calls) if calls > 0 else 1.0])
     chunk_count, datasets = 0, []
-    if offset < len(data):
-        chunk_count, length = struct.unpack_from("<ii", data, offset)
-        if length > 0:
-            datasets.append(data[offset + 8: offset + 8 + length].decode())
+    if offset + 4 <= len(data):  # the trailer (chunk count, dataset name) is optional, as in llama.cpp
+        (chunk_count,) = struct.unpack_from("<i", data, offset)
+        if offset + 8 <= len(data):
+            (length,) = struct.unpack_from("<i", data, offset + 4)
+            if 0 < length <= len(data) - offset - 8:
+                datasets.append(data[offset + 8: offset + 8 + length].decode(errors="replace"))
     return Imatrix(sums, counts, datasets, chunk_count, 0)
 
 

@@ -56,7 +56,7 @@ def run_quantize(
     else:
         # Validate every module's shape before any work (group sizes, GGUF block sizes).
         size_report(loaded, targets, dropped)
-    importance, imatrix_record = _importance(loaded, targets, imatrix if imatrix is not None else _planned(plan))
+    importance, imatrix_record = _importance(loaded, targets, imatrix, _planned(plan))
     quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
     sizes = size_report(loaded, quantized, dropped)
     meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
@@ -67,34 +67,45 @@ def run_quantize(
     return loaded, quantized, sizes
 
 
-def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatrix | None) -> tuple[dict, dict | None]:
-    """Column weights for the plan's GGUF-typed modules rounded to nearest, and what the
-    quantization record says of the importance matrix."""
-    if imatrix is None:
+def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatrix | None,
+                planned: dict | None) -> tuple[dict, dict | None]:
+    """Column weights for the plan's block linears in GGUF types rounded to nearest, and what the
+    quantization record says of the importance matrix: `imatrix` as given, else the one the plan
+    was measured with (`planned`, its record in the plan)."""
+    if imatrix is None and planned is None:
         return {}, None
+    from layerwise.models.layout import block_linears
     from layerwise.quant.formats import get_format
 
-    weighted = [name for name, config in targets.items()
-                if get_format(config.format).packed and config.algorithm == "rtn"]
-    if not weighted:
-        raise LayerwiseError("an importance matrix weights GGUF block types (q4_k, q5_0, ...) only, and this plan "
-                             "quantizes no module to one")
-    planned = imatrix if isinstance(imatrix, dict) else None  # the plan's record of the one it was measured with
-    if planned is not None:
+    blocks = {name for _, name, _ in block_linears(loaded.model, loaded.adapter)}
+    gguf_rtn = [name for name, config in targets.items() if get_format(config.format).packed and config.algorithm == "rtn"]
+    if not gguf_rtn:
+        if imatrix is None:  # the plan's own importance matrix, which nothing in the plan as it now is uses
+            return {}, {"file": planned.get("file"), "from_plan": True, "modules": 0}
+        raise LayerwiseError("an importance matrix weights GGUF block types rounded to nearest (q4_k, q5_0, ...; GPTQ "
+                             "options use their Hessians), and this plan quantizes no module that way")
+    if imatrix is None:
+        if not isinstance(planned.get("file"), str) or not isinstance(planned.get("sha256"), str):
+            raise LayerwiseError("the plan's record of its importance matrix (meta.provenance.imatrix) lacks 'file' or "
+                                 "'sha256'; pass --imatrix")
         imatrix = planned["file"]
         if not Path(imatrix).is_file():
             raise LayerwiseError(f"the plan was measured with the importance matrix {imatrix}, which is gone; pass "
                                  "--imatrix (the same file) to quantize as the plan was measured")
+        if file_fingerprint(imatrix) != planned["sha256"]:
+            raise LayerwiseError(f"the importance matrix {imatrix} changed since the plan was measured with it; pass "
+                                 "--imatrix to quantize with another one")
     found = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
+    # As llama-quantize: block linears need an entry; the embedding and head (which llama-imatrix
+    # leaves out unless asked) are rounded without one.
+    weighted = [name for name in gguf_rtn if name in blocks]
     record = {"file": None if isinstance(imatrix, Imatrix) else str(imatrix), "datasets": found.datasets,
               "chunk_count": found.chunk_count, "chunk_size": found.chunk_size, "modules": len(weighted),
-              "from_plan": planned is not None}
-    if planned is not None and file_fingerprint(imatrix) != planned["sha256"]:
-        raise LayerwiseError(f"the importance matrix {imatrix} changed since the plan was measured with it; pass "
-                             "--imatrix to quantize with another one")
+              "from_plan": planned is not None and imatrix == planned.get("file")}
     return importance_for(loaded, found, weighted), record
 
 
 def _planned(plan: Plan) -> dict | None:
     """The importance matrix a plan from `layerwise plan --imatrix` was measured with."""
-    return (plan.meta or {}).get("provenance", {}).get("imatrix")
+    provenance = (plan.meta or {}).get("provenance") or {}
+    return provenance.get("imatrix") if isinstance(provenance, dict) else None
