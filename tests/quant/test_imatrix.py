@@ -97,6 +97,10 @@ def test_importance_is_checked_against_the_model(stories, computed):
     wrong = Imatrix({name: sums[:, :10] for name, sums in imatrix.sums.items()}, imatrix.counts)
     with pytest.raises(LayerwiseError, match="has 10 values, but model.layers.1.mlp.down_proj has 172 input columns"):
         importance_for(stories, wrong, ["model.layers.1.mlp.down_proj"])
+    assert Imatrix.load(computed[1]).model_fingerprint == stories.fingerprint
+    other = Imatrix(imatrix.sums, imatrix.counts, model_fingerprint="f" * 64)
+    with pytest.raises(LayerwiseError, match="computed on another model"):
+        importance_for(stories, other, ["model.layers.1.mlp.down_proj"])
     partial = Imatrix({k: v for k, v in imatrix.sums.items() if "blk.4." not in k}, imatrix.counts)
     with pytest.raises(LayerwiseError, match="no entry for blk.4"):
         importance_for(stories, partial, ["model.layers.4.self_attn.q_proj"])

@@ -49,6 +49,9 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    # The model it was computed on (layerwise's fingerprint), when known: files we write carry it
+    # under "layerwise.model_fingerprint", a key llama.cpp ignores.
+    model_fingerprint: str | None = None
 
     def importance(self, tensor: str) -> np.ndarray:
         """What llama-quantize weights `tensor`'s columns by: sums / counts per matrix (1 where a
@@ -83,6 +86,8 @@ class Imatrix:
         writer.add_array("imatrix.datasets", list(self.datasets) or ["(unknown)"])
         writer.add_uint32("imatrix.chunk_count", int(self.chunk_count))
         writer.add_uint32("imatrix.chunk_size", int(self.chunk_size))
+        if self.model_fingerprint:
+            writer.add_string("layerwise.model_fingerprint", self.model_fingerprint)
         for name in sorted(self.sums):  # llama-imatrix's order, for files that compare equal
             writer.add_tensor(f"{name}.in_sum2", np.ascontiguousarray(self.sums[name], dtype=np.float32))
             writer.add_tensor(f"{name}.counts", self.counts[name].astype(np.float32).reshape(-1, 1))
@@ -146,7 +151,7 @@ def _load_gguf(path: Path) -> Imatrix:
     if not sums:
         raise LayerwiseError(f"{path} holds no importance entries")
     return Imatrix(sums, counts, list(value("imatrix.datasets", [])), int(value("imatrix.chunk_count", 0)),
-                   int(value("imatrix.chunk_size", 0)))
+                   int(value("imatrix.chunk_size", 0)), value("layerwise.model_fingerprint", None))
 
 
 def _load_legacy(path: Path) -> Imatrix:
@@ -226,7 +231,7 @@ def collect_imatrix(loaded: LoadedModel, windows: TokenWindows, *, include_outpu
     # Held at the float32 precision the file stores, so that the object and its file weigh alike.
     return Imatrix({tensor_names[name]: sums[name].float().double().cpu().numpy().reshape(1, -1) for name in modules},
                    {tensor_names[name]: np.array([float(counts[name])]) for name in modules},
-                   [windows.source], len(windows.input_ids), int(windows.input_ids.shape[1]))
+                   [windows.source], len(windows.input_ids), int(windows.input_ids.shape[1]), loaded.fingerprint)
 
 
 def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) -> dict[str, np.ndarray]:
@@ -234,6 +239,9 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) ->
     input column)."""
     from layerwise.models.layout import linear_weight
 
+    if imatrix.model_fingerprint and imatrix.model_fingerprint != loaded.fingerprint:
+        raise LayerwiseError(f"the importance matrix was computed on another model (fingerprint "
+                             f"{imatrix.model_fingerprint[:16]}...), not {loaded.source.display}")
     names = gguf_tensor_names(loaded, modules)
     missing = [names[module] for module in modules if names[module] not in imatrix.sums]
     if missing:
