@@ -74,28 +74,41 @@ def gptq_quantize(
     return QTensor(config, (rows, columns), codes=codes, params=merged)
 
 
-def _column_loop(w, h_inv, codes, fitted, fmt, config, width, block_size) -> None:
+def _error_feedback(w: torch.Tensor, h_inv: torch.Tensor, block_size: int, round_column) -> None:
+    """GPTQ's loop in lazy batches of `block_size` columns: `round_column(column, x, pending)` returns
+    the value column `x` is stored as, where `pending(width)` is the next `width` columns from it as
+    updated so far (to fit a group's parameters); each error goes to the columns not yet rounded."""
     columns = w.shape[1]
-    params = None
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         block = w[:, start:end].clone()
         errors = torch.zeros_like(block)
         h_block = h_inv[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % width == 0:
-                group = torch.cat([block[:, i:], w[:, end:column + width]], dim=1)[:, :width]
-                params = fmt.fit(group, config.bits, config.symmetric)
-                for key, value in params.items():
-                    fitted.setdefault(key, []).append(value)
+            def pending(width: int, i: int = i) -> torch.Tensor:
+                return torch.cat([block[:, i:], w[:, end:start + i + width]], dim=1)[:, :width]
+
             x = block[:, i:i + 1]
-            code = fmt.encode(x, params, config.bits)
-            error = (x - fmt.decode(code, params, config.bits)) / h_block[i, i]
-            codes[:, column] = code[:, 0].to(codes.dtype)
+            error = (x - round_column(start + i, x, pending)) / h_block[i, i]
             block[:, i:] -= error @ h_block[i:i + 1, i:]
             errors[:, i] = error[:, 0]
         w[:, end:] -= errors @ h_inv[start:end, end:]
+
+
+def _column_loop(w, h_inv, codes, fitted, fmt, config, width, block_size) -> None:
+    params = None
+
+    def round_column(column: int, x: torch.Tensor, pending) -> torch.Tensor:
+        nonlocal params
+        if column % width == 0:
+            params = fmt.fit(pending(width), config.bits, config.symmetric)
+            for key, value in params.items():
+                fitted.setdefault(key, []).append(value)
+        code = fmt.encode(x, params, config.bits)
+        codes[:, column] = code[:, 0].to(codes.dtype)
+        return fmt.decode(code, params, config.bits)
+
+    _error_feedback(w, h_inv, block_size, round_column)
 
 
 def gptq_gguf(
@@ -131,27 +144,19 @@ def gptq_gguf(
     packed = np.zeros((rows, row_bytes), dtype=np.uint8)
     codes = np.zeros((rows, columns), dtype=np.int32)
     grid = None
+
+    def round_column(column: int, x: torch.Tensor, pending) -> torch.Tensor:
+        nonlocal grid
+        if column % unit == 0:
+            weights = importance[column:column + unit]
+            fitted = gguf_blocks.quantize(pending(unit).numpy(), qtype, weights if weights.sum() > 0 else None)
+            at = column // unit * unit_bytes
+            packed[:, at:at + unit_bytes] = fitted
+            grid = gguf_blocks.code_grid(fitted, qtype, (rows, unit))
+        code, value = grid.round(x.numpy(), slice(column % unit, column % unit + 1))
+        codes[:, column] = code[:, 0]
+        return torch.from_numpy(value)
+
     with _one_thread():
-        for start in range(0, columns, block_size):
-            end = min(start + block_size, columns)
-            block = w[:, start:end].clone()
-            errors = torch.zeros_like(block)
-            h_block = h_inv[start:end, start:end]
-            for i in range(end - start):
-                column = start + i
-                if column % unit == 0:
-                    group = torch.cat([block[:, i:], w[:, end:column + unit]], dim=1)[:, :unit].numpy()
-                    weights = importance[column:column + unit]
-                    fitted = gguf_blocks.quantize(group, qtype, weights if weights.sum() > 0 else None)
-                    at = column // unit * unit_bytes
-                    packed[:, at:at + unit_bytes] = fitted
-                    grid = gguf_blocks.code_grid(fitted, qtype, (rows, unit))
-                x = block[:, i:i + 1]
-                local = slice(column % unit, column % unit + 1)
-                code, value = grid.round(x.numpy(), local)
-                codes[:, column] = code[:, 0]
-                error = (x - torch.from_numpy(value)) / h_block[i, i]
-                block[:, i:] -= error @ h_block[i:i + 1, i:]
-                errors[:, i] = error[:, 0]
-            w[:, end:] -= errors @ h_inv[start:end, end:]
+        _error_feedback(w, h_inv, block_size, round_column)
     return QTensor(config, (rows, columns), packed=gguf_blocks.with_codes(packed, qtype, codes))
