@@ -329,11 +329,9 @@ def plan_importance(loaded: LoadedModel, options: str | Sequence[str], granulari
     if imatrix is None:
         return None, None
     from layerwise.plan.units import units_of
-    from layerwise.quant.formats import get_format
-    from layerwise.quant.imatrix import Imatrix, importance_digest, importance_for
+    from layerwise.quant.imatrix import Imatrix, imatrix_applies, importance_digest, importance_for
 
-    configs = [config for config in parse_options(options) if config != DROP]
-    if not any(get_format(config.format).packed and config.algorithm == "rtn" for config in configs):
+    if not any(imatrix_applies(config) for config in parse_options(options) if config != DROP):
         raise LayerwiseError("an importance matrix weights GGUF block types (q4_k, q5_0, ...) rounded to nearest, "
                              "and none of the plan's options is one")
     modules = [name for unit in units_of(loaded.adapter, loaded.n_blocks, granularity or "sublayer")

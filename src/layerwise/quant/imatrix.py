@@ -234,6 +234,14 @@ def collect_imatrix(loaded: LoadedModel, windows: TokenWindows, *, include_outpu
                    [windows.source], len(windows.input_ids), int(windows.input_ids.shape[1]), loaded.fingerprint)
 
 
+def imatrix_applies(config) -> bool:
+    """Whether an importance matrix weights this quantizer config: a GGUF type rounded to nearest
+    (GPTQ onto GGUF grids weighs by its own Hessian)."""
+    from layerwise.quant.formats import get_format
+
+    return get_format(config.format).packed and config.algorithm == "rtn"
+
+
 def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) -> dict[str, np.ndarray]:
     """Each module's column importance, checked against the model (entry present, one value per
     input column)."""

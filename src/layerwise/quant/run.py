@@ -8,7 +8,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
 from layerwise.quant.apply import plan_dropped, plan_fallbacks, plan_targets, quantize_
-from layerwise.quant.imatrix import Imatrix, importance_for
+from layerwise.quant.imatrix import Imatrix, imatrix_applies, importance_for
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
@@ -75,10 +75,9 @@ def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatri
     if imatrix is None and planned is None:
         return {}, None
     from layerwise.models.layout import block_linears
-    from layerwise.quant.formats import get_format
 
     blocks = {name for _, name, _ in block_linears(loaded.model, loaded.adapter)}
-    gguf_rtn = [name for name, config in targets.items() if get_format(config.format).packed and config.algorithm == "rtn"]
+    gguf_rtn = [name for name, config in targets.items() if imatrix_applies(config)]
     if not gguf_rtn:
         if imatrix is None:  # the plan's own importance matrix, which nothing in the plan as it now is uses
             return {}, {"file": planned.get("file"), "from_plan": True, "modules": 0}
