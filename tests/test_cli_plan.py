@@ -50,6 +50,8 @@ def test_pareto_from_the_saved_table(measured, tmp_path):
     (["--budget", "4", "--granularity", "block"], "was measured per sublayer"),
     (["--budget", "4", "--allocator", "magic"], "unknown allocator"),
     ([], "give exactly one budget"),
+    (["--budget", "4", "--budget-like", "x.gguf"], "give exactly one budget"),
+    (["--budget-like", "missing.gguf"], "reference file missing.gguf not found"),
     (["--budget", "-2"], "must be a positive number"),
 ])
 def test_plan_bad_input(measured, args, pattern, tmp_path):

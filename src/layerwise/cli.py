@@ -130,9 +130,11 @@ def _positive_float(text: str) -> float:
 def _cmd_plan(args: argparse.Namespace) -> None:
     from layerwise.plan.run import run_plan
 
-    if (args.budget is None) == (args.budget_bytes is None):
-        raise LayerwiseError("give exactly one budget: --budget BITS_PER_WEIGHT or --budget-bytes N")
-    outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes, options=args.options,
+    if sum(value is not None for value in (args.budget, args.budget_bytes, args.budget_like)) != 1:
+        raise LayerwiseError("give exactly one budget: --budget BITS_PER_WEIGHT, --budget-bytes N or "
+                             "--budget-like FILE.gguf")
+    outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes,
+                       budget_like=args.budget_like, options=args.options,
                        allocator=args.allocator, objective=args.objective, granularity=args.granularity,
                        table=args.table, calib=args.calib[0] if args.calib and len(args.calib) == 1 else args.calib,
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
@@ -146,6 +148,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(f"{report['returned']} plan: {report['bits_per_weight']:.4f} bits per weight "
           f"(budget {report['budget_bits_per_weight']:.4f}), {report['total_bytes']:,} bytes; "
           f"units per option: {', '.join(f'{k} {v}' for k, v in used.items())}")
+    if report.get("budget_like"):
+        like = report["budget_like"]
+        print(f"planned tensors (block linears, embedding, head): {report['planned_bytes']:,} bytes, against "
+              f"{like['planned_tensor_bytes']:,} in {Path(like['file']).name} ({like['file_bytes']:,} bytes in all)")
     print(f"KL on held-out calibration windows {report['calibration_kl']:.5f} (table predicts "
           f"{report['predicted_kl']:.5f}); search {report['search']['forward_equivalents']:.1f} forward passes, "
           f"{report['search']['seconds']:.0f} s")
@@ -351,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-tail", action="store_true", help="allow a shorter last group when the group size does not divide a row")
     p.add_argument("--k-fallback", action="store_true",
                    help="GGUF K-quants on rows that are not a multiple of 256: use llama.cpp's fallback type "
-                        "(q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), as llama-quantize does")
+                        "(q2_k, q3_k->q4_0; q4_k->q5_0; q5_k->q5_1; q6_k->q8_0), as llama-quantize does")
     p.add_argument("--plan", default=None, help="a plan.json instead of the uniform options above")
-    p.add_argument("--calib", default=None, help="calibration text (needed by gptq and awq)")
+    p.add_argument("--calib", default=None, help="calibration text (needed by gptq and awq; without --imatrix it also "
+                   "gives GGUF types an importance matrix)")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--seed", type=int, default=0)
@@ -383,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_positive_float, default=None,
                    help="average bits per weight of the block linears, scales counted (e.g. 3.25)")
     p.add_argument("--budget-bytes", type=_positive_float, default=None, help="or the whole model's size in bytes")
+    p.add_argument("--budget-like", default=None, metavar="FILE.gguf",
+                   help="or: a GGUF file of this model (e.g. llama-quantize's Q4_K_M) that the exported GGUF must not "
+                        "exceed; the token embedding and output head are planned too")
     p.add_argument("--options", default=None,
                    help="comma-separated choices, e.g. int3g64,int4g64,gptq:int4g64,q4_0 (default int2..int8 g64)")
     p.add_argument("--allocator", default="exact", help="exact (default), hybrid, greedy, evolutionary, uniform")

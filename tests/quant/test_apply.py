@@ -117,5 +117,5 @@ def test_k_quants_fall_back_as_llama_cpp_does_where_rows_do_not_fit(stories):
     direct, _ = quantized_copy(stories, Plan(QuantConfig("int", 8, None)).override(fitting, QuantConfig("q5_0")))
     for (name, a), b in zip(fell_back.model.named_parameters(), direct.model.parameters()):
         assert torch.equal(a, b), name
-    with pytest.raises(LayerwiseError, match="iq4_nl, is not implemented"):
-        plan_targets(stories, Plan(QuantConfig("q3_k", remainder="fallback")))
+    low_bits = Plan(QuantConfig("int", 8, None)).override(fitting, QuantConfig("q3_k", remainder="fallback"))
+    assert set(plan_fallbacks(stories, low_bits).values()) == {"q3_k -> q4_0"}

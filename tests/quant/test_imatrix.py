@@ -121,6 +121,21 @@ def test_quantize_weights_gguf_types_by_the_importance_matrix(stories, computed)
         run_quantize(copy.deepcopy(stories), Plan(QuantConfig("int", 4, None)), imatrix=path, progress=False)
 
 
+def test_calibration_text_gives_the_importance_matrix_when_none_is_named(stories):
+    from layerwise import token_windows
+
+    plan = Plan(QuantConfig("q4_0")).override("re:.*down_proj", QuantConfig("int", 4, None))
+    _, stored, _ = run_quantize(copy.deepcopy(stories), plan, calib=CALIBRATION_TEXT, tokens=1024, seq_len=128,
+                                progress=False)
+    windows = token_windows(stories.tokenizer, CALIBRATION_TEXT, tokens=1024, seq_len=128, seed=0)
+    imatrix = collect_imatrix(stories, windows, progress=False)
+    name = "model.layers.2.self_attn.q_proj"
+    weight = linear_weight(stories.model.get_submodule(name)).detach()
+    assert np.array_equal(stored[name].packed, gguf_blocks.quantize(weight, "Q4_0", imatrix.importance("blk.2.attn_q.weight")))
+    _, plain, _ = run_quantize(copy.deepcopy(stories), plan, progress=False)
+    assert not np.array_equal(stored[name].packed, plain[name].packed)
+
+
 def test_collect_includes_the_head_when_asked(stories):
     windows = imatrix_windows(stories.tokenizer, CALIBRATION_TEXT, ctx=64, chunks=2)
     imatrix = collect_imatrix(stories, windows, include_output=True, progress=False)

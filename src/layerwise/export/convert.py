@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -95,10 +96,33 @@ def convert_to_gguf(source: ModelSource, out: str | Path, loaded_dtype: torch.dt
     script = find_converter(converter)
     folder = local_folder(source)
     outtype = stored_float_type(folder, loaded_dtype)
-    command = [sys.executable, str(script), str(folder), "--outfile", str(out), "--outtype", outtype]
-    done = subprocess.run(command, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
+        readable = _without_gguf_origin(folder, Path(scratch))
+        command = [sys.executable, str(script), str(readable), "--outfile", str(out), "--outtype", outtype]
+        done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not Path(out).is_file():
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit status {done.returncode}"
         raise LayerwiseError(f"{script.name} could not convert {folder}: {last}")
     return Path(out)
+
+
+def _without_gguf_origin(folder: Path, scratch: Path) -> Path:
+    """`folder`, or a view of it the converter can read. A model that transformers loaded from a
+    GGUF and saved again keeps `quantization_config: {quant_method: gguf}` in its config, although
+    its weights were dequantized on loading and are stored as plain floats; the converter refuses
+    that quant method. The view links every file and drops that entry from config.json."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return folder
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return folder
+    config.pop("quantization_config")
+    view = scratch / folder.resolve().name  # the converter names the model after its folder
+    view.mkdir()
+    for path in folder.iterdir():
+        if path.name != "config.json":
+            (view / path.name).symlink_to(path.resolve())
+    (view / "config.json").write_text(json.dumps(config, indent=2))
+    return view

@@ -93,6 +93,7 @@ def run_export(
                 converted = convert_to_gguf(source, Path(scratch) / "converted.gguf", loaded.model.dtype, converter)
                 report = export_gguf(loaded, stored, out, dropped, source=converted)
             report["converted_by"] = str(converter)
+        _check_no_larger(plan, out, report)
     elif format == "compressed-tensors":
         from layerwise.export.compressed import export_compressed_tensors
 
@@ -107,3 +108,19 @@ def run_export(
 
     report["fallbacks"] = plan_fallbacks(loaded, plan)
     return report
+
+
+def _check_no_larger(plan: Plan, out: Path, report: dict) -> None:
+    """A plan made to be no larger than a reference GGUF (`plan --budget-like`) must give a file no
+    larger than it: our metadata comes from our own source GGUF, which could be longer than the
+    reference's. A larger file is removed, not left half right."""
+    like = ((plan.meta or {}).get("provenance") or {}).get("budget_like")
+    if not like:
+        return
+    report["reference"] = {"file": like["file"], "file_bytes": like["file_bytes"]}
+    if report["file_bytes"] > like["file_bytes"]:
+        out.unlink(missing_ok=True)
+        raise LayerwiseError(f"the GGUF would be {report['file_bytes']:,} bytes, {report['file_bytes'] - like['file_bytes']:,} "
+                             f"more than {Path(like['file']).name} ({like['file_bytes']:,}), which the plan was made to "
+                             "match: the source's metadata or untouched tensors are larger than the reference's; nothing "
+                             "was written")

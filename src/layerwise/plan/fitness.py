@@ -22,8 +22,9 @@ from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP
-from layerwise.plan.sensitivity import SensitivityTable, base_pass, domain_means, head_cost_in_blocks
-from layerwise.profile.replay import logits_without
+from layerwise.plan.sensitivity import (SensitivityTable, base_pass, domain_means, edge_config, head_cost_in_blocks,
+                                        logits_from)
+from layerwise.plan.units import EDGE_KINDS
 from layerwise.quant.apply import quantize_linear
 
 
@@ -48,7 +49,10 @@ class KLFitness:
         modules = [name for unit in table.units for name in unit.modules]
         self.modules = {name: loaded.model.get_submodule(name) for name in modules}
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
-        self.base = base_pass(loaded, windows, modules, algorithms, batch_size)
+        in_blocks = [name for unit in table.units if unit.kind not in EDGE_KINDS for name in unit.modules]
+        self.base = base_pass(loaded, windows, in_blocks, algorithms, batch_size)
+        # A planned embedding changes every block's input: whole plans then run from the token ids.
+        self.start = -1 if any(unit.kind == "embed" for unit in table.units) else 0
         self.originals = {name: linear_weight(module).detach().clone() for name, module in self.modules.items()}
         self.biases = {name: module.bias.detach().clone() for name, module in self.modules.items()
                        if getattr(module, "bias", None) is not None}
@@ -74,6 +78,8 @@ class KLFitness:
         key = (unit, option)
         if key not in self.bank:
             config = self.configs[option]
+            if config != DROP:
+                config = edge_config(self.table.units[unit], config)
             weights = {}
             for name in self.table.units[unit].modules:
                 if config == DROP:  # the unit adds nothing: zero weights and biases
@@ -151,8 +157,8 @@ class KLFitness:
         self.apply(choice)
         model, adapter = self.loaded.model, self.loaded.adapter
         values = []
-        for calls, reference in zip(base.calls[:batches], base.references[:batches]):
-            logits = logits_without(model, adapter, calls, 0, None)[:, :-1]
+        for batch, reference in enumerate(base.references[:batches]):
+            logits = logits_from(model, adapter, base, batch, self.start)[:, :-1]
             kl = kl_per_token(reference, logits)
             values.extend(kl.reshape(kl.shape[0], -1).mean(dim=1).tolist())
         return np.asarray(values)

@@ -19,9 +19,9 @@ from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, uniform_choices_that_fit
 from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
-from layerwise.plan.options import DROP, option_name, parse_options
+from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.plan import Plan
-from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
+from layerwise.plan.sensitivity import SensitivityTable, edge_config, measure_sensitivity
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
 from layerwise.util.meta import file_fingerprint, run_metadata
@@ -36,7 +36,7 @@ def plan_from_choice(table: SensitivityTable, choice: Sequence[int], meta: dict 
     """One rule per linear, naming it exactly: the plan reads the same in any tool. Units whose
     option is "drop" go to the plan's drop list instead."""
     configs = table.configs
-    rules = tuple((module, configs[option]) for unit, option in zip(table.units, choice)
+    rules = tuple((module, edge_config(unit, configs[option])) for unit, option in zip(table.units, choice)
                   if configs[option] != DROP for module in unit.modules)
     drop = tuple(unit.name for unit, option in zip(table.units, choice) if configs[option] == DROP)
     return Plan(None, rules, table.model_fingerprint, meta or {}, drop)
@@ -54,6 +54,7 @@ def sensitivity_for(
     seed: int = 0,
     windows: TokenWindows | None = None,
     importance: dict | None = None,
+    edges: bool = False,
     progress: bool = True,
 ) -> SensitivityTable:
     """The table at `table` if it exists (checked against the model and granularity asked for),
@@ -61,7 +62,8 @@ def sensitivity_for(
     `table` when a path is given. An existing table serves any subset of its options; options it
     lacks are measured on its own calibration windows (re-cut from their files) and added to it.
     `importance` (module -> importance-matrix column weights) weights GGUF options; a table
-    measured with other weights (or none) is refused."""
+    measured with other weights (or none) is refused. `edges`: the embedding and head are units
+    (`measure_sensitivity`); a table measured with or without them serves only the same."""
     digest = importance_digest(importance) if importance else None
     if table is not None and Path(table).exists():
         found = SensitivityTable.load(table)
@@ -73,6 +75,10 @@ def sensitivity_for(
                                  f"asks for {said(digest)}; measure a new table (another --table path)")
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
+        if found.edges != edges:
+            raise LayerwiseError(f"{table} was measured {'with' if found.edges else 'without'} the embedding and "
+                                 f"head as units; this plan needs a table {'with' if edges else 'without'} them "
+                                 "(another --table path)")
         if options is None:
             return found
         wanted = [option_name(config) for config in parse_options(options)]
@@ -84,7 +90,7 @@ def sensitivity_for(
         windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     checkpoint = progress_file(table) if table is not None else None
     measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
-                                   importance=importance, progress=progress, checkpoint=checkpoint)
+                                   importance=importance, edges=edges, progress=progress, checkpoint=checkpoint)
     if table is not None:
         measured.save(table)
         checkpoint.unlink(missing_ok=True)
@@ -99,8 +105,8 @@ def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, miss
         raise LayerwiseError(f"{table} lacks option(s) {','.join(missing)} and its calibration text cannot be "
                              "found to measure them on the same windows; measure a new table (another --table path)")
     checkpoint = progress_file(table)
-    extra = measure_sensitivity(loaded, windows, missing, found.granularity, importance=importance, progress=progress,
-                                checkpoint=checkpoint)
+    extra = measure_sensitivity(loaded, windows, missing, found.granularity, importance=importance, edges=found.edges,
+                                progress=progress, checkpoint=checkpoint)
     grown = found.joined(extra)
     grown.save(table)
     checkpoint.unlink(missing_ok=True)
@@ -187,6 +193,7 @@ def run_plan(
     *,
     bits_per_weight: float | None = None,
     total_bytes: float | None = None,
+    budget_like: str | Path | None = None,
     options: str | Sequence[str] | None = None,
     allocator: str = "exact",
     objective: str = DEFAULT_OBJECTIVE,
@@ -209,6 +216,9 @@ def run_plan(
 ) -> PlanOutcome:
     """Allocate options to units under a budget (average bits per weight of the block linears,
     scales counted, or total model bytes) and return the plan, never worse than uniform.
+    `budget_like` (a GGUF file of the same model, e.g. llama-quantize's Q4_K_M) makes the token
+    embedding and output head units too, and gives the planned tensors at most the bytes the
+    file's same tensors take, so that the exported GGUF is no larger than it.
 
     Calibration text comes in domains (`calib`: None for the shipped mix of prose, code, verse and
     tables; one file; several files, one domain each; or a mapping name -> file). Each domain is cut
@@ -230,9 +240,14 @@ def run_plan(
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
     objective_named(objective)
+    if sum(budget is not None for budget in (bits_per_weight, total_bytes, budget_like)) != 1:
+        raise LayerwiseError("give exactly one budget: bits per weight, total bytes, or a GGUF file to be no "
+                             "larger than (--budget, --budget-bytes, --budget-like)")
     if out is not None:
         check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    edges = budget_like is not None
+    reference = _reference(loaded, budget_like) if edges else None  # refused before any measuring
     searching = allocator in SEARCHING
     slots = domain_slots(loaded.tokenizer, calib,
                          seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
@@ -242,9 +257,12 @@ def run_plan(
                                                  else DEFAULT_OPTIONS)
     importance, imatrix_record = plan_importance(loaded, asked, granularity, imatrix)
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
-                               windows=table_windows, importance=importance, progress=progress)
+                               windows=table_windows, importance=importance, edges=edges, progress=progress)
     sensitivity = table_for_domains(measured, slots)
-    budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
+    if reference is not None:
+        budget = sensitivity.budget_bits(planned_bytes=reference.planned_bytes)
+    else:
+        budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
     problem = sensitivity.problem(budget, objective)
     jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching)
 
@@ -296,6 +314,8 @@ def run_plan(
             "total_bytes": math.ceil((checked.total_cost + sensitivity.other_bits) / 8),
             "budget_bits_per_weight": budget / sensitivity.total_weights,
             "predicted_kl": problem.total_loss(checked.choice),
+            "planned_bytes": math.ceil(checked.total_cost / 8),
+            "budget_like": reference.describe() if reference is not None else None,
             "calibration_kl": (check.uniform[check.best_uniform]["kl"] if checked.allocator == "uniform"
                                else check.plan_kl),
             "search_kl": chosen.fitness if searching else None,
@@ -303,7 +323,8 @@ def run_plan(
             "search": {"fitness_calls": fitness.calls, "forward_equivalents": fitness.forward_equivalents(),
                        "seconds": fitness.seconds},
             "sensitivity_cost": sensitivity.cost,
-            "options": dict(zip((unit.name for unit in sensitivity.units), checked.labels(problem))),
+            "options": {unit.name: label if label == DROP else option_name(edge_config(unit, parse_option(label)))
+                        for unit, label in zip(sensitivity.units, checked.labels(problem))},
         }
     provenance = run_metadata() | {
         "model": loaded.describe(), "calibration": calibration_provenance(slots, sensitivity, jobs),
@@ -312,6 +333,7 @@ def run_plan(
         "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "check": seed + 2, "allocator": seed}
         | ({"search": seed + 1} if searching else {}),
         "table": str(table) if table is not None else None, "imatrix": imatrix_record,
+        "budget_like": reference.describe() if reference is not None else None,
     }
     plan = plan_from_choice(sensitivity, checked.choice, {
         "allocation": {k: v for k, v in report.items() if k != "options"}, "provenance": provenance})
@@ -321,6 +343,19 @@ def run_plan(
                           json.dumps(run_metadata() | {"model": loaded.describe(), **report}, indent=1) + "\n")
         progress_file(out).unlink(missing_ok=True)
     return PlanOutcome(plan, checked, sensitivity, report)
+
+
+def _reference(loaded: LoadedModel, path: str | Path):
+    """The sizes, in the GGUF at `path`, of every tensor a plan like it chooses for: the block
+    linears (whatever the granularity), the token embedding and an untied head."""
+    from layerwise.models.gguf_reference import read_reference
+    from layerwise.models.layout import block_linears
+    from layerwise.plan.sensitivity import head_is_tied
+    from layerwise.plan.units import edge_units
+
+    edges = edge_units(loaded.adapter, loaded.n_blocks, tied=head_is_tied(loaded))
+    modules = [name for unit in edges for name in unit.modules]
+    return read_reference(loaded, path, modules + [name for _, name, _ in block_linears(loaded.model, loaded.adapter)])
 
 
 def plan_importance(loaded: LoadedModel, options: str | Sequence[str], granularity: str | None,

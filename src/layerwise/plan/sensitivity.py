@@ -26,7 +26,7 @@ from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
-from layerwise.plan.units import Unit, units_of
+from layerwise.plan.units import EDGE_KINDS, Unit, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.profile.replay import logits_without
 from layerwise.quant.apply import InputStats, gather_inputs, quantize_linear
@@ -115,6 +115,11 @@ class SensitivityTable:
         return [parse_option(name) for name in self.options]
 
     @property
+    def edges(self) -> bool:
+        """Whether the embedding and head are units of this table (`measure_sensitivity(edges=)`)."""
+        return any(unit.kind in EDGE_KINDS for unit in self.units)
+
+    @property
     def total_weights(self) -> int:
         return int(self.unit_weights.sum())
 
@@ -124,14 +129,20 @@ class SensitivityTable:
         totals = self.cost_bits.sum(axis=0)
         return {name: float(total / self.total_weights) for name, total in zip(self.options, totals)}
 
-    def budget_bits(self, bits_per_weight: float | None = None, total_bytes: float | None = None) -> float:
-        """A budget as total stored bits of the block linears, from an average bits per weight
-        (scales counted) or from total model bytes (the rest of the model stays as it is)."""
-        if (bits_per_weight is None) == (total_bytes is None):
-            raise LayerwiseError("give exactly one budget: bits per weight, or total bytes")
+    def budget_bits(self, bits_per_weight: float | None = None, total_bytes: float | None = None,
+                    planned_bytes: float | None = None) -> float:
+        """A budget as total stored bits of the units, from an average bits per weight (scales
+        counted), from total model bytes (the rest of the model stays as it is, counted at 16
+        bits), or from the bytes the units' tensors may take together (`planned_bytes`, e.g. what
+        a reference GGUF file's same tensors take)."""
+        if sum(value is not None for value in (bits_per_weight, total_bytes, planned_bytes)) != 1:
+            raise LayerwiseError("give exactly one budget: bits per weight, total bytes, or planned bytes")
         if bits_per_weight is not None:
             budget = float(bits_per_weight) * self.total_weights
             shown = f"{bits_per_weight} bits per weight"
+        elif planned_bytes is not None:
+            budget = 8.0 * float(planned_bytes)
+            shown = f"{planned_bytes} bytes for the planned tensors"
         else:
             budget = 8.0 * float(total_bytes) - self.other_bits
             shown = f"{total_bytes} bytes"
@@ -210,6 +221,24 @@ class _BaseRun:
     stats: dict[tuple[str, str], InputStats]  # (module, algorithm) -> inputs for GPTQ/AWQ
     positions: int
     seconds: float
+    inputs: list[torch.Tensor] = field(default_factory=list)  # per batch, the token ids
+
+
+def logits_from(model, adapter, base: _BaseRun, batch: int, block: int, removed: str | None = None) -> torch.Tensor:
+    """Logits of batch `batch` with the model as it now is, re-run from block `block`'s cached
+    input (`removed`: that block's unit skipped), or from the token ids for `block` -1 (the
+    embedding changed, so no cached input holds)."""
+    if block < 0:
+        return model(input_ids=base.inputs[batch], use_cache=False).logits
+    return logits_without(model, adapter, base.calls[batch], block, removed)
+
+
+def edge_config(unit: Unit, config: QuantConfig) -> QuantConfig:
+    """The config a unit really takes: outside the blocks (embedding, head) weights are rounded to
+    nearest, as llama-quantize does (no calibration Hessian reaches them)."""
+    if unit.kind in EDGE_KINDS and config.algorithm != "rtn":
+        return config.replace(algorithm="rtn")
+    return config
 
 
 @torch.no_grad()
@@ -230,7 +259,7 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
         for name in modules if algorithms else ():
             handles.append(model.get_submodule(name).register_forward_pre_hook(gather(name)))
 
-    all_calls, references, positions = [], [], 0
+    all_calls, references, inputs, positions = [], [], [], 0
     start = time.perf_counter()
     for batch in windows.batches(batch_size):
         calls: list[BlockCall] = []
@@ -242,16 +271,17 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
             logits = model(input_ids=batch.to(loaded.input_device), use_cache=False).logits[:, :-1]
         references.append(Reference.from_logits(logits, store=torch.float16))
         all_calls.append(calls)
+        inputs.append(batch.to(loaded.input_device))
         positions += logits.shape[0] * logits.shape[1]
-    return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start)
+    return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start, inputs)
 
 
 def _kl_from(model, adapter, base: _BaseRun, block: int, removed: str | None) -> np.ndarray:
     """Mean KL to the base of every window, the model as it now is, run from block `block`'s
-    cached inputs (with that block's `removed` unit skipped, if given)."""
+    cached inputs (with that block's `removed` unit skipped, if given; block -1: from the tokens)."""
     values = []
-    for calls, reference in zip(base.calls, base.references):
-        logits = logits_without(model, adapter, calls, block, removed)[:, :-1]
+    for batch, reference in enumerate(base.references):
+        logits = logits_from(model, adapter, base, batch, block, removed)[:, :-1]
         kl = kl_per_token(reference, logits)
         values.append(kl.reshape(kl.shape[0], -1).mean(dim=1).double().numpy())
     return np.concatenate(values)
@@ -292,6 +322,12 @@ def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndar
     return done, float(state["block_runs"]), float(state["seconds"])
 
 
+def head_is_tied(loaded: LoadedModel) -> bool:
+    """Whether the output head shares the token embedding's matrix."""
+    model, adapter = loaded.model, loaded.adapter
+    return model.get_submodule(adapter.lm_head).weight is model.get_submodule(adapter.embed).weight
+
+
 def head_cost_in_blocks(loaded: LoadedModel) -> float:
     """The LM head's cost in units of one block's cost (by weights multiplied per token)."""
     head = loaded.model.get_submodule(loaded.adapter.lm_head).weight.numel()
@@ -308,6 +344,7 @@ def measure_sensitivity(
     *,
     batch_size: int = 4,
     importance: dict[str, np.ndarray] | None = None,
+    edges: bool = False,
     progress: bool = True,
     checkpoint: str | Path | None = None,
 ) -> SensitivityTable:
@@ -318,20 +355,26 @@ def measure_sensitivity(
     measured so far are saved after every unit, and a run that finds the file resumes after the
     last saved unit (one base pass is repeated); the result is the same as an uninterrupted run.
     The caller deletes the checkpoint once the table is saved. `importance` (module -> column
-    weights of an importance matrix) weights GGUF options' rounding, as `quantize` will."""
+    weights of an importance matrix) weights GGUF options' rounding, as `quantize` will. With
+    `edges`, the token embedding and the output head (one unit when tied) are units too, rounded
+    to nearest under every option (`edge_config`); an entry for the embedding re-runs the whole
+    model."""
     importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
     names = [option_name(config) for config in configs]
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
+    if edges:
+        units = edge_units(adapter, loaded.n_blocks, tied=head_is_tied(loaded)) + units
     if DROP in configs and granularity == "linear":
         raise LayerwiseError("the option 'drop' needs whole blocks or sublayers as units, not single linears; "
                              "use --granularity block or sublayer")
     modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
-    base = base_pass(loaded, calibration, list(modules), algorithms, batch_size)
+    in_blocks = [name for unit in units if unit.kind not in EDGE_KINDS for name in unit.modules]
+    base = base_pass(loaded, calibration, in_blocks, algorithms, batch_size)
 
     domains = list(dict.fromkeys(calibration.window_domains))
     cost = np.full((len(units), len(configs)), np.nan)
@@ -356,6 +399,10 @@ def measure_sensitivity(
                 continue
             originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
             for o, config in enumerate(configs):
+                if config == DROP and unit.kind in EDGE_KINDS:
+                    skipped[f"{unit.name} {names[o]}"] = "the embedding and head cannot be dropped"
+                    bars.advance(task)
+                    continue
                 if config == DROP:
                     cost[u, o] = 0.0
                     kl[u, o] = by_domain(_kl_from(model, adapter, base, unit.block, unit.kind))
@@ -363,7 +410,8 @@ def measure_sensitivity(
                     bars.advance(task)
                     continue
                 try:
-                    stored = {name: quantize_linear(name, modules[name], config, base.stats.get((name, config.algorithm)),
+                    used = edge_config(unit, config)
+                    stored = {name: quantize_linear(name, modules[name], used, base.stats.get((name, used.algorithm)),
                                                     importance.get(name)) for name in unit.modules}
                 except LayerwiseError as error:
                     skipped[f"{unit.name} {names[o]}"] = str(error)
@@ -377,7 +425,7 @@ def measure_sensitivity(
                 finally:  # an interruption must not leave the caller's model quantized
                     for name, weight in originals.items():
                         set_linear_weight(modules[name], weight)
-                block_runs += (n_blocks - unit.block + head) * len(base.calls)
+                block_runs += (n_blocks - max(unit.block, 0) + head) * len(base.calls)
                 bars.advance(task)
             if checkpoint is not None:
                 _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,

@@ -44,6 +44,21 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
     return units
 
 
+# Units outside the blocks: the token embedding ("embed") and, when it has its own matrix, the
+# output head ("head"). Their `block` says where re-running the model must start: -1 for the
+# embedding (from the token ids), the last block for the head.
+EDGE_KINDS = ("embed", "head")
+
+
+def edge_units(adapter: Adapter, n_blocks: int, tied: bool) -> list[Unit]:
+    """The token embedding and output head as units, as llama.cpp chooses their types too; one
+    unit when they share one matrix (`tied`), since quantizing either quantizes both."""
+    units = [Unit(adapter.embed, -1, (adapter.embed,), "embed")]
+    if not tied:
+        units.append(Unit(adapter.lm_head, n_blocks - 1, (adapter.lm_head,), "head"))
+    return units
+
+
 def droppable_units(adapter: Adapter, n_blocks: int) -> dict[str, Unit]:
     """Every unit a plan may drop, by name: whole blocks and attention/MLP sublayers."""
     return {unit.name: unit for granularity in ("block", "sublayer") for unit in units_of(adapter, n_blocks, granularity)}

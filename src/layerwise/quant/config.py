@@ -9,9 +9,9 @@ ALGORITHMS = ("rtn", "gptq", "awq")
 REMAINDERS = ("error", "tail", "fallback")
 
 # What llama.cpp's llama-quantize writes instead of a K-quant when a row is not a multiple of 256
-# weights (llama-quant.cpp, `convert_incompatible_tensor`). Q2_K and Q3_K fall back to IQ4_NL,
-# which layerwise does not implement.
-K_QUANT_FALLBACKS = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "iq4_nl", "q3_k": "iq4_nl"}
+# weights (llama-quant.cpp in the llama.cpp that llama-cpp-python 0.3.36 ships, the one CI builds:
+# the fallback switch in its tensor-type choice).
+K_QUANT_FALLBACKS = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0"}
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,7 @@ class QuantConfig:
         remainder="fallback", llama.cpp's fallback type for a K-quant the rows do not fit."""
         if self.remainder != "fallback" or self.format not in K_QUANT_FALLBACKS or columns % 256 == 0:
             return self
-        fallback = K_QUANT_FALLBACKS[self.format]
-        from layerwise.quant.formats import FORMATS, get_format
-
-        try:
-            get_format(fallback)
-        except LayerwiseError:
-            raise LayerwiseError(f"{self.format} does not fit rows of {columns} weights, and llama.cpp's fallback "
-                                 f"for it, {fallback}, is not implemented in layerwise; choose q4_k, q5_k or q6_k "
-                                 f"(fallbacks q5_0, q5_1, q8_0) or a legacy type ({', '.join(sorted(f for f in FORMATS if f.startswith('q') and not f.endswith('_k')))})") from None
-        return QuantConfig(fallback, algorithm=self.algorithm)
+        return QuantConfig(K_QUANT_FALLBACKS[self.format], algorithm=self.algorithm)
 
     def replace(self, **changes) -> "QuantConfig":
         return replace(self, **changes)

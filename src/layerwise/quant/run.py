@@ -8,7 +8,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
 from layerwise.quant.apply import plan_dropped, plan_fallbacks, plan_targets, quantize_
-from layerwise.quant.imatrix import Imatrix, imatrix_applies, importance_for
+from layerwise.quant.imatrix import Imatrix, collect_imatrix, imatrix_applies, importance_for
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
 from layerwise.quant.storage import save_quantized
@@ -37,7 +37,8 @@ def run_quantize(
     """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
     stored form of each module and the size report; with `out`, writes them there. `imatrix` (a
     file llama-imatrix or `layerwise imatrix` wrote) weights the GGUF types' rounding by each
-    input column's mean square, as `llama-quantize --imatrix` does."""
+    input column's mean square, as `llama-quantize --imatrix` does; without one (given or recorded
+    in the plan), `calib` gives one, collected on the calibration windows before quantizing."""
     if out is not None:
         check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
@@ -56,6 +57,14 @@ def run_quantize(
     else:
         # Validate every module's shape before any work (group sizes, GGUF block sizes).
         size_report(loaded, targets, dropped)
+    if imatrix is None and _planned(plan) is None and calib is not None and \
+            any(imatrix_applies(config) for config in targets.values()):
+        # Calibration text and GGUF types rounded to nearest: weight them by an importance matrix
+        # of that text, as llama-quantize --imatrix would (llama.cpp users always make one).
+        windows_for_imatrix = windows or token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len,
+                                                       seed=seed)
+        imatrix = collect_imatrix(loaded, windows_for_imatrix, progress=progress)
+        imatrix.datasets = [str(calib)]
     importance, imatrix_record = _importance(loaded, targets, imatrix, _planned(plan))
     quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
     sizes = size_report(loaded, quantized, dropped)

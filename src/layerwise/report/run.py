@@ -178,7 +178,8 @@ def _predicted_curves(table: dict, profile: dict | None) -> dict[str, list[tuple
     budgets = [low + (high - low) * i / 24 for i in range(25)]
     curves["exact, our allocator (predicted)"] = []
     lim = None
-    if profile is not None and "lim" in profile["blocks"][0]:
+    edges = any(unit.get("kind") in ("embed", "head") for unit in table["units"])
+    if profile is not None and "lim" in profile["blocks"][0] and not edges:  # LIM ranks blocks, not the embedding
         lim_by_block = [row["lim"] for row in profile["blocks"]]
         lim = [lim_by_block[unit["block"]] for unit in table["units"]]
         curves["LWQ, LIM order (predicted)"] = []
@@ -279,7 +280,8 @@ def metric_ranking(profile: dict, table: dict) -> tuple[list[str], list[list[str
 
     blocks = profile["blocks"]
     units, options, _, kl, _ = _table_arrays(table)
-    block_of = [unit["block"] for unit in table["units"]]
+    # The embedding and head (`plan --budget-like`) belong to no block.
+    block_of = [None if unit.get("kind") in ("embed", "head") else unit["block"] for unit in table["units"]]
     n_blocks = len(blocks)
     quantizers = [o for o, name in enumerate(options) if name != verdict.DROP and np.isfinite(kl[:, o]).all()]
     sensitivity = {o: np.array([kl[[u for u, b in enumerate(block_of) if b == block], o].sum()

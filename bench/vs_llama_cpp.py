@@ -1,0 +1,240 @@
+"""Our GGUF files against llama.cpp's own, each ours no larger than the stock file it is set against.
+
+On the off-grid ("dithered") SmolLM2 of ../shared/README.md (the shared GGUF's weights sit on a
+Q4_1 grid, which would flatter every stock type that contains it):
+
+- source: llama.cpp's convert_hf_to_gguf.py of the dithered folder (f16, as the folder stores it);
+- stock: `llama-quantize` Q3_K_S, Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, each with an importance
+  matrix from `llama-imatrix` on WikiText-2 valid (100 chunks of 512 tokens), and Q4_K_M without;
+- ours: for each stock file, `layerwise plan --budget-like STOCK` with the default allocator
+  (exact) and the default calibration (the shipped mix of prose, code, verse and tables; 2048
+  tokens for the table and 2048 for the never-worse check, half the defaults, for time), units per linear group (q/k/v, o,
+  gate/up, down) plus the token embedding (tied to the output head), options GPTQ onto Q4_0 and
+  Q5_0 grids, Q8_0, and the K-quants Q3_K..Q6_K (rows of 256 only: the down projections) rounded
+  with our importance matrix (`layerwise imatrix`, same text and chunking as llama-imatrix's);
+  then `layerwise export` with GPTQ calibrated on 4096 tokens of WikiText-2 valid. The embedding
+  and head are rounded to nearest, as llama-quantize rounds them;
+- judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
+  WikiText-2 test (the first 40 chunks of 512 tokens) and on Python code (the interpreter's
+  standard library modules except the five in the shipped calibration, in a seeded order, first 40
+  chunks): mean KLD with llama.cpp's +-, 99th and 99.9th percentile KLD, same-top-token share,
+  perplexity, file bytes.
+
+Writes bench/results/vs_llama_cpp.json (one row per reference file and domain) and
+bench/results/vs_llama_cpp.png. Needs llama.cpp's tools (bash .ci/llama_cpp_tools DIR; set
+LAYERWISE_LLAMA_CPP_BIN=DIR/bin) and converter (LAYERWISE_CONVERT_HF_TO_GGUF). About 95 minutes on
+2 cores; every step's output is kept under bench/out/vs_llama_cpp and reused when run again.
+
+    python bench/vs_llama_cpp.py [--references Q4_K_M+imatrix,Q4_0+imatrix] [--chunks 40]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CALIBRATION_TEXT, CODE_SEED, EVALUATION_TEXT, dithered_smollm2, write_results  # noqa: E402
+
+from layerwise import load_model  # noqa: E402
+from layerwise.export.convert import convert_to_gguf  # noqa: E402
+from layerwise.export.run import run_export  # noqa: E402
+from layerwise.models.loading import resolve_source  # noqa: E402
+from layerwise.plan.run import run_plan  # noqa: E402
+from layerwise.quant.imatrix import run_imatrix  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "vs_llama_cpp"
+STOCK = ("Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+REFERENCES = [f"{name}+imatrix" for name in STOCK] + ["Q4_K_M"]
+OPTIONS = "gptq:q4_0,gptq:q5_0,q8_0,q3_k,q4_k,q5_k,q6_k"
+# The modules of the shipped calibration's code domain (src/layerwise/data/calibration/LICENSE):
+# left out of the code we judge on.
+CALIBRATION_MODULES = {"textwrap.py", "heapq.py", "shlex.py", "glob.py", "fnmatch.py"}
+IMATRIX_CHUNKS = 100
+
+
+def tool(name: str) -> str:
+    folder = os.environ.get("LAYERWISE_LLAMA_CPP_BIN")
+    if not folder or not (Path(folder) / name).is_file():
+        sys.exit(f"{name} not found: set LAYERWISE_LLAMA_CPP_BIN to the folder bash .ci/llama_cpp_tools DIR builds "
+                 "(DIR/bin)")
+    return str(Path(folder) / name)
+
+
+def run(command: list[str], log: Path) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        sys.exit(f"{Path(command[0]).name} failed (exit {done.returncode}); see {log}")
+    return done.stdout + done.stderr
+
+
+def cached(path: Path, make) -> Path:
+    """`path`, made by `make(tmp)` into a temporary name first, unless it exists already."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".partial")
+        tmp.unlink(missing_ok=True)
+        make(tmp)
+        tmp.rename(path)
+    return path
+
+
+def code_text() -> str:
+    """The standard library's public top-level modules, minus the calibration's five, in a seeded order."""
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(path for path in folder.glob("*.py")
+                   if not path.name.startswith("_") and path.name not in CALIBRATION_MODULES)
+    random.Random(CODE_SEED).shuffle(files)
+    return "\n\n".join(f"# {path.name}\n{path.read_text(encoding='utf-8', errors='replace')}" for path in files)
+
+
+def stock_file(name: str, source: Path, imatrix: Path) -> Path:
+    qtype, _, with_imatrix = name.partition("+")
+    args = ["--imatrix", str(imatrix)] if with_imatrix else []
+    return cached(OUT / f"stock-{name}.gguf", lambda tmp: run(
+        [tool("llama-quantize"), *args, str(source), str(tmp), qtype, "2"], OUT / f"stock-{name}.log"))
+
+
+# llama-perplexity --kl-divergence's summary lines, e.g. "Mean    KLD:   0.012345 ±   0.000123".
+_STATS = {
+    "mean_kld": r"Mean\s+KLD:\s+([-\d.e]+)\s+±\s+([-\d.e]+)",
+    "kld_p99": r"99\.0%\s+KLD:\s+([-\d.e]+)",
+    "kld_p999": r"99\.9%\s+KLD:\s+([-\d.e]+)",
+    "same_top": r"Same top p:\s+([-\d.e]+)\s+±\s+([-\d.e]+)",
+    "perplexity": r"Mean PPL\(Q\)\s+:\s+([-\d.e]+)\s+±\s+([-\d.e]+)",
+}
+
+
+def kl_divergence(model: Path, base: Path, text: Path, chunks: int, log: Path) -> dict:
+    """llama-perplexity's KL divergence of `model` from the base logits, parsed. Its log is written
+    by an asynchronous logger that now and then loses the last lines: then it is run again."""
+    for attempt in range(3):
+        output = run([tool("llama-perplexity"), "-m", str(model), "-f", str(text), "--chunks", str(chunks),
+                      "-c", "512", "-t", "2", "--kl-divergence-base", str(base), "--kl-divergence"], log)
+        found = {key: re.search(pattern, output) for key, pattern in _STATS.items()}
+        if all(found.values()):
+            row = {key: float(match.group(1)) for key, match in found.items()}
+            row["mean_kld_pm"] = float(found["mean_kld"].group(2))
+            row["perplexity_pm"] = float(found["perplexity"].group(2))
+            row["same_top_pm"] = float(found["same_top"].group(2))
+            return row
+    sys.exit(f"could not read llama-perplexity's KL summary from {log}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--references", default=",".join(REFERENCES))
+    parser.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens per domain")
+    parser.add_argument("--options", default=OPTIONS)
+    parser.add_argument("--tokens", type=int, default=2048,
+                        help="calibration tokens for the sensitivity table and for the never-worse check each "
+                             "(layerwise plan's default is 4096; 2048 halves the table's ~45 minutes here)")
+    parser.add_argument("--name", default="vs_llama_cpp")
+    args = parser.parse_args()
+    references = args.references.split(",")
+    unknown = sorted(set(references) - set(REFERENCES))
+    if unknown:
+        sys.exit(f"unknown reference(s) {unknown}; choose from {', '.join(REFERENCES)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    folder = dithered_smollm2()
+    # A float32 load of the f16 folder: the converter keeps the folder's own f16.
+    source = cached(OUT / "source-f16.gguf", lambda tmp: convert_to_gguf(resolve_source(folder), tmp, torch.float32))
+    stock_imatrix = cached(OUT / "imatrix-llama.gguf", lambda tmp: run(
+        [tool("llama-imatrix"), "-m", str(source), "-f", str(CALIBRATION_TEXT), "-o", str(tmp), "--chunks",
+         str(IMATRIX_CHUNKS), "-c", "512", "-t", "2"], OUT / "imatrix-llama.log"))
+    texts = {"wikitext2-test": EVALUATION_TEXT,
+             "python-stdlib": cached(OUT / "python-stdlib.txt", lambda tmp: tmp.write_text(code_text()))}
+    bases = {domain: cached(OUT / f"base-{domain}.kld", lambda tmp, text=text: run(
+        [tool("llama-perplexity"), "-m", str(source), "-f", str(text), "--chunks", str(args.chunks), "-c", "512",
+         "-t", "2", "--kl-divergence-base", str(tmp)], OUT / f"base-{domain}.log")) for domain, text in texts.items()}
+    print(f"source, importance matrix and base logits ready ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    loaded = load_model(folder)
+    ours_imatrix = OUT / "imatrix-ours.gguf"
+    if not ours_imatrix.exists():
+        run_imatrix(loaded, data=CALIBRATION_TEXT, out=ours_imatrix, chunks=IMATRIX_CHUNKS, progress=False)
+    table = OUT / "table.json"
+
+    rows, files = [], {}
+    for reference in references:
+        stock = stock_file(reference, source, stock_imatrix)
+        plan_path = OUT / f"plan-{reference}.json"
+        if not plan_path.exists():
+            outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity="linear", table=table,
+                               tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix, out=plan_path,
+                               progress=True)
+            print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
+                  f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
+        ours = OUT / f"ours-{reference}.gguf"
+        if not ours.exists():
+            run_export(folder, plan=plan_path, out=ours, calib=CALIBRATION_TEXT, tokens=4096, progress=False)
+        files[reference] = {"stock": stock, "ours": ours}
+        for domain, text in texts.items():
+            measured = {side: kl_divergence(path, bases[domain], text, args.chunks,
+                                            OUT / f"kld-{side}-{reference}-{domain}.log")
+                        for side, path in files[reference].items()}
+            row = {"reference": reference, "domain": domain,
+                   "stock_bytes": stock.stat().st_size, "ours_bytes": ours.stat().st_size}
+            for side in ("stock", "ours"):
+                row |= {f"{side}_{key}": value for key, value in measured[side].items()}
+            row["ratio_mean_kld"] = row["ours_mean_kld"] / row["stock_mean_kld"]
+            rows.append(row)
+            print(f"{reference:15s} {domain:15s} bytes {row['stock_bytes']:>11,} / {row['ours_bytes']:>11,}  "
+                  f"mean KLD {row['stock_mean_kld']:.5f} / {row['ours_mean_kld']:.5f} (x{row['ratio_mean_kld']:.3f})  "
+                  f"p99.9 {row['stock_kld_p999']:.4f} / {row['ours_kld_p999']:.4f}  "
+                  f"ppl {row['stock_perplexity']:.3f} / {row['ours_perplexity']:.3f}", flush=True)
+
+    plot(rows, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
+    write_results(args.name, {
+        "model": "dithered SmolLM2-135M-Instruct (../shared/models/dither_smollm2.py), f16 GGUF by convert_hf_to_gguf.py",
+        "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
+                 f"{IMATRIX_CHUNKS} chunks of 512",
+        "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity linear --tokens "
+                f"{args.tokens} --check-tokens {args.tokens} --imatrix (layerwise imatrix, same text and chunks); "
+                "layerwise export --calib WikiText-2 valid --tokens 4096",
+        "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
+        "seconds": time.perf_counter() - started, "rows": rows})
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(dict.fromkeys(row["domain"] for row in rows))
+    figure, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4.2), squeeze=False)
+    for axis, domain in zip(axes[0], domains):
+        mine = sorted((row for row in rows if row["domain"] == domain), key=lambda row: row["stock_bytes"])
+        for side, marker in (("stock", "o"), ("ours", "s")):
+            xs = [row[f"{side}_bytes"] / 1e6 for row in mine]
+            ys = [row[f"{side}_mean_kld"] for row in mine]
+            axis.plot(xs, ys, marker=marker, linestyle="none",
+                      label="llama-quantize" if side == "stock" else "layerwise plan, no larger")
+        for row in mine:
+            axis.annotate(row["reference"], (row["stock_bytes"] / 1e6, row["stock_mean_kld"]), fontsize=7,
+                          xytext=(4, 4), textcoords="offset points")
+        axis.set_yscale("log")
+        axis.set_xlabel("file size (MB)")
+        axis.set_ylabel("mean KLD to f16 (llama-perplexity)")
+        axis.set_title(domain)
+        axis.legend(fontsize=8)
+    figure.suptitle("dithered SmolLM2-135M: ours vs llama-quantize at the same file size", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
