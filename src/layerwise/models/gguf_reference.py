@@ -8,6 +8,7 @@ reference, so the whole file is no larger. The export checks that it is not.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,7 @@ class ReferenceFile:
         return sum(self.tensor_bytes.values()) - ALIGNMENT_SLACK * len(self.tensor_bytes) - METADATA_SLACK
 
     def describe(self) -> dict:
-        types: dict[str, int] = {}
-        for name in self.tensor_types.values():
-            types[name] = types.get(name, 0) + 1
+        types = dict(Counter(self.tensor_types.values()))
         return {"file": self.path, "sha256": self.sha256, "file_bytes": self.file_bytes,
                 "planned_tensor_bytes": sum(self.tensor_bytes.values()), "budget_bytes": self.planned_bytes,
                 "tensor_types": types}

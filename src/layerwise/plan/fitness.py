@@ -24,7 +24,7 @@ from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP
 from layerwise.plan.sensitivity import (SensitivityTable, base_pass, domain_means, edge_config, head_cost_in_blocks,
                                         logits_from)
-from layerwise.plan.units import EDGE_KINDS
+from layerwise.plan.units import block_modules
 from layerwise.quant.apply import quantize_linear
 
 
@@ -49,8 +49,7 @@ class KLFitness:
         modules = [name for unit in table.units for name in unit.modules]
         self.modules = {name: loaded.model.get_submodule(name) for name in modules}
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
-        in_blocks = [name for unit in table.units if unit.kind not in EDGE_KINDS for name in unit.modules]
-        self.base = base_pass(loaded, windows, in_blocks, algorithms, batch_size)
+        self.base = base_pass(loaded, windows, block_modules(table.units), algorithms, batch_size)
         # A planned embedding changes every block's input: whole plans then run from the token ids.
         self.start = -1 if any(unit.kind == "embed" for unit in table.units) else 0
         self.originals = {name: linear_weight(module).detach().clone() for name, module in self.modules.items()}

@@ -26,7 +26,7 @@ from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
-from layerwise.plan.units import EDGE_KINDS, Unit, edge_units, units_of
+from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.profile.replay import logits_without
 from layerwise.quant.apply import InputStats, gather_inputs, quantize_linear
@@ -267,11 +267,12 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
         def keep(call: BlockCall) -> None:
             calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
 
+        ids = batch.to(loaded.input_device)
         with scoped_hooks(register), capture_blocks(model, adapter, keep, keep_call=True):
-            logits = model(input_ids=batch.to(loaded.input_device), use_cache=False).logits[:, :-1]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         references.append(Reference.from_logits(logits, store=torch.float16))
         all_calls.append(calls)
-        inputs.append(batch.to(loaded.input_device))
+        inputs.append(ids)
         positions += logits.shape[0] * logits.shape[1]
     return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start, inputs)
 
@@ -373,8 +374,7 @@ def measure_sensitivity(
     modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
-    in_blocks = [name for unit in units if unit.kind not in EDGE_KINDS for name in unit.modules]
-    base = base_pass(loaded, calibration, in_blocks, algorithms, batch_size)
+    base = base_pass(loaded, calibration, block_modules(units), algorithms, batch_size)
 
     domains = list(dict.fromkeys(calibration.window_domains))
     cost = np.full((len(units), len(configs)), np.nan)

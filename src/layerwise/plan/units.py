@@ -59,6 +59,11 @@ def edge_units(adapter: Adapter, n_blocks: int, tied: bool) -> list[Unit]:
     return units
 
 
+def block_modules(units: list[Unit]) -> list[str]:
+    """The linears of the units inside the blocks (those a block's cached inputs reach)."""
+    return [name for unit in units if unit.kind not in EDGE_KINDS for name in unit.modules]
+
+
 def droppable_units(adapter: Adapter, n_blocks: int) -> dict[str, Unit]:
     """Every unit a plan may drop, by name: whole blocks and attention/MLP sublayers."""
     return {unit.name: unit for granularity in ("block", "sublayer") for unit in units_of(adapter, n_blocks, granularity)}

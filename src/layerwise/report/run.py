@@ -30,6 +30,9 @@ from layerwise.util.files import check_output, write_text_atomic
 
 SECTION_IDS = ("verdict", "profile", "logit-lens", "sensitivity", "pareto", "plan", "metrics")
 _MAX_JSON_BYTES = 256 << 20
+# Table units outside the blocks (`plan --budget-like`), as layerwise.plan.units.EDGE_KINDS names
+# them; spelled here because the report never imports torch, which the plan stage does.
+_EDGE_KINDS = ("embed", "head")
 
 
 @dataclass
@@ -178,7 +181,7 @@ def _predicted_curves(table: dict, profile: dict | None) -> dict[str, list[tuple
     budgets = [low + (high - low) * i / 24 for i in range(25)]
     curves["exact, our allocator (predicted)"] = []
     lim = None
-    edges = any(unit.get("kind") in ("embed", "head") for unit in table["units"])
+    edges = any(unit.get("kind") in _EDGE_KINDS for unit in table["units"])
     if profile is not None and "lim" in profile["blocks"][0] and not edges:  # LIM ranks blocks, not the embedding
         lim_by_block = [row["lim"] for row in profile["blocks"]]
         lim = [lim_by_block[unit["block"]] for unit in table["units"]]
@@ -281,7 +284,7 @@ def metric_ranking(profile: dict, table: dict) -> tuple[list[str], list[list[str
     blocks = profile["blocks"]
     units, options, _, kl, _ = _table_arrays(table)
     # The embedding and head (`plan --budget-like`) belong to no block.
-    block_of = [None if unit.get("kind") in ("embed", "head") else unit["block"] for unit in table["units"]]
+    block_of = [None if unit.get("kind") in _EDGE_KINDS else unit["block"] for unit in table["units"]]
     n_blocks = len(blocks)
     quantizers = [o for o, name in enumerate(options) if name != verdict.DROP and np.isfinite(kl[:, o]).all()]
     sensitivity = {o: np.array([kl[[u for u, b in enumerate(block_of) if b == block], o].sum()
