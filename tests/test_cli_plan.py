@@ -49,6 +49,8 @@ def test_pareto_from_the_saved_table(measured, tmp_path):
     (["--budget", "9.5"], "above the largest plan"),
     (["--budget", "4", "--granularity", "block"], "was measured per sublayer"),
     (["--budget", "4", "--allocator", "magic"], "unknown allocator"),
+    (["--budget", "4", "--sensitivity", "magic"], "unknown sensitivity estimator 'magic'"),
+    (["--budget", "4", "--sensitivity", "fisher"], "filled by the 'measured' estimator, not 'fisher'"),
     ([], "give exactly one budget"),
     (["--budget", "4", "--budget-like", "x.gguf"], "give exactly one budget"),
     (["--budget-like", "missing.gguf"], "reference file missing.gguf not found"),

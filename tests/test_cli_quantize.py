@@ -53,7 +53,6 @@ def test_quantize_then_eval(tmp_path):
     (["--method", "magic"], "invalid choice: 'magic'"),
     (["--bits", "9", "--group-size", "none"], "bits=9 is outside format 'int'"),
     (["--format", "int9"], "unknown format 'int9'"),
-    (["--group-size", "none", "--method", "gptq"], "need calibration text"),
     (["--group-size", "none", "--method", "gptq", "--calib", "SHORT"], "windows of 512"),
     (["--group-size", "128"], "needs rows that are a multiple of 128"),
 ])
@@ -83,6 +82,22 @@ def test_eval_refuses_calibration_text(tmp_path):
     assert done.returncode == 0, done.stderr
     done = layerwise("eval", STORIES, "--quantized", out, "--data", CALIBRATION_TEXT, "--quiet")
     assert_one_line_error(done, "is the text this model was calibrated on")
+
+
+def test_gptq_without_calib_fits_on_the_shipped_mix(tmp_path):
+    from layerwise.data.windows import CALIBRATION_FOLDER
+
+    out = tmp_path / "q"
+    done = layerwise("quantize", STORIES, "--method", "gptq", "--group-size", "none", "--tokens", "8192",
+                     "--out", out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    calibration = json.loads((out / "quant.json").read_text())["meta"]["calibration"]
+    assert sorted(calibration["domains"]) == ["code", "prose", "tables", "verse"]
+    assert all(part["windows"] >= 1 for part in calibration["domains"].values())
+    # What GPTQ was fitted on is known to eval: a shipped excerpt as evaluation text is refused.
+    done = layerwise("eval", STORIES, "--quantized", out, "--data", CALIBRATION_FOLDER / "tables_excerpt.txt",
+                     "--tokens", "65536", "--quiet")
+    assert_one_line_error(done, "used for the quantization statistics")
 
 
 @pytest.mark.slow

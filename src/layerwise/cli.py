@@ -51,6 +51,11 @@ def _group_size(text: str) -> int | None:
     return _positive_int(text)
 
 
+def _calibration(files: list[str] | None) -> str | list[str] | None:
+    """--calib given once is one text; repeated, one domain per file; absent, the shipped mix."""
+    return files[0] if files and len(files) == 1 else files
+
+
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from layerwise.plan import Plan
     from layerwise.quant.config import QuantConfig
@@ -59,7 +64,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     remainder = "fallback" if args.k_fallback else "tail" if args.allow_tail else "error"
     plan = args.plan or Plan(QuantConfig(args.format, args.bits, args.group_size, not args.asym, args.method,
                                          remainder))
-    loaded, quantized, sizes = run_quantize(args.model, plan, calib=args.calib, tokens=args.tokens, seed=args.seed,
+    loaded, quantized, sizes = run_quantize(args.model, plan, calib=_calibration(args.calib), tokens=args.tokens,
+                                            seed=args.seed,
                                             out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
                                             dtype=args.dtype, device=args.device, progress=not args.quiet)
     _print_sizes(sizes)
@@ -99,7 +105,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from layerwise.evaluate.run import run_eval
 
     _check_json_output(args)
-    report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan, calib=args.calib,
+    report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan,
+                      calib=_calibration(args.calib),
                       tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
                       batch_size=args.batch_size, schedule=args.schedule, progress=not args.quiet)
     base = report["base"]
@@ -136,9 +143,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes,
                        budget_like=args.budget_like, options=args.options,
                        allocator=args.allocator, objective=args.objective, granularity=args.granularity,
-                       table=args.table, calib=args.calib[0] if args.calib and len(args.calib) == 1 else args.calib,
+                       table=args.table, calib=_calibration(args.calib),
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
-                       generations=args.generations,
+                       statistics_tokens=args.statistics_tokens, estimator=args.sensitivity, generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
                        dtype=args.dtype, device=args.device, progress=not args.quiet)
     report = outcome.report
@@ -247,7 +254,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from layerwise.util.files import write_text_atomic
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
-                        calib=args.calib, tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
+                        calib=_calibration(args.calib), tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
                         converter=args.converter, imatrix=args.imatrix, progress=not args.quiet)
     if report.get("converted_by"):
         print(f"converted the Hugging Face model with {report['converted_by']}")
@@ -359,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF K-quants on rows that are not a multiple of 256: use llama.cpp's fallback type "
                         "(q2_k, q3_k->q4_0; q4_k->q5_0; q5_k->q5_1; q6_k->q8_0), as llama-quantize does")
     p.add_argument("--plan", default=None, help="a plan.json instead of the uniform options above")
-    p.add_argument("--calib", default=None, help="calibration text (needed by gptq and awq; without --imatrix it also "
-                   "gives GGUF types an importance matrix)")
+    p.add_argument("--calib", default=None, action="append",
+                   help="calibration text for gptq and awq, one domain per file; repeat for several (default: the "
+                        "shipped mix of prose, code, verse and tables); given, and without --imatrix, it also gives "
+                        "GGUF types an importance matrix")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--seed", type=int, default=0)
@@ -374,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="evaluation text, never the calibration text")
     p.add_argument("--quantized", default=None, help="a directory written by `layerwise quantize`")
     p.add_argument("--plan", default=None, help="or a plan.json to quantize on the fly")
-    p.add_argument("--calib", default=None, help="calibration text for --plan with gptq/awq")
+    p.add_argument("--calib", default=None, action="append",
+                   help="calibration text for --plan with gptq/awq, one domain per file; repeat for several "
+                        "(default: the shipped mix)")
     p.add_argument("--tokens", type=_positive_int, default=40 * 512, help="evaluation tokens (default 40 x 512)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=4)
@@ -412,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-tokens", type=_positive_int, default=4096,
                    help="held-out calibration tokens, split over the domains, on which the plan is checked against "
                         "uniform (default 4096)")
+    p.add_argument("--sensitivity", default="measured",
+                   help="how the sensitivity table is filled: measured (KL with each unit quantized, the default), "
+                        "local (each unit's block output error, scaled to KL once per block), weights (weight "
+                        "error weighted by input mean squares, no pass per entry), fisher (1/2 F dW^2 with F the "
+                        "diagonal Fisher information, one forward and backward pass in all)")
+    p.add_argument("--statistics-tokens", type=_positive_int, default=16384,
+                   help="tokens, split over the domains, that gptq/awq options are fitted on in the table, the "
+                        "search and the check; none of the other jobs uses them (default 16384, as quantize)")
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
     p.add_argument("--imatrix", default=None,
                    help=IMATRIX_HELP + "; the plan records it, and quantize/export of the plan use it")
@@ -466,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(packed int codes; transformers and vLLM load it)")
     p.add_argument("--plan", default=None, help="a plan.json (quantized now)")
     p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
-    p.add_argument("--calib", default=None, help="calibration text for gptq/awq plans")
+    p.add_argument("--calib", default=None, action="append",
+                   help="calibration text for gptq/awq plans, one domain per file; repeat for several "
+                        "(default: the shipped mix of prose, code, verse and tables)")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=16384)
     p.add_argument("--converter", default=None,

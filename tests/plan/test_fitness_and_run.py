@@ -137,6 +137,36 @@ def test_plan_jobs_get_disjoint_windows_and_the_plan_records_them(loaded, tmp_pa
     assert shared_windows(windows["check"], windows["check"]) == [(0, 0), (1, 1)]  # the comparison can fail
 
 
+def test_gptq_options_are_fitted_on_windows_no_job_judges_on(loaded, tmp_path):
+    outcome = run_plan(loaded, bits_per_weight=4.5, options="int2pc,gptq:int4pc,int8pc", calib=CALIBRATION_TEXT,
+                       tokens=1024, check_tokens=1024, seed=3, table=tmp_path / "sens.json",
+                       out=tmp_path / "plan.json", progress=False)
+    provenance = Plan.load(tmp_path / "plan.json").meta["provenance"]
+    assert provenance["seeds"]["statistics"] == 6
+    jobs = provenance["calibration"]["jobs"]
+    assert set(jobs) == {"sensitivity", "statistics", "check"}
+    assert outcome.table.meta["statistics"] == jobs["statistics"]
+    windows = {job: rebuild_windows(loaded.tokenizer, description) for job, description in jobs.items()}
+    for first, second in [("sensitivity", "statistics"), ("statistics", "check"), ("sensitivity", "check")]:
+        assert shared_windows(windows[first], windows[second]) == []
+    # A reused table keeps its statistics windows, and a grown column is fitted on them too.
+    again = run_plan(loaded, bits_per_weight=4.5, options="int2pc,gptq:int4pc,gptq:int8pc,int8pc",
+                     calib=CALIBRATION_TEXT, tokens=1024, check_tokens=1024, seed=3, table=tmp_path / "sens.json",
+                     progress=False)
+    assert again.plan.meta["provenance"]["calibration"]["jobs"]["statistics"] == jobs["statistics"]
+    assert SensitivityTable.load(tmp_path / "sens.json").meta["statistics"] == jobs["statistics"]
+
+
+def test_table_fits_calibrated_options_on_the_statistics_windows(loaded):
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=256, seed=1)
+    other = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=256, seed=2)
+    in_sample = measure_sensitivity(loaded, windows, "int2pc,gptq:int2pc", progress=False)
+    held_out = measure_sensitivity(loaded, windows, "int2pc,gptq:int2pc", statistics=other, progress=False)
+    assert in_sample.meta["statistics"] is None and held_out.meta["statistics"] == other.describe()
+    np.testing.assert_array_equal(in_sample.kl[:, 0], held_out.kl[:, 0])  # rounding to nearest needs none
+    assert not np.allclose(in_sample.kl[:, 1], held_out.kl[:, 1])
+
+
 def test_eval_refuses_windows_that_share_text_with_the_plan_calibration(loaded, tmp_path):
     lines = CALIBRATION_TEXT.read_text().splitlines(keepends=True)[:120]
     (tmp_path / "calib.txt").write_text("".join(lines))

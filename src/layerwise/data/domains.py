@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from layerwise.data.windows import DEFAULT_CALIBRATION_NAME, TextSlots, TokenWindows, mix_windows, text_slots
+from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, TextSlots, TokenWindows, mix_windows, text_slots,
+                                    token_windows)
 from layerwise.errors import LayerwiseError
 
 DEFAULT_DOMAINS = {
@@ -74,6 +75,16 @@ def take_from_domains(slots: dict[str, TextSlots], tokens: int, seed: int | None
     count = windows_per_domain(tokens, len(slots), next(iter(slots.values())).seq_len)
     return mix_windows({name: text.take(count, seed, exclude=exclude.get(name, set()))
                         for name, text in slots.items()})
+
+
+def calibration_windows(tokenizer: Any, calib: Calibration, *, tokens: int, seq_len: int = 512,
+                        seed: int | None = 0) -> TokenWindows:
+    """Windows to fit quantizers on (GPTQ, AWQ, an importance matrix): one file cut as
+    `token_windows` cuts it; None (the shipped mix, as `plan` calibrates by default) or several
+    files: `tokens` split evenly over the domains."""
+    if isinstance(calib, (str, Path)):
+        return token_windows(tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+    return take_from_domains(domain_slots(tokenizer, calib, seq_len=min(seq_len, tokens)), tokens, seed)
 
 
 def parts_of(description: dict) -> dict[str, dict]:

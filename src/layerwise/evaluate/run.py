@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
 from layerwise.data.overlap import calibrations_of, check_held_out
 from layerwise.data.windows import read_text, token_windows
 from layerwise.errors import LayerwiseError
@@ -23,7 +24,7 @@ def run_eval(
     data: str | Path,
     quantized: str | Path | None = None,
     plan: Plan | str | Path | None = None,
-    calib: str | Path | None = None,
+    calib: Calibration = None,
     tokens: int = 40 * 512,
     seq_len: int = 512,
     dtype: str = "auto",
@@ -50,13 +51,16 @@ def run_eval(
     if quantized is not None and (Path(quantized) / "plan.json").is_file():
         plan_meta = Plan.load(Path(quantized) / "plan.json").meta
     calibrations = calibrations_of(plan_meta, (document or {}).get("meta"))
-    if calib is not None and plan is not None:
-        from layerwise.quant.run import QUANTIZE_TOKENS
+    from layerwise.quant.apply import plan_targets
+    from layerwise.quant.run import QUANTIZE_TOKENS, needs_calibration
 
-        calibrations["quantization statistics"] = token_windows(loaded.tokenizer, calib, tokens=QUANTIZE_TOKENS,
-                                                                seed=0).describe()
+    if plan is not None and (calib is not None or needs_calibration(plan_targets(loaded, plan))):
+
+        calibrations["quantization statistics"] = calibration_windows(loaded.tokenizer, calib, tokens=QUANTIZE_TOKENS,
+                                                                      seed=0).describe()
     elif calib is not None:
-        calibrations["--calib"] = {"source": str(calib), "text_sha256": sha256_text(read_text(calib)[0])}
+        for name, text in calibration_domains(calib).items():
+            calibrations[f"--calib {name}"] = {"source": str(text), "text_sha256": sha256_text(read_text(text)[0])}
     if calibrations:
         for warning in check_held_out(loaded.tokenizer, windows, str(data), calibrations):
             print(f"warning: {warning}", file=sys.stderr)

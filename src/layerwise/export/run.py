@@ -6,6 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from layerwise.data.domains import Calibration
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import load_model, resolve_source
 from layerwise.plan.plan import Plan
@@ -22,7 +23,7 @@ def run_export(
     overwrite: bool = False,
     plan: Plan | str | Path | None = None,
     quantized: str | Path | None = None,
-    calib: str | Path | None = None,
+    calib: Calibration = None,
     tokens: int = 16384,
     dtype: str = "auto",
     converter: str | Path | None = None,

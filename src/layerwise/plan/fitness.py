@@ -39,7 +39,8 @@ class KLFitness:
 
     def __init__(self, loaded: LoadedModel, table: SensitivityTable, windows: TokenWindows, *,
                  batch_size: int = 2, batches_per_stage: Sequence[int | None] = (1, None),
-                 problem: AllocationProblem | None = None, importance: dict | None = None) -> None:
+                 problem: AllocationProblem | None = None, importance: dict | None = None,
+                 statistics: TokenWindows | None = None) -> None:
         table.check_model(loaded)
         self.loaded, self.table, self.problem = loaded, table, problem
         self.importance = importance or {}  # module -> importance-matrix column weights (GGUF options)
@@ -49,7 +50,8 @@ class KLFitness:
         modules = [name for unit in table.units for name in unit.modules]
         self.modules = {name: loaded.model.get_submodule(name) for name in modules}
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
-        self.base = base_pass(loaded, windows, block_modules(table.units), algorithms, batch_size)
+        # GPTQ/AWQ fitted on `statistics` when given, so a plan is judged on text its quantizers never saw.
+        self.base = base_pass(loaded, windows, block_modules(table.units), algorithms, batch_size, statistics)
         # A planned embedding changes every block's input: whole plans then run from the token ids.
         self.start = -1 if any(unit.kind == "embed" for unit in table.units) else 0
         self.originals = {name: linear_weight(module).detach().clone() for name, module in self.modules.items()}
@@ -142,7 +144,8 @@ class KLFitness:
     @torch.no_grad()
     def held_out(self, windows: TokenWindows, batch_size: int = 2):
         """The base pass over other windows (the never-worse check's), for `window_kl`. Quantized
-        weights stay those of the fitness (GPTQ/AWQ statistics from the fitness windows)."""
+        weights stay those of the fitness (GPTQ/AWQ statistics from its `statistics` windows, or
+        else the fitness windows)."""
         self.restore()
         return base_pass(self.loaded, windows, [], set(), batch_size)
 

@@ -21,6 +21,7 @@ from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.plan import Plan
+from layerwise.plan.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from layerwise.plan.sensitivity import SensitivityTable, edge_config, measure_sensitivity
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
@@ -55,6 +56,8 @@ def sensitivity_for(
     windows: TokenWindows | None = None,
     importance: dict | None = None,
     edges: bool = False,
+    statistics: TokenWindows | None = None,
+    estimator: str = DEFAULT_ESTIMATOR,
     progress: bool = True,
 ) -> SensitivityTable:
     """The table at `table` if it exists (checked against the model and granularity asked for),
@@ -63,7 +66,10 @@ def sensitivity_for(
     lacks are measured on its own calibration windows (re-cut from their files) and added to it.
     `importance` (module -> importance-matrix column weights) weights GGUF options; a table
     measured with other weights (or none) is refused. `edges`: the embedding and head are units
-    (`measure_sensitivity`); a table measured with or without them serves only the same."""
+    (`measure_sensitivity`); a table measured with or without them serves only the same.
+    `statistics`: the windows GPTQ/AWQ options take their input statistics from (`measure_sensitivity`).
+    `estimator`: how entries are obtained (`layerwise.plan.estimators`); a table filled by another
+    is refused."""
     digest = importance_digest(importance) if importance else None
     if table is not None and Path(table).exists():
         found = SensitivityTable.load(table)
@@ -73,6 +79,9 @@ def sensitivity_for(
                 return f"importance matrix {value}" if value else "no importance matrix"
             raise LayerwiseError(f"{table} was measured with {said(found.meta.get('importance_sha256'))}, this plan "
                                  f"asks for {said(digest)}; measure a new table (another --table path)")
+        if found.estimator != estimator:
+            raise LayerwiseError(f"{table} was filled by the {found.estimator!r} estimator, not {estimator!r}; "
+                                 "measure a new table (another --table path) or ask for the same estimator")
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
         if found.edges != edges:
@@ -84,13 +93,14 @@ def sensitivity_for(
         wanted = [option_name(config) for config in parse_options(options)]
         missing = [name for name in wanted if name not in found.options]
         if missing:
-            found = _grown(loaded, found, table, missing, importance, progress)
+            found = _grown(loaded, found, table, missing, importance, statistics, progress)
         return found.with_options(wanted)
     if windows is None:
         windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     checkpoint = progress_file(table) if table is not None else None
     measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
-                                   importance=importance, edges=edges, progress=progress, checkpoint=checkpoint)
+                                   importance=importance, edges=edges, statistics=statistics, estimator=estimator,
+                                   progress=progress, checkpoint=checkpoint)
     if table is not None:
         measured.save(table)
         checkpoint.unlink(missing_ok=True)
@@ -98,7 +108,7 @@ def sensitivity_for(
 
 
 def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, missing: list[str],
-           importance: dict | None, progress: bool) -> SensitivityTable:
+           importance: dict | None, statistics: TokenWindows | None, progress: bool) -> SensitivityTable:
     """`found` with columns for the `missing` options, measured on its own windows; saved."""
     windows = rebuild_windows(loaded.tokenizer, found.calibration)
     if windows is None:
@@ -106,7 +116,8 @@ def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, miss
                              "found to measure them on the same windows; measure a new table (another --table path)")
     checkpoint = progress_file(table)
     extra = measure_sensitivity(loaded, windows, missing, found.granularity, importance=importance, edges=found.edges,
-                                progress=progress, checkpoint=checkpoint)
+                                statistics=statistics, estimator=found.estimator, progress=progress,
+                                checkpoint=checkpoint)
     grown = found.joined(extra)
     grown.save(table)
     checkpoint.unlink(missing_ok=True)
@@ -127,13 +138,35 @@ class PlanOutcome:
     report: dict = field(default_factory=dict)
 
 
+def taken_slots(slots: dict[str, TextSlots], *descriptions: dict | None) -> dict[str, set[int]]:
+    """Per domain, the slots that windows `descriptions` (`TokenWindows.describe()`s) share text with."""
+    return {name: set().union(*(text.touched_by(part) for description in descriptions if description
+                                for part in parts_of(description).values()))
+            for name, text in slots.items()}
+
+
+def statistics_windows(loaded: LoadedModel, slots: dict[str, TextSlots], table_calibration: dict,
+                       recorded: dict | None, tokens: int, seed: int) -> TokenWindows:
+    """The windows GPTQ/AWQ options are fitted on in the table, the search and the check: those a
+    reused table recorded (when they can be re-cut), else `tokens` drawn with `seed` + 3 from slots
+    the table does not use. The search and the check are then drawn from slots outside them too, so
+    no job judges a calibrated quantizer on the text it was fitted on."""
+    known = {text.text_sha256 for text in slots.values()}
+    if recorded and all(part.get("text_sha256") in known for part in parts_of(recorded).values()):
+        rebuilt = rebuild_windows(loaded.tokenizer, recorded)
+        if rebuilt is not None:
+            return rebuilt
+    return take_from_domains(slots, tokens, seed + 3, exclude=taken_slots(slots, table_calibration))
+
+
 def calibration_jobs(slots: dict[str, TextSlots], table_calibration: dict, fitness_tokens: int,
-                     check_tokens: int, seed: int, search: bool = True) -> dict[str, TokenWindows]:
+                     check_tokens: int, seed: int, search: bool = True,
+                     statistics: TokenWindows | None = None) -> dict[str, TokenWindows]:
     """Windows for the search's fitness (if `search`) and for the never-worse check: in every
-    domain, slots that neither the sensitivity table nor the other job uses."""
-    taken = {name: set().union(*(text.touched_by(part) for part in parts_of(table_calibration).values()))
-             for name, text in slots.items()}
-    jobs = {}
+    domain, slots that neither the sensitivity table, the GPTQ/AWQ `statistics` nor the other job
+    uses. The statistics are recorded as a job of their own."""
+    taken = taken_slots(slots, table_calibration, statistics.describe() if statistics is not None else None)
+    jobs = {} if statistics is None else {"statistics": statistics}
     if search:
         jobs["search"] = take_from_domains(slots, fitness_tokens, seed + 1, exclude=taken)
         for name, part in _parts(jobs["search"], list(slots)).items():
@@ -203,6 +236,8 @@ def run_plan(
     tokens: int = 4096,
     fitness_tokens: int = 2048,
     check_tokens: int = 4096,
+    statistics_tokens: int = 16384,
+    estimator: str = DEFAULT_ESTIMATOR,
     seq_len: int = 512,
     generations: int = 10,
     offspring: int = 16,
@@ -224,18 +259,23 @@ def run_plan(
     tables; one file; several files, one domain each; or a mapping name -> file). Each domain is cut
     into window slots once; the sensitivity table, the search's fitness and the never-worse check
     each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
-    evenly over domains. The table keeps a column set per domain and `objective`
+    evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "measured", the
+    default, or a cheaper estimate). The table keeps a column set per domain and `objective`
     (`layerwise.plan.objectives`) says how the allocator weighs them. The check measures the plan
     and every uniform option that fits the budget on every domain's held-out windows; unless the
     plan is at least as good as each of them on every domain, a safer plan (the "worst"-domain
     optimum) is tried, then the best uniform plan is returned (and said so); per-domain margins
     come with paired 95% bootstrap intervals. GPTQ/AWQ options are measured with Hessians (or
     inputs) from the unquantized model, an approximation of the sequential calibration
-    `quantize_` then runs. `imatrix` (a llama-imatrix or `layerwise imatrix` file) weights the
-    GGUF options' rounding in the table, the search and the check; the plan records it, and
-    `quantize`/`export` of the plan use it."""
+    `quantize_` then runs, gathered on `statistics_tokens` (as many as `quantize` fits on by
+    default) of slots of their own, so that the table, the search and the check judge GPTQ on text
+    it was not fitted on, as the user's will be. `imatrix` (a llama-imatrix or `layerwise imatrix`
+    file) weights the GGUF options' rounding in the table, the search and the check; the plan
+    records it, and `quantize`/`export` of the plan use it."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
+    if estimator not in ESTIMATORS:
+        raise LayerwiseError(f"unknown sensitivity estimator {estimator!r}; registered: {', '.join(ESTIMATORS)}")
     if allocator == "ordering":
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
@@ -253,23 +293,31 @@ def run_plan(
                          seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
     new_table = table is None or not Path(table).exists()
     table_windows = take_from_domains(slots, tokens, seed) if new_table else None
-    asked = options if options is not None else (SensitivityTable.load(table).options if not new_table
-                                                 else DEFAULT_OPTIONS)
+    existing = None if new_table else SensitivityTable.load(table)
+    asked = options if options is not None else (existing.options if existing is not None else DEFAULT_OPTIONS)
     importance, imatrix_record = plan_importance(loaded, asked, granularity, imatrix)
+    statistics = None
+    if any(config != DROP and config.algorithm != "rtn" for config in parse_options(asked)):
+        statistics = statistics_windows(
+            loaded, slots, existing.calibration if existing is not None else table_windows.describe(),
+            existing.meta.get("statistics") if existing is not None else None, statistics_tokens, seed)
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
-                               windows=table_windows, importance=importance, edges=edges, progress=progress)
+                               windows=table_windows, importance=importance, edges=edges, statistics=statistics,
+                               estimator=estimator, progress=progress)
     sensitivity = table_for_domains(measured, slots)
     if reference is not None:
         budget = sensitivity.budget_bits(planned_bytes=reference.planned_bytes)
     else:
         budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
     problem = sensitivity.problem(budget, objective)
-    jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching)
+    jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching,
+                            statistics=statistics)
 
     from layerwise.plan.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
     fitness_windows = jobs["search"] if searching else jobs["check"]
-    with KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance) as fitness, \
+    with KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
+                   statistics=statistics) as fitness, \
             progress_bars(progress) as bars:
         settings = {}
         if searching:
@@ -329,9 +377,9 @@ def run_plan(
     provenance = run_metadata() | {
         "model": loaded.describe(), "calibration": calibration_provenance(slots, sensitivity, jobs),
         "options": list(sensitivity.options), "granularity": sensitivity.granularity, "allocator": allocator,
-        "objective": objective,
+        "objective": objective, "estimator": sensitivity.estimator,
         "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "check": seed + 2, "allocator": seed}
-        | ({"search": seed + 1} if searching else {}),
+        | ({"search": seed + 1} if searching else {}) | ({"statistics": seed + 3} if statistics is not None else {}),
         "table": str(table) if table is not None else None, "imatrix": imatrix_record,
         "budget_like": reference.describe() if reference is not None else None,
     }

@@ -25,6 +25,7 @@ from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
+from layerwise.plan.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, EstimateContext, measured_entry
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
@@ -102,8 +103,12 @@ class SensitivityTable:
         repeated = sorted(set(self.options) & set(other.options))
         if repeated:
             raise LayerwiseError(f"both sensitivity tables have option(s) {repeated}")
+        ours, theirs = self.meta.get("statistics"), other.meta.get("statistics")
+        if ours and theirs and json.loads(json.dumps(ours)) != json.loads(json.dumps(theirs)):
+            raise LayerwiseError("cannot join sensitivity tables whose GPTQ/AWQ options were fitted on different "
+                                 "windows")
         cost = {key: self.cost.get(key, 0) + other.cost.get(key, 0) for key in ("seconds", "forward_equivalents")}
-        return replace(self, options=self.options + other.options,
+        return replace(self, options=self.options + other.options, meta=self.meta | {"statistics": ours or theirs},
                        cost_bits=np.concatenate([self.cost_bits, other.cost_bits], axis=1),
                        kl=np.concatenate([self.kl, other.kl], axis=1), cost=self.cost | cost,
                        skipped=self.skipped | other.skipped,
@@ -113,6 +118,12 @@ class SensitivityTable:
     @property
     def configs(self) -> list[QuantConfig | str]:
         return [parse_option(name) for name in self.options]
+
+    @property
+    def estimator(self) -> str:
+        """How the entries were obtained (`layerwise.plan.estimators`); tables from before there were
+        several were all measured."""
+        return self.meta.get("estimator", "measured")
 
     @property
     def edges(self) -> bool:
@@ -242,10 +253,11 @@ def edge_config(unit: Unit, config: QuantConfig) -> QuantConfig:
 
 
 @torch.no_grad()
-def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str],
-              batch_size: int) -> _BaseRun:
-    """One forward pass over `windows` keeping what re-running any suffix of blocks needs."""
-    model, adapter = loaded.model, loaded.adapter
+def input_statistics(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str],
+                     batch_size: int) -> dict[tuple[str, str], InputStats]:
+    """(module, algorithm) -> what GPTQ/AWQ need of the module's inputs on `windows`, from the
+    unquantized model."""
+    model = loaded.model
     stats = {(name, algorithm): InputStats() for name in modules for algorithm in algorithms}
     probe = {algorithm: QuantConfig(algorithm=algorithm, group_size=None) for algorithm in algorithms}
 
@@ -259,8 +271,24 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
         for name in modules if algorithms else ():
             handles.append(model.get_submodule(name).register_forward_pre_hook(gather(name)))
 
-    all_calls, references, inputs, positions = [], [], [], 0
+    if algorithms and modules:
+        with scoped_hooks(register):
+            for batch in windows.batches(batch_size):
+                model(input_ids=batch.to(loaded.input_device), use_cache=False)
+    return stats
+
+
+@torch.no_grad()
+def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str],
+              batch_size: int, statistics: TokenWindows | None = None) -> _BaseRun:
+    """One forward pass over `windows` keeping what re-running any suffix of blocks needs, and the
+    GPTQ/AWQ input statistics of `modules` gathered on `statistics` (other windows, so that what
+    is measured on `windows` is how a calibrated quantizer does on text it was not fitted on;
+    None: on `windows` themselves)."""
+    model, adapter = loaded.model, loaded.adapter
     start = time.perf_counter()
+    stats = input_statistics(loaded, windows if statistics is None else statistics, modules, algorithms, batch_size)
+    all_calls, references, inputs, positions = [], [], [], 0
     for batch in windows.batches(batch_size):
         calls: list[BlockCall] = []
 
@@ -268,7 +296,7 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
             calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
 
         ids = batch.to(loaded.input_device)
-        with scoped_hooks(register), capture_blocks(model, adapter, keep, keep_call=True):
+        with capture_blocks(model, adapter, keep, keep_call=True):
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         references.append(Reference.from_logits(logits, store=torch.float16))
         all_calls.append(calls)
@@ -346,6 +374,8 @@ def measure_sensitivity(
     batch_size: int = 4,
     importance: dict[str, np.ndarray] | None = None,
     edges: bool = False,
+    statistics: TokenWindows | None = None,
+    estimator: str = DEFAULT_ESTIMATOR,
     progress: bool = True,
     checkpoint: str | Path | None = None,
 ) -> SensitivityTable:
@@ -359,7 +389,13 @@ def measure_sensitivity(
     weights of an importance matrix) weights GGUF options' rounding, as `quantize` will. With
     `edges`, the token embedding and the output head (one unit when tied) are units too, rounded
     to nearest under every option (`edge_config`); an entry for the embedding re-runs the whole
-    model."""
+    model. GPTQ/AWQ options take their input statistics from `statistics`, windows other than the
+    table's (None: the table's own, which flatters them: fitted and judged on the same text).
+    `estimator` (`layerwise.plan.estimators`) says how each entry is obtained: "measured" (the
+    KL itself), or a cheaper estimate of it."""
+    if estimator not in ESTIMATORS:
+        raise LayerwiseError(f"unknown sensitivity estimator {estimator!r}; registered: {', '.join(ESTIMATORS)}")
+    method = ESTIMATORS[estimator]
     importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
@@ -374,7 +410,8 @@ def measure_sensitivity(
     modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
-    base = base_pass(loaded, calibration, block_modules(units), algorithms, batch_size)
+    base = base_pass(loaded, calibration, block_modules(units), algorithms, batch_size, statistics)
+    statistics_record = statistics.describe() if statistics is not None and algorithms else None
 
     domains = list(dict.fromkeys(calibration.window_domains))
     cost = np.full((len(units), len(configs)), np.nan)
@@ -385,19 +422,44 @@ def measure_sensitivity(
         return list(domain_means(window_kl, calibration.window_domains).values())  # in `domains` order
     skipped: dict[str, str] = {}
     n_blocks, head = loaded.n_blocks, head_cost_in_blocks(loaded)
+    context = EstimateContext(loaded, base, modules, head, _kl_from, tuple(calibration.window_domains))
     block_runs = earlier_seconds = 0.0
     done = 0
     key = {"model": loaded.fingerprint, "calibration": calibration.describe(), "options": names,
            "importance": importance_digest(importance) if importance else None,
-           "granularity": granularity, "units": [unit.name for unit in units]}
+           "granularity": granularity, "units": [unit.name for unit in units], "statistics": statistics_record,
+           "estimator": method.name}
     if checkpoint is not None and Path(checkpoint).exists():
         done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
+
+    def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float]:
+        """Entry (u, o) by `entry`, with the unit quantized (or dropped) only meanwhile."""
+        unit, config = units[u], configs[o]
+        context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
+        if config == DROP:
+            values, runs = entry(context, unit, unit.kind)
+            return np.array(by_domain(values)), runs
+        used = edge_config(unit, config)
+        stored = {name: quantize_linear(name, modules[name], used, base.stats.get((name, used.algorithm)),
+                                        importance.get(name)) for name in unit.modules}
+        cost[u, o] = sum(q.n_bits for q in stored.values())
+        try:
+            for name, qtensor in stored.items():
+                set_linear_weight(modules[name], qtensor.dequantize())
+            values, runs = entry(context, unit, None)
+        finally:  # an interruption must not leave the caller's model quantized
+            for name, weight in context.originals.items():
+                set_linear_weight(modules[name], weight)
+        return np.array(by_domain(values)), runs
+
     with progress_bars(progress) as bars:
-        task = bars.add_task("sensitivity", total=len(units) * len(configs), completed=done * len(configs))
+        task = bars.add_task(f"sensitivity ({method.name})", total=len(units) * len(configs),
+                             completed=done * len(configs))
+        block_runs += method.prepare(context)
         for u, unit in enumerate(units):
             if u < done:
                 continue
-            originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
+            entry = measured_entry if unit.kind in EDGE_KINDS else method.entry
             for o, config in enumerate(configs):
                 if config == DROP and unit.kind in EDGE_KINDS:
                     skipped[f"{unit.name} {names[o]}"] = "the embedding and head cannot be dropped"
@@ -405,31 +467,18 @@ def measure_sensitivity(
                     continue
                 if config == DROP:
                     cost[u, o] = 0.0
-                    kl[u, o] = by_domain(_kl_from(model, adapter, base, unit.block, unit.kind))
-                    block_runs += (n_blocks - unit.block + head) * len(base.calls)
-                    bars.advance(task)
-                    continue
                 try:
-                    used = edge_config(unit, config)
-                    stored = {name: quantize_linear(name, modules[name], used, base.stats.get((name, used.algorithm)),
-                                                    importance.get(name)) for name in unit.modules}
+                    kl[u, o], runs = evaluate(u, o, entry)
                 except LayerwiseError as error:
                     skipped[f"{unit.name} {names[o]}"] = str(error)
                     bars.advance(task)
                     continue
-                cost[u, o] = sum(q.n_bits for q in stored.values())
-                try:
-                    for name, qtensor in stored.items():
-                        set_linear_weight(modules[name], qtensor.dequantize())
-                    kl[u, o] = by_domain(_kl_from(model, adapter, base, unit.block, None))
-                finally:  # an interruption must not leave the caller's model quantized
-                    for name, weight in originals.items():
-                        set_linear_weight(modules[name], weight)
-                block_runs += (n_blocks - max(unit.block, 0) + head) * len(base.calls)
+                block_runs += runs
                 bars.advance(task)
             if checkpoint is not None:
                 _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,
                                earlier_seconds + time.perf_counter() - started)
+        block_runs += method.finish(context, units, kl, evaluate)
     batches = len(base.calls)
     forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
     other_bits = 8 * size_report(loaded, {})["total_bytes"] - 16 * sum(
@@ -441,8 +490,9 @@ def measure_sensitivity(
         np.array([sum(linear_weight(modules[n]).numel() for n in unit.modules) for unit in units]),
         int(other_bits), calibration.describe(),
         {"seconds": earlier_seconds + time.perf_counter() - started, "forward_seconds": base.seconds,
-         "forward_equivalents": forward_equivalents, "positions": base.positions},
+         "forward_equivalents": forward_equivalents, "positions": base.positions, "estimator": method.name},
         skipped, run_metadata() | {"model": loaded.describe(),
-                                   "importance_sha256": importance_digest(importance) if importance else None},
+                                   "importance_sha256": importance_digest(importance) if importance else None,
+                                   "statistics": statistics_record, "estimator": method.name},
         domain_kl,
     )

@@ -19,7 +19,7 @@ from layerwise.profile.hooks import BlockCall, run_block, zero_output
 UNIT_KINDS = ("block", "attn", "mlp")
 
 
-def _removal(block: nn.Module, adapter: Adapter, kind: str):
+def removed_unit(block: nn.Module, adapter: Adapter, kind: str):
     if kind == "attn":
         return zero_output(block.get_submodule(adapter.attn_delta))
     if kind == "mlp":
@@ -40,7 +40,7 @@ def logits_without(
     for j in range(index, len(blocks)):
         if j == index and kind == "block":
             continue
-        with _removal(blocks[j], adapter, kind) if j == index else contextlib.nullcontext():
+        with removed_unit(blocks[j], adapter, kind) if j == index else contextlib.nullcontext():
             hidden = run_block(blocks[j], calls[j], hidden)
     return hidden_to_logits(model, adapter, hidden)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layerwise.data.windows import token_windows
+from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
@@ -23,7 +23,7 @@ def run_quantize(
     model: str | Path | LoadedModel,
     plan: Plan | str | Path,
     *,
-    calib: str | Path | None = None,
+    calib: Calibration = None,
     tokens: int = QUANTIZE_TOKENS,
     seq_len: int = 512,
     seed: int = 0,
@@ -38,7 +38,10 @@ def run_quantize(
     stored form of each module and the size report; with `out`, writes them there. `imatrix` (a
     file llama-imatrix or `layerwise imatrix` wrote) weights the GGUF types' rounding by each
     input column's mean square, as `llama-quantize --imatrix` does; without one (given or recorded
-    in the plan), `calib` gives one, collected on the calibration windows before quantizing."""
+    in the plan), one is collected on the calibration windows before quantizing, when `calib` is
+    given or GPTQ/AWQ draw windows anyway. `calib`: one file, several (one domain each), or None
+    for the shipped mix of prose, code, verse and tables that `plan` calibrates on by default;
+    GPTQ and AWQ fit on `tokens` of it."""
     if out is not None:
         check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
@@ -50,21 +53,19 @@ def run_quantize(
     targets = plan_targets(loaded, plan)
     dropped = plan_dropped(loaded, plan)
     windows = None
-    if any(config.algorithm != "rtn" for config in targets.values()):
-        if calib is None:
-            raise LayerwiseError("GPTQ and AWQ need calibration text: pass --calib FILE")
-        windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+    if needs_calibration(targets):
+        windows = calibration_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     else:
         # Validate every module's shape before any work (group sizes, GGUF block sizes).
         size_report(loaded, targets, dropped)
-    if imatrix is None and _planned(plan) is None and calib is not None and \
+    if imatrix is None and _planned(plan) is None and (calib is not None or windows is not None) and \
             any(imatrix_applies(config) for config in targets.values()):
         # Calibration text and GGUF types rounded to nearest: weight them by an importance matrix
         # of that text, as llama-quantize --imatrix would (llama.cpp users always make one).
-        windows_for_imatrix = windows or token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len,
-                                                       seed=seed)
+        windows_for_imatrix = windows or calibration_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len,
+                                                             seed=seed)
         imatrix = collect_imatrix(loaded, windows_for_imatrix, progress=progress)
-        imatrix.datasets = [str(calib)]
+        imatrix.datasets = [str(text) for text in calibration_domains(calib).values()]
     importance, imatrix_record = _importance(loaded, targets, imatrix, _planned(plan))
     quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
     sizes = size_report(loaded, quantized, dropped)
@@ -74,6 +75,11 @@ def run_quantize(
     if out is not None:
         save_quantized(out, plan, quantized, meta)
     return loaded, quantized, sizes
+
+
+def needs_calibration(targets: dict) -> bool:
+    """Whether quantizing `targets` (module -> config) fits anything to calibration text (GPTQ, AWQ)."""
+    return any(config.algorithm != "rtn" for config in targets.values())
 
 
 def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatrix | None,

@@ -1,0 +1,243 @@
+"""Ways to fill a sensitivity table, from exact to cheap (a registry, `ESTIMATORS`).
+
+Every estimator fills the same table (unit x option x domain), so allocators, reports and
+`pareto` take any of them; the never-worse check still measures real KL on whole plans, so a poor
+estimate costs quality, never the promise.
+
+- `measured`: the KL at the head with only that unit quantized, re-running every block after it
+  (about L/2 forward passes per entry): the reference.
+- `local`: each entry's own block only: the squared error of the block's output on its cached
+  inputs, turned into KL by one gain per block and domain, the ratio of KL to local error of the
+  block's median entry, measured downstream once.
+- `weights`: no pass per entry: each linear's weight error, column by column, weighted by the mean
+  square of that input (llama.cpp's importance matrix), summed over the unit, as llama.cpp's
+  target-size allocator estimates it. It knows nothing of depth: a unit's place in the model does
+  not scale its error.
+- `fisher`: no pass per entry either: KL(base || base + dW) ~ 1/2 sum F dW^2, with F the diagonal
+  of the Fisher information of the unit's weights, from the squared gradient of the
+  log-likelihood of tokens sampled from the model itself, one window at a time (a forward and a
+  backward pass per window, once), per domain. In nats per token, and it knows depth.
+
+The embedding and head, when they are units, are always measured (their error has no block to be
+local to). Each estimator counts what it runs, in block evaluations, for the table's cost.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerwise.models.layout import blocks_of, linear_weight
+from layerwise.models.loading import LoadedModel
+from layerwise.plan.units import EDGE_KINDS, Unit
+from layerwise.profile.hooks import run_block, scoped_hooks
+from layerwise.profile.replay import removed_unit
+
+
+@dataclass
+class EstimateContext:
+    """What an estimator sees: the model, the base pass (`sensitivity._BaseRun`), the modules of
+    every unit, the original weights of the unit being estimated, and a cache of its own."""
+    loaded: LoadedModel
+    base: object
+    modules: dict[str, nn.Module]
+    head: float  # the LM head's cost in blocks
+    kl_from: Callable  # (model, adapter, base, block, removed) -> per-window KL
+    window_domains: tuple[str, ...] = ()
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def batches(self) -> int:
+        return len(self.base.calls)
+
+    def downstream_runs(self, block: int) -> float:
+        """Block evaluations of re-running from `block` (-1: the whole model) to the head."""
+        return (self.loaded.n_blocks - max(block, 0) + self.head) * self.batches
+
+
+# (context, unit, removed kind or None) -> (per-window loss, block evaluations spent). The unit's
+# weights are already set to the option's when it is called (removed: the unit is dropped instead).
+Entry = Callable[[EstimateContext, Unit, "str | None"], tuple[np.ndarray, float]]
+# Evaluates entry (unit index, option index) with a given Entry: (per-domain loss, block evaluations).
+Evaluate = Callable[[int, int, Entry], tuple[np.ndarray, float]]
+
+
+def _nothing(*_args) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    entry: Entry
+    prepare: Callable[[EstimateContext], float] = _nothing  # before any entry; block evaluations
+    # After every entry: may rewrite the [U, O, D] losses in place; block evaluations spent.
+    finish: Callable[[EstimateContext, list[Unit], np.ndarray, Evaluate], float] = _nothing
+
+
+def measured_entry(context: EstimateContext, unit: Unit, removed: str | None) -> tuple[np.ndarray, float]:
+    model, adapter = context.loaded.model, context.loaded.adapter
+    return context.kl_from(model, adapter, context.base, unit.block, removed), context.downstream_runs(unit.block)
+
+
+# --- local -----------------------------------------------------------------------------------
+
+def _prepare_local(context: EstimateContext) -> float:
+    """The base output of the last block (the others' are the next block's cached input)."""
+    model, adapter = context.loaded.model, context.loaded.adapter
+    last = context.loaded.n_blocks - 1
+    block = blocks_of(model, adapter)[last]
+    context.cache["last_outputs"] = [run_block(block, calls[last], calls[last].h_in).detach()
+                                     for calls in context.base.calls]
+    return float(context.batches)
+
+
+def _base_output(context: EstimateContext, block: int, batch: int) -> torch.Tensor:
+    if block + 1 < context.loaded.n_blocks:
+        return context.base.calls[batch][block + 1].h_in
+    return context.cache["last_outputs"][batch]
+
+
+def local_entry(context: EstimateContext, unit: Unit, removed: str | None) -> tuple[np.ndarray, float]:
+    model, adapter = context.loaded.model, context.loaded.adapter
+    block = blocks_of(model, adapter)[unit.block]
+    values = []
+    for batch, calls in enumerate(context.base.calls):
+        call = calls[unit.block]
+        with removed_unit(block, adapter, removed) if removed else contextlib.nullcontext():
+            output = run_block(block, call, call.h_in)
+        error = (output.float() - _base_output(context, unit.block, batch).float()).pow(2).sum(dim=-1)
+        values.append(error[:, :-1].mean(dim=1).double().cpu().numpy())  # the positions KL is taken at
+    return np.concatenate(values), float(context.batches)
+
+
+def _median_entry(losses: np.ndarray, entries: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The entry whose mean loss is the median of `entries`' (on a log scale), among positive ones."""
+    positive = [(u, o) for u, o in entries if losses[u, o].mean() > 0]
+    if not positive:
+        return None
+    logs = np.log([losses[u, o].mean() for u, o in positive])
+    return positive[int(np.argmin(np.abs(logs - np.median(logs))))]
+
+
+def _finish_local(context: EstimateContext, units: list[Unit], losses: np.ndarray, evaluate: Evaluate) -> float:
+    """Turn each block's local errors into KL: gain = KL / local error of the block's median entry,
+    per domain (that entry's KL is then exact)."""
+    runs = 0.0
+    for block in sorted({unit.block for unit in units if unit.kind not in EDGE_KINDS}):
+        entries = [(u, o) for u, unit in enumerate(units) if unit.block == block and unit.kind not in EDGE_KINDS
+                   for o in range(losses.shape[1]) if np.all(np.isfinite(losses[u, o]))]
+        chosen = _median_entry(losses, entries)
+        if chosen is None:
+            continue
+        kl, spent = evaluate(*chosen, measured_entry)
+        runs += spent
+        local = losses[chosen].copy()
+        gain = np.divide(kl, local, out=np.zeros_like(local), where=local > 0)
+        for u, o in entries:
+            losses[u, o] *= gain
+    return runs
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+def _prepare_weights(context: EstimateContext) -> float:
+    """Per window, the mean square of every input column of every unit linear (one forward pass)."""
+    model = context.loaded.model
+    squares: dict[str, list[torch.Tensor]] = {name: [] for name in context.modules}
+
+    def gather(name: str):
+        def hook(module, args) -> None:
+            x = args[0].detach().float()
+            squares[name].append(x[:, :-1].pow(2).mean(dim=1).cpu())  # [windows in batch, in features]
+        return hook
+
+    def register(handles: list) -> None:
+        for name, module in context.modules.items():
+            handles.append(module.register_forward_pre_hook(gather(name)))
+
+    with scoped_hooks(register), torch.no_grad():
+        for ids in context.base.inputs:
+            model(input_ids=ids, use_cache=False)
+    context.cache["squares"] = {name: torch.cat(parts).double() for name, parts in squares.items() if parts}
+    return (context.loaded.n_blocks + context.head) * context.batches
+
+
+def weights_entry(context: EstimateContext, unit: Unit, removed: str | None) -> tuple[np.ndarray, float]:
+    total = None
+    for name in unit.modules:
+        original = context.originals[name].double()
+        now = torch.zeros_like(original) if removed else linear_weight(context.modules[name]).detach().double()
+        column_error = (original - now).pow(2).sum(dim=0)  # [in features]
+        value = context.cache["squares"][name] @ column_error.cpu()  # [windows]
+        total = value if total is None else total + value
+    return total.numpy(), 0.0
+
+
+# --- fisher ----------------------------------------------------------------------------------
+
+def _prepare_fisher(context: EstimateContext) -> float:
+    """Per domain, the diagonal Fisher information per token of every unit linear's weight."""
+    model = context.loaded.model
+    names = list(context.modules)
+    parameters = [context.modules[name].weight for name in names]
+    transposed = [type(context.modules[name]).__name__ == "Conv1D" for name in names]
+    trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    fisher: dict[str, list[torch.Tensor]] = {}
+    positions: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(0)  # the sampled tokens, so the table is reproducible
+    window = 0
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        for ids in context.base.inputs:
+            for row in ids:  # one window at a time: cross terms vanish only in expectation, so fewer is less noise
+                domain = context.window_domains[window]
+                window += 1
+                with torch.enable_grad():
+                    logits = model(input_ids=row[None], use_cache=False).logits[0, :-1].float()
+                    sampled = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=generator)
+                    loss = torch.nn.functional.cross_entropy(logits, sampled[:, 0].to(logits.device),
+                                                             reduction="sum")
+                    grads = torch.autograd.grad(loss, parameters)
+                squares = [(g.t() if t else g).detach().float().pow(2) for g, t in zip(grads, transposed)]
+                if domain in fisher:
+                    for total, square in zip(fisher[domain], squares):
+                        total += square
+                else:
+                    fisher[domain] = squares
+                positions[domain] = positions.get(domain, 0) + logits.shape[0]
+    finally:
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+    context.cache["fisher"] = {domain: dict(zip(names, (total / positions[domain] for total in totals)))
+                               for domain, totals in fisher.items()}
+    return 3.0 * (context.loaded.n_blocks + context.head) * context.batches  # a backward ~ two forwards
+
+
+def fisher_entry(context: EstimateContext, unit: Unit, removed: str | None) -> tuple[np.ndarray, float]:
+    by_domain = {}
+    for domain, fisher in context.cache["fisher"].items():
+        total = 0.0
+        for name in unit.modules:
+            original = context.originals[name].float()
+            now = torch.zeros_like(original) if removed else linear_weight(context.modules[name]).detach().float()
+            total += 0.5 * float((fisher[name] * (original - now).pow(2)).sum())
+        by_domain[domain] = total
+    return np.array([by_domain[domain] for domain in context.window_domains]), 0.0
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "measured": Estimator("measured", measured_entry),
+    "local": Estimator("local", local_entry, _prepare_local, _finish_local),
+    "weights": Estimator("weights", weights_entry, _prepare_weights),
+    "fisher": Estimator("fisher", fisher_entry, _prepare_fisher),
+}
+DEFAULT_ESTIMATOR = "measured"
