@@ -272,6 +272,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
             print(f"wrote the equivalent llama-quantize arguments to {args.llama_quantize_args}")
 
 
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from layerwise.compress import run_compress
+
+    outcome = run_compress(args.model, out=args.out, bits_per_weight=args.budget, budget_like=args.budget_like,
+                           format=args.format, options=args.options, estimator=args.sensitivity,
+                           calib=_calibration(args.calib), eval_data=args.eval_data, tokens=args.tokens,
+                           overwrite=args.overwrite, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    for step, path in outcome.artifacts.items():
+        how = "kept from an earlier run" if step in outcome.reused else f"{outcome.seconds.get(step, 0):.0f} s"
+        print(f"{step:8s} {path} ({how})")
+
+
 IMATRIX_HELP = ("an importance matrix (llama-imatrix's .gguf or .dat, or `layerwise imatrix`): GGUF types weight "
                 "each column's rounding by it, as llama-quantize --imatrix does")
 
@@ -477,6 +489,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.set_defaults(run=_cmd_diverge)
+
+    p = commands.add_parser("compress", help="the whole job: profile, imatrix, sensitivity, plan, quantize, export, "
+                                             "eval and report in one folder, resumable")
+    _add_model_options(p)
+    p.add_argument("--budget", type=_positive_float, default=None, help="average bits per weight of the block linears")
+    p.add_argument("--budget-like", default=None, help="a GGUF file of this model to be no larger than")
+    p.add_argument("--format", default="gguf", choices=["gguf", "hf", "compressed-tensors"])
+    p.add_argument("--options", default=None,
+                   help="per-unit choices (default: llama.cpp's types for gguf, int2g64..int8g64 otherwise)")
+    p.add_argument("--sensitivity", default="measured", help="how the sensitivity table is filled (see plan)")
+    p.add_argument("--calib", default=None, action="append",
+                   help="calibration text, one domain per file; repeat for several (default: the shipped mix)")
+    p.add_argument("--eval-data", default=None, help="evaluation text (never calibration text) for eval.json")
+    p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens for the profile and the table")
+    p.add_argument("--out", required=True, help="the folder for every artifact")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds another run")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_compress)
 
     p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")
     _add_model_options(p)

@@ -341,7 +341,10 @@ def _save_progress(path: str | Path, key: dict, done: int, cost: np.ndarray, kl:
 def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndarray,
                       skipped: dict) -> tuple[int, float, float]:
     state = read_artifact(path, PROGRESS_SCHEMA, 1, "sensitivity checkpoint")
-    if state.get("key") != json.loads(json.dumps(key)):
+    saved = state.get("key")
+    if isinstance(saved, dict):  # checkpoints from before there were estimators were all measured
+        saved = {"estimator": "measured", "statistics": None} | saved
+    if saved != json.loads(json.dumps(key)):
         raise LayerwiseError(f"{path} is the checkpoint of another measurement (other model, text, options or "
                              "granularity); delete it to start afresh")
     done = int(state["units_done"])
