@@ -101,7 +101,7 @@ def run_compress(
     eval.json (with `eval_data`, which must not be calibration text) and report.html. Options
     default to llama.cpp's types for GGUF and to `plan`'s for the other formats."""
     from layerwise.export.run import EXPORT_FORMATS, run_export
-    from layerwise.plan.estimators import ESTIMATORS
+    from layerwise.plan.estimators import estimator_named
     from layerwise.plan.run import DEFAULT_OPTIONS
 
     if sum(budget is not None for budget in (bits_per_weight, budget_like)) != 1:
@@ -111,8 +111,7 @@ def run_compress(
         raise LayerwiseError(f"unknown format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if budget_like is not None and format != "gguf":
         raise LayerwiseError("--budget-like sizes a GGUF file; it needs --format gguf")
-    if estimator not in ESTIMATORS:
-        raise LayerwiseError(f"unknown sensitivity estimator {estimator!r}; registered: {', '.join(ESTIMATORS)}")
+    estimator_named(estimator)
     if eval_data is not None and not Path(eval_data).is_file():
         raise LayerwiseError(f"evaluation text {eval_data} not found")
     options = options or (GGUF_OPTIONS if format == "gguf" else DEFAULT_OPTIONS)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layerwise.errors import LayerwiseError
 from layerwise.models.layout import blocks_of, linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.units import EDGE_KINDS, Unit
@@ -241,3 +242,9 @@ ESTIMATORS: dict[str, Estimator] = {
     "fisher": Estimator("fisher", fisher_entry, _prepare_fisher),
 }
 DEFAULT_ESTIMATOR = "measured"
+
+
+def estimator_named(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise LayerwiseError(f"unknown sensitivity estimator {name!r}; registered: {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]

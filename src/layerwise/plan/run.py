@@ -21,7 +21,7 @@ from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.plan import Plan
-from layerwise.plan.estimators import DEFAULT_ESTIMATOR, ESTIMATORS
+from layerwise.plan.estimators import DEFAULT_ESTIMATOR, estimator_named
 from layerwise.plan.sensitivity import SensitivityTable, edge_config, measure_sensitivity
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
@@ -274,8 +274,7 @@ def run_plan(
     records it, and `quantize`/`export` of the plan use it."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
-    if estimator not in ESTIMATORS:
-        raise LayerwiseError(f"unknown sensitivity estimator {estimator!r}; registered: {', '.join(ESTIMATORS)}")
+    estimator_named(estimator)
     if allocator == "ordering":
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")

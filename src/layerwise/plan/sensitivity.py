@@ -25,7 +25,7 @@ from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
-from layerwise.plan.estimators import DEFAULT_ESTIMATOR, ESTIMATORS, EstimateContext, measured_entry
+from layerwise.plan.estimators import DEFAULT_ESTIMATOR, EstimateContext, estimator_named, measured_entry
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
@@ -396,9 +396,7 @@ def measure_sensitivity(
     table's (None: the table's own, which flatters them: fitted and judged on the same text).
     `estimator` (`layerwise.plan.estimators`) says how each entry is obtained: "measured" (the
     KL itself), or a cheaper estimate of it."""
-    if estimator not in ESTIMATORS:
-        raise LayerwiseError(f"unknown sensitivity estimator {estimator!r}; registered: {', '.join(ESTIMATORS)}")
-    method = ESTIMATORS[estimator]
+    method = estimator_named(estimator)
     importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
