@@ -9,11 +9,12 @@ Q4_1 grid, which would flatter every stock type that contains it):
 - ours: for each stock file, `layerwise plan --budget-like STOCK` with the default allocator
   (exact) and the default calibration (the shipped mix of prose, code, verse and tables; 2048
   tokens for the table and 2048 for the never-worse check, half the defaults, for time), units per linear group (q/k/v, o,
-  gate/up, down) plus the token embedding (tied to the output head), options GPTQ onto Q4_0 and
-  Q5_0 grids, Q8_0, and the K-quants Q3_K..Q6_K (rows of 256 only: the down projections) rounded
+  gate/up, down) plus the token embedding (tied to the output head), options GPTQ onto Q4_0, Q5_0 and
+  Q5_1 grids, Q8_0, and the K-quants Q3_K..Q6_K (rows of 256 only: the down projections) rounded
   with our importance matrix (`layerwise imatrix`, same text and chunking as llama-imatrix's);
-  then `layerwise export` with GPTQ calibrated on 4096 tokens of WikiText-2 valid. The embedding
-  and head are rounded to nearest, as llama-quantize rounds them;
+  GPTQ options are fitted, in the table and the check, on 16384 tokens of the mix that neither
+  uses; then `layerwise export` with its defaults (GPTQ fitted on 16384 tokens of the shipped mix).
+  The embedding and head are rounded to nearest, as llama-quantize rounds them;
 - judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
   WikiText-2 test (the first 40 chunks of 512 tokens) and on Python code (the interpreter's
   standard library modules except the five in the shipped calibration, in a seeded order, first 40
@@ -53,7 +54,7 @@ from layerwise.quant.imatrix import run_imatrix  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out" / "vs_llama_cpp"
 STOCK = ("Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M")
 REFERENCES = [f"{name}+imatrix" for name in STOCK] + ["Q4_K_M"]
-OPTIONS = "gptq:q4_0,gptq:q5_0,q8_0,q3_k,q4_k,q5_k,q6_k"
+OPTIONS = "gptq:q4_0,gptq:q5_0,gptq:q5_1,q8_0,q3_k,q4_k,q5_k,q6_k"
 # The modules of the shipped calibration's code domain (src/layerwise/data/calibration/LICENSE):
 # left out of the code we judge on.
 CALIBRATION_MODULES = {"textwrap.py", "heapq.py", "shlex.py", "glob.py", "fnmatch.py"}
@@ -115,11 +116,15 @@ _STATS = {
 
 
 def kl_divergence(model: Path, base: Path, text: Path, chunks: int, log: Path) -> dict:
-    """llama-perplexity's KL divergence of `model` from the base logits, parsed. Its log is written
-    by an asynchronous logger that now and then loses the last lines: then it is run again."""
+    """llama-perplexity's KL divergence of `model` from the base logits, parsed (from `log` when an
+    earlier run on the same file left a complete one). Its log is written by an asynchronous
+    logger that now and then loses the last lines: then it is run again."""
     for attempt in range(3):
-        output = run([tool("llama-perplexity"), "-m", str(model), "-f", str(text), "--chunks", str(chunks),
-                      "-c", "512", "-t", "2", "--kl-divergence-base", str(base), "--kl-divergence"], log)
+        if attempt == 0 and log.exists() and log.stat().st_mtime > model.stat().st_mtime:
+            output = log.read_text(errors="replace")
+        else:
+            output = run([tool("llama-perplexity"), "-m", str(model), "-f", str(text), "--chunks", str(chunks),
+                          "-c", "512", "-t", "2", "--kl-divergence-base", str(base), "--kl-divergence"], log)
         found = {key: re.search(pattern, output) for key, pattern in _STATS.items()}
         if all(found.values()):
             row = {key: float(match.group(1)) for key, match in found.items()}
@@ -178,7 +183,7 @@ def main() -> None:
                   f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
         ours = OUT / f"ours-{reference}.gguf"
         if not ours.exists():
-            run_export(folder, plan=plan_path, out=ours, calib=CALIBRATION_TEXT, tokens=4096, progress=False)
+            run_export(folder, plan=plan_path, out=ours, progress=False)
         files[reference] = {"stock": stock, "ours": ours}
         for domain, text in texts.items():
             measured = {side: kl_divergence(path, bases[domain], text, args.chunks,
@@ -202,7 +207,7 @@ def main() -> None:
                  f"{IMATRIX_CHUNKS} chunks of 512",
         "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity linear --tokens "
                 f"{args.tokens} --check-tokens {args.tokens} --imatrix (layerwise imatrix, same text and chunks); "
-                "layerwise export --calib WikiText-2 valid --tokens 4096",
+                "layerwise export (GPTQ on 16384 tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
         "seconds": time.perf_counter() - started, "rows": rows})
 

@@ -55,7 +55,6 @@ def run_eval(
     from layerwise.quant.run import QUANTIZE_TOKENS, needs_calibration
 
     if plan is not None and (calib is not None or needs_calibration(plan_targets(loaded, plan))):
-
         calibrations["quantization statistics"] = calibration_windows(loaded.tokenizer, calib, tokens=QUANTIZE_TOKENS,
                                                                       seed=0).describe()
     elif calib is not None:
