@@ -252,12 +252,8 @@ def edge_config(unit: Unit, config: QuantConfig) -> QuantConfig:
     return config
 
 
-@torch.no_grad()
-def input_statistics(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str],
-                     batch_size: int) -> dict[tuple[str, str], InputStats]:
-    """(module, algorithm) -> what GPTQ/AWQ need of the module's inputs on `windows`, from the
-    unquantized model."""
-    model = loaded.model
+def _statistics_hooks(model, modules: list[str], algorithms: set[str]):
+    """Empty GPTQ/AWQ input statistics of `modules`, and the hook registration that fills them."""
     stats = {(name, algorithm): InputStats() for name in modules for algorithm in algorithms}
     probe = {algorithm: QuantConfig(algorithm=algorithm, group_size=None) for algorithm in algorithms}
 
@@ -271,10 +267,19 @@ def input_statistics(loaded: LoadedModel, windows: TokenWindows, modules: list[s
         for name in modules if algorithms else ():
             handles.append(model.get_submodule(name).register_forward_pre_hook(gather(name)))
 
+    return stats, register
+
+
+@torch.no_grad()
+def input_statistics(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str],
+                     batch_size: int) -> dict[tuple[str, str], InputStats]:
+    """(module, algorithm) -> what GPTQ/AWQ need of the module's inputs on `windows`, from the
+    unquantized model."""
+    stats, register = _statistics_hooks(loaded.model, modules, algorithms)
     if algorithms and modules:
         with scoped_hooks(register):
             for batch in windows.batches(batch_size):
-                model(input_ids=batch.to(loaded.input_device), use_cache=False)
+                loaded.model(input_ids=batch.to(loaded.input_device), use_cache=False)
     return stats
 
 
@@ -284,10 +289,13 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
     """One forward pass over `windows` keeping what re-running any suffix of blocks needs, and the
     GPTQ/AWQ input statistics of `modules` gathered on `statistics` (other windows, so that what
     is measured on `windows` is how a calibrated quantizer does on text it was not fitted on;
-    None: on `windows` themselves)."""
+    None: on `windows` themselves, in the same pass)."""
     model, adapter = loaded.model, loaded.adapter
     start = time.perf_counter()
-    stats = input_statistics(loaded, windows if statistics is None else statistics, modules, algorithms, batch_size)
+    if statistics is None:
+        stats, register = _statistics_hooks(model, modules, algorithms)
+    else:
+        stats, register = input_statistics(loaded, statistics, modules, algorithms, batch_size), lambda handles: None
     all_calls, references, inputs, positions = [], [], [], 0
     for batch in windows.batches(batch_size):
         calls: list[BlockCall] = []
@@ -296,7 +304,7 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
             calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
 
         ids = batch.to(loaded.input_device)
-        with capture_blocks(model, adapter, keep, keep_call=True):
+        with scoped_hooks(register), capture_blocks(model, adapter, keep, keep_call=True):
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         references.append(Reference.from_logits(logits, store=torch.float16))
         all_calls.append(calls)
