@@ -64,8 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="3.25,4.25")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
-    parser.add_argument("--table", default=str(RESULTS / "robust_sensitivity.json"),
-                        help="the four-domain sensitivity table: reused if it exists, else measured and saved")
+    parser.add_argument("--table", default=None,
+                        help="the four-domain sensitivity table: reused if it exists, else measured and saved "
+                             "(default: bench/results/robust_sensitivity.json for the measured table of "
+                             "sublayers, else bench/out/robust/ESTIMATOR-GRANULARITY.json)")
+    parser.add_argument("--granularity", default="sublayer", choices=["block", "sublayer", "linear"])
+    parser.add_argument("--sensitivity", default="measured", help="the table's estimator (layerwise.plan.estimators)")
     parser.add_argument("--eval-tokens", type=int, default=10240)
     parser.add_argument("--model", default=None, help="another model (default: the dithered SmolLM2)")
     parser.add_argument("--options", default=DEFAULT_OPTIONS, help="the plan's options (default: run_plan's)")
@@ -78,12 +82,17 @@ def main() -> None:
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     objectives = args.objectives.split(",")
+    if args.table is None:
+        args.table = str(RESULTS / "robust_sensitivity.json" if (args.sensitivity, args.granularity) == (
+            "measured", "sublayer") else ROOT / "bench" / "out" / "robust" / f"{args.sensitivity}-{args.granularity}.json")
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
 
     loaded = load_model(args.model or dithered_smollm2())
     slots = domain_slots(loaded.tokenizer, None, seq_len=args.seq_len)
     # The windows run_plan draws for a new table with every default: the table is the plan's own.
-    table = sensitivity_for(loaded, table=args.table, options=args.options, granularity="sublayer",
-                            windows=None if Path(args.table).exists() else take_from_domains(slots, 4096, 0))
+    table = sensitivity_for(loaded, table=args.table, options=args.options, granularity=args.granularity,
+                            windows=None if Path(args.table).exists() else take_from_domains(slots, 4096, 0),
+                            estimator=args.sensitivity)
     print(f"sensitivity table: {len(table.units)} units x {len(table.options)} options on {table.domains}, "
           f"{table.cost['seconds']:.0f} s", flush=True)
     evaluation = heldout_windows(loaded.tokenizer, args.eval_tokens, args.seq_len)
@@ -122,7 +131,7 @@ def main() -> None:
                     bank.restore()
                     start = time.perf_counter()
                     outcome = run_plan(loaded, bits_per_weight=bits, table=args.table, options=args.options,
-                                       objective=objective,
+                                       objective=objective, estimator=table.estimator,
                                        calib={d: DEFAULT_DOMAINS[d] for d in calibrated}, seq_len=args.seq_len,
                                        progress=False)
                     seconds = time.perf_counter() - start

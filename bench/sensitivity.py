@@ -59,7 +59,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
 
     loaded = load_model(args.model or dithered_smollm2())
-    measured = sensitivity_for(loaded, table=args.table, options=args.options)
+    measured = sensitivity_for(loaded, table=args.table, options=args.options, estimator="measured")
     windows = rebuild_windows(loaded.tokenizer, measured.calibration)
     if windows is None:
         sys.exit(f"the calibration text of {args.table} cannot be found to re-cut its windows")

@@ -84,7 +84,7 @@ def run_compress(
     budget_like: str | Path | None = None,
     format: str = "gguf",
     options: str | Sequence[str] | None = None,
-    estimator: str = "measured",
+    estimator: str = "auto",
     calib: Calibration = None,
     eval_data: str | Path | None = None,
     eval_tokens: int = 40 * 512,

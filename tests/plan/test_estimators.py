@@ -7,6 +7,7 @@ from conftest import CALIBRATION_TEXT, STORIES
 from layerwise import load_model, token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
+from layerwise.plan.estimators import AUTO_ESTIMATOR, rounding_noise
 from layerwise.plan.options import parse_option
 from layerwise.plan.run import run_plan, sensitivity_for
 from layerwise.plan.sensitivity import measure_sensitivity
@@ -28,7 +29,7 @@ def windows(loaded):
 @pytest.fixture(scope="module")
 def tables(loaded, windows):
     return {name: measure_sensitivity(loaded, windows, OPTIONS, "sublayer", estimator=name, progress=False)
-            for name in ("measured", "local", "weights", "fisher")}
+            for name in ("measured", "local", "weights", "fisher", "noise")}
 
 
 def _unit(table, name):
@@ -90,19 +91,28 @@ def test_local_entries_scale_the_block_output_error_and_hit_the_measured_kl_once
     assert local.estimator == "local" and local.cost["forward_equivalents"] < measured.cost["forward_equivalents"]
 
 
+def _input_mean_squares_and_logprobs(loaded, windows, module_names):
+    """Per module, the mean square of every input column per window, and the model's next-token
+    log-probabilities per batch, from plain forward passes with hooks."""
+    squares = {name: [] for name in module_names}
+    handles = [loaded.model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: squares[name].append(args[0][:, :-1].double().pow(2).mean(1)))
+        for name in module_names]
+    try:
+        logprobs = [loaded.model(input_ids=batch, use_cache=False).logits[:, :-1].double().log_softmax(-1)
+                    for batch in windows.batches(4)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return squares, logprobs
+
+
 @torch.no_grad()
 def test_weights_entries_are_weight_errors_weighted_by_input_mean_squares(loaded, windows, tables):
     table = tables["weights"]
     u = _unit(table, "model.layers.1.attn")
     unit = table.units[u]
-    squares = {name: [] for name in unit.modules}
-    handles = [loaded.model.get_submodule(name).register_forward_pre_hook(
-        lambda m, args, name=name: squares[name].append(args[0][:, :-1].double().pow(2).mean(1)))
-        for name in unit.modules]
-    for batch in windows.batches(4):
-        loaded.model(input_ids=batch, use_cache=False)
-    for handle in handles:
-        handle.remove()
+    squares, _ = _input_mean_squares_and_logprobs(loaded, windows, unit.modules)
     for option in ("int2pc", "int8pc", "drop"):
         total = 0.0
         for name in unit.modules:
@@ -120,7 +130,7 @@ def test_estimators_rank_entries_like_the_measurement(tables):
     from scipy.stats import spearmanr
 
     measured = tables["measured"].kl.ravel()
-    for name in ("local", "weights", "fisher"):
+    for name in ("local", "weights", "fisher", "noise"):
         estimate = tables[name].kl.ravel()
         finite = np.isfinite(measured) & np.isfinite(estimate)
         assert spearmanr(measured[finite], estimate[finite]).statistic > 0.7, name
@@ -136,12 +146,57 @@ def test_fisher_entries_are_the_kl_to_second_order(tables):
     assert fisher.cost["forward_equivalents"] == pytest.approx(4.0)  # the base pass, a forward and a backward
 
 
+@torch.no_grad()
+def test_noise_entries_are_weighted_errors_times_one_measured_gain_per_unit(loaded, windows, tables):
+    noise, weights, measured = tables["noise"], tables["weights"], tables["measured"]
+    u = _unit(noise, "model.layers.3.mlp")
+    unit = noise.units[u]
+    squares, base = _input_mean_squares_and_logprobs(loaded, windows, unit.modules)
+    # The gain's noise, drawn again as the estimator draws it (seeded by the unit's index).
+    generator = torch.Generator().manual_seed(u)
+    originals = {name: linear_weight(loaded.model.get_submodule(name)).detach().clone() for name in unit.modules}
+    error = 0.0
+    try:
+        for name, weight in originals.items():
+            disturbance = rounding_noise(weight, generator)
+            set_linear_weight(loaded.model.get_submodule(name), weight + disturbance)
+            error += (torch.cat(squares[name]) @ disturbance.double().pow(2).sum(0)).mean().item()
+        noisy = [loaded.model(input_ids=batch, use_cache=False).logits[:, :-1].double().log_softmax(-1)
+                 for batch in windows.batches(4)]
+    finally:
+        _restore(loaded, originals)
+    kl = torch.cat([(b.exp() * (b - q)).sum(-1).mean(-1) for b, q in zip(base, noisy)]).mean().item()
+    for option in ("int2pc", "int4pc", "drop"):
+        o = noise.options.index(option)
+        assert noise.kl[u, o] == pytest.approx(weights.kl[u, o] * kl / error, rel=1e-3)
+    assert noise.cost["forward_equivalents"] < measured.cost["forward_equivalents"] / 2
+
+
+def test_rounding_noise_stays_within_half_a_step_of_a_4_bit_grid():
+    weight = torch.randn(8, 128)
+    disturbance = rounding_noise(weight, torch.Generator().manual_seed(0))
+    groups = weight.reshape(8, 2, 64)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    spread = disturbance.reshape(8, 2, 64).abs().amax(-1)
+    assert torch.all(spread <= step / 2) and torch.all(spread > step / 4)
+
+
+def windows_of(loaded):
+    return token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=256)
+
+
 def test_plan_with_an_estimator_records_it_and_refuses_a_table_of_another(loaded, tmp_path):
     outcome = run_plan(loaded, bits_per_weight=4.5, options="int2pc,int4pc,int8pc", estimator="local",
                        calib=CALIBRATION_TEXT, tokens=1024, check_tokens=1024, table=tmp_path / "local.json",
                        progress=False)
     assert outcome.table.estimator == "local" and outcome.plan.meta["provenance"]["estimator"] == "local"
     with pytest.raises(LayerwiseError, match="filled by the 'local' estimator, not 'measured'"):
+        sensitivity_for(loaded, table=tmp_path / "local.json", estimator="measured")
+    # The default, auto, is the estimator the bench supports, and tables record which one ran.
+    with pytest.raises(LayerwiseError, match=f"filled by the 'local' estimator, not '{AUTO_ESTIMATOR}'"):
         sensitivity_for(loaded, table=tmp_path / "local.json")
+    table = sensitivity_for(loaded, table=tmp_path / "auto.json", options="int2pc,int4pc", windows=windows_of(loaded))
+    assert table.estimator == AUTO_ESTIMATOR == sensitivity_for(loaded, table=tmp_path / "auto.json",
+                                                                estimator=AUTO_ESTIMATOR).estimator
     with pytest.raises(LayerwiseError, match="unknown sensitivity estimator 'magic'"):
         run_plan(loaded, bits_per_weight=4.5, estimator="magic", calib=CALIBRATION_TEXT, progress=False)

@@ -94,6 +94,7 @@ def _kl_on(loaded, windows, plan) -> np.ndarray:
 def test_run_plan_meets_the_budget_and_is_never_worse_than_uniform(loaded, table, tmp_path, allocator):
     path = table.save(tmp_path / "sens.json")
     outcome = run_plan(loaded, bits_per_weight=4.5, table=path, allocator=allocator, generations=3, calib=CALIBRATION_TEXT,
+                       estimator="measured",
                        fitness_tokens=512, check_tokens=1024, out=tmp_path / "plan.json", progress=False)
     report = outcome.report
     assert report["bits_per_weight"] <= 4.5
@@ -196,15 +197,15 @@ def test_eval_refuses_wikitext_valid_for_a_plan_calibrated_on_the_shipped_excerp
 def test_run_plan_bad_input(loaded, table, tmp_path):
     path = table.save(tmp_path / "sens.json")
     with pytest.raises(LayerwiseError, match="below the smallest"):
-        run_plan(loaded, bits_per_weight=1.0, table=path, progress=False)
+        run_plan(loaded, bits_per_weight=1.0, table=path, estimator="measured", progress=False)
     with pytest.raises(LayerwiseError, match="unknown allocator"):
-        run_plan(loaded, bits_per_weight=4.0, table=path, allocator="magic", progress=False)
+        run_plan(loaded, bits_per_weight=4.0, table=path, allocator="magic", estimator="measured", progress=False)
     assert not (tmp_path / "plan.json").exists()
 
 
 def test_a_table_grows_by_the_options_it_lacks_and_serves_any_subset(loaded, table, tmp_path):
     path = table.save(tmp_path / "sens.json")
-    asked = sensitivity_for(loaded, table=path, options="int8pc,int3pc,int2pc", progress=False)
+    asked = sensitivity_for(loaded, table=path, options="int8pc,int3pc,int2pc", estimator="measured", progress=False)
     assert asked.options == ["int8pc", "int3pc", "int2pc"]
     grown = SensitivityTable.load(path)
     assert grown.options == ["int2pc", "int4pc", "int8pc", "int3pc"] and grown.calibration == table.calibration
@@ -219,7 +220,7 @@ def test_a_table_grows_by_the_options_it_lacks_and_serves_any_subset(loaded, tab
     moved["calibration"]["source"] = str(tmp_path / "gone.txt")
     (tmp_path / "moved.json").write_text(json.dumps(moved))
     with pytest.raises(LayerwiseError, match="cannot be found"):
-        sensitivity_for(loaded, table=tmp_path / "moved.json", options="int6pc", progress=False)
+        sensitivity_for(loaded, table=tmp_path / "moved.json", options="int6pc", estimator="measured", progress=False)
     with pytest.raises(LayerwiseError, match="different calibration windows"):
         table.joined(SensitivityTable.load(tmp_path / "moved.json").with_options(["int3pc"]))
 
@@ -248,7 +249,7 @@ def test_a_plan_on_several_domains_keeps_each_domain_apart(loaded, tmp_path):
     code = tmp_path / "code.txt"
     code.write_text(read_text(DEFAULT_DOMAINS["code"])[0])
     outcome = run_plan(loaded, bits_per_weight=4.5, options=OPTIONS, calib=[CALIBRATION_TEXT, code], objective="worst",
-                       tokens=1024, check_tokens=1024, seq_len=128, table=tmp_path / "sens.json",
+                       estimator="measured", tokens=1024, check_tokens=1024, seq_len=128, table=tmp_path / "sens.json",
                        out=tmp_path / "plan.json", progress=False)
     table = outcome.table
     assert table.domains == ["valid", "code"]

@@ -79,8 +79,9 @@ def sensitivity_for(
                 return f"importance matrix {value}" if value else "no importance matrix"
             raise LayerwiseError(f"{table} was measured with {said(found.meta.get('importance_sha256'))}, this plan "
                                  f"asks for {said(digest)}; measure a new table (another --table path)")
-        if found.estimator != estimator:
-            raise LayerwiseError(f"{table} was filled by the {found.estimator!r} estimator, not {estimator!r}; "
+        asked = estimator_named(estimator).name
+        if found.estimator != asked:
+            raise LayerwiseError(f"{table} was filled by the {found.estimator!r} estimator, not {asked!r}; "
                                  "measure a new table (another --table path) or ask for the same estimator")
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
@@ -259,8 +260,8 @@ def run_plan(
     tables; one file; several files, one domain each; or a mapping name -> file). Each domain is cut
     into window slots once; the sensitivity table, the search's fitness and the never-worse check
     each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
-    evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "measured", the
-    default, or a cheaper estimate). The table keeps a column set per domain and `objective`
+    evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "auto", the
+    default, is the cheap estimate bench/sensitivity.py supports; "measured" is the reference). The table keeps a column set per domain and `objective`
     (`layerwise.plan.objectives`) says how the allocator weighs them. The check measures the plan
     and every uniform option that fits the budget on every domain's held-out windows; unless the
     plan is at least as good as each of them on every domain, a safer plan (the "worst"-domain

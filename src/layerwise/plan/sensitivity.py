@@ -25,7 +25,7 @@ from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
-from layerwise.plan.estimators import DEFAULT_ESTIMATOR, EstimateContext, estimator_named, measured_entry
+from layerwise.plan.estimators import EstimateContext, estimator_named, measured_entry
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
@@ -386,7 +386,7 @@ def measure_sensitivity(
     importance: dict[str, np.ndarray] | None = None,
     edges: bool = False,
     statistics: TokenWindows | None = None,
-    estimator: str = DEFAULT_ESTIMATOR,
+    estimator: str = "measured",
     progress: bool = True,
     checkpoint: str | Path | None = None,
 ) -> SensitivityTable:
@@ -403,7 +403,7 @@ def measure_sensitivity(
     model. GPTQ/AWQ options take their input statistics from `statistics`, windows other than the
     table's (None: the table's own, which flatters them: fitted and judged on the same text).
     `estimator` (`layerwise.plan.estimators`) says how each entry is obtained: "measured" (the
-    KL itself), or a cheaper estimate of it."""
+    KL itself, the default here), or a cheaper estimate of it ("auto": the one plans use by default)."""
     method = estimator_named(estimator)
     importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
@@ -487,6 +487,9 @@ def measure_sensitivity(
             if checkpoint is not None:
                 _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,
                                earlier_seconds + time.perf_counter() - started)
+        if method.finishes:
+            gains = bars.add_task(f"sensitivity ({method.name}): gains measured downstream", total=None)
+            context.advance = lambda: bars.advance(gains)
         block_runs += method.finish(context, units, kl, evaluate)
     batches = len(base.calls)
     forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
