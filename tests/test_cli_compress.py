@@ -8,8 +8,8 @@ import pytest
 from conftest import EVALUATION_TEXT, STORIES
 from test_cli import assert_one_line_error, layerwise
 
-ARGS = ["--budget", "4.5", "--format", "hf", "--options", "int2pc,int4pc,int8pc", "--sensitivity", "fisher",
-        "--eval-data", EVALUATION_TEXT, "--tokens", "1024"]
+ARGS = ["--budget", "4.5", "--format", "hf", "--options", "int2pc,int4pc,int8pc", "--eval-data", EVALUATION_TEXT,
+        "--tokens", "1024"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_compress_leaves_every_artifact(compressed):
         assert str(out / name.split("/")[0]) in done.stdout or name in ("compress.json", "sensitivity.json",
                                                                           "plan.report.json")
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["meta"]["provenance"]["estimator"] == "fisher"
+    assert plan["meta"]["provenance"]["estimator"] == "fisher"  # compress's default, auto
     report = json.loads((out / "eval.json").read_text())
     assert report["quantized"]["kl"] > 0 and report["sizes"]["linear_bits_per_weight"] <= 4.5 + 1e-9
     assert "layerwise report" in (out / "report.html").read_text()

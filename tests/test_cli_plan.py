@@ -11,8 +11,7 @@ from test_cli import assert_one_line_error, layerwise
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """One `plan` run that fills (default estimator: auto, i.e. fisher) and saves the table, shared by the
-    tests below."""
+    """One `plan` run that measures and saves the table, shared by the tests below."""
     out = tmp_path_factory.mktemp("plan")
     done = layerwise("plan", STORIES, "--budget", "4.5", "--options", "int2pc,int4pc,int8pc", "--calib",
                      CALIBRATION_TEXT, "--tokens", "1024", "--fitness-tokens", "512", "--generations", "3",
@@ -51,7 +50,7 @@ def test_pareto_from_the_saved_table(measured, tmp_path):
     (["--budget", "4", "--granularity", "block"], "was measured per sublayer"),
     (["--budget", "4", "--allocator", "magic"], "unknown allocator"),
     (["--budget", "4", "--sensitivity", "magic"], "unknown sensitivity estimator 'magic'"),
-    (["--budget", "4", "--sensitivity", "measured"], "filled by the 'fisher' estimator, not 'measured'"),
+    (["--budget", "4", "--sensitivity", "auto"], "filled by the 'measured' estimator, not 'fisher'"),
     ([], "give exactly one budget"),
     (["--budget", "4", "--budget-like", "x.gguf"], "give exactly one budget"),
     (["--budget-like", "missing.gguf"], "reference file missing.gguf not found"),

@@ -435,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-tokens", type=_positive_int, default=4096,
                    help="held-out calibration tokens, split over the domains, on which the plan is checked against "
                         "uniform (default 4096)")
-    p.add_argument("--sensitivity", default="auto",
-                   help="how the sensitivity table is filled: auto (the default: the cheap estimator "
-                        "bench/sensitivity.py supports, fisher), measured (KL with each unit quantized), "
+    p.add_argument("--sensitivity", default="measured",
+                   help="how the sensitivity table is filled: measured (KL with each unit quantized, the default), "
+                        "auto (the cheap estimator bench/sensitivity.py supports: fisher), "
                         "local (each unit's block output error, scaled to KL once per block), weights (weight "
                         "error weighted by input mean squares, no pass per entry), fisher (1/2 F dW^2 with F the "
                         "diagonal Fisher information, one forward and backward pass in all), noise (weights' estimate "
@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="gguf", choices=["gguf", "hf", "compressed-tensors"])
     p.add_argument("--options", default=None,
                    help="per-unit choices (default: llama.cpp's types for gguf, int2g64..int8g64 otherwise)")
-    p.add_argument("--sensitivity", default="auto", help="how the sensitivity table is filled (see plan)")
+    p.add_argument("--sensitivity", default="auto",
+                   help="how the sensitivity table is filled (see plan; default auto, i.e. fisher: minutes, not hours)")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text, one domain per file; repeat for several (default: the shipped mix)")
     p.add_argument("--eval-data", default=None, help="evaluation text (never calibration text) for eval.json")

@@ -191,11 +191,12 @@ def test_plan_with_an_estimator_records_it_and_refuses_a_table_of_another(loaded
                        progress=False)
     assert outcome.table.estimator == "local" and outcome.plan.meta["provenance"]["estimator"] == "local"
     with pytest.raises(LayerwiseError, match="filled by the 'local' estimator, not 'measured'"):
-        sensitivity_for(loaded, table=tmp_path / "local.json", estimator="measured")
-    # The default, auto, is the estimator the bench supports, and tables record which one ran.
-    with pytest.raises(LayerwiseError, match=f"filled by the 'local' estimator, not '{AUTO_ESTIMATOR}'"):
         sensitivity_for(loaded, table=tmp_path / "local.json")
-    table = sensitivity_for(loaded, table=tmp_path / "auto.json", options="int2pc,int4pc", windows=windows_of(loaded))
+    # auto is the estimator the bench supports, and tables record which one ran.
+    with pytest.raises(LayerwiseError, match=f"filled by the 'local' estimator, not '{AUTO_ESTIMATOR}'"):
+        sensitivity_for(loaded, table=tmp_path / "local.json", estimator="auto")
+    table = sensitivity_for(loaded, table=tmp_path / "auto.json", options="int2pc,int4pc", windows=windows_of(loaded),
+                            estimator="auto")
     assert table.estimator == AUTO_ESTIMATOR == sensitivity_for(loaded, table=tmp_path / "auto.json",
                                                                 estimator=AUTO_ESTIMATOR).estimator
     with pytest.raises(LayerwiseError, match="unknown sensitivity estimator 'magic'"):

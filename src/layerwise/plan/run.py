@@ -260,8 +260,8 @@ def run_plan(
     tables; one file; several files, one domain each; or a mapping name -> file). Each domain is cut
     into window slots once; the sensitivity table, the search's fitness and the never-worse check
     each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
-    evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "auto", the
-    default, is the cheap estimate bench/sensitivity.py supports; "measured" is the reference). The table keeps a column set per domain and `objective`
+    evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "measured", the
+    default, or a cheaper estimate; "auto" is the cheap one bench/sensitivity.py supports). The table keeps a column set per domain and `objective`
     (`layerwise.plan.objectives`) says how the allocator weighs them. The check measures the plan
     and every uniform option that fits the budget on every domain's held-out windows; unless the
     plan is at least as good as each of them on every domain, a safer plan (the "worst"-domain

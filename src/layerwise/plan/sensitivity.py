@@ -403,7 +403,7 @@ def measure_sensitivity(
     model. GPTQ/AWQ options take their input statistics from `statistics`, windows other than the
     table's (None: the table's own, which flatters them: fitted and judged on the same text).
     `estimator` (`layerwise.plan.estimators`) says how each entry is obtained: "measured" (the
-    KL itself, the default here), or a cheaper estimate of it ("auto": the one plans use by default)."""
+    KL itself, the default), or a cheaper estimate of it ("auto": the one `compress` uses)."""
     method = estimator_named(estimator)
     importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
