@@ -16,7 +16,7 @@ and each leave-one-out plan uses only its three domains' columns of it, exactly 
 calibrated on all four domains (the default), judged on every domain's held-out text.
 
 `--sensitivity` and `--granularity` fill the table another way (e.g. `--sensitivity fisher`, what
-`layerwise plan` uses by default now); such tables are kept in bench/out/robust/.
+`layerwise compress` uses by default); such tables are kept in bench/out/robust/.
 
     python bench/robust.py    # about 40 minutes after the table (about 55 minutes) on 2 cores
 """

@@ -25,7 +25,7 @@ from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
-from layerwise.plan.estimators import EstimateContext, estimator_named, measured_entry
+from layerwise.plan.estimators import DEFAULT_ESTIMATOR, EstimateContext, estimator_named, measured_entry
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
@@ -386,7 +386,7 @@ def measure_sensitivity(
     importance: dict[str, np.ndarray] | None = None,
     edges: bool = False,
     statistics: TokenWindows | None = None,
-    estimator: str = "measured",
+    estimator: str = DEFAULT_ESTIMATOR,
     progress: bool = True,
     checkpoint: str | Path | None = None,
 ) -> SensitivityTable:
