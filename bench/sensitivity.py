@@ -9,7 +9,8 @@ same way), Spearman's rank correlation of its entries with the measured ones, an
 calibration windows) at 3.25 and 4.25 bits per weight, judged on WikiText-2 test and on Python
 code (20 x 512 tokens each), with the paired KL ratio to the plan from the measured table.
 
-    python bench/sensitivity.py    # about 40 minutes on 2 cores once the measured table exists
+    python bench/sensitivity.py    # about 45 minutes on 2 cores once the measured table exists
+    python bench/sensitivity.py --ranks-only    # cost, Spearman and top-10% agreement only
 """
 from __future__ import annotations
 
@@ -44,6 +45,42 @@ def measured_passes(loaded, table: SensitivityTable) -> float:
     return 1.0 + runs / (n_blocks + head)
 
 
+def top_k_agreement(measured: SensitivityTable, estimate: SensitivityTable, share: float = 0.1) -> float:
+    """Per option, the fraction of the measured table's most damaging units (the top `share` of
+    units by KL) that the estimate also ranks there; the mean over options."""
+    k = max(1, round(share * len(measured.units)))
+    agreements = []
+    for o in range(len(measured.options)):
+        if not (np.all(np.isfinite(measured.kl[:, o])) and np.all(np.isfinite(estimate.kl[:, o]))):
+            continue
+        truth = set(np.argsort(-measured.kl[:, o])[:k])
+        agreements.append(len(truth & set(np.argsort(-estimate.kl[:, o])[:k])) / k)
+    return float(np.mean(agreements))
+
+
+def rank_rows(tables: dict) -> list[dict]:
+    """Per estimator: cost, Spearman of all entries and top-10% agreement with the measured table."""
+    measured = tables["measured"][1]
+    rows = []
+    for name, (_, table, passes) in tables.items():
+        finite = np.isfinite(measured.kl) & np.isfinite(table.kl)
+        rows.append({"estimator": name, "cost_passes": passes, "measured_cost_passes": tables["measured"][2],
+                     "cost_ratio": passes / tables["measured"][2],
+                     "spearman": float(spearmanr(measured.kl[finite], table.kl[finite]).statistic),
+                     "top_10pct_agreement": top_k_agreement(measured, table), "seconds": table.cost["seconds"],
+                     "per_option": {option: _option_agreement(measured.kl[:, o], table.kl[:, o])
+                                    for o, option in enumerate(measured.options)}})
+    return rows
+
+
+def _option_agreement(truth: np.ndarray, estimate: np.ndarray) -> dict:
+    """Within one option: Spearman over units, and the 10th/50th/90th percentiles of estimate / truth."""
+    finite = np.isfinite(truth) & np.isfinite(estimate) & (truth > 0)
+    ratios = estimate[finite] / truth[finite]
+    return {"spearman": float(spearmanr(truth[finite], estimate[finite]).statistic),
+            "ratio_percentiles_10_50_90": [float(v) for v in np.percentile(ratios, [10, 50, 90])]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="another model (default: the dithered SmolLM2)")
@@ -54,6 +91,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="3.25,4.25")
     parser.add_argument("--eval-tokens", type=int, default=10240)
     parser.add_argument("--name", default="sensitivity")
+    parser.add_argument("--ranks-only", action="store_true",
+                        help="only the tables' cost and agreement with the measured one (results NAME_ranks.json)")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
@@ -74,6 +113,16 @@ def main() -> None:
         tables[name] = (str(path), estimated, estimated.cost["forward_equivalents"])
         print(f"{name}: {estimated.cost['forward_equivalents']:.1f} passes, {estimated.cost['seconds']:.0f} s",
               flush=True)
+
+    ranks = rank_rows(tables)
+    print(f"{'estimator':9s} {'passes':>7s} {'x measured':>10s} {'spearman':>8s} {'top 10%':>7s}")
+    for row in ranks:
+        print(f"{row['estimator']:9s} {row['cost_passes']:7.1f} {row['cost_ratio']:10.3f} {row['spearman']:8.3f} "
+              f"{row['top_10pct_agreement']:7.2f}")
+    if args.ranks_only:
+        write_results(f"{args.name}_ranks", {"model": "dithered SmolLM2-135M-Instruct", "table": args.table,
+                                             "options": args.options, "rows": ranks})
+        return
 
     evaluation = evaluation_domains(loaded.tokenizer, args.eval_tokens)
     bases = {domain: base_outputs(loaded, w, progress=False) for domain, w in evaluation.items()}
@@ -103,7 +152,8 @@ def main() -> None:
                 rho = float(spearmanr(measured.kl[finite], table.kl[finite]).statistic)
                 for domain in evaluation:
                     ratio, interval = paired_ratio(judged[name][domain], judged["measured"][domain])
-                    rows.append({"estimator": name, "cost_passes": passes,
+                    top = next(row["top_10pct_agreement"] for row in ranks if row["estimator"] == name)
+                rows.append({"estimator": name, "cost_passes": passes, "top_10pct_agreement": top,
                                  "measured_cost_passes": tables["measured"][2], "cost_ratio":
                                  passes / tables["measured"][2], "spearman": rho, "budget": bits, "domain": domain,
                                  "kl": judged[name][domain]["kl"], "kl_ci": judged[name][domain]["kl_ci"],
