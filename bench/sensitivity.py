@@ -147,18 +147,16 @@ def main() -> None:
                 print(f"{bits:5.2f} {name:9s} plan {outcome.report['returned']} in "
                       f"{time.perf_counter() - started:.0f} s: " + ", ".join(
                           f"{d} KL {q['kl']:.4f}" for d, q in judged[name].items()), flush=True)
-            for name, (path, table, passes) in tables.items():
-                finite = np.isfinite(measured.kl) & np.isfinite(table.kl)
-                rho = float(spearmanr(measured.kl[finite], table.kl[finite]).statistic)
+            for rank in ranks:
+                name = rank["estimator"]
                 for domain in evaluation:
                     ratio, interval = paired_ratio(judged[name][domain], judged["measured"][domain])
-                    top = next(row["top_10pct_agreement"] for row in ranks if row["estimator"] == name)
-                rows.append({"estimator": name, "cost_passes": passes, "top_10pct_agreement": top,
-                                 "measured_cost_passes": tables["measured"][2], "cost_ratio":
-                                 passes / tables["measured"][2], "spearman": rho, "budget": bits, "domain": domain,
-                                 "kl": judged[name][domain]["kl"], "kl_ci": judged[name][domain]["kl_ci"],
-                                 "kl_measured_table": judged["measured"][domain]["kl"], "ratio": ratio,
-                                 "ratio_ci": interval, "window_kl": judged[name][domain]["window_kl"]})
+                    rows.append({key: rank[key] for key in ("estimator", "cost_passes", "measured_cost_passes",
+                                                            "cost_ratio", "spearman", "top_10pct_agreement")}
+                                | {"budget": bits, "domain": domain, "kl": judged[name][domain]["kl"],
+                                   "kl_ci": judged[name][domain]["kl_ci"],
+                                   "kl_measured_table": judged["measured"][domain]["kl"], "ratio": ratio,
+                                   "ratio_ci": interval, "window_kl": judged[name][domain]["window_kl"]})
             write_results(args.name, {"model": "dithered SmolLM2-135M-Instruct", "table": args.table,
                                       "options": args.options, "rows": rows, "plans": plans})
     print(f"{'estimator':9s} {'budget':>6s} {'domain':15s} {'passes':>7s} {'x measured':>10s} {'spearman':>8s} "

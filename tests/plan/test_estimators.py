@@ -181,11 +181,7 @@ def test_rounding_noise_stays_within_half_a_step_of_a_4_bit_grid():
     assert torch.all(spread <= step / 2) and torch.all(spread > step / 4)
 
 
-def windows_of(loaded):
-    return token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=256)
-
-
-def test_plan_with_an_estimator_records_it_and_refuses_a_table_of_another(loaded, tmp_path):
+def test_plan_with_an_estimator_records_it_and_refuses_a_table_of_another(loaded, windows, tmp_path):
     outcome = run_plan(loaded, bits_per_weight=4.5, options="int2pc,int4pc,int8pc", estimator="local",
                        calib=CALIBRATION_TEXT, tokens=1024, check_tokens=1024, table=tmp_path / "local.json",
                        progress=False)
@@ -195,7 +191,7 @@ def test_plan_with_an_estimator_records_it_and_refuses_a_table_of_another(loaded
     # auto is the estimator the bench supports, and tables record which one ran.
     with pytest.raises(LayerwiseError, match=f"filled by the 'local' estimator, not '{AUTO_ESTIMATOR}'"):
         sensitivity_for(loaded, table=tmp_path / "local.json", estimator="auto")
-    table = sensitivity_for(loaded, table=tmp_path / "auto.json", options="int2pc,int4pc", windows=windows_of(loaded),
+    table = sensitivity_for(loaded, table=tmp_path / "auto.json", options="int2pc,int4pc", windows=windows,
                             estimator="auto")
     assert table.estimator == AUTO_ESTIMATOR == sensitivity_for(loaded, table=tmp_path / "auto.json",
                                                                 estimator=AUTO_ESTIMATOR).estimator

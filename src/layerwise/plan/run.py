@@ -263,8 +263,8 @@ def run_plan(
     evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "measured", the
     default, or a cheaper estimate; "auto" is the cheap one bench/sensitivity.py supports). The
     table keeps a column set per domain and `objective` (`layerwise.plan.objectives`) says how the
-    allocator weighs them. The check measures the plan
-    and every uniform option that fits the budget on every domain's held-out windows; unless the
+    allocator weighs them. The check measures the plan and every uniform option that fits the
+    budget on every domain's held-out windows; unless the
     plan is at least as good as each of them on every domain, a safer plan (the "worst"-domain
     optimum) is tried, then the best uniform plan is returned (and said so); per-domain margins
     come with paired 95% bootstrap intervals. GPTQ/AWQ options are measured with Hessians (or
