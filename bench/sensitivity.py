@@ -11,6 +11,8 @@ code (20 x 512 tokens each), with the paired KL ratio to the plan from the measu
 
     python bench/sensitivity.py    # about 45 minutes on 2 cores once the measured table exists
     python bench/sensitivity.py --ranks-only    # cost, Spearman and top-10% agreement only
+    python bench/sensitivity.py --ranks-only --estimators fisher@1,fisher@4 --name fisher_samples
+        # fisher@K: fisher with K draws of the sampled tokens per window (FISHER_SAMPLES)
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from _common import EVALUATION_TEXT, RESULTS, dithered_smollm2, evaluation_domai
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.data.overlap import rebuild_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
-from layerwise.plan.estimators import ESTIMATORS  # noqa: E402
+from layerwise.plan import estimators  # noqa: E402
+from layerwise.plan.estimators import ESTIMATORS, FISHER_SAMPLES  # noqa: E402
 from layerwise.plan.fitness import KLFitness  # noqa: E402
 from layerwise.plan.run import DEFAULT_OPTIONS, run_plan, sensitivity_for  # noqa: E402
 from layerwise.plan.sensitivity import SensitivityTable, head_cost_in_blocks  # noqa: E402
@@ -106,8 +109,14 @@ def main() -> None:
     for name in args.estimators.split(","):
         path = OUT / f"{name}.json"
         if not path.exists():
-            estimated = sensitivity_for(loaded, table=path, options=args.options, granularity=measured.granularity,
-                                        windows=windows, estimator=name)
+            estimator, _, samples = name.partition("@")
+            if samples:  # fisher@K: K draws of the sampled tokens per window
+                estimators.FISHER_SAMPLES = int(samples)
+            try:
+                sensitivity_for(loaded, table=path, options=args.options, granularity=measured.granularity,
+                                windows=windows, estimator=estimator)
+            finally:
+                estimators.FISHER_SAMPLES = FISHER_SAMPLES
         estimated = SensitivityTable.load(path)
         estimated.check_model(loaded)
         tables[name] = (str(path), estimated, estimated.cost["forward_equivalents"])

@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto (the cheap estimator bench/sensitivity.py supports: fisher), "
                         "local (each unit's block output error, scaled to KL once per block), weights (weight "
                         "error weighted by input mean squares, no pass per entry), fisher (1/2 F dW^2 with F the "
-                        "diagonal Fisher information, one forward and backward pass in all), noise (weights' estimate "
+                        "diagonal Fisher information, a forward and a backward pass per window), noise (weights' estimate "
                         "scaled per unit by the KL of rounding-shaped noise, one downstream pass per unit)")
     p.add_argument("--statistics-tokens", type=_positive_int, default=16384,
                    help="tokens, split over the domains, that gptq/awq options are fitted on in the table, the "

@@ -65,6 +65,29 @@ def test_fitness_equals_the_kl_of_the_plan_applied_by_quantize_(loaded, table):
             module.weight.data.copy_(original[name])
 
 
+@torch.no_grad()
+def test_the_fitness_keeps_stored_weights_not_a_float_copy_per_option(loaded, table):
+    """Every uniform plan measured (as the never-worse check does) leaves stored codes in the bank,
+    int8 codes and scales, not float copies; the model gets its own weight tensors back."""
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=256, seed=1)
+    with KLFitness(loaded, table, windows, batch_size=1) as fitness:
+        own = {name: module.weight for name, module in fitness.modules.items()}
+        pointers = {name: weight.data_ptr() for name, weight in own.items()}
+        for option in range(len(table.options)):
+            fitness.full((option,) * len(table.units))
+        stored = [qtensor for entry in fitness.bank.values() for qtensor in entry.values()]
+        assert len(stored) == len(table.options) * len(own)
+        stored_bytes = sum(q.codes.numel() * q.codes.element_size() + sum(v.numel() * v.element_size()
+                                                                          for v in q.params.values())
+                           for q in stored)
+        float_bytes = len(table.options) * sum(w.numel() * 4 for w in own.values())
+        assert stored_bytes < 0.3 * float_bytes
+        assert all(module.weight.data_ptr() != pointers[name] for name, module in fitness.modules.items())
+    # The same parameters, holding their own storage again (nothing was copied into or out of it).
+    assert all(module.weight is own[name] and module.weight.data_ptr() == pointers[name]
+               for name, module in fitness.modules.items())
+
+
 def test_plan_from_choice_sizes_to_the_allocated_cost(loaded, table):
     allocation = allocate(table.problem(table.budget_bits(5.0)), "exact")
     plan = plan_from_choice(table, allocation.choice)

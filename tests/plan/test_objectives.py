@@ -110,3 +110,36 @@ def test_the_check_returns_a_safer_plan_or_uniform_unless_the_plan_wins_on_every
     # One domain alone behaves as before domains existed: the lower mean wins.
     one = check_against_uniform(problem, mean_plan, lambda c: window_kl(c)[0::3], None)
     assert one.returned.choice == mean_plan.choice and set(one.domains) == {"calibration"}
+
+
+def test_the_relative_objective_weighs_a_domain_by_its_share_of_uniform_not_by_its_nats():
+    """A quiet domain (tables: every option loses a tenth of what it loses on prose) where unit 3
+    is fragile at int2. In nats the quiet domain barely moves the mean; as a share of what uniform
+    int3 loses there it counts as much as prose, and the relative objective keeps unit 3 off int2."""
+    options = ["int2", "int3", "int4"]
+    ordinary = np.array([0.40, 0.05, 0.01])
+    important = np.array([1.0, 0.50, 0.05])
+    prose = np.array([important, important, ordinary, ordinary, ordinary, ordinary])
+    prose[3] = [0.02, 0.01, 0.005]
+    tables = prose * 0.1
+    tables[3] = [0.30, 0.001, 0.0005]
+    domain_kl = {"prose": prose, "tables": tables}
+    units = [Unit(f"model.layers.{i}.mlp", i, (f"model.layers.{i}.mlp.up_proj",), "mlp") for i in range(6)]
+    table = SensitivityTable("fingerprint", "sublayer", units, options, np.tile([200.0, 300.0, 400.0], (6, 1)),
+                             (prose + tables) / 2, np.full(6, 100), 0, {"domains": {name: {} for name in domain_kl}},
+                             {}, domain_kl=domain_kl)
+    budget = table.budget_bits(3.0)
+    chosen = {objective: allocate(table.problem(budget, objective), "exact").labels(table.problem(budget, objective))
+              for objective in ("mean", "relative")}
+    assert chosen["mean"][3] == "int2"
+    assert chosen["relative"][3] != "int2" and "int4" in chosen["relative"]
+    # Each domain is divided by its total under uniform int3, the best uniform plan that fits 3 bits.
+    relative = table.problem(budget, "relative").domain_loss
+    assert relative[0].sum(axis=0)[1] == pytest.approx(1.0) and relative[1].sum(axis=0)[1] == pytest.approx(1.0)
+    assert relative[1, 3, 0] == pytest.approx(0.30 / tables[:, 1].sum())
+    # A plan's score is the geometric mean of its KL over domains: scaling one domain scales every
+    # plan's score alike, so which plan scores better does not depend on a domain's nats.
+    score = objective_named("relative").plan_score
+    assert score(np.array([4.0, 1.0])) == pytest.approx(2.0)
+    assert (score(np.array([0.5, 0.1])) < score(np.array([0.4, 0.2]))) == \
+        (score(np.array([0.5, 10.0])) < score(np.array([0.4, 20.0])))

@@ -121,6 +121,18 @@ def test_empty_options_are_an_error(loaded, windows):
         measure_sensitivity(loaded, windows, "", progress=False)
 
 
+def test_options_that_fit_no_row_of_a_unit_fail_before_any_pass(loaded, windows, monkeypatch):
+    import layerwise.plan.sensitivity as sensitivity
+
+    def no_pass(*_args, **_kwargs):
+        raise AssertionError("the base pass ran")
+
+    monkeypatch.setattr(sensitivity, "base_pass", no_pass)
+    # stories260K's MLP rows are 172 wide: no group of 64 divides them (attention's 64 are fine).
+    with pytest.raises(LayerwiseError, match=r"no option applies to model\.layers\.0\.mlp: .*172.*int4pc"):
+        measure_sensitivity(loaded, windows, "int3g64,int4g64", progress=False)
+
+
 def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, table, tmp_path, monkeypatch):
     import layerwise.plan.sensitivity as sensitivity
 

@@ -2,14 +2,18 @@
 unit quantized as assigned, for the searches (evolutionary, hybrid) and the never-worse check.
 
 Errors of different units do not simply add up (EvoPress), so a search needs this rather than the
-table. Each unit's quantized weights are computed once per option and kept; switching the model
-to a new assignment only rewrites the units that changed. Fidelities use the first windows only:
+table. Each unit's quantized weights are computed once per option and kept in their stored form
+(codes and scales, or GGUF bytes: a quarter of float32 or less), decoded when the model is switched
+to an assignment, which rewrites only the units that changed. The model's own weight tensors are
+kept aside rather than copied while a unit holds decoded ones, so no float copy of the model is
+made per option or per plan. Fidelities use the first windows only:
 stage 0 is the sensitivity table's additive prediction (free), stage 1 the KL on the first
 batch, the last stage the KL on every fitness window.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +21,6 @@ import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.evaluate.divergence import kl_per_token
-from layerwise.models.layout import linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
@@ -26,6 +29,7 @@ from layerwise.plan.sensitivity import (SensitivityTable, base_pass, domain_mean
                                         logits_from)
 from layerwise.plan.units import block_modules
 from layerwise.quant.apply import quantize_linear
+from layerwise.quant.qtensor import QTensor
 
 
 class KLFitness:
@@ -54,11 +58,12 @@ class KLFitness:
         self.base = base_pass(loaded, windows, block_modules(table.units), algorithms, batch_size, statistics)
         # A planned embedding changes every block's input: whole plans then run from the token ids.
         self.start = -1 if any(unit.kind == "embed" for unit in table.units) else 0
-        self.originals = {name: linear_weight(module).detach().clone() for name, module in self.modules.items()}
+        # The modules' own weight tensors: a module holding decoded weights gets these back.
+        self.originals = {name: module.weight.data for name, module in self.modules.items()}
         self.biases = {name: module.bias.detach().clone() for name, module in self.modules.items()
                        if getattr(module, "bias", None) is not None}
-        # (unit, option) -> module -> (weight, bias or None to keep the original)
-        self.bank: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        # (unit, option) -> module -> stored weights (None: the unit is dropped, weights and biases zero)
+        self.bank: dict[tuple[int, int], dict[str, QTensor | None]] = {}
         self.current: list[int | None] = [None] * len(table.units)  # None = original weights
         n_batches = len(self.base.calls)
         self.stage_batches = [n_batches if b is None else min(b, n_batches) for b in batches_per_stage]
@@ -75,26 +80,30 @@ class KLFitness:
         """Compute spent so far, in forward passes over all fitness windows."""
         return self.block_runs / ((self.loaded.n_blocks + self._head) * len(self.base.calls))
 
-    def _weights(self, unit: int, option: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def _stored(self, unit: int, option: int) -> dict[str, QTensor | None]:
         key = (unit, option)
         if key not in self.bank:
             config = self.configs[option]
             if config != DROP:
                 config = edge_config(self.table.units[unit], config)
-            weights = {}
+            stored = {}
             for name in self.table.units[unit].modules:
-                if config == DROP:  # the unit adds nothing: zero weights and biases
-                    bias = self.biases.get(name)
-                    weights[name] = (torch.zeros_like(self.originals[name]),
-                                     None if bias is None else torch.zeros_like(bias))
+                if config == DROP:
+                    stored[name] = None
                     continue
-                set_linear_weight(self.modules[name], self.originals[name])  # quantize the original
+                self._put_back(name)  # quantize the original
                 stats = self.base.stats.get((name, config.algorithm))
-                weights[name] = (quantize_linear(name, self.modules[name], config, stats,
-                                                 self.importance.get(name)).dequantize(), None)
-            self.bank[key] = weights
+                stored[name] = _compact(quantize_linear(name, self.modules[name], config, stats,
+                                                        self.importance.get(name)))
+            self.bank[key] = stored
             self.current[unit] = None
         return self.bank[key]
+
+    def _put_back(self, name: str) -> None:
+        module = self.modules[name]
+        module.weight.data = self.originals[name]
+        if name in self.biases:
+            module.bias.data.copy_(self.biases[name])
 
     def apply(self, choice: Sequence[int]) -> None:
         """Put the model in the state `choice` describes (only changed units are rewritten)."""
@@ -102,17 +111,23 @@ class KLFitness:
             option = int(option)
             if self.current[unit] == option:
                 continue
-            for name, (weight, bias) in self._weights(unit, option).items():
-                set_linear_weight(self.modules[name], weight)
+            for name, qtensor in self._stored(unit, option).items():
+                module, original = self.modules[name], self.originals[name]
+                if qtensor is None:
+                    decoded = torch.zeros_like(original)
+                else:
+                    decoded = _widened(qtensor).dequantize()
+                    if type(module).__name__ == "Conv1D":  # GPT-2 keeps [in, out]
+                        decoded = decoded.t()
+                module.weight.data = decoded.to(device=original.device, dtype=original.dtype).contiguous()
                 if name in self.biases:
-                    self.modules[name].bias.data.copy_(self.biases[name] if bias is None else bias)
+                    module.bias.data.copy_(self.biases[name] if qtensor is not None
+                                           else torch.zeros_like(self.biases[name]))
             self.current[unit] = option
 
     def restore(self) -> None:
-        for name, weight in self.originals.items():
-            set_linear_weight(self.modules[name], weight)
-        for name, bias in self.biases.items():
-            self.modules[name].bias.data.copy_(bias)
+        for name in self.modules:
+            self._put_back(name)
         self.current = [None] * len(self.table.units)
 
     def __enter__(self) -> "KLFitness":
@@ -164,3 +179,22 @@ class KLFitness:
             kl = kl_per_token(reference, logits)
             values.extend(kl.reshape(kl.shape[0], -1).mean(dim=1).tolist())
         return np.asarray(values)
+
+
+def _compact(qtensor: QTensor) -> QTensor:
+    """Codes kept in one byte where they fit (quantizers write int16 codes for any width)."""
+    codes = qtensor.codes
+    if codes is None or codes.dtype != torch.int16 or codes.numel() == 0:
+        return qtensor
+    low, high = int(codes.min()), int(codes.max())
+    for narrow in (torch.int8, torch.uint8):
+        if torch.iinfo(narrow).min <= low and high <= torch.iinfo(narrow).max:
+            return replace(qtensor, codes=codes.to(narrow))
+    return qtensor
+
+
+def _widened(qtensor: QTensor) -> QTensor:
+    """The codes as the quantizer wrote them, for decoding (one module at a time)."""
+    if qtensor.codes is None or qtensor.codes.dtype not in (torch.int8, torch.uint8) or qtensor.config.format == "fp8":
+        return qtensor
+    return replace(qtensor, codes=qtensor.codes.to(torch.int16))

@@ -362,7 +362,9 @@ def run_plan(
             "bits_per_weight": checked.total_cost / sensitivity.total_weights,
             "total_bytes": math.ceil((checked.total_cost + sensitivity.other_bits) / 8),
             "budget_bits_per_weight": budget / sensitivity.total_weights,
-            "predicted_kl": problem.total_loss(checked.choice),
+            # In nats: a relative objective's own total is a share of uniform's, not a KL.
+            "predicted_kl": (sensitivity.problem(budget).total_loss(checked.choice)
+                             if objective_named(objective).per_uniform else problem.total_loss(checked.choice)),
             "planned_bytes": math.ceil(checked.total_cost / 8),
             "budget_like": reference.describe() if reference is not None else None,
             "calibration_kl": (check.uniform[check.best_uniform]["kl"] if checked.allocator == "uniform"

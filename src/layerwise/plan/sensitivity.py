@@ -24,7 +24,7 @@ from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
-from layerwise.plan.objectives import objective_named
+from layerwise.plan.objectives import objective_named, relative_to_uniform
 from layerwise.plan.estimators import DEFAULT_ESTIMATOR, EstimateContext, estimator_named, measured_entry
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
@@ -33,6 +33,7 @@ from layerwise.profile.replay import logits_without
 from layerwise.quant.apply import InputStats, gather_inputs, quantize_linear
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.imatrix import importance_digest
+from layerwise.quant.qtensor import storage_bits
 from layerwise.quant.size import size_report
 from layerwise.util.files import read_artifact, write_text_atomic
 from layerwise.util.meta import run_metadata
@@ -180,7 +181,10 @@ class SensitivityTable:
             objective_named(objective)
             return AllocationProblem(*names, cost, self.kl, budget_bits)
         stack = np.stack([self.domain_kl[name] for name in self.domains])
-        return AllocationProblem(*names, cost, objective_named(objective).unit_loss(stack), budget_bits, stack, objective)
+        combined = objective_named(objective)
+        if combined.per_uniform:
+            stack = relative_to_uniform(stack, cost, budget_bits)
+        return AllocationProblem(*names, cost, combined.unit_loss(stack), budget_bits, stack, objective)
 
     def check_model(self, loaded: LoadedModel) -> None:
         if self.model_fingerprint != loaded.fingerprint:
@@ -375,6 +379,28 @@ def head_cost_in_blocks(loaded: LoadedModel) -> float:
     return head / block
 
 
+def _check_some_option_fits(units: list[Unit], configs: list, modules: dict) -> None:
+    """Fail before any pass when a unit can take none of the options (e.g. no group size that
+    divides its rows), rather than after the whole table when the budget is set."""
+    for unit in units:
+        reasons = []
+        for config in configs:
+            if config == DROP and unit.kind not in EDGE_KINDS:
+                break
+            if config == DROP:
+                continue
+            try:
+                for name in unit.modules:
+                    storage_bits(edge_config(unit, config), tuple(linear_weight(modules[name]).shape))
+                break
+            except LayerwiseError as error:
+                reasons.append(str(error))
+        else:
+            raise LayerwiseError(f"no option applies to {unit.name}: {reasons[0] if reasons else 'none given'}. "
+                                 "Add an option that fits it, e.g. whole rows (int4pc) or a group size that "
+                                 "divides its rows")
+
+
 @torch.no_grad()
 def measure_sensitivity(
     loaded: LoadedModel,
@@ -417,6 +443,7 @@ def measure_sensitivity(
         raise LayerwiseError("the option 'drop' needs whole blocks or sublayers as units, not single linears; "
                              "use --granularity block or sublayer")
     modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}
+    _check_some_option_fits(units, configs, modules)
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
     base = base_pass(loaded, calibration, block_modules(units), algorithms, batch_size, statistics)

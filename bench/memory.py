@@ -1,0 +1,132 @@
+"""How much memory each command holds at its peak, as a multiple of the float32 model.
+
+Each command runs in a child process of its own (a small wrapper that starts the `layerwise` CLI
+and reads its peak resident set size from the kernel once it has exited), on stories260K and on
+SmolLM2 (the off-grid copy of ../shared/README.md, loaded from its float16 folder as float32, the
+model bench/robust.py's saved table belongs to), with settings a new user would pick. Python, torch and transformers take a few hundred MB
+before any model is loaded; the `import` row measures that floor in the same way, and
+`above_floor_bytes` is a command's peak less it, which is what scales with the model. Only the
+in-memory mode exists today (`mode` "memory"); streaming rows come with streaming.
+
+    python bench/memory.py                     # both models, about an hour on 2 cores (plan: 40 min)
+    python bench/memory.py --models stories260K    # 4 minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DITHERED_SMOLLM2, EVALUATION_TEXT, RESULTS, STORIES, dithered_smollm2, write_results  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "memory"
+MODELS = {"stories260K": STORIES, "SmolLM2-135M": DITHERED_SMOLLM2}
+# SmolLM2's plan also runs from the saved four-domain table of bench/robust.py (a copy), so the plan
+# search and never-worse check are measured without the table's 40 minutes.
+REUSED_TABLE = {"SmolLM2-135M": RESULTS / "robust_sensitivity.json"}
+# stories260K's MLP rows (172 columns) split into no group of 64: its plan takes whole-row options.
+PLAN_OPTIONS = {"stories260K": "int2pc,int3pc,int4pc,int6pc,int8pc"}
+LAYERWISE = [sys.executable, "-m", "layerwise.cli"]
+
+
+def commands(name: str, work: Path) -> dict[str, list[str]]:
+    """The commands measured, in order (later ones read what earlier ones wrote)."""
+    model = MODELS[name]
+    quiet = ["--quiet", "--overwrite"]
+    options = ["--options", PLAN_OPTIONS[name]] if name in PLAN_OPTIONS else []
+    exported = "plan-reused.json" if name in REUSED_TABLE else "plan.json"
+    return {
+        "import": [sys.executable, "-c", "import torch, transformers, layerwise.cli"],
+        "load": [sys.executable, "-c", f"from layerwise import load_model; load_model({str(model)!r})"],
+        "profile": [*LAYERWISE, "profile", str(model), "--tokens", "1024", "--out", str(work / "profile"), *quiet],
+        "plan": [*LAYERWISE, "plan", str(model), "--budget", "4.25", "--tokens", "1024",
+                 *options, "--out", str(work / "plan.json"), *quiet],
+        **({"plan (table reused)": [*LAYERWISE, "plan", str(model), "--budget", "4.25", "--table",
+                                    str(work / "table.json"), "--out", str(work / "plan-reused.json"), *quiet]}
+           if name in REUSED_TABLE else {}),
+        "quantize (gptq)": [*LAYERWISE, "quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size",
+                            "64" if name not in PLAN_OPTIONS else "none", "--tokens", "4096", "--out", str(work / "gptq"), *quiet],
+        "eval": [*LAYERWISE, "eval", str(model), "--quantized", str(work / "gptq"), "--data", str(EVALUATION_TEXT),
+                 "--tokens", "4096", *quiet],
+        # The plan's int options are not GGUF types: compressed-tensors stores them as they are.
+        "export (compressed-tensors)": [*LAYERWISE, "export", str(model), "--plan", str(work / exported),
+                                        "--format", "compressed-tensors", "--out", str(work / "export"), *quiet],
+    }
+
+
+def child(argv: list[str]) -> None:
+    """Run `argv` and print its peak resident bytes and seconds as JSON (Linux: ru_maxrss in kB)."""
+    started = time.perf_counter()
+    completed = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed:\n{completed.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak, "seconds": seconds}))
+
+
+def measure(argv: list[str]) -> dict:
+    """One command in a wrapper process of its own, so the peak is that command's alone."""
+    completed = subprocess.run([sys.executable, __file__, "--child", json.dumps(argv)], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(completed.stderr)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def fp32_bytes(model: Path) -> int:
+    from layerwise import load_model
+
+    loaded = load_model(model)
+    return 4 * sum(parameter.numel() for parameter in loaded.model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--skip", default="", help="commands not to run, comma-separated (e.g. plan: 40 min on "
+                                                   "SmolLM2; export then needs a plan.json left by an earlier run)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(json.loads(args.child))
+        return
+    # Rows of other models (or skipped commands) from an earlier run are kept; measured ones replaced.
+    earlier = RESULTS / "memory.json"
+    rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
+    for name in args.models.split(","):
+        model = MODELS[name]
+        work = OUT / name
+        if not args.skip:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        if model == DITHERED_SMOLLM2:
+            dithered_smollm2()  # written once by ../shared/models/dither_smollm2.py
+        if name in REUSED_TABLE:
+            shutil.copyfile(REUSED_TABLE[name], work / "table.json")
+        size = fp32_bytes(model)
+        floor = None
+        for command, argv in commands(name, work).items():
+            if command in args.skip.split(","):
+                continue
+            measured = measure(argv)
+            floor = measured["peak_bytes"] if command == "import" else floor
+            row = {"command": command, "model": name, "mode": "memory", "peak_bytes": measured["peak_bytes"],
+                   "model_fp32_bytes": size, "seconds": measured["seconds"],
+                   "above_floor_bytes": measured["peak_bytes"] - floor,
+                   "above_floor_x_fp32": (measured["peak_bytes"] - floor) / size}
+            rows = [r for r in rows if (r["model"], r["command"]) != (name, command)] + [row]
+            print(f"{name:13s} {command:28s} peak {row['peak_bytes'] / 2**20:8.0f} MiB  above the import floor "
+                  f"{row['above_floor_bytes'] / 2**20:8.0f} MiB = {row['above_floor_x_fp32']:6.2f}x fp32 model "
+                  f"({size / 2**20:.0f} MiB)  {row['seconds']:6.0f} s", flush=True)
+            write_results("memory", {"commands": {name: {c: " ".join(a) for c, a in commands(name, work).items()}
+                                                  for name in MODELS}, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
