@@ -11,7 +11,7 @@ code (20 x 512 tokens each), with the paired KL ratio to the plan from the measu
 
     python bench/sensitivity.py    # about 45 minutes on 2 cores once the measured table exists
     python bench/sensitivity.py --ranks-only    # cost, Spearman and top-10% agreement only
-    python bench/sensitivity.py --ranks-only --estimators fisher@1,fisher@4 --name fisher_samples
+    python bench/sensitivity.py --ranks-only --estimators fisher@1,fisher@2,fisher@4 --name fisher_samples
         # fisher@K: fisher with K draws of the sampled tokens per window (FISHER_SAMPLES)
 """
 from __future__ import annotations
