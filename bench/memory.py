@@ -8,7 +8,8 @@ before any model is loaded; the `import` row measures that floor in the same way
 `above_floor_bytes` is a command's peak less it, which is what scales with the model. Only the
 in-memory mode exists today (`mode` "memory"); streaming rows come with streaming.
 
-    python bench/memory.py                     # both models, about an hour on 2 cores (plan: 40 min)
+    python bench/memory.py                     # both models, over an hour on 2 cores (plan: more than 55 min)
+    python bench/memory.py --models SmolLM2-135M --skip plan    # the rest, about 15 minutes
     python bench/memory.py --models stories260K    # 4 minutes
 """
 from __future__ import annotations

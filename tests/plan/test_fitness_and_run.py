@@ -12,7 +12,7 @@ from layerwise.data.overlap import rebuild_windows, shared_windows
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate.run import run_eval
 from layerwise.evaluate.divergence import Reference, kl_per_token
-from layerwise.models.layout import block_linears, linear_weight
+from layerwise.models.layout import block_linears, blocks_of, linear_weight
 from layerwise.plan.allocate import allocate
 from layerwise.plan.fitness import KLFitness
 from layerwise.plan.options import parse_option
@@ -67,14 +67,16 @@ def test_fitness_equals_the_kl_of_the_plan_applied_by_quantize_(loaded, table):
 
 @torch.no_grad()
 def test_the_fitness_keeps_stored_weights_not_a_float_copy_per_option(loaded, table):
-    """Every uniform plan measured (as the never-worse check does) leaves stored codes in the bank,
-    int8 codes and scales, not float copies; the model gets its own weight tensors back."""
+    """Every uniform plan measured (as the never-worse check does) leaves stored codes in an
+    unbounded bank, int8 codes and scales, not float copies; between and after evaluations the
+    model holds its own weight tensors (plans are decoded a block at a time)."""
     windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=256, seed=1)
-    with KLFitness(loaded, table, windows, batch_size=1) as fitness:
+    with KLFitness(loaded, table, windows, batch_size=1, bank_bytes=10**12) as fitness:
         own = {name: module.weight for name, module in fitness.modules.items()}
         pointers = {name: weight.data_ptr() for name, weight in own.items()}
         for option in range(len(table.options)):
             fitness.full((option,) * len(table.units))
+            assert all(module.weight.data_ptr() == pointers[name] for name, module in fitness.modules.items())
         stored = [qtensor for entry in fitness.bank.values() for qtensor in entry.values()]
         assert len(stored) == len(table.options) * len(own)
         stored_bytes = sum(q.codes.numel() * q.codes.element_size() + sum(v.numel() * v.element_size()
@@ -82,10 +84,56 @@ def test_the_fitness_keeps_stored_weights_not_a_float_copy_per_option(loaded, ta
                            for q in stored)
         float_bytes = len(table.options) * sum(w.numel() * 4 for w in own.values())
         assert stored_bytes < 0.3 * float_bytes
+        fitness.apply((0,) * len(table.units))  # the whole-model state, for other evaluations
         assert all(module.weight.data_ptr() != pointers[name] for name, module in fitness.modules.items())
     # The same parameters, holding their own storage again (nothing was copied into or out of it).
     assert all(module.weight is own[name] and module.weight.data_ptr() == pointers[name]
                for name, module in fitness.modules.items())
+
+
+@torch.no_grad()
+def test_a_whole_plan_is_measured_with_one_block_decoded_at_a_time(loaded, table):
+    """While any block runs, only that block's linears hold decoded weights: no float copy of the
+    model is made for a plan (issue 17)."""
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=256, seed=1)
+    blocks = blocks_of(loaded.model, loaded.adapter)
+    seen = []
+    with KLFitness(loaded, table, windows, batch_size=1) as fitness:
+        pointers = {name: module.weight.data_ptr() for name, module in fitness.modules.items()}
+
+        def watch(index):
+            def hook(module, args):
+                decoded = {name for name, m in fitness.modules.items() if m.weight.data_ptr() != pointers[name]}
+                seen.append((index, decoded))
+            return hook
+
+        handles = [block.register_forward_pre_hook(watch(index)) for index, block in enumerate(blocks)]
+        try:
+            fitness.full((1,) * len(table.units))
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert {index for index, _ in seen} == set(range(len(blocks)))
+    prefix = loaded.adapter.blocks
+    for index, decoded in seen:
+        assert decoded and all(name.startswith(f"{prefix}.{index}.") for name in decoded), (index, decoded)
+
+
+@torch.no_grad()
+def test_a_bounded_bank_gives_the_same_kl_and_stays_within_its_bytes(loaded, table):
+    """A bank too small for a plan's codes requantizes what it let go, to the same values; it never
+    holds more than its bound."""
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=256, seed=2)
+    plans = [(0,) * len(table.units), (2,) * len(table.units), allocate(table.problem(table.budget_bits(4.0)), "exact").choice]
+    with KLFitness(loaded, table, windows, batch_size=1, bank_bytes=10**12) as unbounded:
+        expected = [unbounded.window_kl(choice) for choice in plans + plans]
+        quantized = unbounded.quantizations
+    bound = sum(m.weight.numel() for m in unbounded.modules.values()) // 3
+    with KLFitness(loaded, table, windows, batch_size=1, bank_bytes=bound) as bounded:
+        for choice, values in zip(plans + plans, expected):
+            assert np.array_equal(bounded.window_kl(choice), values)
+            assert sum(bounded._bank_sizes.values()) <= bound
+        assert bounded.quantizations > quantized
 
 
 def test_plan_from_choice_sizes_to_the_allocated_cost(loaded, table):

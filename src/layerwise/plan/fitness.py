@@ -2,34 +2,71 @@
 unit quantized as assigned, for the searches (evolutionary, hybrid) and the never-worse check.
 
 Errors of different units do not simply add up (EvoPress), so a search needs this rather than the
-table. Each unit's quantized weights are computed once per option and kept in their stored form
-(codes and scales, or GGUF bytes: a quarter of float32 or less), decoded when the model is switched
-to an assignment, which rewrites only the units that changed. The model's own weight tensors are
-kept aside rather than copied while a unit holds decoded ones, so no float copy of the model is
-made per option or per plan. Fidelities use the first windows only:
-stage 0 is the sensitivity table's additive prediction (free), stage 1 the KL on the first
-batch, the last stage the KL on every fitness window.
+table. Memory stays near the model's own size (issue 17): a plan is measured block by block, each
+block's units decoded from their stored form just before it runs and given their own weights back
+just after, so no float copy of the model is made per option or per plan; the stored forms (codes
+and scales, or GGUF bytes: a quarter of float32 or less) are kept in a bank bounded in bytes and
+requantized when they were let go; and the base model's next-token distributions, a vocabulary
+wide per token, are not kept but recomputed from its last block's output, a chunk of positions at
+a time, next to the plan's. Fidelities use the first windows only: stage 0 is the sensitivity
+table's additive prediction (free), stage 1 the KL on the first batch, the last stage the KL on
+every fitness window.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import replace
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from layerwise.data.windows import TokenWindows
-from layerwise.evaluate.divergence import kl_per_token
+from layerwise.evaluate.divergence import Reference
+from layerwise.models.layout import blocks_of, hidden_to_logits
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP
-from layerwise.plan.sensitivity import (SensitivityTable, base_pass, domain_means, edge_config, head_cost_in_blocks,
-                                        logits_from)
-from layerwise.plan.units import block_modules
+from layerwise.plan.sensitivity import (SensitivityTable, _statistics_hooks, domain_means, edge_config,
+                                        head_cost_in_blocks, input_statistics)
+from layerwise.plan.units import EDGE_KINDS, block_modules
+from layerwise.profile.hooks import BlockCall, run_block
+from layerwise.profile.replay import block_calls, first_block_input, head_kl
 from layerwise.quant.apply import quantize_linear
 from layerwise.quant.qtensor import QTensor
+
+@dataclass
+class Anchors:
+    """What measuring whole plans on some windows needs of the base model, per batch: the token
+    ids, every block's call arguments with the first block's input, and the last block's output
+    (the base logits are recomputed from it)."""
+    inputs: list[torch.Tensor]
+    calls: list[list[BlockCall]]
+    finals: list[torch.Tensor]
+    stats: dict
+    positions: int
+
+
+@torch.no_grad()
+def anchors(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algorithms: set[str], batch_size: int,
+            statistics: TokenWindows | None = None) -> Anchors:
+    """One pass over `windows` keeping `Anchors`, and the GPTQ/AWQ input statistics of `modules`
+    gathered on `statistics` (None: on `windows` themselves, in the same pass)."""
+    if statistics is None:
+        stats, register = _statistics_hooks(loaded.model, modules, algorithms)
+    else:
+        stats, register = input_statistics(loaded, statistics, modules, algorithms, batch_size), None
+    inputs, calls, finals, positions = [], [], [], 0
+    for batch in windows.batches(batch_size):
+        ids = batch.to(loaded.input_device)
+        batch_calls, final = block_calls(loaded.model, loaded.adapter, ids, register)
+        inputs.append(ids)
+        calls.append(batch_calls)
+        finals.append(final)
+        positions += ids.shape[0] * (ids.shape[1] - 1)
+    return Anchors(inputs, calls, finals, stats, positions)
 
 
 class KLFitness:
@@ -38,13 +75,17 @@ class KLFitness:
 
     `stage` counts fidelities: 0 is the table's prediction (`problem.total_loss`, or the additive
     loss without a problem), 1..len(batches_per_stage) the KL on the first `batches_per_stage[i - 1]`
-    batches (None = all). Restore the model with `restore()` (also done on leaving a `with` block).
+    batches (None = all). `bank_bytes` bounds the stored quantized weights kept between
+    evaluations (default: 1.25 bytes per planned weight, about one plan's codes and scales);
+    what does not fit is requantized when next needed, to the same values. `apply(choice)` puts the
+    whole model in a plan's state for evaluating it otherwise (benchmarks); `restore()` undoes it
+    (also done on leaving a `with` block).
     """
 
     def __init__(self, loaded: LoadedModel, table: SensitivityTable, windows: TokenWindows, *,
                  batch_size: int = 2, batches_per_stage: Sequence[int | None] = (1, None),
                  problem: AllocationProblem | None = None, importance: dict | None = None,
-                 statistics: TokenWindows | None = None) -> None:
+                 statistics: TokenWindows | None = None, bank_bytes: int | None = None) -> None:
         table.check_model(loaded)
         self.loaded, self.table, self.problem = loaded, table, problem
         self.importance = importance or {}  # module -> importance-matrix column weights (GGUF options)
@@ -54,16 +95,29 @@ class KLFitness:
         modules = [name for unit in table.units for name in unit.modules]
         self.modules = {name: loaded.model.get_submodule(name) for name in modules}
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
+        self.batch_size = batch_size
         # GPTQ/AWQ fitted on `statistics` when given, so a plan is judged on text its quantizers never saw.
-        self.base = base_pass(loaded, windows, block_modules(table.units), algorithms, batch_size, statistics)
+        self.base = anchors(loaded, windows, block_modules(table.units), algorithms, batch_size, statistics)
         # A planned embedding changes every block's input: whole plans then run from the token ids.
         self.start = -1 if any(unit.kind == "embed" for unit in table.units) else 0
+        self.edge_units = [u for u, unit in enumerate(table.units) if unit.kind in EDGE_KINDS]
+        self.block_units: dict[int, list[int]] = {}
+        for u, unit in enumerate(table.units):
+            if unit.kind not in EDGE_KINDS:
+                self.block_units.setdefault(unit.block, []).append(u)
         # The modules' own weight tensors: a module holding decoded weights gets these back.
         self.originals = {name: module.weight.data for name, module in self.modules.items()}
         self.biases = {name: module.bias.detach().clone() for name, module in self.modules.items()
                        if getattr(module, "bias", None) is not None}
         # (unit, option) -> module -> stored weights (None: the unit is dropped, weights and biases zero)
         self.bank: dict[tuple[int, int], dict[str, QTensor | None]] = {}
+        # Default: one byte per planned weight and a quarter more, about one plan's codes and scales.
+        self.bank_bytes = (bank_bytes if bank_bytes is not None
+                           else sum(self.originals[name].numel() for name in block_modules(table.units)) * 5 // 4)
+        self._bank_sizes: dict[tuple[int, int], int] = {}
+        self._last_used: dict[tuple[int, int], int] = {}
+        self._pass = 0  # counts whole-plan passes, so the bank never lets go of what the current one uses
+        self.quantizations = 0
         self.current: list[int | None] = [None] * len(table.units)  # None = original weights
         n_batches = len(self.base.calls)
         self.stage_batches = [n_batches if b is None else min(b, n_batches) for b in batches_per_stage]
@@ -77,27 +131,49 @@ class KLFitness:
         return 1 + len(self.stage_batches)
 
     def forward_equivalents(self) -> float:
-        """Compute spent so far, in forward passes over all fitness windows."""
+        """Compute spent so far, in forward passes over all fitness windows (the base logits,
+        recomputed per evaluation, count as a second head)."""
         return self.block_runs / ((self.loaded.n_blocks + self._head) * len(self.base.calls))
 
     def _stored(self, unit: int, option: int) -> dict[str, QTensor | None]:
         key = (unit, option)
-        if key not in self.bank:
-            config = self.configs[option]
-            if config != DROP:
-                config = edge_config(self.table.units[unit], config)
-            stored = {}
-            for name in self.table.units[unit].modules:
-                if config == DROP:
-                    stored[name] = None
-                    continue
-                self._put_back(name)  # quantize the original
-                stats = self.base.stats.get((name, config.algorithm))
-                stored[name] = _compact(quantize_linear(name, self.modules[name], config, stats,
-                                                        self.importance.get(name)))
-            self.bank[key] = stored
-            self.current[unit] = None
-        return self.bank[key]
+        self._last_used[key] = self._pass
+        if key in self.bank:
+            return self.bank[key]
+        config = self.configs[option]
+        if config != DROP:
+            config = edge_config(self.table.units[unit], config)
+        stored = {}
+        for name in self.table.units[unit].modules:
+            if config == DROP:
+                stored[name] = None
+                continue
+            self._put_back(name)  # quantize the original
+            stats = self.base.stats.get((name, config.algorithm))
+            stored[name] = _compact(quantize_linear(name, self.modules[name], config, stats,
+                                                    self.importance.get(name)))
+        self.current[unit] = None
+        self.quantizations += 1
+        size = sum(_stored_bytes(qtensor) for qtensor in stored.values() if qtensor is not None)
+        if self._make_room(size):
+            self.bank[key], self._bank_sizes[key] = stored, size
+        return stored
+
+    def _make_room(self, size: int) -> bool:
+        """Let go of the least recently used stored weights until `size` more bytes fit; never of
+        those the current pass has used (a plan visits units in the same order every pass, so
+        evicting them would make every later pass miss). False if it cannot fit."""
+        used = sum(self._bank_sizes.values())
+        if used + size <= self.bank_bytes:
+            return True
+        idle = sorted((key for key in self.bank if self._last_used.get(key, -1) < self._pass),
+                      key=lambda key: self._last_used.get(key, -1))
+        for key in idle:
+            del self.bank[key]
+            used -= self._bank_sizes.pop(key)
+            if used + size <= self.bank_bytes:
+                return True
+        return False
 
     def _put_back(self, name: str) -> None:
         module = self.modules[name]
@@ -105,30 +181,66 @@ class KLFitness:
         if name in self.biases:
             module.bias.data.copy_(self.biases[name])
 
+    def _decode(self, unit: int, option: int) -> None:
+        """Give `unit`'s modules the decoded weights of `option`."""
+        for name, qtensor in self._stored(unit, option).items():
+            module, original = self.modules[name], self.originals[name]
+            if qtensor is None:
+                decoded = torch.zeros_like(original)
+            else:
+                decoded = _widened(qtensor).dequantize()
+                if type(module).__name__ == "Conv1D":  # GPT-2 keeps [in, out]
+                    decoded = decoded.t()
+            module.weight.data = decoded.to(device=original.device, dtype=original.dtype).contiguous()
+            if name in self.biases:
+                module.bias.data.copy_(self.biases[name] if qtensor is not None
+                                       else torch.zeros_like(self.biases[name]))
+        self.current[unit] = option
+
+    def _original(self, unit: int) -> None:
+        for name in self.table.units[unit].modules:
+            self._put_back(name)
+        self.current[unit] = None
+
     def apply(self, choice: Sequence[int]) -> None:
-        """Put the model in the state `choice` describes (only changed units are rewritten)."""
+        """Put the whole model in the state `choice` describes (only changed units are rewritten):
+        a decoded float copy of every planned weight, for evaluating the plan by other means."""
+        self._pass += 1
         for unit, option in enumerate(choice):
-            option = int(option)
-            if self.current[unit] == option:
-                continue
-            for name, qtensor in self._stored(unit, option).items():
-                module, original = self.modules[name], self.originals[name]
-                if qtensor is None:
-                    decoded = torch.zeros_like(original)
-                else:
-                    decoded = _widened(qtensor).dequantize()
-                    if type(module).__name__ == "Conv1D":  # GPT-2 keeps [in, out]
-                        decoded = decoded.t()
-                module.weight.data = decoded.to(device=original.device, dtype=original.dtype).contiguous()
-                if name in self.biases:
-                    module.bias.data.copy_(self.biases[name] if qtensor is not None
-                                           else torch.zeros_like(self.biases[name]))
-            self.current[unit] = option
+            if self.current[unit] != int(option):
+                self._decode(unit, int(option))
 
     def restore(self) -> None:
         for name in self.modules:
             self._put_back(name)
         self.current = [None] * len(self.table.units)
+
+    @contextlib.contextmanager
+    def _units_as(self, choice: Sequence[int], units: Sequence[int]) -> Iterator[None]:
+        """`units` decoded as `choice` says for the duration, then their own weights again."""
+        try:
+            for unit in units:
+                self._decode(unit, int(choice[unit]))
+            yield
+        finally:
+            for unit in units:
+                self._original(unit)
+
+    @contextlib.contextmanager
+    def _own_weights(self, units: Sequence[int]) -> Iterator[None]:
+        """`units` with their own weights for the duration (the base model's logits), then as before."""
+        held = {name: (self.modules[name].weight.data, self.modules[name].bias.data.clone()
+                       if name in self.biases else None)
+                for unit in units for name in self.table.units[unit].modules}
+        try:
+            for name in held:
+                self._put_back(name)
+            yield
+        finally:
+            for name, (weight, bias) in held.items():
+                self.modules[name].weight.data = weight
+                if bias is not None:
+                    self.modules[name].bias.data.copy_(bias)
 
     def __enter__(self) -> "KLFitness":
         return self
@@ -147,7 +259,7 @@ class KLFitness:
         batches = self.stage_batches[stage - 1]
         values = self._window_kl(choice, self.base, batches)
         self.calls += 1
-        self.block_runs += batches * (self.loaded.n_blocks + self._head)
+        self.block_runs += batches * (self.loaded.n_blocks + 2 * self._head)
         self.seconds += time.perf_counter() - started
         # Windows are of equal length, so a domain's mean over windows is its mean over tokens.
         return self.score(np.array(list(domain_means(values, self.window_domains[:len(values)]).values())))
@@ -156,29 +268,55 @@ class KLFitness:
         """The highest fidelity."""
         return self(choice, self.stages - 1)
 
-    @torch.no_grad()
-    def held_out(self, windows: TokenWindows, batch_size: int = 2):
+    def held_out(self, windows: TokenWindows, batch_size: int | None = None) -> Anchors:
         """The base pass over other windows (the never-worse check's), for `window_kl`. Quantized
         weights stay those of the fitness (GPTQ/AWQ statistics from its `statistics` windows, or
         else the fitness windows)."""
         self.restore()
-        return base_pass(self.loaded, windows, [], set(), batch_size)
+        return anchors(self.loaded, windows, [], set(), batch_size or self.batch_size)
 
-    def window_kl(self, choice: Sequence[int], base=None) -> np.ndarray:
+    def window_kl(self, choice: Sequence[int], base: Anchors | None = None) -> np.ndarray:
         """Mean KL(base || model under `choice`) of every window of `base` (from `held_out`; default
         the fitness windows); not counted as search compute."""
         return self._window_kl(choice, base if base is not None else self.base)
 
     @torch.no_grad()
-    def _window_kl(self, choice: Sequence[int], base, batches: int | None = None) -> np.ndarray:
-        self.apply(choice)
+    def _window_kl(self, choice: Sequence[int], base: Anchors, batches: int | None = None) -> np.ndarray:
+        """Block by block over all batches at once: only one block's units hold decoded weights."""
+        self.restore()
+        self._pass += 1
         model, adapter = self.loaded.model, self.loaded.adapter
+        count = len(base.calls) if batches is None else batches
         values = []
-        for batch, reference in enumerate(base.references[:batches]):
-            logits = logits_from(model, adapter, base, batch, self.start)[:, :-1]
-            kl = kl_per_token(reference, logits)
-            values.extend(kl.reshape(kl.shape[0], -1).mean(dim=1).tolist())
+        with self._units_as(choice, self.edge_units):
+            if self.start < 0:
+                hidden = [first_block_input(model, adapter, base.inputs[b]) for b in range(count)]
+            else:
+                hidden = [base.calls[b][0].h_in for b in range(count)]
+            for index, block in enumerate(blocks_of(model, adapter)):
+                with self._units_as(choice, self.block_units.get(index, ())):
+                    hidden = [run_block(block, base.calls[b][index], state) for b, state in enumerate(hidden)]
+            for b, state in enumerate(hidden):
+                values.extend(self._batch_kl(base.finals[b], state))
         return np.asarray(values)
+
+    def _batch_kl(self, final: torch.Tensor, hidden: torch.Tensor) -> list[float]:
+        """Per window, the mean KL over its next-token positions; the base logits are recomputed
+        from `final` with the edge units' own weights, a chunk of positions at a time."""
+        model, adapter = self.loaded.model, self.loaded.adapter
+
+        def reference_of(window: int, start: int, stop: int) -> Reference:
+            with self._own_weights(self.edge_units):
+                return Reference.from_logits(hidden_to_logits(model, adapter, final[window, start:stop]))
+
+        return head_kl(model, adapter, hidden, reference_of)
+
+
+def _stored_bytes(qtensor: QTensor) -> int:
+    tensors = [t for t in (qtensor.codes, qtensor.channel_scale) if t is not None]
+    tensors += [value for value in (qtensor.params or {}).values() if isinstance(value, torch.Tensor)]
+    packed = qtensor.packed.nbytes if qtensor.packed is not None else 0
+    return packed + sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 def _compact(qtensor: QTensor) -> QTensor:

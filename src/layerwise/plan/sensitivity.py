@@ -8,6 +8,7 @@ and the calibration text's hash, so allocations for many budgets reuse one measu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,7 +21,7 @@ import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.evaluate.divergence import Reference
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
@@ -29,7 +30,7 @@ from layerwise.plan.estimators import DEFAULT_ESTIMATOR, EstimateContext, estima
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.profile.hooks import BlockCall, capture_blocks, scoped_hooks
-from layerwise.profile.replay import logits_without
+from layerwise.profile.replay import StopForward, base_reference, block_calls, head_kl, hidden_without
 from layerwise.quant.apply import InputStats, gather_inputs, quantize_linear
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.imatrix import importance_digest
@@ -239,15 +240,6 @@ class _BaseRun:
     inputs: list[torch.Tensor] = field(default_factory=list)  # per batch, the token ids
 
 
-def logits_from(model, adapter, base: _BaseRun, batch: int, block: int, removed: str | None = None) -> torch.Tensor:
-    """Logits of batch `batch` with the model as it now is, re-run from block `block`'s cached
-    input (`removed`: that block's unit skipped), or from the token ids for `block` -1 (the
-    embedding changed, so no cached input holds)."""
-    if block < 0:
-        return model(input_ids=base.inputs[batch], use_cache=False).logits
-    return logits_without(model, adapter, base.calls[batch], block, removed)
-
-
 def edge_config(unit: Unit, config: QuantConfig) -> QuantConfig:
     """The config a unit really takes: outside the blocks (embedding, head) weights are rounded to
     nearest, as llama-quantize does (no calibration Hessian reaches them)."""
@@ -303,29 +295,37 @@ def base_pass(loaded: LoadedModel, windows: TokenWindows, modules: list[str], al
     all_calls, references, inputs, positions = [], [], [], 0
     for batch in windows.batches(batch_size):
         calls: list[BlockCall] = []
+        final: list[torch.Tensor] = []
 
         def keep(call: BlockCall) -> None:
             calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
+            if call.index == loaded.n_blocks - 1:
+                final.append(call.h_out)
+                raise StopForward
 
         ids = batch.to(loaded.input_device)
-        with scoped_hooks(register), capture_blocks(model, adapter, keep, keep_call=True):
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        references.append(Reference.from_logits(logits, store=torch.float16))
+        with scoped_hooks(register), capture_blocks(model, adapter, keep, keep_call=True), \
+                contextlib.suppress(StopForward):
+            model(input_ids=ids, use_cache=False)
+        references.append(base_reference(model, adapter, final[0]))
         all_calls.append(calls)
         inputs.append(ids)
-        positions += logits.shape[0] * logits.shape[1]
+        positions += ids.shape[0] * (ids.shape[1] - 1)
     return _BaseRun(all_calls, references, stats, positions, time.perf_counter() - start, inputs)
 
 
 def _kl_from(model, adapter, base: _BaseRun, block: int, removed: str | None) -> np.ndarray:
-    """Mean KL to the base of every window, the model as it now is, run from block `block`'s
-    cached inputs (with that block's `removed` unit skipped, if given; block -1: from the tokens)."""
+    """Mean KL to the base of every window, the model as it now is, run from block `block`'s cached
+    inputs (with that block's `removed` unit skipped, if given; block -1: from the tokens); the
+    head is applied a chunk of positions at a time."""
     values = []
     for batch, reference in enumerate(base.references):
-        logits = logits_from(model, adapter, base, batch, block, removed)[:, :-1]
-        kl = kl_per_token(reference, logits)
-        values.append(kl.reshape(kl.shape[0], -1).mean(dim=1).double().numpy())
-    return np.concatenate(values)
+        if block < 0:
+            hidden = block_calls(model, adapter, base.inputs[batch])[1]
+        else:
+            hidden = hidden_without(model, adapter, base.calls[batch], block, removed)
+        values.extend(head_kl(model, adapter, hidden, reference.part))
+    return np.asarray(values, dtype=np.float64)
 
 
 def domain_means(window_values: np.ndarray, window_domains: Sequence[str]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Re-running the blocks of a model from a cached block input, with one unit removed.
+"""Re-running the blocks of a model from a cached block input, with one unit removed, and
+capturing what such re-runs need.
 
 The prefix before the removed unit is never recomputed: the base pass caches every block's
 input and call arguments (masks, rotary embeddings), and a variant runs only from its block on.
@@ -6,14 +7,16 @@ input and call arguments (masks, rotary embeddings), and a variant runs only fro
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
+from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import blocks_of, hidden_to_logits
-from layerwise.profile.hooks import BlockCall, run_block, zero_output
+from layerwise.models.layout import blocks_of, first_tensor, hidden_to_logits
+from layerwise.profile.hooks import BlockCall, run_block, scoped_hooks, zero_output
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")
@@ -33,6 +36,14 @@ def logits_without(
 ) -> torch.Tensor:
     """Logits of the model with unit `kind` of block `index` removed (kind=None: nothing removed),
     running only blocks `index`.. from the cached input of block `index`."""
+    return hidden_to_logits(model, adapter, hidden_without(model, adapter, calls, index, kind))
+
+
+@torch.no_grad()
+def hidden_without(
+    model: nn.Module, adapter: Adapter, calls: list[BlockCall], index: int, kind: str | None
+) -> torch.Tensor:
+    """The last block's output under `logits_without`'s conditions (the head not applied)."""
     if kind is not None and kind not in UNIT_KINDS:
         raise LayerwiseError(f"unknown unit kind {kind!r}; choose from {', '.join(UNIT_KINDS)}")
     blocks = blocks_of(model, adapter)
@@ -42,9 +53,114 @@ def logits_without(
             continue
         with removed_unit(blocks[j], adapter, kind) if j == index else contextlib.nullcontext():
             hidden = run_block(blocks[j], calls[j], hidden)
-    return hidden_to_logits(model, adapter, hidden)
+    return hidden
+
+
+# Positions whose logits are made at once when KL is summed at the head: a few float32 tensors of
+# this many positions x the vocabulary (16 MB each), rather than a batch's worth (0.4 GB for four
+# windows of 512 tokens and a 49k vocabulary).
+HEAD_CHUNK_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def head_kl(model: nn.Module, adapter: Adapter, hidden: torch.Tensor,
+            reference_of: Callable[[int, int, int], Reference]) -> list[float]:
+    """Per window (first axis of `hidden`, a last block's output), the mean KL(base || model) over
+    its next-token positions (all but the last), the head applied a chunk of positions at a time;
+    `reference_of(window, start, stop)` gives the base distributions of those positions."""
+    vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
+    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    positions = hidden.shape[1] - 1
+    values = []
+    for window in range(hidden.shape[0]):
+        total = 0.0
+        for start in range(0, positions, rows):
+            stop = min(positions, start + rows)
+            reference = reference_of(window, start, stop)
+            total += kl_per_token(reference, hidden_to_logits(model, adapter, hidden[window, start:stop])).sum().item()
+        values.append(total / positions)
+    return values
 
 
 def blocks_run(n_blocks: int, index: int, kind: str) -> int:
     """How many block evaluations `logits_without` costs (for forward-pass-equivalent accounting)."""
     return n_blocks - index - (kind == "block")
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass once what was wanted of it is kept (the head, a
+    vocabulary-wide tensor per token, then never runs)."""
+
+
+@torch.no_grad()
+def block_calls(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor,
+                register_more: Callable[[list], None] | None = None) -> tuple[list[BlockCall], torch.Tensor]:
+    """Every block's call arguments (masks, rotary embeddings) and the first block's input, from a
+    forward pass that ends at the last block's output, which is returned too: what re-running all
+    blocks on these tokens needs, and the base model's final state, from which its logits can be
+    recomputed a few positions at a time. The head never runs here, so no vocabulary-wide tensor
+    is made. `register_more(handles)` adds hooks for the same pass (e.g. input statistics)."""
+    blocks = blocks_of(model, adapter)
+    calls: list[BlockCall] = []
+    last: list[torch.Tensor] = []
+
+    def start(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            calls.append(BlockCall(index, h_in=hidden.detach() if index == 0 else None, args=tuple(args[1:]),
+                                   kwargs={k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        return hook
+
+    def finish(module, args, output):
+        last.append(first_tensor(output).detach())
+        raise StopForward
+
+    def register(handles: list) -> None:
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(start(index), with_kwargs=True))
+        handles.append(blocks[-1].register_forward_hook(finish))
+        if register_more is not None:
+            register_more(handles)
+
+    with scoped_hooks(register), contextlib.suppress(StopForward):
+        model(input_ids=input_ids, use_cache=False)
+    return calls, last[0]
+
+
+@torch.no_grad()
+def first_block_input(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
+    """The first block's input for these tokens with the embedding as it now is (the model's own
+    code computes it: scaling, position embeddings); the pass stops there."""
+    kept: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        kept.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise StopForward
+
+    def register(handles: list) -> None:
+        handles.append(blocks_of(model, adapter)[0].register_forward_pre_hook(hook, with_kwargs=True))
+
+    with scoped_hooks(register), contextlib.suppress(StopForward):
+        model(input_ids=input_ids, use_cache=False)
+    return kept[0]
+
+
+@torch.no_grad()
+def base_reference(model: nn.Module, adapter: Adapter, final: torch.Tensor,
+                   store: torch.dtype = torch.float16) -> Reference:
+    """The base model's next-token distributions for every position but the last of each window,
+    from its last block's output `final`, the head applied a chunk of positions at a time into
+    one preallocated tensor (the whole batch's float32 logits never exist at once)."""
+    windows, positions = final.shape[0], final.shape[1] - 1
+    vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
+    probs = torch.empty(windows, positions, vocab, dtype=store, device=final.device)
+    neg_entropy = torch.empty(windows, positions, dtype=torch.float64, device=final.device)
+    top1 = torch.empty(windows, positions, dtype=torch.long, device=final.device)
+    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    for window in range(windows):
+        for start in range(0, positions, rows):
+            stop = min(positions, start + rows)
+            part = Reference.from_logits(hidden_to_logits(model, adapter, final[window, start:stop]), store=store)
+            probs[window, start:stop], neg_entropy[window, start:stop], top1[window, start:stop] = \
+                part.probs, part.neg_entropy, part.top1
+    return Reference(probs, neg_entropy, top1)

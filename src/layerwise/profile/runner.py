@@ -1,6 +1,7 @@
 """One calibration pass that fills every per-block and per-linear statistic."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +13,12 @@ from layerwise.data.windows import TokenWindows, token_windows
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.adapters import get_adapter
-from layerwise.models.layout import block_linears, linear_weight
+from layerwise.models.layout import block_linears, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.profile.hooks import BlockCall, capture_blocks
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
-from layerwise.profile.replay import UNIT_KINDS, blocks_run, logits_without
+from layerwise.profile.replay import UNIT_KINDS, StopForward, blocks_run, logits_without
 from layerwise.profile.result import ProfileResult
 from layerwise.profile.weights import WEIGHT_METRICS
 from layerwise.util.files import check_output
@@ -46,10 +47,13 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
         if ablation:
             # Keep only what a replay needs: the block's input and call arguments.
             calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
+        elif call.index == loaded.n_blocks - 1:
+            raise StopForward  # the head is applied to the lens positions only, below
 
-    with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)):
+    with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)), contextlib.suppress(StopForward):
         logits = model(input_ids=batch, use_cache=False).logits
-    final = Reference.from_logits(logits[:, positions])
+    # The final output is the last block's lens through the same head, so the lens ends at KL 0.
+    final = Reference.from_logits(hidden_to_logits(model, adapter, lens_hidden[len(lens_hidden) - 1]))
     lens = lens_partials(model, adapter, [lens_hidden[i] for i in range(len(lens_hidden))], final)
     for index, partials in enumerate(lens):
         combine(acc.lens[index], partials)
