@@ -37,6 +37,7 @@ from layerwise.profile.replay import block_calls, first_block_input, head_kl
 from layerwise.quant.apply import quantize_linear
 from layerwise.quant.qtensor import QTensor
 
+
 @dataclass
 class Anchors:
     """What measuring whole plans on some windows needs of the base model, per batch: the token
@@ -46,7 +47,6 @@ class Anchors:
     calls: list[list[BlockCall]]
     finals: list[torch.Tensor]
     stats: dict
-    positions: int
 
 
 @torch.no_grad()
@@ -58,15 +58,14 @@ def anchors(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algo
         stats, register = _statistics_hooks(loaded.model, modules, algorithms)
     else:
         stats, register = input_statistics(loaded, statistics, modules, algorithms, batch_size), None
-    inputs, calls, finals, positions = [], [], [], 0
+    inputs, calls, finals = [], [], []
     for batch in windows.batches(batch_size):
         ids = batch.to(loaded.input_device)
         batch_calls, final = block_calls(loaded.model, loaded.adapter, ids, register)
         inputs.append(ids)
         calls.append(batch_calls)
         finals.append(final)
-        positions += ids.shape[0] * (ids.shape[1] - 1)
-    return Anchors(inputs, calls, finals, stats, positions)
+    return Anchors(inputs, calls, finals, stats)
 
 
 class KLFitness:

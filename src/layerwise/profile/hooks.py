@@ -64,7 +64,8 @@ class BlockCall:
         return self.abs_out.flatten()[::8].median().item()
 
 
-def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block was called with (positionally or by keyword)."""
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -95,7 +96,7 @@ def capture_blocks(
 
     def _start(index: int):
         def hook(module, args, kwargs):
-            call = BlockCall(index, h_in=_hidden_arg(args, kwargs).detach())
+            call = BlockCall(index, h_in=hidden_arg(args, kwargs).detach())
             if keep_call:
                 call.args = tuple(args[1:])
                 call.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}

@@ -16,7 +16,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import blocks_of, first_tensor, hidden_to_logits
-from layerwise.profile.hooks import BlockCall, run_block, scoped_hooks, zero_output
+from layerwise.profile.hooks import BlockCall, hidden_arg, run_block, scoped_hooks, zero_output
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")
@@ -106,8 +106,7 @@ def block_calls(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor,
 
     def start(index: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            calls.append(BlockCall(index, h_in=hidden.detach() if index == 0 else None, args=tuple(args[1:]),
+            calls.append(BlockCall(index, h_in=hidden_arg(args, kwargs).detach() if index == 0 else None, args=tuple(args[1:]),
                                    kwargs={k: v for k, v in kwargs.items() if k != "hidden_states"}))
         return hook
 
@@ -134,7 +133,7 @@ def first_block_input(model: nn.Module, adapter: Adapter, input_ids: torch.Tenso
     kept: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
-        kept.append((args[0] if args else kwargs["hidden_states"]).detach())
+        kept.append(hidden_arg(args, kwargs).detach())
         raise StopForward
 
     def register(handles: list) -> None:
