@@ -60,7 +60,7 @@ def main() -> None:
     write_results(args.name, {"readme_command": " ".join(command[1:-1]), "seconds": seconds,
                               "target_seconds": TARGET_SECONDS, "within_target": seconds <= TARGET_SECONDS,
                               "steps": steps, "left": left, "eval": evaluation})
-    print(f"\n| step | seconds |\n| --- | ---: |")
+    print("\n| step | seconds |\n| --- | ---: |")
     for name, step in steps.items():
         print(f"| {name} | {step['seconds']} |")
     print(f"| **all (wall, incl. start-up)** | **{seconds:.0f}** (target {TARGET_SECONDS}) |")

@@ -5,8 +5,9 @@ and reads its peak resident set size from the kernel once it has exited), on sto
 SmolLM2 (the off-grid copy of ../shared/README.md, loaded from its float16 folder as float32, the
 model bench/robust.py's saved table belongs to), with settings a new user would pick. Python, torch and transformers take a few hundred MB
 before any model is loaded; the `import` row measures that floor in the same way, and
-`above_floor_bytes` is a command's peak less it, which is what scales with the model. Only the
-in-memory mode exists today (`mode` "memory"); streaming rows come with streaming.
+`above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
+that streams (load, profile, quantize, eval: `--streaming`) runs again in mode "streaming", its time
+also given as a ratio to the in-memory run of the same command (`seconds_x_memory`).
 
     python bench/memory.py                     # both models, over an hour on 2 cores (plan: more than 55 min)
     python bench/memory.py --models SmolLM2-135M --skip plan    # the rest, about 15 minutes
@@ -34,6 +35,16 @@ REUSED_TABLE = {"SmolLM2-135M": RESULTS / "robust_sensitivity.json"}
 # stories260K's MLP rows (172 columns) split into no group of 64: its plan takes whole-row options.
 PLAN_OPTIONS = {"stories260K": "int2pc,int3pc,int4pc,int6pc,int8pc"}
 LAYERWISE = [sys.executable, "-m", "layerwise.cli"]
+
+
+# Commands that take --streaming (the rest refuse a streamed model).
+STREAMING = ("load", "profile", "quantize (gptq)", "eval")
+
+
+def streaming_argv(command: str, argv: list[str]) -> list[str]:
+    if command == "load":
+        return [*argv[:-1], argv[-1].replace(")", ", streaming=True)")]
+    return [*argv, "--streaming"]
 
 
 def commands(name: str, work: Path) -> dict[str, list[str]]:
@@ -92,6 +103,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--skip", default="", help="commands not to run, comma-separated (e.g. plan: 40 min on "
                                                    "SmolLM2; export then needs a plan.json left by an earlier run)")
+    parser.add_argument("--modes", default="memory,streaming", help="memory, streaming or both")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -115,18 +127,31 @@ def main() -> None:
         for command, argv in commands(name, work).items():
             if command in args.skip.split(","):
                 continue
-            measured = measure(argv)
-            floor = measured["peak_bytes"] if command == "import" else floor
-            row = {"command": command, "model": name, "mode": "memory", "peak_bytes": measured["peak_bytes"],
-                   "model_fp32_bytes": size, "seconds": measured["seconds"],
-                   "above_floor_bytes": measured["peak_bytes"] - floor,
-                   "above_floor_x_fp32": (measured["peak_bytes"] - floor) / size}
-            rows = [r for r in rows if (r["model"], r["command"]) != (name, command)] + [row]
-            print(f"{name:13s} {command:28s} peak {row['peak_bytes'] / 2**20:8.0f} MiB  above the import floor "
-                  f"{row['above_floor_bytes'] / 2**20:8.0f} MiB = {row['above_floor_x_fp32']:6.2f}x fp32 model "
-                  f"({size / 2**20:.0f} MiB)  {row['seconds']:6.0f} s", flush=True)
-            write_results("memory", {"commands": {name: {c: " ".join(a) for c, a in commands(name, work).items()}
-                                                  for name in MODELS}, "rows": rows})
+            # The import floor is the same either way, and every row needs it.
+            for mode in ["memory"] if command == "import" else args.modes.split(","):
+                if mode == "streaming" and command not in STREAMING:
+                    continue
+                measured = measure(streaming_argv(command, argv) if mode == "streaming" else argv)
+                floor = measured["peak_bytes"] if command == "import" else floor
+                row = {"command": command, "model": name, "mode": mode, "peak_bytes": measured["peak_bytes"],
+                       "model_fp32_bytes": size, "seconds": measured["seconds"],
+                       "above_floor_bytes": measured["peak_bytes"] - floor,
+                       "above_floor_x_fp32": (measured["peak_bytes"] - floor) / size}
+                in_memory = [r for r in rows if (r["model"], r["command"], r.get("mode", "memory")) ==
+                             (name, command, "memory")]
+                if mode == "streaming" and in_memory:
+                    row["seconds_x_memory"] = row["seconds"] / in_memory[0]["seconds"]
+                rows = [r for r in rows if (r["model"], r["command"], r.get("mode", "memory")) !=
+                        (name, command, mode)] + [row]
+                ratio = f"  {row['seconds_x_memory']:5.2f}x in-memory time" if "seconds_x_memory" in row else ""
+                print(f"{name:13s} {command:28s} {mode:9s} peak {row['peak_bytes'] / 2**20:8.0f} MiB  above the import "
+                      f"floor {row['above_floor_bytes'] / 2**20:8.0f} MiB = {row['above_floor_x_fp32']:6.2f}x fp32 "
+                      f"model ({size / 2**20:.0f} MiB)  {row['seconds']:6.0f} s{ratio}", flush=True)
+                recorded = {other: {c: " ".join(a) for c, a in commands(other, OUT / other).items()}
+                            for other in MODELS}
+                write_results("memory", {"commands": recorded,
+                                         "streaming": {"commands": list(STREAMING), "adds": "--streaming"},
+                                         "rows": rows})
 
 
 if __name__ == "__main__":

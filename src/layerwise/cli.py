@@ -29,6 +29,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs with accelerate")
 
 
+def _add_streaming_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--streaming", action="store_true",
+                        help="read each block (and the embedding and head) from disk when it runs, and let it go "
+                             "after: memory holds one block's weights (safetensors or GGUF models)")
+
+
 def _cmd_profile(args: argparse.Namespace) -> None:
     from layerwise.profile import run_profile
 
@@ -37,7 +43,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
         args.model, args.data, tokens=args.tokens, seq_len=args.seq_len, seed=args.seed, out=args.out,
         ablation=ablation, batch_size=args.batch_size, lens_positions_per_window=args.lens_positions,
         weights=not args.no_weights, dtype=args.dtype, device=args.device, device_map=args.device_map,
-        overwrite=args.overwrite, progress=not args.quiet,
+        streaming=args.streaming, overwrite=args.overwrite, progress=not args.quiet,
     )
     console = Console(width=max(Console().width, 170))
     console.print(result.table())
@@ -67,7 +73,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     loaded, quantized, sizes = run_quantize(args.model, plan, calib=_calibration(args.calib), tokens=args.tokens,
                                             seed=args.seed,
                                             out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
-                                            dtype=args.dtype, device=args.device, progress=not args.quiet)
+                                            dtype=args.dtype, device=args.device, streaming=args.streaming,
+                                            progress=not args.quiet)
     _print_sizes(sizes)
     from layerwise.quant.apply import plan_fallbacks
 
@@ -108,7 +115,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan,
                       calib=_calibration(args.calib),
                       tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
-                      batch_size=args.batch_size, schedule=args.schedule, progress=not args.quiet)
+                      batch_size=args.batch_size, schedule=args.schedule, streaming=args.streaming,
+                      progress=not args.quiet)
     base = report["base"]
     print(f"base:      perplexity {base['perplexity']:.3f} on {base['tokens']:,} predicted tokens of {args.data}")
     if "quantized" in report:
@@ -255,7 +263,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
                         calib=_calibration(args.calib), tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
-                        converter=args.converter, imatrix=args.imatrix, progress=not args.quiet)
+                        converter=args.converter, imatrix=args.imatrix, streaming=args.streaming,
+                        progress=not args.quiet)
     if report.get("converted_by"):
         print(f"converted the Hugging Face model with {report['converted_by']}")
     print(f"wrote {report['path']}: {report['file_bytes']:,} bytes")
@@ -293,7 +302,7 @@ def _cmd_imatrix(args: argparse.Namespace) -> None:
 
     found = run_imatrix(args.model, data=args.data, out=args.out, ctx=args.ctx, chunks=args.chunks,
                         include_output=args.process_output, overwrite=args.overwrite, dtype=args.dtype,
-                        device=args.device, progress=not args.quiet)
+                        device=args.device, streaming=args.streaming, progress=not args.quiet)
     print(f"wrote {args.out}: {len(found.sums)} entries from {found.chunk_count} chunks of {found.chunk_size} tokens")
 
 
@@ -351,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("profile", help="per-layer statistics from one calibration pass")
     _add_model_options(p)
+    _add_streaming_option(p)
     p.add_argument("--data", default=None, help="calibration text file (default: a WikiText-2 valid excerpt shipped with layerwise)")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
@@ -368,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("quantize", help="quantize a model uniformly or by a plan")
     _add_model_options(p)
+    _add_streaming_option(p)
     p.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"], help="how codes are chosen")
     p.add_argument("--format", default="int", help="int, nf4, fp4, mxfp4, fp8, or a GGUF type (q4_0, q4_k, ...)")
     p.add_argument("--bits", type=_positive_int, default=4, help="code width for --format int (2..8)")
@@ -392,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="perplexity, KL and top-1 agreement against the base model")
     _add_model_options(p)
+    _add_streaming_option(p)
     p.add_argument("--data", required=True, help="evaluation text, never the calibration text")
     p.add_argument("--quantized", default=None, help="a directory written by `layerwise quantize`")
     p.add_argument("--plan", default=None, help="or a plan.json to quantize on the fly")
@@ -513,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")
     _add_model_options(p)
+    _add_streaming_option(p)
     p.add_argument("--format", default="gguf", choices=["gguf", "hf", "compressed-tensors"],
                    help="gguf (a type per tensor), hf (dequantized, loads anywhere) or compressed-tensors "
                         "(packed int codes; transformers and vLLM load it)")
@@ -536,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("imatrix", help="llama.cpp's importance matrix (squared inputs per linear), as a file "
                                             "llama-quantize --imatrix reads")
     _add_model_options(p)
+    _add_streaming_option(p)
     p.add_argument("--data", required=True, help="calibration text")
     p.add_argument("--ctx", type=_positive_int, default=512, help="tokens per chunk, as llama-imatrix -c (default 512)")
     p.add_argument("--chunks", type=_positive_int, default=100, help="at most this many chunks (default 100)")

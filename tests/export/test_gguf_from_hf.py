@@ -42,6 +42,16 @@ def exported(converter, tmp_path_factory):
     return out, report, ours, stored
 
 
+def test_streamed_export_writes_the_same_file(exported, converter, tmp_path):
+    out, report, _, _ = exported
+    streamed = run_export(STORIES, plan=MIXED, out=tmp_path / "streamed.gguf", converter=converter, streaming=True,
+                          progress=False)
+    assert (tmp_path / "streamed.gguf").read_bytes() == out.read_bytes()
+    assert streamed["tensors_by_type"] == report["tensors_by_type"]
+    with pytest.raises(LayerwiseError, match="GGUF only"):
+        run_export(STORIES, plan=MIXED, format="compressed-tensors", out=tmp_path / "ct", streaming=True)
+
+
 def test_gguf_from_hf_reads_back_as_the_weights_we_evaluated(exported):
     out, report, ours, stored = exported
     back = load_model(out)  # transformers' GGUF loader (it un-permutes q and k)

@@ -5,14 +5,19 @@ every variant evaluated against them, stored as float16 probabilities.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.models.layout import hidden_to_logits
 from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import held
+from layerwise.profile.replay import HEAD_CHUNK_ELEMENTS, final_hidden
 from layerwise.util.intervals import mean_ci, perplexity_ci
 from layerwise.util.progress import progress_bars
 
@@ -97,3 +102,57 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
     count = per_window * len(nll)
     return Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
                    tuple(window_kl), tuple(nll), (per_window,) * len(nll))
+
+
+@torch.no_grad()
+def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
+                     variant: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     progress: bool = True) -> tuple[Quality, Quality]:
+    """For a streamed model (`load_model(streaming=True)`): the quality of the base model (its
+    checkpoint as it is) and of the model with its overrides (quantized weights), run inside
+    `variant()`, against it, as `base_outputs` and `evaluate` measure them. Both run a batch at a
+    time to the last block; the head is applied a window and a chunk of positions at a time, so
+    no distribution outlives its window (no stored references, no second model)."""
+    streamed, model, adapter = loaded.streamed, loaded.model, loaded.adapter
+    base_nll, nll, window_kl, agree_total = [], [], [], 0.0
+    positions = windows.input_ids.shape[1] - 1
+    vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
+    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    chunks = [(start, min(positions, start + rows)) for start in range(0, positions, rows)]
+    with progress_bars(progress) as bars:
+        task = bars.add_task("base and quantized", total=len(windows.input_ids))
+        for batch in windows.batches(batch_size):
+            batch = batch.to(loaded.input_device)
+            with streamed.original():
+                base_final = final_hidden(model, adapter, batch)
+            with variant():
+                final = final_hidden(model, adapter, batch)
+            for window in range(len(batch)):
+                targets = batch[window, 1:]
+                with streamed.original(), held(streamed, adapter.lm_head):
+                    parts = []
+                    for start, stop in chunks:
+                        logits = hidden_to_logits(model, adapter, base_final[window, start:stop])
+                        parts.append((_nll_sum(logits, targets[start:stop]),
+                                      Reference.from_logits(logits, store=torch.float16)))
+                base_nll.append(sum(part[0] for part in parts))
+                with held(streamed, adapter.lm_head):
+                    total_nll = total_kl = 0.0
+                    for (start, stop), (_, reference) in zip(chunks, parts):
+                        logits = hidden_to_logits(model, adapter, final[window, start:stop])
+                        total_nll += _nll_sum(logits, targets[start:stop])
+                        total_kl += kl_per_token(reference, logits).double().sum().item()
+                        agree_total += top1_agreement(reference, logits).double().sum().item()
+                nll.append(total_nll)
+                window_kl.append(total_kl / positions)
+                bars.advance(task)
+    count = positions * len(nll)
+    base = Quality(math.exp(sum(base_nll) / count), 0.0, 1.0, count, (0.0,) * len(nll), tuple(base_nll),
+                   (positions,) * len(nll))
+    return base, Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
+                         tuple(window_kl), tuple(nll), (positions,) * len(nll))
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood of `targets` under `logits` ([positions, vocab])."""
+    return -torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).double().sum().item()

@@ -10,7 +10,7 @@ from layerwise.data.domains import Calibration, calibration_domains, calibration
 from layerwise.data.overlap import calibrations_of, check_held_out
 from layerwise.data.windows import read_text, token_windows
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.quality import base_outputs, evaluate
+from layerwise.evaluate.quality import base_outputs, compare_streamed, evaluate
 from layerwise.models.loading import load_model
 from layerwise.plan.plan import Plan
 from layerwise.quant.size import size_report
@@ -31,6 +31,7 @@ def run_eval(
     device: str = "cpu",
     batch_size: int = 4,
     schedule: Sequence[int] | None = None,
+    streaming: bool = False,
     progress: bool = True,
 ) -> dict:
     """Perplexity of the base model and, with `quantized` (a directory written by `layerwise
@@ -39,10 +40,11 @@ def run_eval(
     Evaluation uses the first `tokens` of `data` in non-overlapping windows; text used for
     calibration is refused. With `schedule` (block indices, skips and repeats allowed), the
     model runs its blocks in that order instead (no weights written), and is judged against
-    the model as it is."""
+    the model as it is. With `streaming`, one block at a time is read from disk, and the base
+    and quantized models run side by side a batch at a time (`compare_streamed`)."""
     if quantized is not None and plan is not None:
         raise LayerwiseError("pass either --quantized or --plan, not both")
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
     windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=None)
     document, stored = (load_quantized(quantized) if quantized is not None else (None, None))
     if plan is not None and not isinstance(plan, Plan):
@@ -63,10 +65,15 @@ def run_eval(
     if calibrations:
         for warning in check_held_out(loaded.tokenizer, windows, str(data), calibrations):
             print(f"warning: {warning}", file=sys.stderr)
-    base = base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
-    report = {"meta": run_metadata(), "model": loaded.describe(), "data": windows.describe(),
-              "base": base.quality.to_dict()}
-    # The base's outputs are cached, so the same model object is quantized in place: no copy.
+    from layerwise.prune.depth import schedule as run_in_order
+
+    def variant() -> contextlib.AbstractContextManager:
+        return run_in_order(loaded, schedule) if schedule is not None else contextlib.nullcontext()
+
+    report = {"meta": run_metadata(), "model": loaded.describe(), "data": windows.describe()}
+    # In memory, the base's outputs are cached first, so the same model object is then quantized
+    # in place: no copy. Streamed, quantizing leaves overrides that the base pass ignores.
+    base = None if streaming else base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
     if stored is not None:
         apply_quantized(loaded, document, stored)
         report["sizes"] = size_report(loaded, stored, document["meta"].get("dropped_modules", ()))
@@ -74,11 +81,18 @@ def run_eval(
         from layerwise.quant.run import run_quantize
 
         report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
-    if stored is not None or plan is not None or schedule is not None:
-        from layerwise.prune.depth import schedule as run_in_order
-
-        with run_in_order(loaded, schedule) if schedule is not None else contextlib.nullcontext():
-            report["quantized"] = evaluate(loaded, base, progress=progress).to_dict()
+    compared = stored is not None or plan is not None or schedule is not None
+    if streaming:
+        base_quality, quality = compare_streamed(loaded, windows, batch_size=batch_size, variant=variant,
+                                                 progress=progress)
+    else:
+        base_quality = base.quality
+        if compared:
+            with variant():
+                quality = evaluate(loaded, base, progress=progress)
+    report["base"] = base_quality.to_dict()
+    if compared:
+        report["quantized"] = quality.to_dict()
         if schedule is not None:
             report["schedule"] = list(schedule)
     return report

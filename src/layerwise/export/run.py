@@ -28,6 +28,7 @@ def run_export(
     dtype: str = "auto",
     converter: str | Path | None = None,
     imatrix: str | Path | None = None,
+    streaming: bool = False,
     progress: bool = True,
 ) -> dict:
     """"gguf": one GGUF file with the plan's type per tensor (the plan must use GGUF types).
@@ -39,9 +40,14 @@ def run_export(
     convert_hf_to_gguf.py (`converter`: the script or its llama.cpp folder; default
     $LAYERWISE_CONVERT_HF_TO_GGUF or PATH) into a temporary file whose metadata, tokenizer and
     untouched tensors are copied. `imatrix` weights a plan's GGUF types as `llama-quantize
-    --imatrix` does (for --quantized, the importance matrix was given to `quantize`)."""
+    --imatrix` does (for --quantized, the importance matrix was given to `quantize`).
+
+    `streaming` quantizes one block at a time from disk (`load_model(streaming=True)`); GGUF only,
+    whose file is written from the stored codes and the source file's other tensors."""
     if format not in EXPORT_FORMATS:
         raise LayerwiseError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if streaming and format != "gguf":
+        raise LayerwiseError(f"--streaming export writes GGUF only; {format} is written from the whole model in memory")
     if (plan is None) == (quantized is None):
         raise LayerwiseError("give either --plan or --quantized")
     out = Path(out)
@@ -61,7 +67,7 @@ def run_export(
         from layerwise.quant.storage import apply_quantized, load_quantized
 
         document, stored = load_quantized(quantized)
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, streaming=streaming)
         apply_quantized(loaded, document, stored)
         plan = Plan.load(Path(quantized) / "plan.json")
         dropped = document["meta"].get("dropped_modules", [])
@@ -70,7 +76,7 @@ def run_export(
         from layerwise.quant.run import run_quantize
 
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, streaming=streaming)
         if format == "compressed-tensors":
             from layerwise.export.compressed import check_plan_representable
             from layerwise.quant.apply import plan_targets

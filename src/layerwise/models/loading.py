@@ -14,6 +14,7 @@ from torch import nn
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter, get_adapter
 from layerwise.models.integrity import check_finite, check_gguf, check_weight_files
+from layerwise.models.streaming import StreamedWeights, stream_model
 from layerwise.util.meta import file_fingerprint, files_fingerprint
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -56,6 +57,8 @@ class LoadedModel:
     adapter: Adapter
     source: ModelSource
     fingerprint: str
+    # Set when the blocks, embedding and head are read from disk as they run (`load_model(streaming=True)`).
+    streamed: StreamedWeights | None = None
     model_type: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class LoadedModel:
     @property
     def input_device(self) -> torch.device:
         """Where token ids must go: the embedding's device (blocks may sit elsewhere with device_map)."""
+        if self.streamed is not None:
+            return self.streamed.device
         return self.model.get_submodule(self.adapter.embed).weight.device
 
     @property
@@ -78,7 +83,12 @@ class LoadedModel:
             "fingerprint": self.fingerprint,
             "n_blocks": self.n_blocks,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-        }
+        } | ({"streaming": True} if self.streamed is not None else {})
+
+    def require_in_memory(self, what: str) -> None:
+        """Refuse work that changes weights outside a part's call, which streaming does not keep."""
+        if self.streamed is not None:
+            raise LayerwiseError(f"{what} does not run on a streamed model yet; load it without --streaming")
 
 
 def resolve_source(source: str | os.PathLike, gguf_file: str | None = None) -> ModelSource:
@@ -180,12 +190,16 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
+    streaming: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, a .gguf file or a hub id.
 
     `device_map="auto"` hands placement to accelerate (models that need several GPUs); otherwise
     the whole model goes to `device`. GGUF files go through transformers' GGUF loader, which
     dequantizes to `dtype`. A tokenizer already loaded with `load_tokenizer` can be passed in.
+    With `streaming`, only the norms and buffers outside the blocks are loaded now; each block, the
+    embedding and the head are read from the safetensors or GGUF file when called and let go after
+    (`layerwise.models.streaming`), so memory holds one of them at a time.
     """
     from transformers import AutoModelForCausalLM
 
@@ -196,6 +210,11 @@ def load_model(
     torch_dtype = _pick_dtype(dtype, device)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved, trust_remote_code)
+    if streaming:
+        if device_map:
+            raise LayerwiseError("--streaming loads one block at a time onto --device; "
+                                 "it does not combine with --device-map")
+        return _load_streaming(resolved, config, adapter, torch_dtype, device, tokenizer, trust_remote_code)
     location, kwargs = resolved.from_pretrained_args()
     if device_map:
         kwargs["device_map"] = device_map
@@ -212,6 +231,25 @@ def load_model(
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, adapter, resolved, resolved.fingerprint(config))
+
+
+def _load_streaming(source: ModelSource, config: Any, adapter: Adapter, dtype: torch.dtype, device: str,
+                    tokenizer: Any, trust_remote_code: bool) -> LoadedModel:
+    folder = Path(source.location)
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as error:  # network, auth, missing repo: all end the same way for a user
+            raise _hub_error(source, error) from error
+    try:
+        model, streamed = stream_model(config, adapter, folder, source.gguf_file, dtype, device, trust_remote_code)
+    except LayerwiseError:
+        raise
+    except Exception as error:  # a corrupt file can raise anything inside the readers
+        raise _load_error(source, "model weights", error) from error
+    return LoadedModel(model, tokenizer, adapter, source, source.fingerprint(config), streamed=streamed)
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, name: str = "<in-memory>") -> LoadedModel:

@@ -54,6 +54,7 @@ def anchors(loaded: LoadedModel, windows: TokenWindows, modules: list[str], algo
             statistics: TokenWindows | None = None) -> Anchors:
     """One pass over `windows` keeping `Anchors`, and the GPTQ/AWQ input statistics of `modules`
     gathered on `statistics` (None: on `windows` themselves, in the same pass)."""
+    loaded.require_in_memory("measuring whole plans")
     if statistics is None:
         stats, register = _statistics_hooks(loaded.model, modules, algorithms)
     else:

@@ -287,6 +287,7 @@ def run_plan(
     if out is not None:
         check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    loaded.require_in_memory("plan")
     edges = budget_like is not None
     reference = _reference(loaded, budget_like) if edges else None  # refused before any measuring
     searching = allocator in SEARCHING

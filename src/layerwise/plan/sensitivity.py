@@ -435,6 +435,7 @@ def measure_sensitivity(
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
     names = [option_name(config) for config in configs]
+    loaded.require_in_memory("the sensitivity table")
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:

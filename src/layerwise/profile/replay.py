@@ -87,6 +87,14 @@ def blocks_run(n_blocks: int, index: int, kind: str) -> int:
     return n_blocks - index - (kind == "block")
 
 
+def _recorder(calls: list[BlockCall], index: int):
+    """A pre-hook that records block `index`'s call arguments (and, for the first block, its input)."""
+    def hook(module, args, kwargs):
+        calls.append(BlockCall(index, h_in=hidden_arg(args, kwargs).detach() if index == 0 else None,
+                               args=tuple(args[1:]), kwargs={k: v for k, v in kwargs.items() if k != "hidden_states"}))
+    return hook
+
+
 class StopForward(Exception):
     """Raised from a hook to end a forward pass once what was wanted of it is kept (the head, a
     vocabulary-wide tensor per token, then never runs)."""
@@ -104,19 +112,13 @@ def block_calls(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor,
     calls: list[BlockCall] = []
     last: list[torch.Tensor] = []
 
-    def start(index: int):
-        def hook(module, args, kwargs):
-            calls.append(BlockCall(index, h_in=hidden_arg(args, kwargs).detach() if index == 0 else None, args=tuple(args[1:]),
-                                   kwargs={k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        return hook
-
     def finish(module, args, output):
         last.append(first_tensor(output).detach())
         raise StopForward
 
     def register(handles: list) -> None:
         for index, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(start(index), with_kwargs=True))
+            handles.append(block.register_forward_pre_hook(_recorder(calls, index), with_kwargs=True))
         handles.append(blocks[-1].register_forward_hook(finish))
         if register_more is not None:
             register_more(handles)
@@ -124,6 +126,63 @@ def block_calls(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor,
     with scoped_hooks(register), contextlib.suppress(StopForward):
         model(input_ids=input_ids, use_cache=False)
     return calls, last[0]
+
+
+@torch.no_grad()
+def call_arguments(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor) -> list[BlockCall]:
+    """Every block's call arguments and the first block's input, from a pass in which each block
+    hands its input on unchanged (the blocks compute nothing, and a streamed model loads none of
+    them): all that re-running the blocks one at a time on these tokens needs."""
+    blocks = blocks_of(model, adapter)
+    calls: list[BlockCall] = []
+
+    def finish(module, args, output):
+        raise StopForward
+
+    def register(handles: list) -> None:
+        for index, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(_recorder(calls, index), with_kwargs=True))
+        handles.append(blocks[-1].register_forward_hook(finish))
+
+    with scoped_hooks(register), passed_through(blocks), contextlib.suppress(StopForward):
+        model(input_ids=input_ids, use_cache=False)
+    return calls
+
+
+@contextlib.contextmanager
+def passed_through(blocks: nn.ModuleList):
+    """Blocks that return their hidden-state input as it is (their hooks still run)."""
+    def identity(*args, **kwargs):
+        return hidden_arg(args, kwargs)
+
+    saved = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for block in blocks:
+            block.forward = identity
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+@torch.no_grad()
+def final_hidden(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor) -> torch.Tensor:
+    """The last block's output for these tokens, as the final norm receives it (so a schedule that
+    repeats the last block still ends after its last run); the pass stops there."""
+    kept: list[torch.Tensor] = []
+
+    def finish(module, args):
+        kept.append(args[0].detach())
+        raise StopForward
+
+    norm = model.get_submodule(adapter.final_norm)
+    with scoped_hooks(lambda handles: handles.append(norm.register_forward_pre_hook(finish))), \
+            contextlib.suppress(StopForward):
+        model(input_ids=input_ids, use_cache=False)
+    return kept[0]
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.adapters import get_adapter
 from layerwise.models.layout import block_linears, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
+from layerwise.models.streaming import by_part, held
 from layerwise.profile.hooks import BlockCall, capture_blocks
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
@@ -52,33 +53,39 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
 
     with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)), contextlib.suppress(StopForward):
         logits = model(input_ids=batch, use_cache=False).logits
-    # The final output is the last block's lens through the same head, so the lens ends at KL 0.
-    final = Reference.from_logits(hidden_to_logits(model, adapter, lens_hidden[len(lens_hidden) - 1]))
-    lens = lens_partials(model, adapter, [lens_hidden[i] for i in range(len(lens_hidden))], final)
-    for index, partials in enumerate(lens):
-        combine(acc.lens[index], partials)
-    if not ablation:
-        return
-    base = Reference.from_logits(logits)
-    del logits
-    for kind in ablation:
-        for index in range(len(calls)):
-            kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
-            combine(acc.ablation[kind][index], {"total": kl.double().sum().item(), "count": float(kl.numel())})
-            on_ablation_step(blocks_run(len(calls), index, kind))
+    # The head is applied once per block below: a streamed model keeps it loaded meanwhile.
+    with held(loaded.streamed, adapter.lm_head):
+        # The final output is the last block's lens through the same head, so the lens ends at KL 0.
+        final = Reference.from_logits(hidden_to_logits(model, adapter, lens_hidden[len(lens_hidden) - 1]))
+        lens = lens_partials(model, adapter, [lens_hidden[i] for i in range(len(lens_hidden))], final)
+        for index, partials in enumerate(lens):
+            combine(acc.lens[index], partials)
+        if not ablation:
+            return
+        base = Reference.from_logits(logits)
+        del logits
+        for kind in ablation:
+            for index in range(len(calls)):
+                kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
+                combine(acc.ablation[kind][index], {"total": kl.double().sum().item(), "count": float(kl.numel())})
+                on_ablation_step(blocks_run(len(calls), index, kind))
 
 
 def _weight_rows(loaded: LoadedModel, progress, bars) -> list[dict]:
     linears = block_linears(loaded.model, loaded.adapter)
     task = bars.add_task("weight statistics", total=len(linears)) if progress else None
+    found = {name: (block, module) for block, name, module in linears}
     rows = []
-    for block, name, module in linears:
-        weight = linear_weight(module).detach()
-        row = {"name": name, "block": block, "rows": weight.shape[0], "columns": weight.shape[1]}
-        row.update({metric.name: metric.compute(weight) for metric in WEIGHT_METRICS.values()})
-        rows.append(row)
-        if progress:
-            bars.advance(task)
+    for part, names in by_part(loaded.streamed, list(found)):
+        with held(loaded.streamed, part):
+            for name in names:
+                block, module = found[name]
+                weight = linear_weight(module).detach()
+                row = {"name": name, "block": block, "rows": weight.shape[0], "columns": weight.shape[1]}
+                row.update({metric.name: metric.compute(weight) for metric in WEIGHT_METRICS.values()})
+                rows.append(row)
+                if progress:
+                    bars.advance(task)
     return rows
 
 
@@ -203,12 +210,14 @@ def run_profile(
     dtype: str = "auto",
     device: str = "cpu",
     device_map: str | None = None,
+    streaming: bool = False,
     progress: bool = True,
 ) -> ProfileResult:
     """`layerwise profile` from Python: load, cut calibration windows, profile, and save to `out`.
 
     `data=None` uses the calibration excerpt shipped with layerwise. Output (if `out`):
     profile.json, blocks.csv, linears.csv. Inputs are checked before any long work starts.
+    `streaming` reads one block at a time from disk as it runs (`load_model(streaming=True)`).
     """
     if tokens <= 0:
         raise LayerwiseError(f"--tokens must be a positive number, got {tokens}")
@@ -224,7 +233,8 @@ def run_profile(
         get_adapter(config.model_type, config)
         tokenizer = load_tokenizer(source)
         windows = token_windows(tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
-        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, tokenizer=tokenizer)
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, tokenizer=tokenizer,
+                            streaming=streaming)
     result = profile_model(loaded, windows, batch_size=batch_size, ablation=ablation,
                            lens_positions_per_window=lens_positions_per_window, weights=weights, progress=progress)
     if out is not None:

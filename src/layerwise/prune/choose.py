@@ -41,6 +41,7 @@ class DropChoice:
 def choose_drops(loaded: LoadedModel, windows: TokenWindows, kind: str = "block", count: int = 1,
                  by: str = "bi", *, batch_size: int = 2, progress: bool = True) -> DropChoice:
     """The `count` units of `kind` to drop first by criterion `by`."""
+    loaded.require_in_memory("choosing units to drop")
     if kind not in DROP_KINDS:
         raise LayerwiseError(f"unknown drop kind {kind!r}; choose from {', '.join(DROP_KINDS)}")
     if by not in CRITERIA:

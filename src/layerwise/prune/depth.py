@@ -10,6 +10,7 @@ deletes whole blocks instead and renumbers the rest, so plain transformers loads
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Iterator, Sequence
 
@@ -20,6 +21,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import blocks_of
 from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import write_parameter
 
 DROP_KINDS = ("block", "attn", "mlp")
 _OUT_ROLES = {"attn": ("attn_out",), "mlp": ("mlp_out",), "block": ("attn_out", "mlp_out")}
@@ -59,9 +61,10 @@ def silence_(loaded: LoadedModel, kind: str, indices: Sequence[int]) -> None:
         for role in _OUT_ROLES[_check_kind(kind)]:
             for path in adapter.linears.get(role, ()):
                 module = block.get_submodule(path)
-                module.weight.data.zero_()
-                if getattr(module, "bias", None) is not None:
-                    module.bias.data.zero_()
+                for parameter in ("weight", "bias"):
+                    if getattr(module, parameter, None) is not None:
+                        zeros = functools.partial(torch.zeros_like, getattr(module, parameter), device="cpu")
+                        write_parameter(loaded.streamed, model, f"{adapter.blocks}.{index}.{path}.{parameter}", zeros)
 
 
 def out_projections(loaded: LoadedModel) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ def run_drop(
     if out is not None:
         check_output(out, overwrite, directory=True)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    loaded.require_in_memory("drop")
     if indices is not None:
         order = check_indices(list(indices), loaded.n_blocks)
         if kind == "block" and len(order) >= loaded.n_blocks:

@@ -16,10 +16,12 @@ from torch import nn
 
 from layerwise.data.windows import TokenWindows
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import block_linears, blocks_of, linear_weight, set_linear_weight
+from layerwise.models.layout import block_linears, blocks_of, linear_weight
 from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import by_part, held, write_linear
 from layerwise.prune.depth import dropped_modules, drop_units_, parse_unit
-from layerwise.profile.hooks import BlockCall, capture_blocks, run_block, scoped_hooks
+from layerwise.profile.hooks import BlockCall, run_block, scoped_hooks
+from layerwise.profile.replay import call_arguments
 from layerwise.quant.awq import awq_quantize
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.gptq import gptq_quantize
@@ -106,28 +108,17 @@ def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: In
     return qtensor
 
 
-def _quantize_module(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None,
+def _quantize_module(loaded: LoadedModel, name: str, config: QuantConfig, stats: InputStats | None,
                      importance: np.ndarray | None = None) -> QTensor:
-    qtensor = quantize_linear(name, module, config, stats, importance)
-    set_linear_weight(module, qtensor.dequantize())
+    qtensor = quantize_linear(name, loaded.model.get_submodule(name), config, stats, importance)
+    write_linear(loaded.streamed, loaded.model, name, qtensor)
     return qtensor
 
 
 def block_inputs(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
     """For each batch: the first block's input, and every block's call arguments."""
     device = loaded.input_device
-    per_batch = []
-    for batch in windows.batches(batch_size):
-        calls: list[BlockCall] = []
-
-        def keep(call: BlockCall) -> None:
-            calls.append(BlockCall(call.index, h_in=call.h_in if call.index == 0 else None,
-                                   args=call.args, kwargs=call.kwargs))
-
-        with torch.no_grad(), capture_blocks(loaded.model, loaded.adapter, keep, keep_call=True):
-            loaded.model(input_ids=batch.to(device), use_cache=False)
-        per_batch.append(calls)
-    return per_batch
+    return [call_arguments(loaded.model, loaded.adapter, batch.to(device)) for batch in windows.batches(batch_size)]
 
 
 @torch.no_grad()
@@ -150,7 +141,7 @@ def quantize_(
     needs_data = any(config.algorithm != "rtn" for config in targets.values())
     if needs_data and calibration is None:
         raise LayerwiseError("GPTQ and AWQ need calibration text (--calib)")
-    model, adapter = loaded.model, loaded.adapter
+    model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     modules = {name: model.get_submodule(name) for name in targets}
     result: dict[str, QTensor] = {}
     with progress_bars(progress) as bars:
@@ -169,18 +160,20 @@ def quantize_(
                         handles.append(modules[name].register_forward_pre_hook(
                             lambda mod, args, name=name: gather_inputs(stats[name], args[0], targets[name])))
 
-                if data_names:
-                    with scoped_hooks(register):
-                        for calls, h in zip(per_batch, hidden):
-                            run_block(block, calls[index], h)
+                with held(streamed, prefix[:-1]):
+                    if data_names:
+                        with scoped_hooks(register):
+                            for calls, h in zip(per_batch, hidden):
+                                run_block(block, calls[index], h)
+                    for name in names:
+                        result[name] = _quantize_module(loaded, name, targets[name], stats.get(name),
+                                                        importance.get(name))
+                        bars.advance(task)
+                    stats.clear()
+                    hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
+        for part, names in by_part(streamed, [name for name in targets if name not in result]):
+            with held(streamed, part):
                 for name in names:
-                    result[name] = _quantize_module(name, modules[name], targets[name], stats.get(name),
-                                                    importance.get(name))
+                    result[name] = _quantize_module(loaded, name, targets[name], None, importance.get(name))
                     bars.advance(task)
-                stats.clear()
-                hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
-        for name, config in targets.items():
-            if name not in result:
-                result[name] = _quantize_module(name, modules[name], config, None, importance.get(name))
-                bars.advance(task)
     return result

@@ -290,13 +290,15 @@ def run_imatrix(
     overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
+    streaming: bool = False,
     progress: bool = True,
 ) -> Imatrix:
     """`layerwise imatrix`: the importance matrix of `model` on `data`, chunked as llama-imatrix
     chunks it (`ctx` tokens per chunk, at most `chunks` chunks), written to `out` (GGUF, or
-    legacy when it ends in .dat)."""
+    legacy when it ends in .dat). `streaming` reads one block at a time from disk."""
     check_output(out, overwrite)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
+                                                                      streaming=streaming)
     windows = imatrix_windows(loaded.tokenizer, data, ctx=ctx, chunks=chunks)
     imatrix = collect_imatrix(loaded, windows, include_output=include_output, progress=progress)
     imatrix.datasets = [str(data)]

@@ -32,6 +32,7 @@ def run_quantize(
     imatrix: str | Path | Imatrix | None = None,
     dtype: str = "auto",
     device: str = "cpu",
+    streaming: bool = False,
     progress: bool = True,
 ) -> tuple[LoadedModel, dict[str, QTensor], dict]:
     """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
@@ -41,12 +42,14 @@ def run_quantize(
     in the plan), one is collected on the calibration windows before quantizing, when `calib` is
     given or GPTQ/AWQ draw windows anyway. `calib`: one file, several (one domain each), or None
     for the shipped mix of prose, code, verse and tables that `plan` calibrates on by default;
-    GPTQ and AWQ fit on `tokens` of it."""
+    GPTQ and AWQ fit on `tokens` of it. `streaming` reads one block at a time from disk (the model
+    returned then holds the quantized weights as overrides, decoded as each block loads)."""
     if out is not None:
         check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
+                                                                      streaming=streaming)
     if plan.model_fingerprint and plan.model_fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"the plan was made for a model with fingerprint {plan.model_fingerprint[:16]}..., "
                              f"not {loaded.source.display}")

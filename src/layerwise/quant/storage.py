@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import linear_weight, set_linear_weight
+from layerwise.models.layout import linear_weight
+from layerwise.models.streaming import write_linear
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.plan import Plan
 from layerwise.quant.config import QuantConfig
@@ -186,4 +187,4 @@ def apply_quantized(loaded: LoadedModel, document: dict, quantized: dict[str, QT
             raise LayerwiseError(f"the quantized model names module {name!r}, which this model does not have") from None
         if tuple(linear_weight(module).shape) != q.shape:
             raise LayerwiseError(f"{name}: stored shape {q.shape} does not match the model's {tuple(linear_weight(module).shape)}")
-        set_linear_weight(module, q.dequantize())
+        write_linear(loaded.streamed, loaded.model, name, q)

@@ -1,0 +1,397 @@
+"""Streaming: a model whose blocks, embedding and head hold no weights until they are called.
+
+The skeleton (the norms outside the blocks, buffers such as rotary frequencies) stays in memory;
+every other parameter lives on the meta device and is read from the checkpoint when its part (a
+block, the embedding, the head) is called, and let go when the call returns, so the weights in
+memory at any time are one part's. safetensors files are opened for one part's tensors and closed
+again (their pages leave the process); a GGUF is dequantized one tensor at a time by transformers'
+own per-tensor conversion, so the values are those `from_pretrained(gguf_file=...)` gives.
+
+Code that reads or changes a part's weights outside its forward holds the part (`held`). Changes
+that must outlast a release (quantized weights, silenced projections) are overrides: kept in their
+stored form and decoded each time the part is loaded (`write_parameter`, `write_linear`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import Adapter
+
+# A producer of a parameter's values in the parameter's own layout (decoded when its part loads).
+Producer = Callable[[], torch.Tensor]
+
+# Elements read and converted at once: a float16 embedding of 28M entries read as float32 would
+# otherwise also hold its float16 copy and the file's mapped pages (170 MB more, for SmolLM2).
+_READ_ELEMENTS = 1 << 22
+
+
+class SafetensorsTensors:
+    """Tensors of a folder of .safetensors files, read a few at a time, each file closed after."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(file, framework="pt") as handle:
+                    self.files.update({name: file for name in handle.keys()})
+        if not self.files:
+            raise LayerwiseError(f"streaming reads .safetensors or .gguf weights, and {folder} has neither")
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def read(self, names: list[str], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """Each tensor in its dtype from `dtypes`. Large ones are read a few million entries at a
+        time into the converted tensor, the file reopened for each piece (closing it unmaps the
+        pages read), so a piece is all that exists twice."""
+        from safetensors import safe_open
+
+        tensors = {}
+        for name in names:
+            file = self.files[name]
+            with safe_open(file, framework="pt") as handle:
+                whole = handle.get_slice(name)
+                shape = whole.get_shape()
+                row = math.prod(shape[1:])
+                if len(shape) < 2 or shape[0] * row <= _READ_ELEMENTS:
+                    tensors[name] = handle.get_tensor(name).to(dtypes[name])
+                    continue
+            values = torch.empty(shape, dtype=dtypes[name])
+            step = max(1, _READ_ELEMENTS // row)
+            for start in range(0, shape[0], step):
+                with safe_open(file, framework="pt") as handle:
+                    values[start:start + step] = handle.get_slice(name)[start:start + step]
+            tensors[name] = values
+        return tensors
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` (sorted) of a 2-D tensor, each contiguous run read as one slice."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as handle:
+            whole = handle.get_slice(name)
+            return torch.cat([whole[start:stop] for start, stop in _runs(rows)])
+
+
+class GGUFTensors:
+    """Tensors of a GGUF file under their Hugging Face names, dequantized one at a time as
+    transformers' GGUF loader does (the same per-tensor conversion, e.g. llama's q/k un-permute)."""
+
+    def __init__(self, path: Path, skeleton: nn.Module, config: Any) -> None:
+        import gguf
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        self.reader = gguf.GGUFReader(path)
+        architecture = str(self.reader.fields["general.architecture"].contents())
+        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
+        # transformers' get_gguf_hf_weights_map, once for the whole model (it rebuilds gguf-py's
+        # name map for every submodule: seconds per load), with the file's own architecture.
+        arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
+        if arch is None:
+            raise LayerwiseError(f"gguf-py does not know the GGUF architecture {architecture!r}")
+        name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        self.mapping = {}
+        for hf_name in skeleton.state_dict():
+            stem, dot, suffix = self.processor.preprocess_name(hf_name).rpartition(".")
+            gguf_name = name_map.get_name(stem) if suffix in ("weight", "bias") else None
+            if gguf_name is not None:
+                self.mapping[f"{gguf_name}.{suffix}"] = hf_name
+        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def read(self, names: list[str], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        import numpy as np
+        from gguf.quants import dequantize
+
+        tensors = {}
+        for name in names:
+            tensor = self.tensors[name]
+            values = dequantize(tensor.data, tensor.tensor_type)
+            values = self.processor.process(weights=values, name=tensor.name, tensor_key_mapping=self.mapping,
+                                            parsed_parameters={}).weights
+            # A copy only where the values still view the mapped file (float types, un-permuted views).
+            tensors[name] = torch.from_numpy(np.require(values, requirements=["O", "W", "C"])).to(dtypes[name])
+            self._let_pages_go()
+        return tensors
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` (sorted) of a 2-D tensor: a quantized type's rows are whole blocks, so only
+        these are dequantized. (The per-tensor conversions transformers applies leave the
+        embedding's rows as they are.)"""
+        import numpy as np
+        from gguf.quants import dequantize
+
+        tensor = self.tensors[name]
+        values = torch.from_numpy(np.copy(dequantize(tensor.data[rows], tensor.tensor_type)))
+        self._let_pages_go()
+        return values
+
+    def _let_pages_go(self) -> None:
+        # The file's pages just read stay mapped into the process (counted in its resident size)
+        # until told otherwise; they are the page cache's to keep, not ours.
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            self.reader.data._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+@dataclass
+class StreamedWeights:
+    """Which parameters of a skeleton model are streamed, from where, and what holds them now."""
+
+    model: nn.Module
+    source: SafetensorsTensors | GGUFTensors
+    checkpoint_names: dict[str, str]  # parameter name -> tensor name in the checkpoint
+    parts: dict[str, nn.Module]  # part path ("model.layers.3", "lm_head") -> module
+    device: torch.device
+    holds: Counter = field(default_factory=Counter)
+    overrides: dict[str, Producer] = field(default_factory=dict)  # keyed by checkpoint name
+    use_overrides: bool = True
+    loads: int = 0  # parts loaded so far (tests and benchmarks read it)
+    _placeholders: dict[str, nn.Parameter] = field(default_factory=dict)  # meta stand-ins, by checkpoint name
+
+    def part_of(self, name: str) -> str | None:
+        """The streamed part that holds module or parameter `name`, if any."""
+        for part in self.parts:
+            if name == part or name.startswith(part + "."):
+                return part
+        return None
+
+    @contextlib.contextmanager
+    def held(self, part: str) -> Iterator[None]:
+        """Keep `part`'s weights in memory for the duration (loaded if they were not)."""
+        if self.holds[part] == 0:
+            self._load(part)
+        self.holds[part] += 1
+        try:
+            yield
+        finally:
+            self.holds[part] -= 1
+            if self.holds[part] == 0:
+                self._release(part)
+
+    @contextlib.contextmanager
+    def original(self) -> Iterator[None]:
+        """Load parts as the checkpoint has them, overrides ignored (the base model's outputs)."""
+        if any(self.holds.values()):
+            raise LayerwiseError("the original weights are asked for while a part is held with its overrides")
+        self.use_overrides = False
+        try:
+            yield
+        finally:
+            self.use_overrides = True
+
+    def override(self, parameter: str, produce: Producer) -> None:
+        """From now on, parameter `parameter` loads as `produce()` (tied parameters alike)."""
+        self.overrides[self.checkpoint_names[parameter]] = produce
+        part = self.part_of(parameter)
+        if self.holds[part]:
+            self._load(part, only=parameter)
+
+    def resident_parameters(self) -> int:
+        """Elements of streamed parts' parameters that are in memory now (not meta)."""
+        return sum(p.numel() for module in self.parts.values() for p in module.parameters() if not p.is_meta)
+
+    def _parameters(self, part: str) -> list[tuple[nn.Module, str, str]]:
+        module = self.parts[part]
+        found = []
+        for name, _ in module.named_parameters(remove_duplicate=False):
+            owner_path, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            found.append((owner, attribute, f"{part}.{name}"))
+        return found
+
+    def _load(self, part: str, only: str | None = None) -> None:
+        entries = [entry for entry in self._parameters(part) if only is None or entry[2] == only]
+        wanted = []
+        for _, _, name in entries:
+            key = self.checkpoint_names[name]
+            if not (self.use_overrides and key in self.overrides):
+                wanted.append(key)
+        dtypes = {self.checkpoint_names[name]: owner._parameters[attribute].dtype for owner, attribute, name in entries}
+        tensors = self.source.read(sorted(set(wanted)), dtypes)
+        for owner, attribute, name in entries:
+            key = self.checkpoint_names[name]
+            old = owner._parameters[attribute]
+            values = self.overrides[key]() if self.use_overrides and key in self.overrides else tensors[key]
+            if tuple(values.shape) != tuple(old.shape):
+                raise LayerwiseError(f"{name}: the checkpoint's tensor has shape {tuple(values.shape)}, "
+                                     f"the model expects {tuple(old.shape)}")
+            values = values.to(device=self.device, dtype=old.dtype)
+            if only is None and not _all_finite(values):
+                raise LayerwiseError(f"{name} has non-finite values in the checkpoint (corrupt file?)")
+            owner._parameters[attribute] = nn.Parameter(values, requires_grad=False)
+        self.loads += only is None
+
+    def _release(self, part: str) -> None:
+        for owner, attribute, name in self._parameters(part):
+            key = self.checkpoint_names[name]
+            if key not in self._placeholders:  # one per checkpoint tensor: tied parameters stay tied
+                old = owner._parameters[attribute]
+                self._placeholders[key] = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"),
+                                                       requires_grad=False)
+            owner._parameters[attribute] = self._placeholders[key]
+
+
+def stream_model(config: Any, adapter: Adapter, weights_at: Path, gguf_file: str | None, dtype: torch.dtype,
+                 device: str, trust_remote_code: bool = False) -> tuple[nn.Module, StreamedWeights]:
+    """A skeleton of the model `config` describes, its blocks, embedding and head streamed from
+    the safetensors folder or GGUF file at `weights_at` (the rest read into memory now)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_pretrained ties after loading; a tied head is read as the embedding
+    model.eval()
+    source = (GGUFTensors(weights_at / gguf_file, model, config) if gguf_file
+              else SafetensorsTensors(weights_at))
+    checkpoint_names = _checkpoint_names(model, source.names(), getattr(model, "base_model_prefix", ""))
+    n_blocks = len(model.get_submodule(adapter.blocks))
+    part_paths = [adapter.embed, *(f"{adapter.blocks}.{i}" for i in range(n_blocks)), adapter.lm_head]
+    parts = {path: model.get_submodule(path) for path in part_paths}
+    streamed = StreamedWeights(model, source, checkpoint_names, parts, torch.device(device))
+    resident = [name for name, _ in model.named_parameters(remove_duplicate=False) if streamed.part_of(name) is None]
+    dtypes = {checkpoint_names[name]: model.get_parameter(name).dtype for name in resident}
+    tensors = source.read(sorted(dtypes), dtypes)
+    for name in resident:
+        owner_path, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_path)
+        old = owner._parameters[attribute]
+        owner._parameters[attribute] = nn.Parameter(
+            tensors[checkpoint_names[name]].to(device=device, dtype=old.dtype), requires_grad=False)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                module._buffers[name] = buffer.to(device)
+    for path, module in parts.items():
+        (_embed_rows_only if path == adapter.embed else _load_around_calls)(streamed, path, module)
+    for path in parts:
+        streamed._release(path)
+    return model, streamed
+
+
+def _checkpoint_names(model: nn.Module, available: set[str], prefix: str) -> dict[str, str]:
+    """Parameter name -> checkpoint tensor name: the same name, the name without or with the base
+    model's prefix (checkpoints saved from the bare model), or a tied twin's name."""
+    names: dict[str, str] = {}
+    by_parameter: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_parameter.setdefault(id(parameter), []).append(name)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"] if prefix else [name]
+        candidates += [twin for twin in by_parameter[id(parameter)] if twin != name]
+        found = next((c for c in candidates if c in available), None)
+        if found is None:
+            raise LayerwiseError(f"the checkpoint has no tensor for {name}; streaming cannot load this model")
+        names[name] = found
+    return names
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(part).all()) for part in values.reshape(-1).split(_READ_ELEMENTS))
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row indices as [start, stop) runs of consecutive rows."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1][1] = row + 1
+        else:
+            runs.append([row, row + 1])
+    return [(start, stop) for start, stop in runs]
+
+
+def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) -> None:
+    """Make the embedding read, for each call, only the rows of the tokens it is given: its
+    forward runs on those rows with the ids renumbered into them (subclasses that scale the
+    output work unchanged). Held (e.g. as a tied head) or overridden, it loads whole instead."""
+    forward = module.forward
+    name = f"{path}.weight"
+
+    def forward_with_rows(input_ids, *args, **kwargs):
+        key = streamed.checkpoint_names[name]
+        if streamed.holds[path] or (streamed.use_overrides and key in streamed.overrides):
+            with streamed.held(path):
+                return forward(input_ids, *args, **kwargs)
+        unique, renumbered = torch.unique(input_ids, return_inverse=True)
+        placeholder = module._parameters["weight"]
+        rows = streamed.source.read_rows(key, unique.tolist())
+        module._parameters["weight"] = nn.Parameter(rows.to(device=streamed.device, dtype=placeholder.dtype),
+                                                    requires_grad=False)
+        try:
+            return forward(renumbered, *args, **kwargs)
+        finally:
+            module._parameters["weight"] = placeholder
+
+    module.forward = forward_with_rows
+
+
+def _load_around_calls(streamed: StreamedWeights, path: str, module: nn.Module) -> None:
+    """Make `module` load its weights for each call and let them go after (unless held)."""
+    forward = module.forward
+
+    def forward_with_weights(*args, **kwargs):
+        with streamed.held(path):
+            return forward(*args, **kwargs)
+
+    module.forward = forward_with_weights
+
+
+def held(streamed: StreamedWeights | None, name: str) -> contextlib.AbstractContextManager:
+    """Hold the streamed part that contains module `name` (nothing to do when not streaming, or
+    when `name` is in the resident skeleton)."""
+    part = streamed.part_of(name) if streamed is not None else None
+    return streamed.held(part) if part is not None else contextlib.nullcontext()
+
+
+def by_part(streamed: StreamedWeights | None, names: list[str]) -> list[tuple[str, list[str]]]:
+    """`names` (modules) grouped by the streamed part that holds them, in the model's order, so
+    that each part is loaded once for all of its modules (one group per name when not streaming)."""
+    if streamed is None:
+        return [(name, [name]) for name in names]
+    order = {part: position for position, part in enumerate(streamed.parts)}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(streamed.part_of(name) or name, []).append(name)
+    return sorted(groups.items(), key=lambda item: order.get(item[0], -1))
+
+
+def write_parameter(streamed: StreamedWeights | None, model: nn.Module, name: str, produce: Producer) -> None:
+    """Give parameter `name` the values `produce()` makes (in its own layout): in place in memory;
+    when streaming, kept as an override that its part decodes each time it loads."""
+    part = streamed.part_of(name) if streamed is not None else None
+    if part is None:
+        model.get_parameter(name).data.copy_(produce())
+    else:
+        streamed.override(name, produce)
+
+
+def write_linear(streamed: StreamedWeights | None, model: nn.Module, name: str, stored: Any) -> None:
+    """Give linear `name` the [out, in] weight `stored` (a tensor, or a stored form whose
+    `dequantize()` gives one), in whatever layout the module keeps (GPT-2's Conv1D: transposed)."""
+    transposed = type(model.get_submodule(name)).__name__ == "Conv1D"
+
+    def produce() -> torch.Tensor:
+        values = stored.dequantize() if hasattr(stored, "dequantize") else stored
+        return values.t() if transposed else values
+
+    write_parameter(streamed, model, f"{name}.weight", produce)

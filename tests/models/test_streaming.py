@@ -1,0 +1,168 @@
+"""Streaming (`load_model(streaming=True)`): one part's weights in memory at a time, and the same
+numbers as the model loaded whole."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerwise import LayerwiseError, load_model
+from layerwise.evaluate.run import run_eval
+from layerwise.models.layout import blocks_of
+from layerwise.plan.plan import Plan
+from layerwise.profile import run_profile
+from layerwise.quant.config import QuantConfig
+from layerwise.quant.run import run_quantize
+from conftest import EVALUATION_TEXT, SMOLLM2, STORIES
+
+
+@pytest.fixture(scope="module")
+def streamed():
+    return load_model(STORIES, streaming=True)
+
+
+def _tokens(loaded, shape=(2, 48)) -> torch.Tensor:
+    return torch.randint(0, loaded.model.config.vocab_size, shape, generator=torch.Generator().manual_seed(1))
+
+
+def test_streamed_forward_equals_the_model_loaded_whole(stories, streamed):
+    ids = _tokens(stories)
+    loads = streamed.streamed.loads
+    with torch.no_grad():
+        whole = stories.model(input_ids=ids, use_cache=False).logits
+        parts = streamed.model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(whole, parts)
+    assert streamed.streamed.resident_parameters() == 0  # everything let go after the pass
+    assert streamed.streamed.loads - loads == 6  # five blocks and the head; the embedding read only its tokens' rows
+    assert streamed.describe()["streaming"] is True
+
+
+def test_only_the_running_block_holds_weights(streamed):
+    """Counted as each block is called (its pre-hook runs before it loads) and inside it (at its
+    attention): nothing is in memory between blocks, and exactly that block's weights within."""
+    weights = streamed.streamed
+    blocks = blocks_of(streamed.model, streamed.adapter)
+    between, within = [], []
+
+    def count(into: list):
+        return lambda module, args: into.append(weights.resident_parameters())
+
+    handles = [block.register_forward_pre_hook(count(between)) for block in blocks]
+    handles += [block.self_attn.register_forward_pre_hook(count(within)) for block in blocks]
+    try:
+        with torch.no_grad():
+            streamed.model(input_ids=_tokens(streamed), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert between == [0] * len(blocks)
+    assert within == [sum(p.numel() for p in blocks[0].parameters())] * len(blocks)
+
+
+def test_overrides_outlast_a_release_and_original_ignores_them(streamed):
+    name = "model.layers.2.mlp.down_proj"
+    weights = streamed.streamed
+    ids = _tokens(streamed)
+    with torch.no_grad():
+        before = streamed.model(input_ids=ids, use_cache=False).logits
+        weights.override(f"{name}.weight", lambda: torch.zeros(64, 172))
+        try:
+            changed = streamed.model(input_ids=ids, use_cache=False).logits
+            with weights.held("model.layers.2"):
+                assert streamed.model.get_submodule(name).weight.abs().sum() == 0
+            with weights.original():
+                again = streamed.model(input_ids=ids, use_cache=False).logits
+        finally:
+            weights.overrides.clear()
+    assert not torch.equal(before, changed)
+    assert torch.equal(before, again)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_quantization_stores_the_same_codes(method):
+    plan = Plan(QuantConfig("int", 4, None, True, method, "error"))
+    _, whole, whole_sizes = run_quantize(STORIES, plan, tokens=1024, progress=False)
+    loaded, parts, sizes = run_quantize(STORIES, plan, tokens=1024, streaming=True, progress=False)
+    assert loaded.streamed is not None and sizes == whole_sizes
+    assert whole.keys() == parts.keys()
+    for name in whole:
+        assert torch.equal(whole[name].dequantize(), parts[name].dequantize()), name
+
+
+def test_streamed_eval_and_profile_match(tmp_path):
+    plan = Plan(QuantConfig("int", 3, None, True, "rtn", "error"))
+    run_quantize(STORIES, plan, out=tmp_path / "q", progress=False)
+    whole = run_eval(STORIES, data=EVALUATION_TEXT, quantized=tmp_path / "q", tokens=2048, progress=False)
+    parts = run_eval(STORIES, data=EVALUATION_TEXT, quantized=tmp_path / "q", tokens=2048, streaming=True,
+                     progress=False)
+    for key in ("base", "quantized"):
+        assert parts[key]["perplexity"] == pytest.approx(whole[key]["perplexity"], rel=1e-9)
+        assert parts[key]["top1"] == whole[key]["top1"]
+        assert max(abs(a - b) for a, b in zip(parts[key]["window_kl"], whole[key]["window_kl"])) < 1e-6
+    assert whole["quantized"]["kl"] > 0.01
+    profiled = [run_profile(STORIES, tokens=1024, ablation=True, streaming=streaming, progress=False)
+                for streaming in (False, True)]
+    for a, b in zip(profiled[0].blocks, profiled[1].blocks):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_streamed_gpt2_conv1d_weights_quantize_as_in_memory(tmp_path):
+    """GPT-2 keeps its linears transposed (Conv1D) and ties its head: overrides follow both."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=512)  # stories260K's tokenizer
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    from layerwise.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(STORIES)
+    plan = Plan(QuantConfig("int", 4, 32, True, "rtn", "error"))
+    whole = load_model(tmp_path / "gpt2", tokenizer=tokenizer)
+    parts = load_model(tmp_path / "gpt2", tokenizer=tokenizer, streaming=True)
+    _, stored_whole, _ = run_quantize(whole, plan, progress=False)
+    _, stored_parts, _ = run_quantize(parts, plan, progress=False)
+    ids = _tokens(whole, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(whole.model(input_ids=ids).logits, parts.model(input_ids=ids).logits)
+    assert all(torch.equal(stored_whole[n].dequantize(), stored_parts[n].dequantize()) for n in stored_whole)
+
+
+def test_streaming_refuses_what_it_cannot_do(streamed, tmp_path):
+    with pytest.raises(LayerwiseError, match="device-map"):
+        load_model(STORIES, streaming=True, device_map="auto")
+    from layerwise.plan.run import run_plan
+
+    with pytest.raises(LayerwiseError, match="streamed model"):
+        run_plan(streamed, bits_per_weight=4.0, tokens=512, progress=False)
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((STORIES / "config.json").read_text())
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(LayerwiseError, match="safetensors"):
+        load_model(folder, streaming=True, tokenizer=streamed.tokenizer)
+
+
+@pytest.mark.slow
+def test_streamed_gguf_matches_transformers_gguf_loader(smollm2):
+    """Dequantized one tensor at a time (llama's q/k un-permuted as transformers does): the same
+    weights as `from_pretrained(gguf_file=...)`, so the same logits."""
+    parts = load_model(SMOLLM2, streaming=True, tokenizer=smollm2.tokenizer)
+    ids = _tokens(smollm2, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(smollm2.model(input_ids=ids, use_cache=False).logits,
+                           parts.model(input_ids=ids, use_cache=False).logits)
+    assert parts.streamed.loads == 31  # 30 blocks and the (tied) head once each; the embedding's rows only
+
+
+def test_cli_streaming_quantize_and_eval(tmp_path):
+    from test_cli import assert_one_line_error, layerwise
+
+    done = layerwise("quantize", STORIES, "--bits", "4", "--group-size", "none", "--streaming", "--out", tmp_path / "q",
+                     "--quiet")
+    assert done.returncode == 0, done.stderr
+    done = layerwise("eval", STORIES, "--quantized", tmp_path / "q", "--data", EVALUATION_TEXT, "--tokens", "1024",
+                     "--streaming", "--quiet", "--json", tmp_path / "eval.json")
+    assert done.returncode == 0, done.stderr
+    assert "KL(base||quantized)" in done.stdout
+    assert_one_line_error(layerwise("profile", STORIES, "--streaming", "--device-map", "auto"), "device-map")
