@@ -107,6 +107,40 @@ def test_streamed_eval_and_profile_match(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
 
 
+def test_embedding_rows_with_a_padding_id_beyond_them(tmp_path):
+    """Only the batch's rows are read: a padding id larger than their count must not matter."""
+    import json
+    import shutil
+
+    folder = tmp_path / "padded"
+    shutil.copytree(STORIES, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"pad_token_id": 400}))
+    whole, parts = load_model(folder), load_model(folder, streaming=True)
+    ids = torch.tensor([[1, 5, 7, 9, 300, 5]])
+    with torch.no_grad():
+        assert torch.equal(whole.model(input_ids=ids).logits, parts.model(input_ids=ids).logits)
+
+
+def test_checkpoint_saved_without_the_base_model_prefix(tmp_path):
+    """GPT-2's own checkpoint names its tensors wte.weight, h.0...: the tied head is found too."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=512)).eval()
+    (tmp_path / "gpt2").mkdir()
+    model.config.save_pretrained(tmp_path / "gpt2")
+    save_file({name.removeprefix("transformer."): tensor.contiguous() for name, tensor in model.state_dict().items()
+               if name != "lm_head.weight"}, tmp_path / "gpt2" / "model.safetensors", metadata={"format": "pt"})
+    from layerwise.models.loading import load_tokenizer
+
+    parts = load_model(tmp_path / "gpt2", tokenizer=load_tokenizer(STORIES), streaming=True)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, parts.model(input_ids=ids).logits)
+
+
 def test_streamed_gpt2_conv1d_weights_quantize_as_in_memory(tmp_path):
     """GPT-2 keeps its linears transposed (Conv1D) and ties its head: overrides follow both."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -219,6 +219,14 @@ class StreamedWeights:
         return found
 
     def _load(self, part: str, only: str | None = None) -> None:
+        try:
+            self._swap_in(part, only)
+        except BaseException:
+            if only is None:
+                self._release(part)  # nothing half-loaded stays in memory
+            raise
+
+    def _swap_in(self, part: str, only: str | None) -> None:
         entries = [entry for entry in self._parameters(part) if only is None or entry[2] == only]
         wanted = []
         for _, _, name in entries:
@@ -296,8 +304,10 @@ def _checkpoint_names(model: nn.Module, available: set[str], prefix: str) -> dic
     for name, parameter in model.named_parameters(remove_duplicate=False):
         by_parameter.setdefault(id(parameter), []).append(name)
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"] if prefix else [name]
-        candidates += [twin for twin in by_parameter[id(parameter)] if twin != name]
+        spellings = [name] + [twin for twin in by_parameter[id(parameter)] if twin != name]
+        candidates = [variant for spelling in spellings for variant in
+                      ([spelling, spelling.removeprefix(prefix + "."), f"{prefix}.{spelling}"]
+                       if prefix else [spelling])]
         found = next((c for c in candidates if c in available), None)
         if found is None:
             raise LayerwiseError(f"the checkpoint has no tensor for {name}; streaming cannot load this model")
@@ -333,14 +343,19 @@ def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) ->
             with streamed.held(path):
                 return forward(input_ids, *args, **kwargs)
         unique, renumbered = torch.unique(input_ids, return_inverse=True)
-        placeholder = module._parameters["weight"]
+        placeholder, padding_idx = module._parameters["weight"], getattr(module, "padding_idx", None)
         rows = streamed.source.read_rows(key, unique.tolist())
         module._parameters["weight"] = nn.Parameter(rows.to(device=streamed.device, dtype=placeholder.dtype),
                                                     requires_grad=False)
+        # padding_idx only masks gradients; it would be checked against the rows read, not the vocabulary.
+        if padding_idx is not None:
+            module.padding_idx = None
         try:
             return forward(renumbered, *args, **kwargs)
         finally:
             module._parameters["weight"] = placeholder
+            if padding_idx is not None:
+                module.padding_idx = padding_idx
 
     module.forward = forward_with_rows
 
