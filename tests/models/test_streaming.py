@@ -141,6 +141,13 @@ def test_checkpoint_saved_without_the_base_model_prefix(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, parts.model(input_ids=ids).logits)
 
 
+def test_streamed_eval_of_the_base_alone():
+    whole = run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, progress=False)
+    parts = run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, streaming=True, progress=False)
+    assert parts["base"]["perplexity"] == pytest.approx(whole["base"]["perplexity"], rel=1e-9)
+    assert "quantized" not in parts
+
+
 def test_streamed_gpt2_conv1d_weights_quantize_as_in_memory(tmp_path):
     """GPT-2 keeps its linears transposed (Conv1D) and ties its head: overrides follow both."""
     from transformers import GPT2Config, GPT2LMHeadModel

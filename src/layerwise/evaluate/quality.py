@@ -106,13 +106,14 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
 
 @torch.no_grad()
 def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
-                     variant: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                     progress: bool = True) -> tuple[Quality, Quality]:
+                     variant: Callable[[], contextlib.AbstractContextManager] | None = contextlib.nullcontext,
+                     progress: bool = True) -> tuple[Quality, Quality | None]:
     """For a streamed model (`load_model(streaming=True)`): the quality of the base model (its
     checkpoint as it is) and of the model with its overrides (quantized weights), run inside
     `variant()`, against it, as `base_outputs` and `evaluate` measure them. Both run a batch at a
     time to the last block; the head is applied a window and a chunk of positions at a time, so
-    no distribution outlives its window (no stored references, no second model)."""
+    no distribution outlives its window (no stored references, no second model). With
+    `variant=None`, only the base model runs (and None stands for the other quality)."""
     streamed, model, adapter = loaded.streamed, loaded.model, loaded.adapter
     base_nll, nll, window_kl, agree_total = [], [], [], 0.0
     positions = windows.input_ids.shape[1] - 1
@@ -125,8 +126,9 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
             batch = batch.to(loaded.input_device)
             with streamed.original():
                 base_final = final_hidden(model, adapter, batch)
-            with variant():
-                final = final_hidden(model, adapter, batch)
+            if variant is not None:
+                with variant():
+                    final = final_hidden(model, adapter, batch)
             for window in range(len(batch)):
                 targets = batch[window, 1:]
                 with streamed.original(), held(streamed, adapter.lm_head):
@@ -136,6 +138,9 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
                         parts.append((_nll_sum(logits, targets[start:stop]),
                                       Reference.from_logits(logits, store=torch.float16)))
                 base_nll.append(sum(part[0] for part in parts))
+                bars.advance(task)
+                if variant is None:
+                    continue
                 with held(streamed, adapter.lm_head):
                     total_nll = total_kl = 0.0
                     for (start, stop), (_, reference) in zip(chunks, parts):
@@ -145,10 +150,11 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
                         agree_total += top1_agreement(reference, logits).double().sum().item()
                 nll.append(total_nll)
                 window_kl.append(total_kl / positions)
-                bars.advance(task)
-    count = positions * len(nll)
-    base = Quality(math.exp(sum(base_nll) / count), 0.0, 1.0, count, (0.0,) * len(nll), tuple(base_nll),
-                   (positions,) * len(nll))
+    count = positions * len(base_nll)
+    base = Quality(math.exp(sum(base_nll) / count), 0.0, 1.0, count, (0.0,) * len(base_nll), tuple(base_nll),
+                   (positions,) * len(base_nll))
+    if variant is None:
+        return base, None
     return base, Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
                          tuple(window_kl), tuple(nll), (positions,) * len(nll))
 

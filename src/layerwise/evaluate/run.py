@@ -83,8 +83,8 @@ def run_eval(
         report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
     compared = stored is not None or plan is not None or schedule is not None
     if streaming:
-        base_quality, quality = compare_streamed(loaded, windows, batch_size=batch_size, variant=variant,
-                                                 progress=progress)
+        base_quality, quality = compare_streamed(loaded, windows, batch_size=batch_size,
+                                                 variant=variant if compared else None, progress=progress)
     else:
         base_quality = base.quality
         if compared:
