@@ -13,6 +13,7 @@ from torch import nn
 from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreement
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import hidden_to_logits
+from layerwise.profile.replay import HEAD_CHUNK_ELEMENTS
 
 
 # Share of a bare forward pass that the logit lens may cost when positions are chosen automatically.
@@ -37,8 +38,10 @@ def lens_positions(seq_len: int, per_window: int) -> torch.Tensor:
     return torch.linspace(0, seq_len - 1, count).round().long().unique()
 
 
-# Rows of logits decoded at once: bounds memory at ~128 MB of float32 logits whatever the vocabulary.
-_MAX_LOGIT_ELEMENTS = 32 << 20
+# Logits decoded at once: as the head is applied elsewhere (16 MB of float32 logits). At 128 MB,
+# the logits, their log-softmax and KL's pieces were most of `profile`'s working memory (~350 MB
+# on SmolLM2 at 1024 tokens); a few head products per batch instead of one cost little.
+_MAX_LOGIT_ELEMENTS = HEAD_CHUNK_ELEMENTS
 
 
 @torch.no_grad()
