@@ -195,9 +195,17 @@ def check_pickle(path: str | Path) -> None:
         raise LayerwiseError(f"{path} is truncated or corrupt ({lines[0] if lines else type(error).__name__})") from None
 
 
+# Entries checked at once: a whole embedding's boolean mask would be a second tensor of its size.
+_FINITE_CHECK_ELEMENTS = 1 << 22
+
+
 def check_finite(model: nn.Module, where: str) -> None:
     """NaN or Inf in any weight makes every downstream number meaningless: refuse early."""
     for name, tensor in model.named_parameters():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not _all_finite(tensor.detach()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise LayerwiseError(f"{where}: weight {name} has {bad:,} NaN or Inf values; the checkpoint is corrupt")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(piece).all()) for piece in tensor.reshape(-1).split(_FINITE_CHECK_ELEMENTS))

@@ -20,17 +20,22 @@ def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[int, str, nn
     return found
 
 
+def stored_transposed(module: nn.Module) -> bool:
+    """Whether the module keeps its weight as [in_features, out_features] (GPT-2's Conv1D)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features]; GPT-2's Conv1D stores it transposed."""
     weight = module.weight
-    if type(module).__name__ == "Conv1D":
+    if stored_transposed(module):
         return weight.t()
     return weight
 
 
 def set_linear_weight(module: nn.Module, values: torch.Tensor) -> None:
     """Write an [out, in] matrix into a linear's weight, in whatever layout and dtype it keeps."""
-    if type(module).__name__ == "Conv1D":
+    if stored_transposed(module):
         values = values.t()
     module.weight.data.copy_(values.to(module.weight.dtype))
 

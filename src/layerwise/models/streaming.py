@@ -27,6 +27,8 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
+from layerwise.models.integrity import check_finite
+from layerwise.models.layout import stored_transposed
 
 # A producer of a parameter's values in the parameter's own layout (decoded when its part loads).
 Producer = Callable[[], torch.Tensor]
@@ -213,9 +215,7 @@ class StreamedWeights:
         module = self.parts[part]
         found = []
         for name, _ in module.named_parameters(remove_duplicate=False):
-            owner_path, _, attribute = name.rpartition(".")
-            owner = module.get_submodule(owner_path) if owner_path else module
-            found.append((owner, attribute, f"{part}.{name}"))
+            found.append((*_owner(module, name), f"{part}.{name}"))
         return found
 
     def _load(self, part: str, only: str | None = None) -> None:
@@ -242,10 +242,10 @@ class StreamedWeights:
             if tuple(values.shape) != tuple(old.shape):
                 raise LayerwiseError(f"{name}: the checkpoint's tensor has shape {tuple(values.shape)}, "
                                      f"the model expects {tuple(old.shape)}")
-            values = values.to(device=self.device, dtype=old.dtype)
-            if only is None and not _all_finite(values):
-                raise LayerwiseError(f"{name} has non-finite values in the checkpoint (corrupt file?)")
-            owner._parameters[attribute] = nn.Parameter(values, requires_grad=False)
+            owner._parameters[attribute] = nn.Parameter(values.to(device=self.device, dtype=old.dtype),
+                                                        requires_grad=False)
+        if only is None:
+            check_finite(self.parts[part], part)
         self.loads += only is None
 
     def _release(self, part: str) -> None:
@@ -280,8 +280,7 @@ def stream_model(config: Any, adapter: Adapter, weights_at: Path, gguf_file: str
     dtypes = {checkpoint_names[name]: model.get_parameter(name).dtype for name in resident}
     tensors = source.read(sorted(dtypes), dtypes)
     for name in resident:
-        owner_path, _, attribute = name.rpartition(".")
-        owner = model.get_submodule(owner_path)
+        owner, attribute = _owner(model, name)
         old = owner._parameters[attribute]
         owner._parameters[attribute] = nn.Parameter(
             tensors[checkpoint_names[name]].to(device=device, dtype=old.dtype), requires_grad=False)
@@ -294,6 +293,12 @@ def stream_model(config: Any, adapter: Adapter, weights_at: Path, gguf_file: str
     for path in parts:
         streamed._release(path)
     return model, streamed
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule that holds parameter `name` (relative to `module`) and its attribute name."""
+    owner_path, _, attribute = name.rpartition(".")
+    return (module.get_submodule(owner_path) if owner_path else module), attribute
 
 
 def _checkpoint_names(model: nn.Module, available: set[str], prefix: str) -> dict[str, str]:
@@ -313,10 +318,6 @@ def _checkpoint_names(model: nn.Module, available: set[str], prefix: str) -> dic
             raise LayerwiseError(f"the checkpoint has no tensor for {name}; streaming cannot load this model")
         names[name] = found
     return names
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(part).all()) for part in values.reshape(-1).split(_READ_ELEMENTS))
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -403,7 +404,7 @@ def write_parameter(streamed: StreamedWeights | None, model: nn.Module, name: st
 def write_linear(streamed: StreamedWeights | None, model: nn.Module, name: str, stored: Any) -> None:
     """Give linear `name` the [out, in] weight `stored` (a tensor, or a stored form whose
     `dequantize()` gives one), in whatever layout the module keeps (GPT-2's Conv1D: transposed)."""
-    transposed = type(model.get_submodule(name)).__name__ == "Conv1D"
+    transposed = stored_transposed(model.get_submodule(name))
 
     def produce() -> torch.Tensor:
         values = stored.dequantize() if hasattr(stored, "dequantize") else stored

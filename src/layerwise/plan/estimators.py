@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
+from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.units import EDGE_KINDS, Unit
 from layerwise.profile.hooks import run_block, scoped_hooks
@@ -210,7 +210,7 @@ def _prepare_fisher(context: EstimateContext) -> float:
     samples = FISHER_SAMPLES
     names = list(context.modules)
     parameters = [context.modules[name].weight for name in names]
-    transposed = [type(context.modules[name]).__name__ == "Conv1D" for name in names]
+    transposed = [stored_transposed(context.modules[name]) for name in names]
     trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
     fisher: dict[str, list[torch.Tensor]] = {}
     positions: dict[str, int] = {}

@@ -24,7 +24,7 @@ import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.evaluate.divergence import Reference
-from layerwise.models.layout import blocks_of, hidden_to_logits
+from layerwise.models.layout import blocks_of, hidden_to_logits, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import AllocationProblem
 from layerwise.plan.objectives import objective_named
@@ -189,7 +189,7 @@ class KLFitness:
                 decoded = torch.zeros_like(original)
             else:
                 decoded = _widened(qtensor).dequantize()
-                if type(module).__name__ == "Conv1D":  # GPT-2 keeps [in, out]
+                if stored_transposed(module):  # GPT-2 keeps [in, out]
                     decoded = decoded.t()
             module.weight.data = decoded.to(device=original.device, dtype=original.dtype).contiguous()
             if name in self.biases:
