@@ -3,9 +3,10 @@
 Each command runs in a child process of its own (a small wrapper that starts the `layerwise` CLI
 and reads its peak resident set size from the kernel once it has exited), on stories260K and on
 SmolLM2 (the off-grid copy of ../shared/README.md, loaded from its float16 folder as float32, the
-model bench/robust.py's saved table belongs to), with settings a new user would pick. Python, torch and transformers take a few hundred MB
-before any model is loaded; the `import` row measures that floor in the same way, and
-`above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
+model bench/robust.py's saved table belongs to), with settings a new user would pick. Python, torch,
+transformers and the model family's code (its config read and its modules built on the meta device,
+no weights) take a few hundred MB before any weight is read; the `floor` row measures that in the
+same way, and `above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
 that streams (load, profile, quantize, eval: `--streaming`) runs again in mode "streaming", its time
 also given as a ratio to the in-memory run of the same command (`seconds_x_memory`).
 
@@ -37,6 +38,9 @@ PLAN_OPTIONS = {"stories260K": "int2pc,int3pc,int4pc,int6pc,int8pc"}
 LAYERWISE = [sys.executable, "-m", "layerwise.cli"]
 
 
+FLOOR = ("peak of a process that imports torch, transformers and layerwise, reads the model's config and "
+         "builds its modules on the meta device (no weights): code and fixed costs, which do not grow with the model")
+
 # Commands that take --streaming (the rest refuse a streamed model).
 STREAMING = ("load", "profile", "quantize (gptq)", "eval")
 
@@ -54,7 +58,9 @@ def commands(name: str, work: Path) -> dict[str, list[str]]:
     options = ["--options", PLAN_OPTIONS[name]] if name in PLAN_OPTIONS else []
     exported = "plan-reused.json" if name in REUSED_TABLE else "plan.json"
     return {
-        "import": [sys.executable, "-c", "import torch, transformers, layerwise.cli"],
+        "floor": [sys.executable, "-c", "import torch, layerwise.cli; from layerwise.models.checkpoint import skeleton; "
+                  "from layerwise.models.loading import load_config, resolve_source; "
+                  f"skeleton(load_config(resolve_source({str(model)!r})), torch.float32)"],
         "load": [sys.executable, "-c", f"from layerwise import load_model; load_model({str(model)!r})"],
         "profile": [*LAYERWISE, "profile", str(model), "--tokens", "1024", "--out", str(work / "profile"), *quiet],
         "plan": [*LAYERWISE, "plan", str(model), "--budget", "4.25", "--tokens", "1024",
@@ -112,6 +118,7 @@ def main() -> None:
     # Rows of other models (or skipped commands) from an earlier run are kept; measured ones replaced.
     earlier = RESULTS / "memory.json"
     rows = json.loads(earlier.read_text())["rows"] if earlier.exists() else []
+    rows = [row for row in rows if row["command"] != "import"]  # the floor before it included the model code
     for name in args.models.split(","):
         model = MODELS[name]
         work = OUT / name
@@ -127,12 +134,12 @@ def main() -> None:
         for command, argv in commands(name, work).items():
             if command in args.skip.split(","):
                 continue
-            # The import floor is the same either way, and every row needs it.
-            for mode in ["memory"] if command == "import" else args.modes.split(","):
+            # The floor is the same either way, and every row needs it.
+            for mode in ["memory"] if command == "floor" else args.modes.split(","):
                 if mode == "streaming" and command not in STREAMING:
                     continue
                 measured = measure(streaming_argv(command, argv) if mode == "streaming" else argv)
-                floor = measured["peak_bytes"] if command == "import" else floor
+                floor = measured["peak_bytes"] if command == "floor" else floor
                 row = {"command": command, "model": name, "mode": mode, "peak_bytes": measured["peak_bytes"],
                        "model_fp32_bytes": size, "seconds": measured["seconds"],
                        "above_floor_bytes": measured["peak_bytes"] - floor,
@@ -144,12 +151,12 @@ def main() -> None:
                 rows = [r for r in rows if (r["model"], r["command"], r.get("mode", "memory")) !=
                         (name, command, mode)] + [row]
                 ratio = f"  {row['seconds_x_memory']:5.2f}x in-memory time" if "seconds_x_memory" in row else ""
-                print(f"{name:13s} {command:28s} {mode:9s} peak {row['peak_bytes'] / 2**20:8.0f} MiB  above the import "
+                print(f"{name:13s} {command:28s} {mode:9s} peak {row['peak_bytes'] / 2**20:8.0f} MiB  above the "
                       f"floor {row['above_floor_bytes'] / 2**20:8.0f} MiB = {row['above_floor_x_fp32']:6.2f}x fp32 "
                       f"model ({size / 2**20:.0f} MiB)  {row['seconds']:6.0f} s{ratio}", flush=True)
                 recorded = {other: {c: " ".join(a) for c, a in commands(other, OUT / other).items()}
                             for other in MODELS}
-                write_results("memory", {"commands": recorded,
+                write_results("memory", {"commands": recorded, "floor": FLOOR,
                                          "streaming": {"commands": list(STREAMING), "adds": "--streaming"},
                                          "rows": rows})
 

@@ -9,6 +9,7 @@ from typing import Sequence
 from rich.console import Console
 
 from layerwise.errors import LayerwiseError
+from layerwise.util.memory import map_large_blocks
 
 
 def _positive_int(text: str) -> int:
@@ -21,18 +22,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, device_map: bool = False) -> None:
     parser.add_argument("model", help="a Hugging Face model folder, a .gguf file, or a hub id")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--device-map", default=None, help="'auto' to spread a large model over GPUs with accelerate")
+    if device_map:  # only where the command's work runs through accelerate's placement
+        parser.add_argument("--device-map", default=None,
+                            help="'auto' to spread a large model over GPUs with accelerate")
 
 
 def _add_streaming_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--streaming", action="store_true",
+    parser.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                         help="read each block (and the embedding and head) from disk when it runs, and let it go "
-                             "after: memory holds one block's weights (safetensors or GGUF models)")
+                             "after: memory holds one block's weights (safetensors or GGUF models). Default: "
+                             "only when the weights would take more than 80%% of the free memory")
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
@@ -262,8 +266,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from layerwise.util.files import write_text_atomic
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
-                        calib=_calibration(args.calib), tokens=args.tokens, dtype=args.dtype, overwrite=args.overwrite,
-                        converter=args.converter, imatrix=args.imatrix, streaming=args.streaming,
+                        calib=_calibration(args.calib), tokens=args.tokens, dtype=args.dtype, device=args.device,
+                        overwrite=args.overwrite, converter=args.converter, imatrix=args.imatrix, streaming=args.streaming,
                         progress=not args.quiet)
     if report.get("converted_by"):
         print(f"converted the Hugging Face model with {report['converted_by']}")
@@ -359,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("profile", help="per-layer statistics from one calibration pass")
-    _add_model_options(p)
+    _add_model_options(p, device_map=True)
     _add_streaming_option(p)
     p.add_argument("--data", default=None, help="calibration text file (default: a WikiText-2 valid excerpt shipped with layerwise)")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="calibration tokens (default 4096)")
@@ -574,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    map_large_blocks()  # a long command's resident size then follows what its tensors hold
     try:
         args.run(args)
     except LayerwiseError as error:

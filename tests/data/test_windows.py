@@ -74,3 +74,26 @@ def test_bad_text_inputs_are_clear_errors(stories, tmp_path):
 def test_smollm2_says_no_bos(smollm2):
     # Its GGUF states add_bos_token = False; llama.cpp's perplexity tool follows the same flag.
     assert bos_policy(smollm2.tokenizer) is None
+
+
+def test_text_is_tokenized_in_pieces_with_the_ids_of_the_whole(stories):
+    from conftest import EVALUATION_TEXT
+    from layerwise.data.windows import PIECE_CHARS, encode_text
+
+    text = EVALUATION_TEXT.read_text()[:6 * PIECE_CHARS]
+    assert encode_text(stories.tokenizer, text) == list(stories.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_tokenizer_that_marks_every_start_gets_the_whole_text():
+    """Like a SentencePiece dummy prefix: pieces on their own would differ from the whole."""
+    from layerwise.data.windows import PIECE_CHARS, encode_text
+
+    calls = []
+
+    def marking(text, add_special_tokens=False):
+        calls.append(len(text))
+        return {"input_ids": [0] + [ord(c) for c in text]}
+
+    text = ("a line of text\n" * (3 * PIECE_CHARS // 15))
+    assert encode_text(marking, text) == [0] + [ord(c) for c in text]
+    assert calls[-1] == len(text)  # given whole in the end

@@ -35,3 +35,21 @@ def test_window_values_add_up_to_the_reported_numbers(stories):
     low, high = quality.perplexity_ci
     assert low < quality.perplexity < high
     assert quality.to_dict()["kl_ci"] == quality.kl_ci
+
+
+@torch.no_grad()
+def test_base_outputs_applied_a_chunk_at_a_time_equal_a_plain_forward(stories, monkeypatch):
+    """The head is applied a few positions at a time (here 100, so windows span several chunks)."""
+    from layerwise.evaluate import quality as module
+
+    monkeypatch.setattr(module, "HEAD_CHUNK_ELEMENTS", 100 * stories.model.config.vocab_size)
+    windows = token_windows(stories.tokenizer, EVALUATION_TEXT, tokens=1024, seq_len=256, seed=None)
+    base = base_outputs(stories, windows, batch_size=2, progress=False)
+    logits = stories.model(input_ids=windows.input_ids[2:4], use_cache=False).logits[:, :-1]
+    direct = Reference.from_logits(logits, store=torch.float16)
+    kept = base.references[1]
+    assert torch.allclose(kept.probs.float(), direct.probs.float(), atol=1e-6)
+    assert torch.allclose(kept.neg_entropy, direct.neg_entropy, rtol=1e-6)
+    assert torch.equal(kept.top1, direct.top1)
+    nll = -torch.log_softmax(logits.float(), dim=-1).gather(-1, windows.input_ids[2:4, 1:, None]).double().sum(dim=(1, 2))
+    assert base.quality.window_nll[2:4] == pytest.approx(nll.tolist(), rel=1e-9)

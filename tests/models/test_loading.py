@@ -89,3 +89,36 @@ def test_gguf_loads_through_transformers(smollm2):
     assert smollm2.fingerprint == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     config = smollm2.model.config
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (576, 9, 3)
+
+
+def test_a_model_too_large_for_the_free_memory_is_streamed(monkeypatch, capsys):
+    from layerwise.models import loading
+
+    assert loading.weights_bytes(loading.resolve_source(STORIES), torch.float32) == 4 * sum(
+        p.numel() for p in load_model(STORIES).model.parameters())
+    monkeypatch.setattr(loading, "free_memory", lambda device: 10**12)
+    assert load_model(STORIES, streaming=None).streamed is None
+    monkeypatch.setattr(loading, "free_memory", lambda device: 10**5)
+    streamed = load_model(STORIES, streaming=None)
+    assert streamed.streamed is not None
+    assert "streaming it" in capsys.readouterr().err
+    assert load_model(STORIES, streaming=False).streamed is None  # asked for in memory: in memory
+
+
+def test_cli_streams_a_model_too_large_unless_told_not_to(monkeypatch, tmp_path):
+    from layerwise.cli import main
+    from layerwise.models import loading
+
+    monkeypatch.setattr(loading, "free_memory", lambda device: 10**5)
+    chosen = []
+    real = loading.load_model
+
+    def spy(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        chosen.append(loaded.streamed is not None)
+        return loaded
+
+    monkeypatch.setattr("layerwise.profile.runner.load_model", spy)
+    for flag, out in (([], "a"), (["--no-streaming"], "b")):
+        assert main(["profile", str(STORIES), "--tokens", "256", "--out", str(tmp_path / out), "--quiet", *flag]) == 0
+    assert chosen == [True, False]

@@ -207,3 +207,17 @@ def test_cli_streaming_quantize_and_eval(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "KL(base||quantized)" in done.stdout
     assert_one_line_error(layerwise("profile", STORIES, "--streaming", "--device-map", "auto"), "device-map")
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "opt", "gemma3_text", "phi3"])
+def test_other_families_stream_as_transformers_loads_them(model_type, tmp_path):
+    """GPT-NeoX's checkpoint names its head embed_out (transformers renames it on loading)."""
+    from transformers import AutoModelForCausalLM
+    from test_adapters import tiny_model
+
+    tiny_model(model_type).save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    parts = load_model(tmp_path, tokenizer=object(), streaming=True)
+    ids = _tokens(parts, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids).logits, parts.model(input_ids=ids).logits)

@@ -1,14 +1,15 @@
 """Perplexity, KL to the base model and top-1 agreement on evaluation text.
 
 The base model's next-token distributions are computed once (`base_outputs`) and reused for
-every variant evaluated against them, stored as float16 probabilities.
+every variant evaluated against them, stored as float16 probabilities. Models run to their last
+block's output; the head is applied a chunk of positions at a time.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -56,28 +57,48 @@ class BaseOutputs:
     quality: Quality
 
 
-def _window_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return (-logprobs.gather(-1, batch[:, 1:, None])).double().sum(dim=(1, 2)).tolist()
+def _head_chunks(loaded: LoadedModel, final: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """(window, start, stop, logits of positions start..stop) for every next-token position of
+    every window of `final` (a batch's last block output): the head applied 16 MB of logits at a
+    time, never a batch's worth (4 x 512 x 49152 float32 is 0.4 GB, and a log-softmax as much)."""
+    model, adapter = loaded.model, loaded.adapter
+    positions = final.shape[1] - 1
+    rows = max(1, HEAD_CHUNK_ELEMENTS // model.get_submodule(adapter.lm_head).weight.shape[0])
+    for window in range(final.shape[0]):
+        for start in range(0, positions, rows):
+            stop = min(positions, start + rows)
+            yield window, start, stop, hidden_to_logits(model, adapter, final[window, start:stop])
 
 
 @torch.no_grad()
 def base_outputs(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
                  progress: bool = True) -> BaseOutputs:
-    """Run the base model once over `windows`; keep what every later comparison needs."""
+    """Run the base model once over `windows`; keep what every later comparison needs (its
+    next-token distributions as float16, filled a chunk of positions at a time)."""
     references, nll = [], []
+    positions = windows.input_ids.shape[1] - 1
+    vocab = loaded.model.get_submodule(loaded.adapter.lm_head).weight.shape[0]
     with progress_bars(progress) as bars:
         task = bars.add_task("base model", total=math.ceil(len(windows.input_ids) / batch_size))
         for batch in windows.batches(batch_size):
             batch = batch.to(loaded.input_device)
-            logits = loaded.model(input_ids=batch, use_cache=False).logits[:, :-1]
-            nll += _window_nll(logits, batch)
-            references.append(Reference.from_logits(logits, store=torch.float16))
+            final = final_hidden(loaded.model, loaded.adapter, batch)
+            reference = Reference(torch.empty(len(batch), positions, vocab, dtype=torch.float16, device=batch.device),
+                                  torch.empty(len(batch), positions, dtype=torch.float64, device=batch.device),
+                                  torch.empty(len(batch), positions, dtype=torch.long, device=batch.device))
+            batch_nll = [0.0] * len(batch)
+            for window, start, stop, logits in _head_chunks(loaded, final):
+                batch_nll[window] += _nll_sum(logits, batch[window, start + 1:stop + 1])
+                part = Reference.from_logits(logits, store=torch.float16)
+                reference.probs[window, start:stop] = part.probs
+                reference.neg_entropy[window, start:stop] = part.neg_entropy
+                reference.top1[window, start:stop] = part.top1
+            nll += batch_nll
+            references.append(reference)
             bars.advance(task)
-    per_window = windows.input_ids.shape[1] - 1
-    count = per_window * len(nll)
+    count = positions * len(nll)
     quality = Quality(math.exp(sum(nll) / count), 0.0, 1.0, count, (0.0,) * len(nll), tuple(nll),
-                      (per_window,) * len(nll))
+                      (positions,) * len(nll))
     return BaseOutputs(windows, batch_size, references, quality)
 
 
@@ -88,20 +109,24 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
     Perplexity uses the standard non-overlapping windows: each window predicts its own tokens
     1..T-1 from the preceding ones (no context carried across windows)."""
     nll, window_kl, agree_total = [], [], 0.0
+    positions = base.windows.input_ids.shape[1] - 1
     with progress_bars(progress) as bars:
         task = bars.add_task("evaluating", total=len(base.references))
         for batch, reference in zip(base.windows.batches(base.batch_size), base.references):
             batch = batch.to(loaded.input_device)
-            logits = loaded.model(input_ids=batch, use_cache=False).logits[:, :-1]
-            nll += _window_nll(logits, batch)
-            kl = kl_per_token(reference, logits).double()
-            window_kl += kl.reshape(kl.shape[0], -1).mean(dim=1).tolist()
-            agree_total += top1_agreement(reference, logits).double().sum().item()
+            final = final_hidden(loaded.model, loaded.adapter, batch)
+            batch_nll, batch_kl = [0.0] * len(batch), [0.0] * len(batch)
+            for window, start, stop, logits in _head_chunks(loaded, final):
+                batch_nll[window] += _nll_sum(logits, batch[window, start + 1:stop + 1])
+                part = reference.part(window, start, stop)
+                batch_kl[window] += kl_per_token(part, logits).double().sum().item()
+                agree_total += top1_agreement(part, logits).double().sum().item()
+            nll += batch_nll
+            window_kl += [total / positions for total in batch_kl]
             bars.advance(task)
-    per_window = base.windows.input_ids.shape[1] - 1
-    count = per_window * len(nll)
+    count = positions * len(nll)
     return Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
-                   tuple(window_kl), tuple(nll), (per_window,) * len(nll))
+                   tuple(window_kl), tuple(nll), (positions,) * len(nll))
 
 
 @torch.no_grad()

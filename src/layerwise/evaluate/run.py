@@ -31,7 +31,7 @@ def run_eval(
     device: str = "cpu",
     batch_size: int = 4,
     schedule: Sequence[int] | None = None,
-    streaming: bool = False,
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> dict:
     """Perplexity of the base model and, with `quantized` (a directory written by `layerwise
@@ -41,7 +41,8 @@ def run_eval(
     calibration is refused. With `schedule` (block indices, skips and repeats allowed), the
     model runs its blocks in that order instead (no weights written), and is judged against
     the model as it is. With `streaming`, one block at a time is read from disk, and the base
-    and quantized models run side by side a batch at a time (`compare_streamed`)."""
+    and quantized models run side by side a batch at a time (`compare_streamed`); None streams
+    only a model that would not fit in memory."""
     if quantized is not None and plan is not None:
         raise LayerwiseError("pass either --quantized or --plan, not both")
     loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
@@ -73,6 +74,7 @@ def run_eval(
     report = {"meta": run_metadata(), "model": loaded.describe(), "data": windows.describe()}
     # In memory, the base's outputs are cached first, so the same model object is then quantized
     # in place: no copy. Streamed, quantizing leaves overrides that the base pass ignores.
+    streaming = loaded.streamed is not None  # also when chosen for a model too large to load
     base = None if streaming else base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
     if stored is not None:
         apply_quantized(loaded, document, stored)

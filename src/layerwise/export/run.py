@@ -26,9 +26,10 @@ def run_export(
     calib: Calibration = None,
     tokens: int = 16384,
     dtype: str = "auto",
+    device: str = "cpu",
     converter: str | Path | None = None,
     imatrix: str | Path | None = None,
-    streaming: bool = False,
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> dict:
     """"gguf": one GGUF file with the plan's type per tensor (the plan must use GGUF types).
@@ -42,12 +43,16 @@ def run_export(
     untouched tensors are copied. `imatrix` weights a plan's GGUF types as `llama-quantize
     --imatrix` does (for --quantized, the importance matrix was given to `quantize`).
 
+    `device` is where quantization runs (GGUF's byte packing runs in numpy on the CPU).
     `streaming` quantizes one block at a time from disk (`load_model(streaming=True)`); GGUF only,
-    whose file is written from the stored codes and the source file's other tensors."""
+    whose file is written from the stored codes and the source file's other tensors (None: a GGUF
+    export streams when the model would not fit in memory)."""
     if format not in EXPORT_FORMATS:
         raise LayerwiseError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if streaming and format != "gguf":
         raise LayerwiseError(f"--streaming export writes GGUF only; {format} is written from the whole model in memory")
+    if format != "gguf":
+        streaming = False  # never chosen on its own for a format written from the whole model
     if (plan is None) == (quantized is None):
         raise LayerwiseError("give either --plan or --quantized")
     out = Path(out)
@@ -67,7 +72,7 @@ def run_export(
         from layerwise.quant.storage import apply_quantized, load_quantized
 
         document, stored = load_quantized(quantized)
-        loaded = load_model(model, dtype=dtype, streaming=streaming)
+        loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
         apply_quantized(loaded, document, stored)
         plan = Plan.load(Path(quantized) / "plan.json")
         dropped = document["meta"].get("dropped_modules", [])
@@ -76,7 +81,7 @@ def run_export(
         from layerwise.quant.run import run_quantize
 
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        loaded = load_model(model, dtype=dtype, streaming=streaming)
+        loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
         if format == "compressed-tensors":
             from layerwise.export.compressed import check_plan_representable
             from layerwise.quant.apply import plan_targets

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter, get_adapter
+from layerwise.models.checkpoint import read_model
 from layerwise.models.integrity import check_finite, check_gguf, check_weight_files
 from layerwise.models.streaming import StreamedWeights, stream_model
 from layerwise.util.meta import file_fingerprint, files_fingerprint
@@ -190,16 +193,20 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: Any = None,
-    streaming: bool = False,
+    streaming: bool | None = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, a .gguf file or a hub id.
 
     `device_map="auto"` hands placement to accelerate (models that need several GPUs); otherwise
-    the whole model goes to `device`. GGUF files go through transformers' GGUF loader, which
-    dequantizes to `dtype`. A tokenizer already loaded with `load_tokenizer` can be passed in.
+    the whole model goes to `device`. A local safetensors folder is read a block at a time straight
+    into `dtype` on `device` (`layerwise.models.checkpoint.read_model`: the model's own size in
+    memory, not half as much again), unless it needs transformers' loader, which reads the rest;
+    GGUF files go through transformers' GGUF loader, which dequantizes to `dtype`. A tokenizer
+    already loaded with `load_tokenizer` can be passed in.
     With `streaming`, only the norms and buffers outside the blocks are loaded now; each block, the
     embedding and the head are read from the safetensors or GGUF file when called and let go after
-    (`layerwise.models.streaming`), so memory holds one of them at a time.
+    (`layerwise.models.streaming`), so memory holds one of them at a time. `streaming=None`
+    streams when the weights would not fit (`too_large_to_load`), and says so on stderr.
     """
     from transformers import AutoModelForCausalLM
 
@@ -210,11 +217,25 @@ def load_model(
     torch_dtype = _pick_dtype(dtype, device)
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved, trust_remote_code)
+    if streaming is None:
+        reason = None if device_map else too_large_to_load(resolved, torch_dtype, device)
+        if reason:
+            print(f"layerwise: {reason}: streaming it, one block at a time (--streaming)", file=sys.stderr)
+        streaming = reason is not None
     if streaming:
         if device_map:
             raise LayerwiseError("--streaming loads one block at a time onto --device; "
                                  "it does not combine with --device-map")
         return _load_streaming(resolved, config, adapter, torch_dtype, device, tokenizer, trust_remote_code)
+    if resolved.kind == "folder" and not device_map:
+        try:
+            model = read_model(config, Path(resolved.location), torch_dtype, device, trust_remote_code)
+        except LayerwiseError:
+            raise
+        except Exception as error:  # a corrupt file can raise anything inside the readers
+            raise _load_error(resolved, "model weights", error) from error
+        if model is not None:
+            return LoadedModel(model, tokenizer, adapter, resolved, resolved.fingerprint(config))
     location, kwargs = resolved.from_pretrained_args()
     if device_map:
         kwargs["device_map"] = device_map
@@ -231,6 +252,56 @@ def load_model(
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, adapter, resolved, resolved.fingerprint(config))
+
+
+# A model is streamed on its own (streaming=None) when its weights would take more than this
+# share of the memory free on the device: the rest is the commands' working memory.
+AUTO_STREAM_SHARE = 0.8
+
+
+def too_large_to_load(source: ModelSource, dtype: torch.dtype, device: str) -> str | None:
+    """Why the model should be streamed (its weights in `dtype` against the memory free on
+    `device`), or None when it fits or its size cannot be told without downloading it."""
+    size = weights_bytes(source, dtype)
+    if size is None:
+        return None
+    free = free_memory(device)
+    if size <= AUTO_STREAM_SHARE * free:
+        return None
+    return (f"{source.display} takes {size / 2**30:.1f} GiB as {str(dtype).removeprefix('torch.')}, more than "
+            f"{AUTO_STREAM_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}")
+
+
+def weights_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
+    """The checkpoint's tensors' size in `dtype`, from their shapes alone (no weight is read);
+    None for a hub id or pickled weights."""
+    elements = 0
+    if source.kind == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(Path(source.location) / source.gguf_file)
+        elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    elif source.kind == "folder":
+        from safetensors import safe_open
+
+        files = sorted(Path(source.location).glob("*.safetensors"))
+        if not files:
+            return None
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                elements += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    else:
+        return None
+    return elements * torch.finfo(dtype).bits // 8
+
+
+def free_memory(device: str) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the memory the system has available."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _load_streaming(source: ModelSource, config: Any, adapter: Adapter, dtype: torch.dtype, device: str,

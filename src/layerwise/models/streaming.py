@@ -14,9 +14,6 @@ stored form and decoded each time the part is loaded (`write_parameter`, `write_
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import mmap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,131 +24,13 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
+from layerwise.models.checkpoint import (GGUFTensors, SafetensorsTensors, buffers_to, checkpoint_names,
+                                         open_checkpoint, owner_of, place, skeleton)
 from layerwise.models.integrity import check_finite
 from layerwise.models.layout import stored_transposed
 
 # A producer of a parameter's values in the parameter's own layout (decoded when its part loads).
 Producer = Callable[[], torch.Tensor]
-
-# Elements read and converted at once: a float16 embedding of 28M entries read as float32 would
-# otherwise also hold its float16 copy and the file's mapped pages (170 MB more, for SmolLM2).
-_READ_ELEMENTS = 1 << 22
-
-
-class SafetensorsTensors:
-    """Tensors of a folder of .safetensors files, read a few at a time, each file closed after."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: folder / file for name, file in weight_map.items()}
-        else:
-            self.files = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(file, framework="pt") as handle:
-                    self.files.update({name: file for name in handle.keys()})
-        if not self.files:
-            raise LayerwiseError(f"streaming reads .safetensors or .gguf weights, and {folder} has neither")
-
-    def names(self) -> set[str]:
-        return set(self.files)
-
-    def read(self, names: list[str], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-        """Each tensor in its dtype from `dtypes`. Large ones are read a few million entries at a
-        time into the converted tensor, the file reopened for each piece (closing it unmaps the
-        pages read), so a piece is all that exists twice."""
-        from safetensors import safe_open
-
-        tensors = {}
-        for name in names:
-            file = self.files[name]
-            with safe_open(file, framework="pt") as handle:
-                whole = handle.get_slice(name)
-                shape = whole.get_shape()
-                row = math.prod(shape[1:])
-                if len(shape) < 2 or shape[0] * row <= _READ_ELEMENTS:
-                    tensors[name] = handle.get_tensor(name).to(dtypes[name])
-                    continue
-            values = torch.empty(shape, dtype=dtypes[name])
-            step = max(1, _READ_ELEMENTS // row)
-            for start in range(0, shape[0], step):
-                with safe_open(file, framework="pt") as handle:
-                    values[start:start + step] = handle.get_slice(name)[start:start + step]
-            tensors[name] = values
-        return tensors
-
-    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
-        """Rows `rows` (sorted) of a 2-D tensor, each contiguous run read as one slice."""
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], framework="pt") as handle:
-            whole = handle.get_slice(name)
-            return torch.cat([whole[start:stop] for start, stop in _runs(rows)])
-
-
-class GGUFTensors:
-    """Tensors of a GGUF file under their Hugging Face names, dequantized one at a time as
-    transformers' GGUF loader does (the same per-tensor conversion, e.g. llama's q/k un-permute)."""
-
-    def __init__(self, path: Path, skeleton: nn.Module, config: Any) -> None:
-        import gguf
-        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-        self.reader = gguf.GGUFReader(path)
-        architecture = str(self.reader.fields["general.architecture"].contents())
-        self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
-        # transformers' get_gguf_hf_weights_map, once for the whole model (it rebuilds gguf-py's
-        # name map for every submodule: seconds per load), with the file's own architecture.
-        arch = next((key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture), None)
-        if arch is None:
-            raise LayerwiseError(f"gguf-py does not know the GGUF architecture {architecture!r}")
-        name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-        self.mapping = {}
-        for hf_name in skeleton.state_dict():
-            stem, dot, suffix = self.processor.preprocess_name(hf_name).rpartition(".")
-            gguf_name = name_map.get_name(stem) if suffix in ("weight", "bias") else None
-            if gguf_name is not None:
-                self.mapping[f"{gguf_name}.{suffix}"] = hf_name
-        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
-
-    def names(self) -> set[str]:
-        return set(self.tensors)
-
-    def read(self, names: list[str], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-        import numpy as np
-        from gguf.quants import dequantize
-
-        tensors = {}
-        for name in names:
-            tensor = self.tensors[name]
-            values = dequantize(tensor.data, tensor.tensor_type)
-            values = self.processor.process(weights=values, name=tensor.name, tensor_key_mapping=self.mapping,
-                                            parsed_parameters={}).weights
-            # A copy only where the values still view the mapped file (float types, un-permuted views).
-            tensors[name] = torch.from_numpy(np.require(values, requirements=["O", "W", "C"])).to(dtypes[name])
-            self._let_pages_go()
-        return tensors
-
-    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
-        """Rows `rows` (sorted) of a 2-D tensor: a quantized type's rows are whole blocks, so only
-        these are dequantized. (The per-tensor conversions transformers applies leave the
-        embedding's rows as they are.)"""
-        import numpy as np
-        from gguf.quants import dequantize
-
-        tensor = self.tensors[name]
-        values = torch.from_numpy(np.copy(dequantize(tensor.data[rows], tensor.tensor_type)))
-        self._let_pages_go()
-        return values
-
-    def _let_pages_go(self) -> None:
-        # The file's pages just read stay mapped into the process (counted in its resident size)
-        # until told otherwise; they are the page cache's to keep, not ours.
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            self.reader.data._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -215,7 +94,7 @@ class StreamedWeights:
         module = self.parts[part]
         found = []
         for name, _ in module.named_parameters(remove_duplicate=False):
-            found.append((*_owner(module, name), f"{part}.{name}"))
+            found.append((*owner_of(module, name), f"{part}.{name}"))
         return found
 
     def _load(self, part: str, only: str | None = None) -> None:
@@ -235,15 +114,10 @@ class StreamedWeights:
                 wanted.append(key)
         dtypes = {self.checkpoint_names[name]: owner._parameters[attribute].dtype for owner, attribute, name in entries}
         tensors = self.source.read(sorted(set(wanted)), dtypes)
-        for owner, attribute, name in entries:
+        for _, _, name in entries:
             key = self.checkpoint_names[name]
-            old = owner._parameters[attribute]
-            values = self.overrides[key]() if self.use_overrides and key in self.overrides else tensors[key]
-            if tuple(values.shape) != tuple(old.shape):
-                raise LayerwiseError(f"{name}: the checkpoint's tensor has shape {tuple(values.shape)}, "
-                                     f"the model expects {tuple(old.shape)}")
-            owner._parameters[attribute] = nn.Parameter(values.to(device=self.device, dtype=old.dtype),
-                                                        requires_grad=False)
+            place(self.model, name, self.overrides[key]() if self.use_overrides and key in self.overrides
+                  else tensors[key], self.device)
         if only is None:
             check_finite(self.parts[part], part)
         self.loads += only is None
@@ -262,73 +136,24 @@ def stream_model(config: Any, adapter: Adapter, weights_at: Path, gguf_file: str
                  device: str, trust_remote_code: bool = False) -> tuple[nn.Module, StreamedWeights]:
     """A skeleton of the model `config` describes, its blocks, embedding and head streamed from
     the safetensors folder or GGUF file at `weights_at` (the rest read into memory now)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.tie_weights()  # from_pretrained ties after loading; a tied head is read as the embedding
-    model.eval()
-    source = (GGUFTensors(weights_at / gguf_file, model, config) if gguf_file
-              else SafetensorsTensors(weights_at))
-    checkpoint_names = _checkpoint_names(model, source.names(), getattr(model, "base_model_prefix", ""))
+    model = skeleton(config, dtype, trust_remote_code)
+    source = open_checkpoint(weights_at, gguf_file, model, config)
+    names = checkpoint_names(model, source.names(), getattr(model, "base_model_prefix", ""))
     n_blocks = len(model.get_submodule(adapter.blocks))
     part_paths = [adapter.embed, *(f"{adapter.blocks}.{i}" for i in range(n_blocks)), adapter.lm_head]
     parts = {path: model.get_submodule(path) for path in part_paths}
-    streamed = StreamedWeights(model, source, checkpoint_names, parts, torch.device(device))
+    streamed = StreamedWeights(model, source, names, parts, torch.device(device))
     resident = [name for name, _ in model.named_parameters(remove_duplicate=False) if streamed.part_of(name) is None]
-    dtypes = {checkpoint_names[name]: model.get_parameter(name).dtype for name in resident}
-    tensors = source.read(sorted(dtypes), dtypes)
+    tensors = source.read(sorted({names[name] for name in resident}),
+                          {names[name]: model.get_parameter(name).dtype for name in resident})
     for name in resident:
-        owner, attribute = _owner(model, name)
-        old = owner._parameters[attribute]
-        owner._parameters[attribute] = nn.Parameter(
-            tensors[checkpoint_names[name]].to(device=device, dtype=old.dtype), requires_grad=False)
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and not buffer.is_meta:
-                module._buffers[name] = buffer.to(device)
+        place(model, name, tensors[names[name]], device)
+    buffers_to(model, device)
     for path, module in parts.items():
         (_embed_rows_only if path == adapter.embed else _load_around_calls)(streamed, path, module)
     for path in parts:
         streamed._release(path)
     return model, streamed
-
-
-def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The submodule that holds parameter `name` (relative to `module`) and its attribute name."""
-    owner_path, _, attribute = name.rpartition(".")
-    return (module.get_submodule(owner_path) if owner_path else module), attribute
-
-
-def _checkpoint_names(model: nn.Module, available: set[str], prefix: str) -> dict[str, str]:
-    """Parameter name -> checkpoint tensor name: the same name, the name without or with the base
-    model's prefix (checkpoints saved from the bare model), or a tied twin's name."""
-    names: dict[str, str] = {}
-    by_parameter: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        by_parameter.setdefault(id(parameter), []).append(name)
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        spellings = [name] + [twin for twin in by_parameter[id(parameter)] if twin != name]
-        candidates = [variant for spelling in spellings for variant in
-                      ([spelling, spelling.removeprefix(prefix + "."), f"{prefix}.{spelling}"]
-                       if prefix else [spelling])]
-        found = next((c for c in candidates if c in available), None)
-        if found is None:
-            raise LayerwiseError(f"the checkpoint has no tensor for {name}; streaming cannot load this model")
-        names[name] = found
-    return names
-
-
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Sorted row indices as [start, stop) runs of consecutive rows."""
-    runs: list[list[int]] = []
-    for row in rows:
-        if runs and runs[-1][1] == row:
-            runs[-1][1] = row + 1
-        else:
-            runs.append([row, row + 1])
-    return [(start, stop) for start, stop in runs]
 
 
 def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) -> None:

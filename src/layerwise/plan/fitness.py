@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ from layerwise.profile.hooks import BlockCall, run_block
 from layerwise.profile.replay import block_calls, first_block_input, head_kl
 from layerwise.quant.apply import quantize_linear
 from layerwise.quant.qtensor import QTensor
+from layerwise.util.memory import trim_freed_memory
 
 
 @dataclass
@@ -150,8 +151,8 @@ class KLFitness:
                 continue
             self._put_back(name)  # quantize the original
             stats = self.base.stats.get((name, config.algorithm))
-            stored[name] = _compact(quantize_linear(name, self.modules[name], config, stats,
-                                                    self.importance.get(name)))
+            stored[name] = quantize_linear(name, self.modules[name], config, stats,
+                                           self.importance.get(name)).compact()
         self.current[unit] = None
         self.quantizations += 1
         size = sum(_stored_bytes(qtensor) for qtensor in stored.values() if qtensor is not None)
@@ -188,7 +189,7 @@ class KLFitness:
             if qtensor is None:
                 decoded = torch.zeros_like(original)
             else:
-                decoded = _widened(qtensor).dequantize()
+                decoded = qtensor.dequantize()
                 if stored_transposed(module):  # GPT-2 keeps [in, out]
                     decoded = decoded.t()
             module.weight.data = decoded.to(device=original.device, dtype=original.dtype).contiguous()
@@ -298,6 +299,7 @@ class KLFitness:
                     hidden = [run_block(block, base.calls[b][index], state) for b, state in enumerate(hidden)]
             for b, state in enumerate(hidden):
                 values.extend(self._batch_kl(base.finals[b], state))
+        trim_freed_memory()  # the head's pieces would otherwise leave the heap a little larger each plan
         return np.asarray(values)
 
     def _batch_kl(self, final: torch.Tensor, hidden: torch.Tensor) -> list[float]:
@@ -317,22 +319,3 @@ def _stored_bytes(qtensor: QTensor) -> int:
     tensors += [value for value in (qtensor.params or {}).values() if isinstance(value, torch.Tensor)]
     packed = qtensor.packed.nbytes if qtensor.packed is not None else 0
     return packed + sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-
-
-def _compact(qtensor: QTensor) -> QTensor:
-    """Codes kept in one byte where they fit (quantizers write int16 codes for any width)."""
-    codes = qtensor.codes
-    if codes is None or codes.dtype != torch.int16 or codes.numel() == 0:
-        return qtensor
-    low, high = int(codes.min()), int(codes.max())
-    for narrow in (torch.int8, torch.uint8):
-        if torch.iinfo(narrow).min <= low and high <= torch.iinfo(narrow).max:
-            return replace(qtensor, codes=codes.to(narrow))
-    return qtensor
-
-
-def _widened(qtensor: QTensor) -> QTensor:
-    """The codes as the quantizer wrote them, for decoding (one module at a time)."""
-    if qtensor.codes is None or qtensor.codes.dtype not in (torch.int8, torch.uint8) or qtensor.config.format == "fp8":
-        return qtensor
-    return replace(qtensor, codes=qtensor.codes.to(torch.int16))

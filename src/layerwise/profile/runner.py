@@ -210,14 +210,15 @@ def run_profile(
     dtype: str = "auto",
     device: str = "cpu",
     device_map: str | None = None,
-    streaming: bool = False,
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> ProfileResult:
     """`layerwise profile` from Python: load, cut calibration windows, profile, and save to `out`.
 
     `data=None` uses the calibration excerpt shipped with layerwise. Output (if `out`):
     profile.json, blocks.csv, linears.csv. Inputs are checked before any long work starts.
-    `streaming` reads one block at a time from disk as it runs (`load_model(streaming=True)`).
+    `streaming` reads one block at a time from disk as it runs (`load_model(streaming=True)`;
+    None: only when the model would not fit in memory).
     """
     if tokens <= 0:
         raise LayerwiseError(f"--tokens must be a positive number, got {tokens}")

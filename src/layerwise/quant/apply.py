@@ -110,7 +110,7 @@ def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: In
 
 def _quantize_module(loaded: LoadedModel, name: str, config: QuantConfig, stats: InputStats | None,
                      importance: np.ndarray | None = None) -> QTensor:
-    qtensor = quantize_linear(name, loaded.model.get_submodule(name), config, stats, importance)
+    qtensor = quantize_linear(name, loaded.model.get_submodule(name), config, stats, importance).compact()
     write_linear(loaded.streamed, loaded.model, name, qtensor)
     return qtensor
 

@@ -290,12 +290,13 @@ def run_imatrix(
     overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
-    streaming: bool = False,
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> Imatrix:
     """`layerwise imatrix`: the importance matrix of `model` on `data`, chunked as llama-imatrix
     chunks it (`ctx` tokens per chunk, at most `chunks` chunks), written to `out` (GGUF, or
-    legacy when it ends in .dat). `streaming` reads one block at a time from disk."""
+    legacy when it ends in .dat). `streaming` reads one block at a time from disk (None: only when
+    the model would not fit in memory)."""
     check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
                                                                       streaming=streaming)

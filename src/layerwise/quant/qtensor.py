@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,12 +32,30 @@ class QTensor:
 
             values = gguf_blocks.dequantize(self.packed, self.config.format.upper(), self.shape)
         else:
+            # Formats decode codes as quantizers write them (int16); compacted ones are widened back.
+            written = torch.int16 if self._compacted else self.codes.dtype
             values = map_groups(self.codes.float(), self.group_width,
-                                lambda part, params: fmt.decode(part.to(self.codes.dtype), params, self.config.bits),
+                                lambda part, params: fmt.decode(part.to(written), params, self.config.bits),
                                 self.params)
         if self.channel_scale is not None:
             values = values / self.channel_scale
         return values
+
+    def compact(self) -> "QTensor":
+        """The same weights with their codes in one byte where they fit (quantizers write int16
+        codes for any width): half the memory for a quantized model held while it is used."""
+        codes = self.codes
+        if codes is None or codes.dtype != torch.int16 or codes.numel() == 0:
+            return self
+        low, high = int(codes.min()), int(codes.max())
+        for narrow in (torch.int8, torch.uint8):
+            if torch.iinfo(narrow).min <= low and high <= torch.iinfo(narrow).max:
+                return replace(self, codes=codes.to(narrow))
+        return self
+
+    @property
+    def _compacted(self) -> bool:
+        return self.codes.dtype in (torch.int8, torch.uint8) and self.config.format != "fp8"
 
     @property
     def group_width(self) -> int:

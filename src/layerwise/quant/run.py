@@ -32,7 +32,7 @@ def run_quantize(
     imatrix: str | Path | Imatrix | None = None,
     dtype: str = "auto",
     device: str = "cpu",
-    streaming: bool = False,
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> tuple[LoadedModel, dict[str, QTensor], dict]:
     """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
@@ -43,7 +43,8 @@ def run_quantize(
     given or GPTQ/AWQ draw windows anyway. `calib`: one file, several (one domain each), or None
     for the shipped mix of prose, code, verse and tables that `plan` calibrates on by default;
     GPTQ and AWQ fit on `tokens` of it. `streaming` reads one block at a time from disk (the model
-    returned then holds the quantized weights as overrides, decoded as each block loads)."""
+    returned then holds the quantized weights as overrides, decoded as each block loads; None:
+    only when the model would not fit in memory)."""
     if out is not None:
         check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
