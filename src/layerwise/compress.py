@@ -160,7 +160,7 @@ def run_compress(
         granularity="linear" if format == "gguf" else None, table=out / "sensitivity.json", calib=calib,
         tokens=tokens, check_tokens=check_tokens, imatrix=paths.get("imatrix"), out=path, progress=progress))
     step("export", lambda path: run_export(model, format=format, plan=paths["plan"], out=path, calib=calib,
-                                           dtype=dtype, progress=progress))
+                                           dtype=dtype, device=device, progress=progress))
     if "eval" in paths:
         from layerwise.evaluate.run import run_eval
 

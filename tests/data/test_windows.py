@@ -97,3 +97,20 @@ def test_a_tokenizer_that_marks_every_start_gets_the_whole_text():
     text = ("a line of text\n" * (3 * PIECE_CHARS // 15))
     assert encode_text(marking, text) == [0] + [ord(c) for c in text]
     assert calls[-1] == len(text)  # given whole in the end
+
+
+def test_byte_level_bpe_pieces_keep_the_whole_texts_ids(monkeypatch):
+    """SmolLM2's tokenizer (GPT-2's byte-level rules: a run of whitespace before a word is split
+    differently at the end of a text): blank lines, indentation and trailing spaces are never cut.
+    Prose first, so the checked first cut is a harmless one and the code's cuts are not checked;
+    cutting after every line end gives other ids here."""
+    from conftest import EVALUATION_TEXT, SMOLLM2
+    from layerwise.data import windows
+    from layerwise.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(SMOLLM2)
+    code = "def f(x):\n    if x:\n\n        return x  \n    return 0\n\nclass A:\n    pass\n"
+    text = EVALUATION_TEXT.read_text()[:20000] + code * 300
+    monkeypatch.setattr(windows, "PIECE_CHARS", 700)
+    assert len(windows._line_pieces(text, 700)) > 40
+    assert windows.encode_text(tokenizer, text) == list(tokenizer(text, add_special_tokens=False)["input_ids"])

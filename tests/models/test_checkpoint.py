@@ -77,3 +77,16 @@ def test_load_model_reads_a_folder_itself(monkeypatch):
     loaded = load_model(STORIES)
     assert used == [True]
     assert loaded.describe()["dtype"] == "float32"
+
+
+def test_a_tied_head_stored_apart_is_left_to_transformers(tmp_path):
+    """A checkpoint that stores a head unlike its tied embedding: transformers decides (it may
+    leave them untied); reading the embedding alone and tying would give another model."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert read_model(AutoConfig.from_pretrained(tmp_path), tmp_path, torch.float32, "cpu") is None

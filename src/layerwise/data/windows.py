@@ -159,20 +159,31 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 
 
 def _line_pieces(text: str, size: int) -> list[str]:
-    """`text` cut into pieces of at least `size` characters (the last may be shorter), each
-    ending just after a line end that the next line's text follows (never inside a run of
-    blank lines)."""
+    """`text` cut into pieces of at least `size` characters (the last may be shorter). A cut falls
+    only where a byte-level BPE's pre-tokenizer (GPT-2's, Llama 3's rules) splits the same way in
+    the whole text and in the pieces: after a line end whose next line starts with one space and
+    then text (the run of whitespace before it ends the piece either way), or after a lone line
+    end between two non-space characters. Blank lines and indentation are never cut."""
     pieces, start = [], 0
     while len(text) - start > size:
         cut = start + size
-        while cut < len(text) and (text[cut - 1] != "\n" or text[cut].isspace() and text[cut] != " "):
+        while cut + 1 < len(text) and not _safe_cut(text, cut):
             cut += 1
-        if cut >= len(text):
+        if cut + 1 >= len(text):
             break
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
+
+
+def _safe_cut(text: str, cut: int) -> bool:
+    """Whether `text` may be cut before position `cut` (see `_line_pieces`)."""
+    if text[cut - 1] != "\n":
+        return False
+    if text[cut] == " ":
+        return not text[cut + 1].isspace()
+    return not text[cut].isspace() and cut >= 2 and not text[cut - 2].isspace()
 
 
 @dataclass(frozen=True)

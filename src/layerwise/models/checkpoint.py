@@ -254,7 +254,8 @@ def read_model(config: Any, folder: Path, dtype: torch.dtype, device: str,
     if _quantized(config) or getattr(config, "auto_map", None) or not any(folder.glob("*.safetensors")):
         return None
     model = skeleton(config, dtype, trust_remote_code)
-    if dtype != torch.float32 and getattr(model, "_keep_in_fp32_modules", None):
+    if dtype != torch.float32 and (getattr(model, "_keep_in_fp32_modules", None)
+                                   or getattr(model, "_keep_in_fp32_modules_strict", None)):
         return None
     rename = transformers_renaming(model)
     if rename is None:
@@ -270,7 +271,13 @@ def read_model(config: Any, folder: Path, dtype: torch.dtype, device: str,
         names = checkpoint_names(model, available, prefix)
     except LayerwiseError:
         return None
-    # Tied parameters are read once (under their first name) and tied again afterwards.
+    # Tied parameters are read once (under their first name) and tied again afterwards; a checkpoint
+    # that stores them apart (a head unlike the embedding) is one transformers may leave untied.
+    stored_as: dict[int, set[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        stored_as.setdefault(id(parameter), set()).add(names[name])
+    if any(len(keys) > 1 for keys in stored_as.values()):
+        return None
     unique = [name for name, _ in model.named_parameters()]
     for group in _groups(unique):
         tensors = source.read(sorted({names[name] for name in group}),

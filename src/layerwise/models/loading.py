@@ -1,6 +1,7 @@
 """One entry point that loads a causal LM from a local folder, a GGUF file or a hub id."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -284,7 +285,11 @@ def weights_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
     elif source.kind == "folder":
         from safetensors import safe_open
 
-        files = sorted(Path(source.location).glob("*.safetensors"))
+        folder = Path(source.location)
+        index = folder / "model.safetensors.index.json"
+        # The index names the shards (a folder may also hold a consolidated copy or an adapter).
+        files = (sorted({folder / file for file in json.loads(index.read_text())["weight_map"].values()})
+                 if index.is_file() else sorted(folder.glob("*.safetensors")))
         if not files:
             return None
         for file in files:
