@@ -29,6 +29,21 @@ class Reference:
         neg_entropy = _chunked_dot(probs, logprobs)
         return cls(probs, neg_entropy, logits.argmax(dim=-1))
 
+    @classmethod
+    def empty(cls, windows: int, positions: int, vocab: int, store: torch.dtype,
+              device: torch.device | str) -> "Reference":
+        """Room for `windows` x `positions` distributions, filled a part at a time (`put`)."""
+        return cls(torch.empty(windows, positions, vocab, dtype=store, device=device),
+                   torch.empty(windows, positions, dtype=torch.float64, device=device),
+                   torch.empty(windows, positions, dtype=torch.long, device=device))
+
+    def put(self, window: int, start: int, part: "Reference") -> None:
+        """Positions start.. of one window become `part`'s."""
+        stop = start + part.top1.shape[0]
+        self.probs[window, start:stop] = part.probs
+        self.neg_entropy[window, start:stop] = part.neg_entropy
+        self.top1[window, start:stop] = part.top1
+
     def part(self, window: int, start: int, stop: int) -> "Reference":
         """Positions start..stop of one window (a view, nothing copied)."""
         return Reference(self.probs[window, start:stop], self.neg_entropy[window, start:stop],

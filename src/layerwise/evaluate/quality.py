@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreemen
 from layerwise.models.layout import hidden_to_logits
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import held
-from layerwise.profile.replay import HEAD_CHUNK_ELEMENTS, final_hidden
+from layerwise.profile.replay import HEAD_CHUNK_ELEMENTS, final_hidden, head_chunks
 from layerwise.util.intervals import mean_ci, perplexity_ci
 from layerwise.util.progress import progress_bars
 
@@ -57,19 +57,6 @@ class BaseOutputs:
     quality: Quality
 
 
-def _head_chunks(loaded: LoadedModel, final: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-    """(window, start, stop, logits of positions start..stop) for every next-token position of
-    every window of `final` (a batch's last block output): the head applied 16 MB of logits at a
-    time, never a batch's worth (4 x 512 x 49152 float32 is 0.4 GB, and a log-softmax as much)."""
-    model, adapter = loaded.model, loaded.adapter
-    positions = final.shape[1] - 1
-    rows = max(1, HEAD_CHUNK_ELEMENTS // model.get_submodule(adapter.lm_head).weight.shape[0])
-    for window in range(final.shape[0]):
-        for start in range(0, positions, rows):
-            stop = min(positions, start + rows)
-            yield window, start, stop, hidden_to_logits(model, adapter, final[window, start:stop])
-
-
 @torch.no_grad()
 def base_outputs(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
                  progress: bool = True) -> BaseOutputs:
@@ -83,16 +70,11 @@ def base_outputs(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int 
         for batch in windows.batches(batch_size):
             batch = batch.to(loaded.input_device)
             final = final_hidden(loaded.model, loaded.adapter, batch)
-            reference = Reference(torch.empty(len(batch), positions, vocab, dtype=torch.float16, device=batch.device),
-                                  torch.empty(len(batch), positions, dtype=torch.float64, device=batch.device),
-                                  torch.empty(len(batch), positions, dtype=torch.long, device=batch.device))
+            reference = Reference.empty(len(batch), positions, vocab, torch.float16, batch.device)
             batch_nll = [0.0] * len(batch)
-            for window, start, stop, logits in _head_chunks(loaded, final):
+            for window, start, stop, logits in head_chunks(loaded.model, loaded.adapter, final):
                 batch_nll[window] += _nll_sum(logits, batch[window, start + 1:stop + 1])
-                part = Reference.from_logits(logits, store=torch.float16)
-                reference.probs[window, start:stop] = part.probs
-                reference.neg_entropy[window, start:stop] = part.neg_entropy
-                reference.top1[window, start:stop] = part.top1
+                reference.put(window, start, Reference.from_logits(logits, store=torch.float16))
             nll += batch_nll
             references.append(reference)
             bars.advance(task)
@@ -116,7 +98,7 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
             batch = batch.to(loaded.input_device)
             final = final_hidden(loaded.model, loaded.adapter, batch)
             batch_nll, batch_kl = [0.0] * len(batch), [0.0] * len(batch)
-            for window, start, stop, logits in _head_chunks(loaded, final):
+            for window, start, stop, logits in head_chunks(loaded.model, loaded.adapter, final):
                 batch_nll[window] += _nll_sum(logits, batch[window, start + 1:stop + 1])
                 part = reference.part(window, start, stop)
                 batch_kl[window] += kl_per_token(part, logits).double().sum().item()

@@ -57,6 +57,19 @@ class SafetensorsTensors:
     def names(self) -> set[str]:
         return set(self.files)
 
+    def elements(self) -> int:
+        """Entries of all the tensors, from the files' headers (no tensor is read)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(self.stored_as.get(name, name))
+        total = 0
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+        return total
+
     def read(self, names: list[str], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
         """Each tensor in its dtype from `dtypes`. Large ones are read a few million entries at a
         time into the converted tensor, the file reopened for each piece (closing it unmaps the

@@ -1,9 +1,7 @@
 """One entry point that loads a causal LM from a local folder, a GGUF file or a hub id."""
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import sys
@@ -16,7 +14,7 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter, get_adapter
-from layerwise.models.checkpoint import read_model
+from layerwise.models.checkpoint import SafetensorsTensors, read_model
 from layerwise.models.integrity import check_finite, check_gguf, check_weight_files
 from layerwise.models.streaming import StreamedWeights, stream_model
 from layerwise.util.meta import file_fingerprint, files_fingerprint
@@ -283,18 +281,10 @@ def weights_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
         reader = gguf.GGUFReader(Path(source.location) / source.gguf_file)
         elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
     elif source.kind == "folder":
-        from safetensors import safe_open
-
         folder = Path(source.location)
-        index = folder / "model.safetensors.index.json"
-        # The index names the shards (a folder may also hold a consolidated copy or an adapter).
-        files = (sorted({folder / file for file in json.loads(index.read_text())["weight_map"].values()})
-                 if index.is_file() else sorted(folder.glob("*.safetensors")))
-        if not files:
+        if not any(folder.glob("*.safetensors")):
             return None
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                elements += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+        elements = SafetensorsTensors(folder).elements()  # the shards its index names, if it has one
     else:
         return None
     return elements * torch.finfo(dtype).bits // 8

@@ -7,7 +7,7 @@ input and call arguments (masks, rotary embeddings), and a variant runs only fro
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -62,24 +62,28 @@ def hidden_without(
 HEAD_CHUNK_ELEMENTS = 1 << 22
 
 
+def head_chunks(model: nn.Module, adapter: Adapter, final: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """(window, start, stop, logits of positions start..stop) for every next-token position (all
+    but the last) of every window of `final` (a last block's output), the head applied
+    `HEAD_CHUNK_ELEMENTS` of logits at a time."""
+    rows = max(1, HEAD_CHUNK_ELEMENTS // model.get_submodule(adapter.lm_head).weight.shape[0])
+    positions = final.shape[1] - 1
+    for window in range(final.shape[0]):
+        for start in range(0, positions, rows):
+            stop = min(positions, start + rows)
+            yield window, start, stop, hidden_to_logits(model, adapter, final[window, start:stop])
+
+
 @torch.no_grad()
 def head_kl(model: nn.Module, adapter: Adapter, hidden: torch.Tensor,
             reference_of: Callable[[int, int, int], Reference]) -> list[float]:
     """Per window (first axis of `hidden`, a last block's output), the mean KL(base || model) over
     its next-token positions (all but the last), the head applied a chunk of positions at a time;
     `reference_of(window, start, stop)` gives the base distributions of those positions."""
-    vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
-    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-    positions = hidden.shape[1] - 1
-    values = []
-    for window in range(hidden.shape[0]):
-        total = 0.0
-        for start in range(0, positions, rows):
-            stop = min(positions, start + rows)
-            reference = reference_of(window, start, stop)
-            total += kl_per_token(reference, hidden_to_logits(model, adapter, hidden[window, start:stop])).sum().item()
-        values.append(total / positions)
-    return values
+    totals = [0.0] * hidden.shape[0]
+    for window, start, stop, logits in head_chunks(model, adapter, hidden):
+        totals[window] += kl_per_token(reference_of(window, start, stop), logits).sum().item()
+    return [total / (hidden.shape[1] - 1) for total in totals]
 
 
 def blocks_run(n_blocks: int, index: int, kind: str) -> int:
@@ -209,16 +213,8 @@ def base_reference(model: nn.Module, adapter: Adapter, final: torch.Tensor,
     """The base model's next-token distributions for every position but the last of each window,
     from its last block's output `final`, the head applied a chunk of positions at a time into
     one preallocated tensor (the whole batch's float32 logits never exist at once)."""
-    windows, positions = final.shape[0], final.shape[1] - 1
     vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
-    probs = torch.empty(windows, positions, vocab, dtype=store, device=final.device)
-    neg_entropy = torch.empty(windows, positions, dtype=torch.float64, device=final.device)
-    top1 = torch.empty(windows, positions, dtype=torch.long, device=final.device)
-    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-    for window in range(windows):
-        for start in range(0, positions, rows):
-            stop = min(positions, start + rows)
-            part = Reference.from_logits(hidden_to_logits(model, adapter, final[window, start:stop]), store=store)
-            probs[window, start:stop], neg_entropy[window, start:stop], top1[window, start:stop] = \
-                part.probs, part.neg_entropy, part.top1
-    return Reference(probs, neg_entropy, top1)
+    reference = Reference.empty(final.shape[0], final.shape[1] - 1, vocab, store, final.device)
+    for window, start, stop, logits in head_chunks(model, adapter, final):
+        reference.put(window, start, Reference.from_logits(logits, store=store))
+    return reference
