@@ -29,11 +29,13 @@ from _common import (CALIBRATION_TEXT, RESULTS, SMOLLM2, evaluation_domains, pai
 
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
-from layerwise.plan.allocate import Allocation, allocate  # noqa: E402
-from layerwise.plan.fitness import KLFitness  # noqa: E402
+from layerwise.measure.fitness import KLFitness  # noqa: E402
+from layerwise.measure.run import run_plan  # noqa: E402
+from layerwise.measure.sensitivity import measure_sensitivity  # noqa: E402
+from layerwise.plan.allocate import allocate  # noqa: E402
+from layerwise.plan.problem import Allocation  # noqa: E402
 from layerwise.plan.options import option_name, parse_options  # noqa: E402
-from layerwise.plan.run import run_plan  # noqa: E402
-from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity  # noqa: E402
+from layerwise.plan.table import SensitivityTable  # noqa: E402
 from layerwise.profile import profile_model  # noqa: E402
 from layerwise.report.plots import pareto_plot  # noqa: E402
 

@@ -30,12 +30,12 @@ from _common import (CALIBRATION_TEXT, SMOLLM2, evaluation_domains, paired_ratio
 
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
+from layerwise.measure.run import plan_from_choice, run_plan, sensitivity_for  # noqa: E402
 from layerwise.models.layout import block_linears, linear_weight, set_linear_weight  # noqa: E402
 from layerwise.plan import Plan  # noqa: E402
 from layerwise.plan.allocate import allocate  # noqa: E402
 from layerwise.plan.options import parse_option  # noqa: E402
-from layerwise.plan.run import plan_from_choice, run_plan, sensitivity_for  # noqa: E402
-from layerwise.quant import quantize_  # noqa: E402
+from layerwise.apply import quantize_  # noqa: E402
 from layerwise.quant.size import size_report  # noqa: E402
 
 # The widths of bench/allocate.py with GPTQ instead of round to nearest (int8 is never chosen

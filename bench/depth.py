@@ -28,9 +28,10 @@ from _common import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2, write_results  #
 
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
+from layerwise.measure.fitness import KLFitness  # noqa: E402
+from layerwise.measure.sensitivity import measure_sensitivity  # noqa: E402
 from layerwise.plan.allocate import allocate  # noqa: E402
-from layerwise.plan.fitness import KLFitness  # noqa: E402
-from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity  # noqa: E402
+from layerwise.plan.table import SensitivityTable  # noqa: E402
 from layerwise.prune import choose_drops, silence_  # noqa: E402
 from layerwise.prune.depth import out_projections  # noqa: E402
 from layerwise.quant.size import size_report  # noqa: E402

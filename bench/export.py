@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2, write_results  # noqa: E402
 
 from layerwise import load_model, token_windows  # noqa: E402
+from layerwise.apply.run import run_quantize  # noqa: E402
 from layerwise.export.gguf import export_gguf  # noqa: E402
+from layerwise.measure.run import plan_from_choice  # noqa: E402
+from layerwise.measure.sensitivity import measure_sensitivity  # noqa: E402
 from layerwise.plan import allocate  # noqa: E402
-from layerwise.plan.run import plan_from_choice  # noqa: E402
-from layerwise.plan.sensitivity import measure_sensitivity  # noqa: E402
 from layerwise.quant import QuantConfig  # noqa: E402
-from layerwise.quant.run import run_quantize  # noqa: E402
 
 # Not q4_1: the shared weights already lie on a Q4_1 grid (../shared/README.md), so q4_1 would be
 # nearly lossless here and the allocator would simply pick it everywhere.

@@ -23,10 +23,10 @@ from _common import STORIES, write_results  # noqa: E402
 from export import llama_perplexity, our_perplexity_llama_protocol  # noqa: E402
 
 from layerwise import load_model  # noqa: E402
+from layerwise.apply.run import run_quantize  # noqa: E402
 from layerwise.export.run import run_export  # noqa: E402
 from layerwise.plan import Plan  # noqa: E402
 from layerwise.quant import QuantConfig  # noqa: E402
-from layerwise.quant.run import run_quantize  # noqa: E402
 
 # stories260K's down_proj rows are 172 wide, which no GGUF block type divides: they stay float.
 PLANS = {

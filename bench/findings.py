@@ -33,9 +33,10 @@ from _common import CALIBRATION_TEXT, EVALUATION_TEXT, RESULTS, SMOLLM2, write_r
 
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
-from layerwise.plan.allocate import AllocationProblem, allocate  # noqa: E402
-from layerwise.plan.fitness import KLFitness  # noqa: E402
-from layerwise.plan.sensitivity import measure_sensitivity  # noqa: E402
+from layerwise.measure.fitness import KLFitness  # noqa: E402
+from layerwise.measure.sensitivity import measure_sensitivity  # noqa: E402
+from layerwise.plan.allocate import allocate  # noqa: E402
+from layerwise.plan.problem import AllocationProblem  # noqa: E402
 from layerwise.profile import profile_model  # noqa: E402
 from layerwise.prune import silence_  # noqa: E402
 from layerwise.prune.depth import out_projections  # noqa: E402

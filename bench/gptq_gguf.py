@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, EVALUATION_TEXT, dithered_smollm2, paired_ratio, quality_row, write_results  # noqa: E402
 
 from layerwise import load_model, token_windows  # noqa: E402
+from layerwise.apply.quantize import plan_targets  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
 from layerwise.plan import Plan  # noqa: E402
-from layerwise.quant import QuantConfig, quantize_  # noqa: E402
-from layerwise.quant.apply import plan_targets  # noqa: E402
+from layerwise.apply import quantize_  # noqa: E402
+from layerwise.quant import QuantConfig  # noqa: E402
 from layerwise.quant.imatrix import collect_imatrix, importance_for  # noqa: E402
 from layerwise.quant.size import size_report  # noqa: E402
 

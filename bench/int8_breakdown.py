@@ -20,7 +20,8 @@ from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
 from layerwise.models.layout import block_linears, linear_weight, set_linear_weight  # noqa: E402
 from layerwise.plan import Plan  # noqa: E402
-from layerwise.quant import QuantConfig, quantize_  # noqa: E402
+from layerwise.apply import quantize_  # noqa: E402
+from layerwise.quant import QuantConfig  # noqa: E402
 
 PARTS = {
     "all block linears": None,

@@ -36,9 +36,9 @@ from _common import EVALUATION_TEXT, RESULTS, ROOT, dithered_smollm2, paired_rat
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.data.domains import DEFAULT_DOMAINS, domain_slots, take_from_domains  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
-from layerwise.plan.fitness import KLFitness  # noqa: E402
+from layerwise.measure.fitness import KLFitness  # noqa: E402
+from layerwise.measure.run import DEFAULT_OPTIONS, run_plan, sensitivity_for  # noqa: E402
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
-from layerwise.plan.run import DEFAULT_OPTIONS, run_plan, sensitivity_for  # noqa: E402
 
 CODE_SEED = 20261204
 # The modules of the shipped code excerpt (src/layerwise/data/calibration/LICENSE): never judged on.
@@ -72,7 +72,7 @@ def main() -> None:
                              "(default: bench/results/robust_sensitivity.json for the measured table of "
                              "sublayers, else bench/out/robust/ESTIMATOR-GRANULARITY.json)")
     parser.add_argument("--granularity", default="sublayer", choices=["block", "sublayer", "linear"])
-    parser.add_argument("--sensitivity", default="measured", help="the table's estimator (layerwise.plan.estimators)")
+    parser.add_argument("--sensitivity", default="measured", help="the table's estimator (layerwise.measure.estimators)")
     parser.add_argument("--eval-tokens", type=int, default=10240)
     parser.add_argument("--model", default=None, help="another model (default: the dithered SmolLM2)")
     parser.add_argument("--options", default=DEFAULT_OPTIONS, help="the plan's options (default: run_plan's)")

@@ -2,7 +2,7 @@
 
 The measured table is the four-domain one of bench/robust.py (the dithered SmolLM2, the default
 options and windows of `layerwise plan`: 4096 tokens of the shipped mix, units per sublayer);
-every estimator (`layerwise.plan.estimators`) fills a table on the same windows and options. For
+every estimator (`layerwise.measure.estimators`) fills a table on the same windows and options. For
 each: its cost in forward passes of the table's windows (and the measured table's, counted the
 same way), Spearman's rank correlation of its entries with the measured ones, and the quality of
 `layerwise plan`'s default plan from it (exact allocator, never-worse check on held-out
@@ -30,11 +30,12 @@ from _common import EVALUATION_TEXT, RESULTS, dithered_smollm2, evaluation_domai
 from layerwise import load_model, token_windows  # noqa: E402
 from layerwise.data.overlap import rebuild_windows  # noqa: E402
 from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
-from layerwise.plan import estimators  # noqa: E402
-from layerwise.plan.estimators import ESTIMATORS, FISHER_SAMPLES  # noqa: E402
-from layerwise.plan.fitness import KLFitness  # noqa: E402
-from layerwise.plan.run import DEFAULT_OPTIONS, run_plan, sensitivity_for  # noqa: E402
-from layerwise.plan.sensitivity import SensitivityTable, head_cost_in_blocks  # noqa: E402
+from layerwise.measure.estimators import ESTIMATORS, FISHER_SAMPLES  # noqa: E402
+from layerwise.measure.fitness import KLFitness  # noqa: E402
+from layerwise.measure.run import DEFAULT_OPTIONS, run_plan, sensitivity_for  # noqa: E402
+from layerwise.measure.sensitivity import head_cost_in_blocks  # noqa: E402
+from layerwise.measure import estimators  # noqa: E402
+from layerwise.plan.table import SensitivityTable  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "sensitivity"
 

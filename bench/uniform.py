@@ -36,7 +36,8 @@ from layerwise.evaluate import base_outputs, evaluate  # noqa: E402
 from layerwise.models.layout import block_linears, linear_weight, set_linear_weight  # noqa: E402
 from layerwise.models.saving import save_plain  # noqa: E402
 from layerwise.plan import Plan  # noqa: E402
-from layerwise.quant import QuantConfig, quantize_  # noqa: E402
+from layerwise.apply import quantize_  # noqa: E402
+from layerwise.quant import QuantConfig  # noqa: E402
 from layerwise.quant.size import size_report  # noqa: E402
 
 

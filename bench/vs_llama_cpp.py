@@ -47,8 +47,8 @@ from _common import CALIBRATION_TEXT, CODE_SEED, EVALUATION_TEXT, dithered_smoll
 from layerwise import load_model  # noqa: E402
 from layerwise.export.convert import convert_to_gguf  # noqa: E402
 from layerwise.export.run import run_export  # noqa: E402
+from layerwise.measure.run import run_plan  # noqa: E402
 from layerwise.models.loading import resolve_source  # noqa: E402
-from layerwise.plan.run import run_plan  # noqa: E402
 from layerwise.quant.imatrix import run_imatrix  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "vs_llama_cpp"

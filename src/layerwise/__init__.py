@@ -19,6 +19,10 @@ _LAZY = {
     "ProfileResult": "layerwise.profile",
     "profile_model": "layerwise.profile",
     "run_profile": "layerwise.profile",
+    "Plan": "layerwise.plan",
+    "run_plan": "layerwise.measure",
+    "quantize_": "layerwise.apply",
+    "run_quantize": "layerwise.apply",
 }
 
 __all__ = ["__version__", "LayerwiseError", *_LAZY]

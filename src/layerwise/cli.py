@@ -69,7 +69,7 @@ def _calibration(files: list[str] | None) -> str | list[str] | None:
 def _cmd_quantize(args: argparse.Namespace) -> None:
     from layerwise.plan import Plan
     from layerwise.quant.config import QuantConfig
-    from layerwise.quant.run import run_quantize
+    from layerwise.apply.run import run_quantize
 
     remainder = "fallback" if args.k_fallback else "tail" if args.allow_tail else "error"
     plan = args.plan or Plan(QuantConfig(args.format, args.bits, args.group_size, not args.asym, args.method,
@@ -80,7 +80,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
                                             dtype=args.dtype, device=args.device, streaming=args.streaming,
                                             progress=not args.quiet)
     _print_sizes(sizes)
-    from layerwise.quant.apply import plan_fallbacks
+    from layerwise.apply.quantize import plan_fallbacks
 
     fallbacks = plan_fallbacks(loaded, plan if isinstance(plan, Plan) else Plan.load(plan))
     if fallbacks:
@@ -147,7 +147,7 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from layerwise.plan.run import run_plan
+    from layerwise.measure.run import run_plan
 
     if sum(value is not None for value in (args.budget, args.budget_bytes, args.budget_like)) != 1:
         raise LayerwiseError("give exactly one budget: --budget BITS_PER_WEIGHT, --budget-bytes N or "
@@ -208,7 +208,7 @@ def _budgets(text: str) -> list[float]:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> None:
-    from layerwise.plan.run import run_pareto
+    from layerwise.report.pareto import run_pareto
 
     rows = run_pareto(args.table, budgets=args.budgets, allocator=args.allocator, out=args.out,
                       overwrite=args.overwrite)
@@ -333,6 +333,12 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
         for name, function in ALLOCATORS.items():
             console.print(f"[bold]{name}[/bold]: {(function.__doc__ or '').strip().splitlines()[0]}")
+    elif args.what == "exporters":
+        from layerwise.export import EXPORTERS
+
+        for name, exporter in EXPORTERS.items():
+            what = "a folder" if exporter.folder else "one file"
+            console.print(f"[bold]{name}[/bold] ({what}{', streams' if exporter.streams else ''}): {exporter.description}")
     elif args.what == "objectives":
         for name, objective in OBJECTIVES.items():
             default = " (default)" if name == DEFAULT_OBJECTIVE else ""
@@ -513,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--budget", type=_positive_float, default=None, help="average bits per weight of the block linears")
     p.add_argument("--budget-like", default=None, help="a GGUF file of this model to be no larger than")
-    p.add_argument("--format", default="gguf", choices=["gguf", "hf", "compressed-tensors"])
+    p.add_argument("--format", default="gguf", help="an export format (`layerwise list exporters`; default gguf)")
     p.add_argument("--options", default=None,
                    help="per-unit choices (default: llama.cpp's types for gguf, int2g64..int8g64 otherwise)")
     p.add_argument("--sensitivity", default="auto",
@@ -530,9 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")
     _add_model_options(p)
     _add_streaming_option(p)
-    p.add_argument("--format", default="gguf", choices=["gguf", "hf", "compressed-tensors"],
-                   help="gguf (a type per tensor), hf (dequantized, loads anywhere) or compressed-tensors "
-                        "(packed int codes; transformers and vLLM load it)")
+    p.add_argument("--format", default="gguf",
+                   help="gguf (a type per tensor; the default), hf (dequantized, loads anywhere) or compressed-tensors "
+                        "(packed int codes; transformers and vLLM load it): `layerwise list exporters`")
     p.add_argument("--plan", default=None, help="a plan.json (quantized now)")
     p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
     p.add_argument("--calib", default=None, action="append",
@@ -571,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_report)
 
     p = commands.add_parser("list", help="what is registered")
-    p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators", "objectives"])
+    p.add_argument("what", choices=["architectures", "metrics", "formats", "allocators", "objectives", "exporters"])
     p.set_defaults(run=_cmd_list)
     return parser
 

@@ -100,15 +100,15 @@ def run_compress(
     sensitivity.json, plan.json (+ plan.report.json), model.gguf or model/ (the `format`),
     eval.json (with `eval_data`, which must not be calibration text) and report.html. Options
     default to llama.cpp's types for GGUF and to `plan`'s for the other formats."""
-    from layerwise.export.run import EXPORT_FORMATS, run_export
-    from layerwise.plan.estimators import estimator_named
-    from layerwise.plan.run import DEFAULT_OPTIONS
+    from layerwise.export import exporter_named
+    from layerwise.export.run import run_export
+    from layerwise.measure.estimators import estimator_named
+    from layerwise.measure.run import DEFAULT_OPTIONS
 
     if sum(budget is not None for budget in (bits_per_weight, budget_like)) != 1:
         raise LayerwiseError("give exactly one budget: bits per weight or a GGUF file to be no larger than "
                              "(--budget, --budget-like)")
-    if format not in EXPORT_FORMATS:
-        raise LayerwiseError(f"unknown format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    exporter_named(format)
     if budget_like is not None and format != "gguf":
         raise LayerwiseError("--budget-like sizes a GGUF file; it needs --format gguf")
     estimator_named(estimator)
@@ -153,7 +153,7 @@ def run_compress(
         text = domains.get("prose", next(iter(domains.values())))
         step("imatrix", lambda path: run_imatrix(loaded, data=text, out=path, chunks=IMATRIX_CHUNKS,
                                                  progress=progress))
-    from layerwise.plan.run import run_plan
+    from layerwise.measure.run import run_plan
 
     step("plan", lambda path: run_plan(
         loaded, bits_per_weight=bits_per_weight, budget_like=budget_like, options=options, estimator=estimator,

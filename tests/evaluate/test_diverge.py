@@ -7,10 +7,10 @@ import torch
 
 from conftest import STORIES
 from layerwise import load_model
+from layerwise.apply.run import run_quantize
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate.diverge import PromptDivergence, base_references, compare, encode_prompts, flag_outliers, read_prompts
 from layerwise.plan import Plan
-from layerwise.quant.run import run_quantize
 from test_cli import assert_one_line_error, layerwise
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "story_prompts.txt"

@@ -7,8 +7,8 @@ import torch
 
 from conftest import EVALUATION_TEXT
 from layerwise import token_windows
+from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.evaluate import base_outputs, evaluate
-from layerwise.evaluate.divergence import Reference, kl_per_token
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def test_window_values_add_up_to_the_reported_numbers(stories):
 @torch.no_grad()
 def test_base_outputs_applied_a_chunk_at_a_time_equal_a_plain_forward(stories, monkeypatch):
     """The head is applied a few positions at a time (here 100, so windows span several chunks)."""
-    from layerwise.profile import replay as module
+    from layerwise.engine import replay as module
 
     monkeypatch.setattr(module, "HEAD_CHUNK_ELEMENTS", 100 * stories.model.config.vocab_size)
     windows = token_windows(stories.tokenizer, EVALUATION_TEXT, tokens=1024, seq_len=256, seed=None)

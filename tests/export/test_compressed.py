@@ -8,11 +8,11 @@ import torch
 
 from conftest import CALIBRATION_TEXT, STORIES
 from layerwise import load_model
+from layerwise.apply.run import run_quantize
 from layerwise.errors import LayerwiseError
 from layerwise.export.run import run_export
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
-from layerwise.quant.run import run_quantize
 from test_cli import assert_one_line_error, layerwise
 
 MIXED = Plan(QuantConfig("int", 4, 32)).override("re:.*mlp.down_proj", QuantConfig("int", 8, 4)).override(

@@ -6,12 +6,12 @@ import pytest
 
 from conftest import SMOLLM2, STORIES
 from layerwise import load_model
+from layerwise.apply.run import run_quantize
 from layerwise.errors import LayerwiseError
 from layerwise.export.run import run_export
 from layerwise.models.layout import block_linears, linear_weight
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
-from layerwise.quant.run import run_quantize
 from test_cli import assert_one_line_error, layerwise
 
 MIXED = Plan(QuantConfig("q4_0")).override("re:.*down_proj", QuantConfig("q8_0")).override(
@@ -73,7 +73,7 @@ def test_hf_export_of_a_quantized_directory_loads_with_plain_transformers(tmp_pa
     report = run_export(STORIES, format="hf", quantized=tmp_path / "q", out=tmp_path / "hf", progress=False)
     assert (tmp_path / "hf" / "plan.json").exists() and report["file_bytes"] > 0
     ours = load_model(STORIES)
-    from layerwise.quant.storage import apply_quantized, load_quantized
+    from layerwise.apply.storage import apply_quantized, load_quantized
 
     apply_quantized(ours, *load_quantized(tmp_path / "q"))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -12,13 +12,13 @@ import torch
 
 from conftest import STORIES, require_tool
 from layerwise import load_model
+from layerwise.apply.run import run_quantize
 from layerwise.errors import LayerwiseError
 from layerwise.export.convert import CONVERTER_ENV
 from layerwise.export.run import run_export
 from layerwise.models.layout import block_linears, linear_weight
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
-from layerwise.quant.run import run_quantize
 from test_cli import assert_one_line_error, layerwise
 
 # stories260K's rows are 64 wide except down_proj's 172, which no GGUF block type divides: it stays f32.

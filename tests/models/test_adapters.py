@@ -9,11 +9,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from layerwise.engine.hooks import capture_blocks
+from layerwise.engine.replay import logits_without
 from layerwise.errors import LayerwiseError
 from layerwise.models import ADAPTERS, get_adapter, supported_architectures, wrap_model
 from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
-from layerwise.profile.hooks import capture_blocks
-from layerwise.profile.replay import logits_without
 
 HIDDEN, FFN, HEADS, VOCAB = 32, 64, 4, 128
 _LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3, num_attention_heads=HEADS,

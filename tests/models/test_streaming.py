@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from layerwise import LayerwiseError, load_model
+from layerwise.apply.run import run_quantize
 from layerwise.evaluate.run import run_eval
 from layerwise.models.layout import blocks_of
 from layerwise.plan.plan import Plan
 from layerwise.profile import run_profile
 from layerwise.quant.config import QuantConfig
-from layerwise.quant.run import run_quantize
 from conftest import EVALUATION_TEXT, SMOLLM2, STORIES
 
 
@@ -172,7 +172,7 @@ def test_streamed_gpt2_conv1d_weights_quantize_as_in_memory(tmp_path):
 def test_streaming_refuses_what_it_cannot_do(streamed, tmp_path):
     with pytest.raises(LayerwiseError, match="device-map"):
         load_model(STORIES, streaming=True, device_map="auto")
-    from layerwise.plan.run import run_plan
+    from layerwise.measure.run import run_plan
 
     with pytest.raises(LayerwiseError, match="streamed model"):
         run_plan(streamed, bits_per_weight=4.0, tokens=512, progress=False)

@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 
 from layerwise import LayerwiseError
-from layerwise.plan.allocate import (
-    ALLOCATORS,
-    Allocation,
-    AllocationProblem,
-    allocate,
-    never_worse_than_uniform,
-    register_allocator,
-)
+from layerwise.plan.allocate import ALLOCATORS, allocate, register_allocator
+from layerwise.plan.check import never_worse_than_uniform
+from layerwise.plan.problem import Allocation, AllocationProblem
 
 BITS = np.array([2.0, 3.0, 4.0, 8.0])
 

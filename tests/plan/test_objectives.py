@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from layerwise.errors import LayerwiseError
-from layerwise.plan.allocate import Allocation, AllocationProblem, allocate
+from layerwise.plan.allocate import allocate
+from layerwise.plan.problem import Allocation, AllocationProblem
 from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import OBJECTIVES, objective_named
-from layerwise.plan.sensitivity import SensitivityTable
+from layerwise.plan.table import SensitivityTable
 from layerwise.plan.units import Unit
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from layerwise import LayerwiseError
+from layerwise.engine.hooks import BlockCall
 from layerwise.profile import METRICS, WEIGHT_METRICS, resolve_metric
-from layerwise.profile.hooks import BlockCall
 from layerwise.profile.metrics import combine
 
 

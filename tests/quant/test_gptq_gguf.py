@@ -13,7 +13,8 @@ from layerwise import LayerwiseError, token_windows
 from layerwise.evaluate import base_outputs, evaluate
 from layerwise.plan import Plan
 from layerwise.plan.options import option_name, parse_option
-from layerwise.quant import QuantConfig, gguf_blocks, gptq_quantize, quantize_, quantize_weight
+from layerwise.apply import quantize_
+from layerwise.quant import QuantConfig, gguf_blocks, gptq_quantize, quantize_weight
 from test_algorithms import correlated_inputs, output_error
 
 TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import CALIBRATION_TEXT, SMOLLM2
+from layerwise.apply.run import run_quantize
 from layerwise.data.windows import bos_policy, encode_text, read_text
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import linear_weight
@@ -15,7 +16,6 @@ from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
 from layerwise.quant import gguf_blocks
 from layerwise.quant.imatrix import Imatrix, collect_imatrix, imatrix_windows, importance_for, run_imatrix
-from layerwise.quant.run import run_quantize
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_collect_includes_the_head_when_asked(stories):
 
 
 def test_a_plan_measured_with_an_importance_matrix_is_quantized_with_it(stories, computed, tmp_path):
-    from layerwise.plan.run import run_plan
+    from layerwise.measure.run import run_plan
 
     imatrix, path = computed
     kept = tmp_path / "imatrix.gguf"

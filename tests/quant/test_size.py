@@ -7,10 +7,11 @@ import pytest
 
 from conftest import CALIBRATION_TEXT
 from layerwise import token_windows
+from layerwise.apply.quantize import plan_targets
 from layerwise.models.layout import linear_weight
 from layerwise.plan import Plan
-from layerwise.quant import QuantConfig, quantize_
-from layerwise.quant.apply import plan_targets
+from layerwise.apply import quantize_
+from layerwise.quant import QuantConfig
 from layerwise.quant.qtensor import storage_bits
 from layerwise.quant.size import size_report
 

@@ -21,9 +21,10 @@ def run_dir(tmp_path_factory):
     """Every artifact layerwise writes, for stories260K: profile, table, plan, pareto, eval."""
     from layerwise import load_model
     from layerwise.evaluate.run import run_eval
-    from layerwise.plan.run import run_pareto, run_plan
+    from layerwise.measure.run import run_plan
+    from layerwise.report.pareto import run_pareto
     from layerwise.profile import run_profile
-    from layerwise.quant.run import run_quantize
+    from layerwise.apply.run import run_quantize
 
     folder = tmp_path_factory.mktemp("run")
     loaded = load_model(STORIES)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from layerwise.data.windows import bos_policy
+from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreement
 from layerwise.models.loading import LoadedModel
 
 
@@ -95,7 +95,7 @@ def run_diverge(base: str | Path, quantized: str | Path, prompts: str | Path, *,
                 min_ratio: float = 3.0, dtype: str = "auto", device: str = "cpu") -> list[PromptDivergence]:
     """`layerwise diverge`: the base model against a directory written by `layerwise quantize`."""
     from layerwise.models.loading import load_model
-    from layerwise.quant.storage import apply_quantized, load_quantized
+    from layerwise.apply.storage import apply_quantized, load_quantized
 
     texts = read_prompts(prompts)
     document, stored = load_quantized(quantized)  # a bad directory fails before the model loads

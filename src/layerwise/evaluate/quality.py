@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 
 from layerwise.data.windows import TokenWindows
-from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.engine.replay import HEAD_CHUNK_ELEMENTS, final_hidden, head_chunks
 from layerwise.models.layout import hidden_to_logits
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import held
-from layerwise.profile.replay import HEAD_CHUNK_ELEMENTS, final_hidden, head_chunks
 from layerwise.util.intervals import mean_ci, perplexity_ci
 from layerwise.util.progress import progress_bars
 

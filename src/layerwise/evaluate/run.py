@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from layerwise.apply.storage import apply_quantized, load_quantized
 from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
 from layerwise.data.overlap import calibrations_of, check_held_out
 from layerwise.data.windows import read_text, token_windows
@@ -14,7 +15,6 @@ from layerwise.evaluate.quality import base_outputs, compare_streamed, evaluate
 from layerwise.models.loading import load_model
 from layerwise.plan.plan import Plan
 from layerwise.quant.size import size_report
-from layerwise.quant.storage import apply_quantized, load_quantized
 from layerwise.util.meta import run_metadata, sha256_text
 
 
@@ -54,8 +54,8 @@ def run_eval(
     if quantized is not None and (Path(quantized) / "plan.json").is_file():
         plan_meta = Plan.load(Path(quantized) / "plan.json").meta
     calibrations = calibrations_of(plan_meta, (document or {}).get("meta"))
-    from layerwise.quant.apply import plan_targets
-    from layerwise.quant.run import QUANTIZE_TOKENS, needs_calibration
+    from layerwise.apply.quantize import plan_targets
+    from layerwise.apply.run import QUANTIZE_TOKENS, needs_calibration
 
     if plan is not None and (calib is not None or needs_calibration(plan_targets(loaded, plan))):
         calibrations["quantization statistics"] = calibration_windows(loaded.tokenizer, calib, tokens=QUANTIZE_TOKENS,
@@ -80,7 +80,7 @@ def run_eval(
         apply_quantized(loaded, document, stored)
         report["sizes"] = size_report(loaded, stored, document["meta"].get("dropped_modules", ()))
     elif plan is not None:
-        from layerwise.quant.run import run_quantize
+        from layerwise.apply.run import run_quantize
 
         report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
     compared = stored is not None or plan is not None or schedule is not None

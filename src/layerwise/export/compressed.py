@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from layerwise.errors import LayerwiseError
+from layerwise.export.registry import ExportJob, register_exporter
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder
@@ -114,3 +115,10 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
         loaded.tokenizer.save_pretrained(scratch)
     return {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir()),
             "planned_tensor_bytes": planned_bytes, "config_groups": len(groups)}
+
+
+@register_exporter("compressed-tensors", folder=True, check_targets=check_plan_representable,
+                   description="packed int codes and fp16 scales per module (llm-compressor's pack-quantized), which "
+                               "transformers and vLLM load")
+def write_compressed_tensors(job: ExportJob) -> dict:
+    return export_compressed_tensors(job.loaded, job.stored, job.out)

@@ -13,14 +13,17 @@ the stored codes are permuted the same way, with no requantization.
 """
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from layerwise.errors import LayerwiseError
+from layerwise.export.registry import ExportJob, register_exporter
 from layerwise.models.gguf_names import gguf_tensor_names
 from layerwise.models.loading import LoadedModel, ModelSource
+from layerwise.plan.plan import Plan
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_path
 
@@ -114,3 +117,46 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
     return {"path": str(out), "file_bytes": out.stat().st_size, "tensors_by_type": dict(types),
             "bytes_by_type": dict(type_bytes), "planned_tensor_bytes": sum(p.nbytes for p, _ in replacement.values()),
             "llama_quantize_args": tensor_types}
+
+
+def converter_for(source: ModelSource, converter: str | Path | None) -> Path | None:
+    """A Hugging Face model is converted by llama.cpp's converter first: found before any work."""
+    if source.kind == "gguf":
+        return None
+    from layerwise.export.convert import find_converter
+
+    return find_converter(converter)
+
+
+@register_exporter("gguf", folder=False, streams=True, prepare=converter_for,
+                   description="one GGUF file with the plan's llama.cpp type per tensor (the plan must use GGUF types)")
+def write_gguf(job: ExportJob) -> dict:
+    if job.source.kind == "gguf":
+        report = export_gguf(job.loaded, job.stored, job.out, job.dropped)
+    else:
+        from layerwise.export.convert import convert_to_gguf
+
+        check_gguf_exportable(job.stored, job.dropped)  # before converting
+        with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
+            converted = convert_to_gguf(job.source, Path(scratch) / "converted.gguf", job.loaded.model.dtype,
+                                        job.converter)
+            report = export_gguf(job.loaded, job.stored, job.out, job.dropped, source=converted)
+        report["converted_by"] = str(job.converter)
+    _check_no_larger(job.plan, job.out, report)
+    return report
+
+
+def _check_no_larger(plan: Plan, out: Path, report: dict) -> None:
+    """A plan made to be no larger than a reference GGUF (`plan --budget-like`) must give a file no
+    larger than it: our metadata comes from our own source GGUF, which could be longer than the
+    reference's. A larger file is removed, not left half right."""
+    like = ((plan.meta or {}).get("provenance") or {}).get("budget_like")
+    if not like:
+        return
+    report["reference"] = {"file": like["file"], "file_bytes": like["file_bytes"]}
+    if report["file_bytes"] > like["file_bytes"]:
+        out.unlink(missing_ok=True)
+        raise LayerwiseError(f"the GGUF would be {report['file_bytes']:,} bytes, {report['file_bytes'] - like['file_bytes']:,} "
+                             f"more than {Path(like['file']).name} ({like['file_bytes']:,}), which the plan was made to "
+                             "match: the source's metadata or untouched tensors are larger than the reference's; nothing "
+                             "was written")

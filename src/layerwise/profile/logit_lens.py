@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from layerwise.evaluate.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.engine.replay import HEAD_CHUNK_ELEMENTS
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import hidden_to_logits
-from layerwise.profile.replay import HEAD_CHUNK_ELEMENTS
 
 
 # Share of a bare forward pass that the logit lens may cost when positions are chosen automatically.

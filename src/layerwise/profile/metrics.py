@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
+from layerwise.engine.hooks import BlockCall
 from layerwise.errors import LayerwiseError
-from layerwise.profile.hooks import BlockCall
 
 Partials = dict[str, float]
 

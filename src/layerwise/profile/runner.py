@@ -10,16 +10,16 @@ from typing import Sequence
 import torch
 
 from layerwise.data.windows import TokenWindows, token_windows
+from layerwise.engine.divergence import Reference, kl_per_token
+from layerwise.engine.hooks import BlockCall, capture_blocks
+from layerwise.engine.replay import UNIT_KINDS, StopForward, blocks_run, logits_without
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.adapters import get_adapter
 from layerwise.models.layout import block_linears, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.models.streaming import by_part, held
-from layerwise.profile.hooks import BlockCall, capture_blocks
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
-from layerwise.profile.replay import UNIT_KINDS, StopForward, blocks_run, logits_without
 from layerwise.profile.result import ProfileResult
 from layerwise.profile.weights import WEIGHT_METRICS
 from layerwise.util.files import check_output

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 from layerwise.data.windows import TokenWindows
+from layerwise.engine.divergence import Reference, kl_per_token
+from layerwise.engine.hooks import BlockCall, capture_blocks
+from layerwise.engine.replay import logits_without
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.layout import blocks_of
 from layerwise.models.loading import LoadedModel
-from layerwise.profile.hooks import BlockCall, capture_blocks
-from layerwise.profile.replay import logits_without
 from layerwise.prune.depth import DROP_KINDS, out_projections, silence_
 from layerwise.util.progress import progress_bars
 

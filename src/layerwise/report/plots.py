@@ -9,7 +9,7 @@ from layerwise.report.figures import pareto_figure, sensitivity_figure
 from layerwise.util.files import atomic_path
 
 if TYPE_CHECKING:
-    from layerwise.plan.sensitivity import SensitivityTable
+    from layerwise.plan.table import SensitivityTable
 
 
 def png_bytes(figure) -> bytes:

@@ -168,7 +168,8 @@ def _sensitivity_section(found: RunArtifacts) -> Section:
 def _predicted_curves(table: dict, profile: dict | None) -> dict[str, list[tuple[float, float]]]:
     """From the table alone (the additive model): uniform options, the exact optimum and, with a
     profile, Layer-Wise Quantization's LIM ordering, at budgets across the options' range."""
-    from layerwise.plan.allocate import AllocationProblem, allocate
+    from layerwise.plan.allocate import allocate
+    from layerwise.plan.problem import AllocationProblem
 
     units, options, cost, kl, weights = _table_arrays(table)
     total = weights.sum()

@@ -6,12 +6,12 @@ import torch
 from conftest import CALIBRATION_TEXT, STORIES
 from layerwise import load_model, token_windows
 from layerwise.errors import LayerwiseError
+from layerwise.measure.estimators import AUTO_ESTIMATOR, FISHER_SAMPLES, rounding_noise
+from layerwise.measure.run import run_plan, sensitivity_for
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
-from layerwise.plan.estimators import AUTO_ESTIMATOR, FISHER_SAMPLES, rounding_noise
 from layerwise.plan.options import parse_option
-from layerwise.plan.run import run_plan, sensitivity_for
-from layerwise.plan.sensitivity import measure_sensitivity
-from layerwise.quant.apply import quantize_linear
+from layerwise.quant.linear import quantize_linear
 
 OPTIONS = "int2pc,int4pc,int8pc,drop"
 

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from layerwise import LayerwiseError
+from layerwise.apply.run import run_quantize
+from layerwise.apply.storage import load_quantized, pack_bits, save_quantized, unpack_bits
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig, quantize_weight
 from layerwise.quant.awq import awq_quantize
 from layerwise.quant.gguf_blocks import GGUF_TYPES
 from layerwise.quant.qtensor import QTensor
-from layerwise.quant.run import run_quantize
-from layerwise.quant.storage import load_quantized, pack_bits, save_quantized, unpack_bits
 
 ROUND_TRIP_CONFIGS = [
     QuantConfig("int", bits, group, symmetric, remainder="tail")

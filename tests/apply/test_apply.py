@@ -8,12 +8,13 @@ import torch
 
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT
 from layerwise import LayerwiseError, token_windows
+from layerwise.apply.storage import apply_quantized, load_quantized, save_quantized
 from layerwise.evaluate import base_outputs, evaluate
 from layerwise.models.layout import linear_weight
 from layerwise.plan import Plan
-from layerwise.quant import QuantConfig, bits_per_weight, quantize_
+from layerwise.apply import quantize_
+from layerwise.quant import QuantConfig, bits_per_weight
 from layerwise.quant.size import size_report
-from layerwise.quant.storage import apply_quantized, load_quantized, save_quantized
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def _linears(loaded):
 
 
 def test_k_quants_fall_back_as_llama_cpp_does_where_rows_do_not_fit(stories):
-    from layerwise.quant.apply import plan_fallbacks, plan_targets
+    from layerwise.apply.quantize import plan_fallbacks, plan_targets
 
     # stories260K's rows are 64 wide (172 for down_proj, which no GGUF block fits: kept at int8).
     fitting = "re:.*(self_attn|gate_proj|up_proj).*"

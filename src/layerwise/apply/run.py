@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from layerwise.apply.quantize import plan_dropped, plan_fallbacks, plan_targets, quantize_
+from layerwise.apply.storage import save_quantized
 from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.plan import Plan
-from layerwise.quant.apply import plan_dropped, plan_fallbacks, plan_targets, quantize_
 from layerwise.quant.imatrix import Imatrix, collect_imatrix, imatrix_applies, importance_for
 from layerwise.quant.qtensor import QTensor
 from layerwise.quant.size import size_report
-from layerwise.quant.storage import save_quantized
 from layerwise.util.files import check_output
 from layerwise.util.meta import file_fingerprint, run_metadata
 

@@ -16,16 +16,16 @@ import transformers
 
 from conftest import CALIBRATION_TEXT, SMOLLM2, STORIES, require_tool
 from layerwise import load_model, token_windows
+from layerwise.apply.quantize import quantize_
+from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.errors import LayerwiseError
 from layerwise.export.convert import CONVERTER_ENV
 from layerwise.export.run import run_export
-from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.measure.run import plan_from_choice, run_plan, sensitivity_for
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.gguf_reference import read_reference
 from layerwise.plan.plan import Plan
-from layerwise.plan.run import plan_from_choice, run_plan, sensitivity_for
-from layerwise.plan.sensitivity import measure_sensitivity
 from layerwise.quant import QuantConfig
-from layerwise.quant.apply import quantize_
 
 OPTIONS = "q4_0,q5_0,q8_0"
 

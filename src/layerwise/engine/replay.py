@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from layerwise.engine.divergence import Reference, kl_per_token
+from layerwise.engine.hooks import BlockCall, hidden_arg, run_block, scoped_hooks, zero_output
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import blocks_of, first_tensor, hidden_to_logits
-from layerwise.profile.hooks import BlockCall, hidden_arg, run_block, scoped_hooks, zero_output
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")

@@ -23,18 +23,18 @@ import numpy as np
 import torch
 
 from layerwise.data.windows import TokenWindows
-from layerwise.evaluate.divergence import Reference
+from layerwise.engine.divergence import Reference
+from layerwise.engine.hooks import BlockCall, run_block
+from layerwise.engine.replay import block_calls, first_block_input, head_kl
+from layerwise.measure.sensitivity import _statistics_hooks, head_cost_in_blocks, input_statistics
 from layerwise.models.layout import blocks_of, hidden_to_logits, stored_transposed
 from layerwise.models.loading import LoadedModel
-from layerwise.plan.allocate import AllocationProblem
+from layerwise.plan.problem import AllocationProblem
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.options import DROP
-from layerwise.plan.sensitivity import (SensitivityTable, _statistics_hooks, domain_means, edge_config,
-                                        head_cost_in_blocks, input_statistics)
+from layerwise.plan.table import SensitivityTable, domain_means, edge_config
 from layerwise.plan.units import EDGE_KINDS, block_modules
-from layerwise.profile.hooks import BlockCall, run_block
-from layerwise.profile.replay import block_calls, first_block_input, head_kl
-from layerwise.quant.apply import quantize_linear
+from layerwise.quant.linear import quantize_linear
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.memory import trim_freed_memory
 

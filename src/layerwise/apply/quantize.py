@@ -7,33 +7,22 @@ quantized outputs become the inputs of block i+1, so memory stays near one block
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
-from torch import nn
 
 from layerwise.data.windows import TokenWindows
+from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
+from layerwise.engine.replay import call_arguments
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import block_linears, blocks_of, linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import by_part, held, write_linear
+from layerwise.plan.plan import Plan
 from layerwise.prune.depth import dropped_modules, drop_units_, parse_unit
-from layerwise.profile.hooks import BlockCall, run_block, scoped_hooks
-from layerwise.profile.replay import call_arguments
-from layerwise.quant.awq import awq_quantize
 from layerwise.quant.config import QuantConfig
-from layerwise.quant.gptq import gptq_quantize
+from layerwise.quant.linear import InputStats, gather_inputs, quantize_linear
 from layerwise.quant.qtensor import QTensor
-from layerwise.quant.rtn import quantize_weight
 from layerwise.util.progress import progress_bars
-
-if TYPE_CHECKING:  # the plan module imports quant.config; import it for annotations only
-    from layerwise.plan.plan import Plan
-
-# Rows of inputs kept per linear for AWQ's scale search: enough for a stable error estimate.
-AWQ_SAMPLE_ROWS = 4096
 
 
 def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
@@ -70,42 +59,6 @@ def plan_dropped(loaded: LoadedModel, plan: Plan) -> list[str]:
         kind, index = parse_unit(loaded.adapter, loaded.n_blocks, name)
         modules.extend(dropped_modules(loaded.adapter, kind, index))
     return list(dict.fromkeys(modules))
-
-
-@dataclass
-class InputStats:
-    """What GPTQ (Hessian) and AWQ (input sample) need from one linear's inputs."""
-
-    hessian: torch.Tensor | None = None
-    rows: int = 0
-    sample: list | None = None
-
-
-def gather_inputs(stats: InputStats, x: torch.Tensor, config: QuantConfig) -> None:
-    x = x.reshape(-1, x.shape[-1]).float()
-    if config.algorithm == "gptq":
-        product = x.t() @ x
-        stats.hessian = product if stats.hessian is None else stats.hessian + product
-    else:
-        stats.sample = (stats.sample or []) + [x[torch.randperm(len(x), generator=torch.Generator().manual_seed(
-            stats.rows))[: AWQ_SAMPLE_ROWS // 4]].cpu()]
-    stats.rows += len(x)
-
-
-def quantize_linear(name: str, module: nn.Module, config: QuantConfig, stats: InputStats | None,
-                    importance: np.ndarray | None = None) -> QTensor:
-    """The stored form of one linear's weight under `config`; the module is left unchanged.
-    GPTQ and AWQ need `stats` gathered from the module's inputs (`gather_inputs`); GGUF types
-    rounded to nearest take the module's `importance` (`layerwise.quant.imatrix`)."""
-    weight = linear_weight(module).detach().float()
-    if config.algorithm == "gptq":
-        qtensor = gptq_quantize(weight, 2 * stats.hessian / stats.rows, config, module=name)
-    elif config.algorithm == "awq":
-        sample = torch.cat(stats.sample)[:AWQ_SAMPLE_ROWS].to(weight.device)
-        qtensor = awq_quantize(weight, sample, config, module=name)
-    else:
-        qtensor = quantize_weight(weight, config, name, importance)
-    return qtensor
 
 
 def _quantize_module(loaded: LoadedModel, name: str, config: QuantConfig, stats: InputStats | None,

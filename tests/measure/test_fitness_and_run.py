@@ -8,18 +8,20 @@ import torch
 
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
 from layerwise import load_model, token_windows
+from layerwise.apply.quantize import quantize_
 from layerwise.data.overlap import rebuild_windows, shared_windows
+from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.errors import LayerwiseError
 from layerwise.evaluate.run import run_eval
-from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.measure.fitness import KLFitness
+from layerwise.measure.run import plan_from_choice, run_plan, sensitivity_for
+from layerwise.report.pareto import budgets_between, run_pareto
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.layout import block_linears, blocks_of, linear_weight
 from layerwise.plan.allocate import allocate
-from layerwise.plan.fitness import KLFitness
 from layerwise.plan.options import parse_option
 from layerwise.plan.plan import Plan
-from layerwise.plan.run import budgets_between, plan_from_choice, run_pareto, run_plan, sensitivity_for
-from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
-from layerwise.quant.apply import quantize_
+from layerwise.plan.table import SensitivityTable
 from layerwise.quant.size import size_report
 
 OPTIONS = "int2pc,int4pc,int8pc"

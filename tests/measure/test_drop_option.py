@@ -4,16 +4,16 @@ import torch
 
 from conftest import CALIBRATION_TEXT, STORIES
 from layerwise import load_model, token_windows
+from layerwise.apply.run import run_quantize
+from layerwise.apply.storage import apply_quantized, load_quantized
+from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.measure.fitness import KLFitness
+from layerwise.measure.run import plan_from_choice
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.plan.allocate import allocate
-from layerwise.plan.fitness import KLFitness
 from layerwise.plan.plan import Plan
-from layerwise.plan.run import plan_from_choice
-from layerwise.plan.sensitivity import measure_sensitivity
 from layerwise.prune import choose_drops
-from layerwise.quant.run import run_quantize
-from layerwise.quant.storage import apply_quantized, load_quantized
 
 
 @pytest.fixture(scope="module")

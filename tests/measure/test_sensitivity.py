@@ -7,11 +7,12 @@ import torch
 
 from conftest import CALIBRATION_TEXT, STORIES
 from layerwise import load_model, token_windows
+from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.errors import LayerwiseError
-from layerwise.evaluate.divergence import Reference, kl_per_token
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.layout import linear_weight, set_linear_weight
 from layerwise.plan.options import parse_option
-from layerwise.plan.sensitivity import SensitivityTable, measure_sensitivity
+from layerwise.plan.table import SensitivityTable
 from layerwise.quant.qtensor import storage_bits
 from layerwise.quant.rtn import quantize_weight
 
@@ -122,7 +123,7 @@ def test_empty_options_are_an_error(loaded, windows):
 
 
 def test_options_that_fit_no_row_of_a_unit_fail_before_any_pass(loaded, windows, monkeypatch):
-    import layerwise.plan.sensitivity as sensitivity
+    import layerwise.measure.sensitivity as sensitivity
 
     def no_pass(*_args, **_kwargs):
         raise AssertionError("the base pass ran")
@@ -134,7 +135,7 @@ def test_options_that_fit_no_row_of_a_unit_fail_before_any_pass(loaded, windows,
 
 
 def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, table, tmp_path, monkeypatch):
-    import layerwise.plan.sensitivity as sensitivity
+    import layerwise.measure.sensitivity as sensitivity
 
     measured = 0
     real_kl_from = sensitivity._kl_from

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.evaluate import Reference, kl_per_token, top1_agreement
+from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
 
 
 def direct_kl(base_logits, other_logits):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import linear_weight
-from layerwise.models.streaming import write_linear
 from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import write_linear
 from layerwise.plan.plan import Plan
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.formats import get_format

@@ -15,14 +15,16 @@ from layerwise.data.overlap import rebuild_windows
 from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TextSlots, TokenWindows,
                                     token_windows)
 from layerwise.errors import LayerwiseError
+from layerwise.measure.estimators import DEFAULT_ESTIMATOR, estimator_named
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.loading import LoadedModel, load_model
-from layerwise.plan.allocate import ALLOCATORS, Allocation, allocate, uniform_choices_that_fit
+from layerwise.plan.allocate import ALLOCATORS, SEARCHING, allocate, uniform_choices_that_fit
+from layerwise.plan.problem import Allocation
 from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.plan import Plan
-from layerwise.plan.estimators import DEFAULT_ESTIMATOR, estimator_named
-from layerwise.plan.sensitivity import SensitivityTable, edge_config, measure_sensitivity
+from layerwise.plan.table import SensitivityTable, edge_config
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
 from layerwise.util.meta import file_fingerprint, run_metadata
@@ -30,7 +32,6 @@ from layerwise.util.progress import progress_bars
 
 DEFAULT_OPTIONS = "int2g64,int3g64,int4g64,int5g64,int6g64,int8g64"
 # Allocators that search under the measured KL of whole plans rather than the table alone.
-SEARCHING = ("evolutionary", "hybrid")
 
 
 def plan_from_choice(table: SensitivityTable, choice: Sequence[int], meta: dict | None = None) -> Plan:
@@ -68,7 +69,7 @@ def sensitivity_for(
     measured with other weights (or none) is refused. `edges`: the embedding and head are units
     (`measure_sensitivity`); a table measured with or without them serves only the same.
     `statistics`: the windows GPTQ/AWQ options take their input statistics from (`measure_sensitivity`).
-    `estimator`: how entries are obtained (`layerwise.plan.estimators`); a table filled by another
+    `estimator`: how entries are obtained (`layerwise.measure.estimators`); a table filled by another
     is refused."""
     digest = importance_digest(importance) if importance else None
     if table is not None and Path(table).exists():
@@ -260,7 +261,7 @@ def run_plan(
     tables; one file; several files, one domain each; or a mapping name -> file). Each domain is cut
     into window slots once; the sensitivity table, the search's fitness and the never-worse check
     each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
-    evenly over domains. `estimator` fills the table (`layerwise.plan.estimators`: "measured", the
+    evenly over domains. `estimator` fills the table (`layerwise.measure.estimators`: "measured", the
     default, or a cheaper estimate; "auto" is the cheap one bench/sensitivity.py supports). The
     table keeps a column set per domain and `objective` (`layerwise.plan.objectives`) says how the
     allocator weighs them. The check measures the plan and every uniform option that fits the
@@ -315,7 +316,7 @@ def run_plan(
     jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching,
                             statistics=statistics)
 
-    from layerwise.plan.fitness import KLFitness  # torch-heavy; only the plan command needs it
+    from layerwise.measure.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
     fitness_windows = jobs["search"] if searching else jobs["check"]
     with KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
@@ -402,7 +403,7 @@ def _reference(loaded: LoadedModel, path: str | Path):
     linears (whatever the granularity), the token embedding and an untied head."""
     from layerwise.models.gguf_reference import read_reference
     from layerwise.models.layout import block_linears
-    from layerwise.plan.sensitivity import head_is_tied
+    from layerwise.measure.sensitivity import head_is_tied
     from layerwise.plan.units import edge_units
 
     edges = edge_units(loaded.adapter, loaded.n_blocks, tied=head_is_tied(loaded))
@@ -426,52 +427,3 @@ def plan_importance(loaded: LoadedModel, options: str | Sequence[str], granulari
     importance = importance_for(loaded, Imatrix.load(imatrix), modules)
     return importance, {"file": str(Path(imatrix).resolve()), "sha256": file_fingerprint(imatrix),
                         "importance_sha256": importance_digest(importance)}
-
-
-def budgets_between(table: SensitivityTable, low: float | None = None, high: float | None = None,
-                    step: float = 0.25) -> list[float]:
-    """Average-bits budgets from `low` to `high` (default: the table's cheapest and costliest plans)."""
-    cost = np.where(np.isfinite(table.kl), table.cost_bits, np.nan)
-    smallest = np.nanmin(cost, axis=1).sum() / table.total_weights
-    largest = np.nanmax(cost, axis=1).sum() / table.total_weights
-    # Rounded inwards, so that the printed budgets are all achievable.
-    low = math.ceil(smallest * 1e6) / 1e6 if low is None else low
-    high = math.floor(largest * 1e6) / 1e6 if high is None else high
-    count = int(math.floor((high - low) / step + 1e-9)) + 1
-    return [round(low + i * step, 6) for i in range(count)]
-
-
-def run_pareto(
-    table: str | Path | SensitivityTable,
-    *,
-    budgets: Sequence[float] | None = None,
-    allocator: str = "exact",
-    out: str | Path | None = None,
-    overwrite: bool = False,
-) -> list[dict]:
-    """Size against predicted KL (the table's additive model) for each budget, from one table."""
-    if allocator in SEARCHING or allocator == "ordering":
-        raise LayerwiseError(f"pareto uses the table alone; choose one of exact, greedy, uniform, not {allocator!r}")
-    sensitivity = table if isinstance(table, SensitivityTable) else SensitivityTable.load(table)
-    if out is not None:
-        check_output(out, overwrite, directory=True)
-    rows = []
-    for bits in budgets or budgets_between(sensitivity):
-        problem = sensitivity.problem(sensitivity.budget_bits(bits))
-        allocation = allocate(problem, allocator)
-        labels = allocation.labels(problem)
-        rows.append({"budget_bits_per_weight": bits,
-                     "bits_per_weight": allocation.total_cost / sensitivity.total_weights,
-                     "total_bytes": math.ceil((allocation.total_cost + sensitivity.other_bits) / 8),
-                     "predicted_kl": allocation.total_loss,
-                     "options_used": {name: labels.count(name) for name in sensitivity.options if name in labels}})
-    if out is not None:
-        document = {"schema": "layerwise.pareto", "schema_version": 1,
-                    "meta": run_metadata() | {"table": str(table) if not isinstance(table, SensitivityTable) else None},
-                    "allocator": allocator, "rows": rows}
-        write_text_atomic(Path(out) / "pareto.json", json.dumps(document, indent=1) + "\n")
-        from layerwise.report.plots import pareto_plot, sensitivity_heatmap
-
-        pareto_plot(rows, sensitivity, Path(out) / "pareto.png")
-        sensitivity_heatmap(sensitivity, Path(out) / "sensitivity.png")
-    return rows

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from layerwise.engine.hooks import run_block, scoped_hooks
+from layerwise.engine.replay import removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
+from layerwise.plan.table import domain_means
 from layerwise.plan.units import EDGE_KINDS, Unit
-from layerwise.profile.hooks import run_block, scoped_hooks
-from layerwise.profile.replay import removed_unit
 
 
 @dataclass
@@ -280,7 +281,6 @@ def rounding_noise(weight: torch.Tensor, generator: torch.Generator) -> torch.Te
 def _finish_noise(context: EstimateContext, units: list[Unit], losses: np.ndarray, evaluate: Evaluate) -> float:
     """Per unit and domain, gain = KL / weighted error of one noisy copy of the unit's weights;
     every option's weighted error (the entries so far) times it."""
-    from layerwise.plan.sensitivity import domain_means  # sensitivity imports this module
 
     model, adapter = context.loaded.model, context.loaded.adapter
     runs = 0.0
