@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from layerwise.errors import LayerwiseError
-from layerwise.plan.problem import AllocationProblem
 from layerwise.plan.objectives import objective_named, relative_to_uniform
+from layerwise.plan.problem import AllocationProblem
 from layerwise.plan.units import EDGE_KINDS, Unit
 from layerwise.quant.config import QuantConfig
 from layerwise.util.files import read_artifact, write_text_atomic

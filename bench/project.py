@@ -1,0 +1,174 @@
+"""Projected memory and time of each command for 1B, 8B and 70B Llama shapes, from what each
+command holds (a component model) checked against bench/memory.py's measured SmolLM2 peaks.
+
+Nothing here runs a large model: a command's peak above the floor (imports and code, which do not
+grow with the model) is the sum of the tensors it holds at once, counted from the model's shape:
+
+- model: every parameter in the working dtype (in memory only);
+- block: one block's parameters (streamed: only the current block is read);
+- edge: the embedding or the head, read whole when used (streamed; V x h);
+- tokenizer: its resident vocabulary, 112 MB for SmolLM2's 49k entries (measured), scaled by V;
+- head work: the head applied a chunk of positions at a time (`engine.replay.HEAD_CHUNK_ELEMENTS`
+  logits, their log-softmax and the KL's float64 pieces): about 100 MB whatever the model;
+- codes: the stored codes of every quantized linear, one byte per weight (`QTensor.compact`);
+- bank: the plan search's stored forms, 1.25 bytes per planned weight (`measure.fitness`);
+- base: eval's base next-token distributions, float16, tokens x V (in memory only);
+- activations: a block's inputs and outputs for every calibration token (tokens x h, twice);
+- hessians: GPTQ's input statistics of one block, float32: q/k/v, o and gate/up read an h-wide
+  input (h x h each), down an i-wide one (i x i).
+
+The same sums for SmolLM2 are printed beside its measured peaks (bench/results/memory.json), so
+the model's error is visible; then the projection for Llama 3.2 1B and Llama 3.1 8B and 70B shapes
+in float32 (the CPU default) and bfloat16 (the GPU default), and whether the peak fits a 24 GB GPU
+(23 GB usable). Time: SmolLM2's measured seconds on this machine scaled by parameters (the work
+per token is proportional to them), so hours on 2 CPU cores; a GPU was not measured.
+
+    python bench/project.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, write_results  # noqa: E402
+
+MB = 1e6
+GPU_USABLE = 23e9  # a 24 GB card less the CUDA context
+TOKENIZER_BYTES_PER_ENTRY = 112 * 2**20 / 49152  # SmolLM2's tokenizer, measured resident
+HEAD_WORK = 100 * MB
+BANK_BYTES_PER_WEIGHT = 1.25
+# Tokens each command of bench/memory.py runs on (profile 1024, quantize and eval 4096).
+TOKENS = {"profile": 1024, "quantize (gptq)": 4096, "eval": 4096, "plan (table reused)": 4096,
+          "export (compressed-tensors)": 0, "load": 0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @property
+    def block_linear_params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        return attention + 3 * self.hidden * self.intermediate
+
+    @property
+    def block_params(self) -> int:
+        return self.block_linear_params + 2 * self.hidden  # two norms
+
+    @property
+    def edge_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.edge_params * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def planned(self) -> int:
+        return self.layers * self.block_linear_params
+
+
+SHAPES = {
+    "SmolLM2-135M": Shape(576, 30, 1536, 9, 3, 49152, True),
+    "Llama-3.2-1B": Shape(2048, 16, 8192, 32, 8, 128256, True),
+    "Llama-3.1-8B": Shape(4096, 32, 14336, 32, 8, 128256, False),
+    "Llama-3.1-70B": Shape(8192, 80, 28672, 64, 8, 128256, False),
+}
+
+
+def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[str, float]:
+    """The tensors `command` holds at its peak, in bytes, by what they are."""
+    tokens = TOKENS[command]
+    held = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab} if command != "load" else {}
+    if mode == "memory":
+        held["model"] = shape.params * dtype_bytes
+    elif command != "load":
+        held["block"] = shape.block_params * dtype_bytes
+        held["edge"] = shape.edge_params * dtype_bytes
+    if command in ("profile", "eval", "plan (table reused)"):
+        held["head work"] = HEAD_WORK
+    if command in ("quantize (gptq)", "eval", "export (compressed-tensors)"):
+        held["codes"] = shape.planned * 1.0
+    if command == "export (compressed-tensors)":
+        held["packed output"] = shape.planned * 0.5  # int4 codes packed into int32
+    if command == "plan (table reused)":
+        held["bank"] = shape.planned * BANK_BYTES_PER_WEIGHT
+    if command == "eval" and mode == "memory":
+        held["base"] = tokens * shape.vocab * 2
+    if command in ("profile", "quantize (gptq)", "eval"):
+        held["activations"] = 2 * tokens * shape.hidden * dtype_bytes
+    if command == "quantize (gptq)":
+        held["hessians"] = 4 * (3 * shape.hidden ** 2 + shape.intermediate ** 2)
+    return held
+
+
+def measured_rows() -> dict[tuple[str, str], dict]:
+    document = json.loads((RESULTS / "memory.json").read_text())
+    return {(row["command"], row["mode"]): row for row in document["rows"] if row["model"] == "SmolLM2-135M"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="projection")
+    args = parser.parse_args()
+    measured = measured_rows()
+    smol = SHAPES["SmolLM2-135M"]
+    check = []
+    for (command, mode), row in measured.items():
+        if command == "floor":
+            continue
+        predicted = sum(components(smol, command, mode, 4).values())
+        check.append({"command": command, "mode": mode, "measured_above_floor_bytes": row["above_floor_bytes"],
+                      "predicted_bytes": predicted, "predicted_x_measured": predicted / row["above_floor_bytes"]})
+    print("SmolLM2-135M, float32: component model against bench/memory.py (above the floor)")
+    print(f"{'command':30} {'mode':9} {'measured MB':>11} {'predicted MB':>12} {'ratio':>6}")
+    for row in check:
+        print(f"{row['command']:30} {row['mode']:9} {row['measured_above_floor_bytes'] / MB:11.0f} "
+              f"{row['predicted_bytes'] / MB:12.0f} {row['predicted_x_measured']:6.2f}")
+
+    rows = []
+    for name, shape in SHAPES.items():
+        if name == "SmolLM2-135M":
+            continue
+        scale = shape.params / smol.params
+        for (command, mode), row in measured.items():
+            if command in ("floor",):
+                continue
+            for dtype, size in (("float32", 4), ("bfloat16", 2)):
+                held = components(shape, command, mode, size)
+                peak = sum(held.values())
+                rows.append({"model": name, "params": shape.params, "command": command, "mode": mode,
+                             "dtype": dtype, "peak_bytes": peak, "x_fp32_model": peak / (4 * shape.params),
+                             "largest": max(held, key=held.get) if held else None, "components": held,
+                             "fits_24gb_gpu": peak <= GPU_USABLE,
+                             "cpu_hours": row["seconds"] * scale / 3600})
+    print("\nprojected peak above the floor (GB), float32 | bfloat16, and CPU hours on this machine")
+    commands = [c for c in dict.fromkeys(row["command"] for row in rows)]
+    for name in dict.fromkeys(row["model"] for row in rows):
+        print(f"\n{name} ({SHAPES[name].params / 1e9:.2f}B parameters)")
+        for command in commands:
+            for mode in ("memory", "streaming"):
+                pair = [r for r in rows if (r["model"], r["command"], r["mode"]) == (name, command, mode)]
+                if not pair:
+                    continue
+                fp32, bf16 = pair
+                fits = "fits 24 GB" if bf16["fits_24gb_gpu"] else "too large for 24 GB"
+                print(f"  {command:30} {mode:9} {fp32['peak_bytes'] / 1e9:7.1f} | {bf16['peak_bytes'] / 1e9:6.1f} GB "
+                      f"({fits} in bf16; largest: {bf16['largest']})  {fp32['cpu_hours']:8.1f} h")
+    write_results(args.name, {"assumptions": __doc__, "shapes": {k: vars(v) for k, v in SHAPES.items()},
+                              "check_against_smollm2": check, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
