@@ -14,14 +14,15 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 - bank: the plan search's stored forms, 1.25 bytes per planned weight (`measure.fitness`);
 - base: eval's base next-token distributions, float16, tokens x V (in memory only);
 - activations: a block's inputs and outputs for every calibration token (tokens x h, twice);
-- hessians: GPTQ's input statistics of one block, float32: q/k/v, o and gate/up read an h-wide
-  input (h x h each), down an i-wide one (i x i).
+- hessians: GPTQ's input statistics of one block, float32, one per linear: q, k, v, o, gate and
+  up read an h-wide input (h x h each), down an i-wide one (i x i).
 
 The same sums for SmolLM2 are printed beside its measured peaks (bench/results/memory.json), so
 the model's error is visible; then the projection for Llama 3.2 1B and Llama 3.1 8B and 70B shapes
 in float32 (the CPU default) and bfloat16 (the GPU default), and whether the peak fits a 24 GB GPU
-(23 GB usable). Time: SmolLM2's measured seconds on this machine scaled by parameters (the work
-per token is proportional to them), so hours on 2 CPU cores; a GPU was not measured.
+(23 GB usable). Time: SmolLM2's measured seconds on this machine, less the floor's (imports),
+scaled by parameters (the work per token is proportional to them), so hours on 2 CPU cores; a GPU
+was not measured. `load` is left out (its streamed peak is the loader's bookkeeping alone).
 
     python bench/project.py
 """
@@ -43,7 +44,7 @@ HEAD_WORK = 100 * MB
 BANK_BYTES_PER_WEIGHT = 1.25
 # Tokens each command of bench/memory.py runs on (profile 1024, quantize and eval 4096).
 TOKENS = {"profile": 1024, "quantize (gptq)": 4096, "eval": 4096, "plan (table reused)": 4096,
-          "export (compressed-tensors)": 0, "load": 0}
+          "export (compressed-tensors)": 0}
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,10 @@ SHAPES = {
 def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[str, float]:
     """The tensors `command` holds at its peak, in bytes, by what they are."""
     tokens = TOKENS[command]
-    held = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab} if command != "load" else {}
+    held = {"tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab}
     if mode == "memory":
         held["model"] = shape.params * dtype_bytes
-    elif command != "load":
+    else:
         held["block"] = shape.block_params * dtype_bytes
         held["edge"] = shape.edge_params * dtype_bytes
     if command in ("profile", "eval", "plan (table reused)"):
@@ -109,25 +110,25 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
     if command in ("profile", "quantize (gptq)", "eval"):
         held["activations"] = 2 * tokens * shape.hidden * dtype_bytes
     if command == "quantize (gptq)":
-        held["hessians"] = 4 * (3 * shape.hidden ** 2 + shape.intermediate ** 2)
+        held["hessians"] = 4 * (6 * shape.hidden ** 2 + shape.intermediate ** 2)
     return held
 
 
-def measured_rows() -> dict[tuple[str, str], dict]:
+def measured_rows() -> tuple[dict[tuple[str, str], dict], float]:
+    """SmolLM2's measured rows of the projected commands, and the floor's seconds."""
     document = json.loads((RESULTS / "memory.json").read_text())
-    return {(row["command"], row["mode"]): row for row in document["rows"] if row["model"] == "SmolLM2-135M"}
+    rows = {(row["command"], row["mode"]): row for row in document["rows"] if row["model"] == "SmolLM2-135M"}
+    return {key: row for key, row in rows.items() if key[0] in TOKENS}, rows["floor", "memory"]["seconds"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="projection")
     args = parser.parse_args()
-    measured = measured_rows()
+    measured, floor_seconds = measured_rows()
     smol = SHAPES["SmolLM2-135M"]
     check = []
     for (command, mode), row in measured.items():
-        if command == "floor":
-            continue
         predicted = sum(components(smol, command, mode, 4).values())
         check.append({"command": command, "mode": mode, "measured_above_floor_bytes": row["above_floor_bytes"],
                       "predicted_bytes": predicted, "predicted_x_measured": predicted / row["above_floor_bytes"]})
@@ -143,18 +144,16 @@ def main() -> None:
             continue
         scale = shape.params / smol.params
         for (command, mode), row in measured.items():
-            if command in ("floor",):
-                continue
             for dtype, size in (("float32", 4), ("bfloat16", 2)):
                 held = components(shape, command, mode, size)
                 peak = sum(held.values())
                 rows.append({"model": name, "params": shape.params, "command": command, "mode": mode,
                              "dtype": dtype, "peak_bytes": peak, "x_fp32_model": peak / (4 * shape.params),
-                             "largest": max(held, key=held.get) if held else None, "components": held,
+                             "largest": max(held, key=held.get), "components": held,
                              "fits_24gb_gpu": peak <= GPU_USABLE,
-                             "cpu_hours": row["seconds"] * scale / 3600})
+                             "cpu_hours": (row["seconds"] - floor_seconds) * scale / 3600})
     print("\nprojected peak above the floor (GB), float32 | bfloat16, and CPU hours on this machine")
-    commands = [c for c in dict.fromkeys(row["command"] for row in rows)]
+    commands = list(dict.fromkeys(row["command"] for row in rows))
     for name in dict.fromkeys(row["model"] for row in rows):
         print(f"\n{name} ({SHAPES[name].params / 1e9:.2f}B parameters)")
         for command in commands:

@@ -34,9 +34,9 @@ class CompressOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _artifacts(out: Path, format: str, evaluating: bool) -> dict[str, Path]:
+def _artifacts(out: Path, format: str, folder: bool, evaluating: bool) -> dict[str, Path]:
     paths = {"profile": out / "profile", "imatrix": out / "imatrix.gguf", "plan": out / "plan.json",
-             "export": out / ("model.gguf" if format == "gguf" else "model"),
+             "export": out / ("model" if folder else f"model.{format}"),
              "eval": out / "eval.json", "report": out / "report.html"}
     if format != "gguf":
         del paths["imatrix"]
@@ -108,7 +108,7 @@ def run_compress(
     if sum(budget is not None for budget in (bits_per_weight, budget_like)) != 1:
         raise LayerwiseError("give exactly one budget: bits per weight or a GGUF file to be no larger than "
                              "(--budget, --budget-like)")
-    exporter_named(format)
+    exporter = exporter_named(format)
     if budget_like is not None and format != "gguf":
         raise LayerwiseError("--budget-like sizes a GGUF file; it needs --format gguf")
     estimator_named(estimator)
@@ -119,7 +119,7 @@ def run_compress(
     settings = _settings(model, bits_per_weight, budget_like, format, options if isinstance(options, str)
                          else ",".join(options), estimator, calib, eval_data, eval_tokens, tokens, check_tokens)
     _claim(out, settings, overwrite)
-    paths = _artifacts(out, format, eval_data is not None)
+    paths = _artifacts(out, format, exporter.folder, eval_data is not None)
     outcome = CompressOutcome(out, paths)
 
     from layerwise.models.loading import load_model

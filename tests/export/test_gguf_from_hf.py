@@ -48,7 +48,7 @@ def test_streamed_export_writes_the_same_file(exported, converter, tmp_path):
                           progress=False)
     assert (tmp_path / "streamed.gguf").read_bytes() == out.read_bytes()
     assert streamed["tensors_by_type"] == report["tensors_by_type"]
-    with pytest.raises(LayerwiseError, match="GGUF only"):
+    with pytest.raises(LayerwiseError, match="writes gguf only"):
         run_export(STORIES, plan=MIXED, format="compressed-tensors", out=tmp_path / "ct", streaming=True)
 
 

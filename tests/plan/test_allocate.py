@@ -15,8 +15,8 @@ import pytest
 
 from layerwise import LayerwiseError
 from layerwise.plan.allocate import ALLOCATORS, allocate, register_allocator
-from layerwise.plan.check import never_worse_than_uniform
 from layerwise.plan.problem import Allocation, AllocationProblem
+from layerwise.plan.search import never_worse_than_uniform
 
 BITS = np.array([2.0, 3.0, 4.0, 8.0])
 

@@ -27,7 +27,7 @@ class ExportJob:
     plan: Plan
     source: ModelSource
     out: Path
-    converter: Path | None = None  # what `prepare` found (GGUF: llama.cpp's converter)
+    converter: str | Path | None = None  # --converter, or what `prepare` found from it (GGUF: llama.cpp's)
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ EXPORTERS: dict[str, Exporter] = {}
 
 
 def register_exporter(name: str, *, description: str, folder: bool, streams: bool = False,
-                      check_targets: Callable | None = None, prepare: Callable | None = None):
-    """Register `write(job) -> report` as the exporter `name`."""
+                      check_targets: Callable | None = None, prepare: Callable | None = None
+                      ) -> Callable[[Callable[[ExportJob], dict]], Callable[[ExportJob], dict]]:
+    """Register `write(job) -> report` as the exporter `name` (see `Exporter` for the rest)."""
     def decorate(write: Callable[[ExportJob], dict]) -> Callable[[ExportJob], dict]:
         EXPORTERS[name] = Exporter(name, description, write, folder, streams, check_targets, prepare)
         return write
@@ -56,6 +57,7 @@ def register_exporter(name: str, *, description: str, folder: bool, streams: boo
 
 
 def exporter_named(name: str) -> Exporter:
+    """The exporter registered as `name`; an unknown name is refused with the registered ones."""
     if name not in EXPORTERS:
         raise LayerwiseError(f"unknown export format {name!r}; choose from {', '.join(EXPORTERS)}")
     return EXPORTERS[name]

@@ -1,5 +1,5 @@
-"""`layerwise plan` and `layerwise pareto` from Python: a sensitivity table (measured or reused),
-an allocation under a budget, checked against uniform, and the plan that applies it."""
+"""`layerwise plan` from Python: a sensitivity table (measured or reused), an allocation under a
+budget, checked against uniform on held-out windows, and the plan that applies it."""
 from __future__ import annotations
 
 import json

@@ -17,8 +17,7 @@ import numpy as np
 
 from layerwise.plan.allocate import uniform_choices_that_fit
 from layerwise.plan.objectives import objective_named
-from layerwise.plan.problem import Allocation, AllocationProblem, Fitness
-from layerwise.plan.search import CachedFitness
+from layerwise.plan.problem import Allocation, AllocationProblem
 from layerwise.util.intervals import mean_ci, paired_difference_ci, paired_ratio_ci
 
 WindowKL = Callable[[Sequence[int]], np.ndarray]
@@ -125,22 +124,3 @@ def check_against_uniform(problem: AllocationProblem, allocation: Allocation, wi
     else:
         check.returned = replace(returned, evaluations=evaluations)
     return check
-
-
-def never_worse_than_uniform(problem: AllocationProblem, allocation: Allocation,
-                             fitness: Fitness | None = None) -> Allocation:
-    """`allocation`, or the best uniform assignment within budget if that scores better under
-    `fitness` (default: the table's additive loss).
-
-    This is the promise a mixed plan makes: it is never worse than the uniform one at the same
-    budget. Costs one fitness call per uniform assignment that fits, plus one.
-    """
-    fitness = fitness if fitness is not None else problem.total_loss
-    scorer = CachedFitness([fitness])
-    value = scorer(allocation.choice, 0)
-    uniforms = uniform_choices_that_fit(problem)
-    best_uniform = min(uniforms, key=lambda choice: (scorer(choice, 0), choice[0]), default=None)
-    evaluations = allocation.evaluations + scorer.calls
-    if best_uniform is not None and scorer(best_uniform, 0) < value:
-        return Allocation.of(problem, best_uniform, "uniform", evaluations, scorer(best_uniform, 0))
-    return replace(allocation, evaluations=evaluations, fitness=value)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from layerwise.errors import LayerwiseError
-from layerwise.plan.allocate import best_uniform_choice, exact, greedy, register_allocator
+from layerwise.plan.allocate import best_uniform_choice, exact, greedy, register_allocator, uniform_choices_that_fit
 from layerwise.plan.problem import Allocation, AllocationProblem, Choice, Fitness
 from layerwise.util.files import read_artifact, write_text_atomic
 
@@ -246,3 +246,22 @@ def hybrid(problem: AllocationProblem, fitness: Fitness | None = None,
                   checkpoint)
     best, value = (run.best, run.best_fitness) if run.best_fitness < run.start_fitness else (start, run.start_fitness)
     return Allocation.of(problem, best, "hybrid", run.evaluations, value)
+
+
+def never_worse_than_uniform(problem: AllocationProblem, allocation: Allocation,
+                             fitness: Fitness | None = None) -> Allocation:
+    """`allocation`, or the best uniform assignment within budget if that scores better under
+    `fitness` (default: the table's additive loss).
+
+    This is the promise a mixed plan makes: it is never worse than the uniform one at the same
+    budget. Costs one fitness call per uniform assignment that fits, plus one.
+    """
+    fitness = fitness if fitness is not None else problem.total_loss
+    scorer = CachedFitness([fitness])
+    value = scorer(allocation.choice, 0)
+    uniforms = uniform_choices_that_fit(problem)
+    best_uniform = min(uniforms, key=lambda choice: (scorer(choice, 0), choice[0]), default=None)
+    evaluations = allocation.evaluations + scorer.calls
+    if best_uniform is not None and scorer(best_uniform, 0) < value:
+        return Allocation.of(problem, best_uniform, "uniform", evaluations, scorer(best_uniform, 0))
+    return replace(allocation, evaluations=evaluations, fitness=value)
