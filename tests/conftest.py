@@ -44,6 +44,14 @@ def llama_cpp_bin() -> Path:
                              "them into DIR/bin"))
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per pytest-xdist worker: the workers share the cores rather than each taking all.
+    # Processes a test starts inherit it, so a fresh process sums in the same order as the test
+    # (tests compare their logits exactly).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
