@@ -1,7 +1,8 @@
 """Search under a fitness that need not be additive (the real KL of whole plans):
 "evolutionary", EvoPress (Sieberling et al. 2024, arXiv:2410.14649), a (1+lambda) search with
 level-switch mutations and multi-fidelity selection; "hybrid", the exact optimum of the table
-refined by a short evolutionary run under the real fitness.
+refined by a short evolutionary run under the real fitness; and `never_worse_than_uniform`, a
+plan or the best uniform one, whichever a fitness prefers.
 """
 from __future__ import annotations
 
