@@ -52,7 +52,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     console = Console(width=max(Console().width, 170))
     console.print(result.table())
     if args.out:
-        console.print(f"wrote {args.out}/profile.json, blocks.csv, linears.csv")
+        console.print(f"wrote {args.out}/profile.json, blocks.csv, linears.csv" + (", experts.csv" if result.experts else ""))
 
 
 def _group_size(text: str) -> int | None:
@@ -231,13 +231,20 @@ def _indices(text: str) -> list[int]:
 def _cmd_drop(args: argparse.Namespace) -> None:
     from layerwise.prune.run import run_drop
 
-    counts = {kind: getattr(args, kind) for kind in ("blocks", "attn", "mlp") if getattr(args, kind) is not None}
+    counts = {kind: getattr(args, kind) for kind in ("blocks", "attn", "mlp", "experts") if getattr(args, kind) is not None}
     if len(counts) > 1:
-        raise LayerwiseError("give one of --blocks, --attn, --mlp")
-    kind = {"blocks": "block"}.get(next(iter(counts), ""), next(iter(counts), args.kind))
+        raise LayerwiseError("give one of --blocks, --attn, --mlp, --experts")
+    kind = {"blocks": "block", "experts": "expert"}.get(next(iter(counts), ""), next(iter(counts), args.kind))
     loaded, choice = run_drop(args.model, kind=kind, count=next(iter(counts.values()), None), indices=args.indices,
                               by=args.by, data=args.data, tokens=args.tokens, seed=args.seed, out=args.out,
                               overwrite=args.overwrite, dtype=args.dtype, device=args.device, progress=not args.quiet)
+    if kind == "expert":
+        print(f"dropped {len(choice.dropped[0])} experts from each block by {choice.criterion} "
+              f"({loaded.adapter.n_experts} remain per block): "
+              + "; ".join(f"block {block}: {experts}" for block, experts in choice.dropped.items()))
+        if args.out:
+            print(f"wrote {args.out} (a plain Hugging Face folder; layerwise_drop.json says what was dropped)")
+        return
     scores = ", ".join(f"{i} ({s:.4g})" if s is not None else str(i) for i, s in zip(choice.order, choice.scores))
     print(f"dropped {kind} of blocks {scores} by {choice.criterion}; {loaded.n_blocks} blocks remain")
     if args.out:
@@ -377,11 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--ablation", default="none",
-                   help="none, all, or a comma list of block,attn,mlp: KL when each unit is skipped")
+                   help="none, all, or a comma list of block,attn,mlp (and expert, in mixture-of-experts models: "
+                        "the router may not choose it): KL when each unit is skipped")
     p.add_argument("--lens-positions", type=_positive_int, default=None,
                    help="positions per window decoded by the logit lens (default: as many as cost ~10%% of a forward pass)")
     p.add_argument("--no-weights", action="store_true", help="skip per-linear weight statistics")
-    p.add_argument("--out", default=None, help="directory for profile.json, blocks.csv, linears.csv")
+    p.add_argument("--out", default=None, help="directory for profile.json, blocks.csv, linears.csv "
+                                               "(and experts.csv for a mixture-of-experts model)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_profile)
@@ -444,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                    help=f"how calibration domains are weighed (default {DEFAULT_OBJECTIVE}): " + "; ".join(
                        f"{name}: {objective.description}" for name, objective in OBJECTIVES.items()))
-    p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear"],
-                   help="what one choice covers (default sublayer; linear keeps q/k/v and gate/up together)")
+    p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear", "expert"],
+                   help="what one choice covers (default sublayer; linear keeps q/k/v and gate/up together; "
+                        "expert: each routed expert of a mixture-of-experts model, and its shared expert)")
     p.add_argument("--table", default=None, help="sensitivity table to reuse, or where to save a new one")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text, one domain per file; repeat for several (default: the shipped mix of "
@@ -489,11 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=_positive_int, default=None, help="how many whole blocks to drop")
     p.add_argument("--attn", type=_positive_int, default=None, help="or how many attention sublayers")
     p.add_argument("--mlp", type=_positive_int, default=None, help="or how many MLP sublayers")
+    p.add_argument("--experts", type=_positive_int, default=None,
+                   help="or how many routed experts to drop from every block of a mixture-of-experts model")
     p.add_argument("--indices", type=_indices, default=None, help="or exactly these blocks, e.g. 3,7 (with --kind)")
     p.add_argument("--kind", default="block", choices=["block", "attn", "mlp"], help="what --indices drops")
-    p.add_argument("--by", default="bi", choices=["bi", "ablation", "search"],
-                   help="bi: block influence (one pass); ablation: KL without each unit; search: KL re-measured "
-                        "after each drop")
+    p.add_argument("--by", default=None, choices=["bi", "ablation", "search", "load"],
+                   help="bi: block influence (one pass; the default for blocks and sublayers); ablation: KL without "
+                        "each unit (the default for experts); search: KL re-measured after each drop; load: the "
+                        "experts the router picks least (one pass)")
     p.add_argument("--data", default=None, help="calibration text (default: the shipped WikiText-2 valid excerpt)")
     p.add_argument("--tokens", type=_positive_int, default=2048)
     p.add_argument("--seed", type=int, default=0)

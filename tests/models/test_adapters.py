@@ -13,6 +13,7 @@ from layerwise.engine.hooks import capture_blocks
 from layerwise.engine.replay import logits_without
 from layerwise.errors import LayerwiseError
 from layerwise.models import ADAPTERS, get_adapter, supported_architectures, wrap_model
+from layerwise.models.experts import SplitExperts, fused_experts
 from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
 
 HIDDEN, FFN, HEADS, VOCAB = 32, 64, 4, 128
@@ -33,7 +34,14 @@ TINY_CONFIGS = {
                      vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
     "opt": dict(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=3, num_attention_heads=HEADS, vocab_size=VOCAB,
                 max_position_embeddings=64, word_embed_proj_dim=HIDDEN, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Mixture-of-experts rows: four experts, two per token.
+    "mixtral": _LLAMA_LIKE | {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": _LLAMA_LIKE | {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                "shared_expert_intermediate_size": 48},
+    "qwen3_moe": _LLAMA_LIKE | {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "head_dim": 8},
+    "olmoe": _LLAMA_LIKE | {"num_experts": 4, "num_experts_per_tok": 2},
 }
+MOE_ROWS = sorted(name for name, adapter in ADAPTERS.items() if adapter.experts)
 
 
 def tiny_model(model_type: str, **overrides):
@@ -75,7 +83,8 @@ def test_adapter_row(model_type):
     for call in calls:
         # The sublayer deltas the table points at are exactly what the block adds to the residual.
         torch.testing.assert_close(call.h_in + call.attn_delta + call.mlp_delta, call.h_out, atol=1e-5, rtol=1e-5)
-        assert call.mlp_hidden.shape[:-1] == call.h_in.shape[:-1]
+        if adapter.mlp_down is not None:
+            assert call.mlp_hidden.shape[:-1] == call.h_in.shape[:-1]
     # Final norm + head on the last block's output reproduces the model's logits (logit lens at the top).
     torch.testing.assert_close(hidden_to_logits(model, adapter, calls[-1].h_out), logits, atol=1e-5, rtol=1e-5)
     # Re-running the blocks from a cached input reproduces the model's logits (ablation replays).
@@ -94,4 +103,37 @@ def test_unknown_architecture_lists_the_supported_ones():
 def test_unsupported_variant_of_a_known_family():
     model = tiny_model("opt", do_layer_norm_before=False)
     with pytest.raises(LayerwiseError, match="post-layer-norm"):
+        wrap_model(model, tokenizer=None)
+
+
+@pytest.mark.parametrize("model_type", MOE_ROWS)
+def test_split_experts_compute_what_the_fused_ones_did(model_type, tmp_path):
+    model = tiny_model(model_type)
+    ids = torch.randint(3, VOCAB, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    loaded = wrap_model(model, tokenizer=None)
+    experts = model.get_submodule(f"{loaded.adapter.blocks}.0.{loaded.adapter.experts}")
+    assert isinstance(experts, SplitExperts) and len(experts) == 4 == loaded.adapter.n_experts
+    # One linear per expert and projection, expert-major, plus the shared expert's where there is one.
+    paths = loaded.adapter.linear_paths()
+    assert "mlp.experts.3.down_proj" in paths and "mlp.experts.0.gate_proj" in paths
+    assert ("mlp.shared_expert.down_proj" in paths) == (model_type == "qwen2_moe")
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+    # Saved with transformers' own fused module (its checkpoint names), read back by plain transformers.
+    with fused_experts(model, loaded.adapter):
+        assert not isinstance(model.get_submodule(f"{loaded.adapter.blocks}.0.{loaded.adapter.experts}"), SplitExperts)
+        model.save_pretrained(tmp_path)
+    assert isinstance(model.get_submodule(f"{loaded.adapter.blocks}.0.{loaded.adapter.experts}"), SplitExperts)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_with_dense_blocks_is_refused():
+    model = tiny_model("qwen2_moe", mlp_only_layers=[1])
+    with pytest.raises(LayerwiseError, match="dense MLP blocks"):
         wrap_model(model, tokenizer=None)

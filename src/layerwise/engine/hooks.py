@@ -35,6 +35,9 @@ class BlockCall:
     attn_delta: torch.Tensor | None = None
     mlp_delta: torch.Tensor | None = None
     mlp_hidden: torch.Tensor | None = None
+    # Mixture-of-experts blocks: the router's logits [tokens, experts] and chosen experts [tokens, k].
+    router_logits: torch.Tensor | None = None
+    routed: torch.Tensor | None = None
     # The block's other call arguments (masks, rotary embeddings...), without the hidden state;
     # kept only when blocks are to be re-run (`run_block`).
     args: tuple = ()
@@ -92,7 +95,10 @@ def capture_blocks(
             handles.append(block.register_forward_hook(_finish(index)))
             handles.append(block.get_submodule(adapter.attn_delta).register_forward_hook(_keep(index, "attn_delta")))
             handles.append(block.get_submodule(adapter.mlp_delta).register_forward_hook(_keep(index, "mlp_delta")))
-            handles.append(block.get_submodule(adapter.mlp_down).register_forward_pre_hook(_keep_input(index)))
+            if adapter.mlp_down is not None:
+                handles.append(block.get_submodule(adapter.mlp_down).register_forward_pre_hook(_keep_input(index)))
+            if adapter.router is not None:
+                handles.append(block.get_submodule(adapter.router).register_forward_hook(_keep_routing(index)))
 
     def _start(index: int):
         def hook(module, args, kwargs):
@@ -113,6 +119,13 @@ def capture_blocks(
             current[index].mlp_hidden = args[0].detach()
         return hook
 
+    def _keep_routing(index: int):
+        # transformers' routers return (logits, top-k weights, top-k expert indices).
+        def hook(module, args, output):
+            current[index].router_logits = output[0].detach()
+            current[index].routed = output[-1].detach()
+        return hook
+
     def _finish(index: int):
         def hook(module, args, output):
             call = current.pop(index)
@@ -120,7 +133,8 @@ def capture_blocks(
             # OPT flattens tokens inside its MLP; give every tensor the residual stream's shape.
             for name in ("attn_delta", "mlp_delta"):
                 setattr(call, name, getattr(call, name).reshape(call.h_in.shape))
-            call.mlp_hidden = call.mlp_hidden.reshape(*call.h_in.shape[:-1], -1)
+            if call.mlp_hidden is not None:
+                call.mlp_hidden = call.mlp_hidden.reshape(*call.h_in.shape[:-1], -1)
             on_block(call)
         return hook
 

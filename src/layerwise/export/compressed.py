@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import expert_of
 from layerwise.export.registry import ExportJob, register_exporter
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.qtensor import QTensor
@@ -28,6 +29,9 @@ def check_plan_representable(targets: dict) -> None:
     pack-quantized stores."""
     for name, config in targets.items():
         _check_config(name, config)
+        if expert_of(name) >= 0:
+            raise LayerwiseError(f"{name}: compressed-tensors export of routed experts is not supported yet "
+                                 "(transformers keeps them fused in 3-D tensors); export --format gguf or hf")
 
 
 def _check_config(name: str, config) -> None:

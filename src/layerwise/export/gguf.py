@@ -21,6 +21,7 @@ import numpy as np
 
 from layerwise.errors import LayerwiseError
 from layerwise.export.registry import ExportJob, register_exporter
+from layerwise.models.adapters import expert_of
 from layerwise.models.gguf_names import gguf_tensor_names
 from layerwise.models.loading import LoadedModel, ModelSource
 from layerwise.plan.plan import Plan
@@ -56,6 +57,14 @@ def check_gguf_exportable(quantized: dict[str, QTensor], dropped: list[str] | No
         raise LayerwiseError(f"GGUF stores only its own block types; these modules use other formats: "
                              f"{', '.join(not_gguf[:3])}{' ...' if len(not_gguf) > 3 else ''}. Plan with GGUF "
                              "options such as q4_0, q5_0, q8_0, q4_k")
+    formats: dict[str, set[str]] = {}
+    for name, q in quantized.items():
+        if expert_of(name) >= 0:
+            formats.setdefault(name.replace(f".experts.{expert_of(name)}.", ".experts.*."), set()).add(q.config.format)
+    mixed = [name for name, found in formats.items() if len(found) > 1]
+    if mixed:
+        raise LayerwiseError(f"GGUF keeps the routed experts of a block in one tensor of one type, but {mixed[0]} "
+                             "mixes types; plan with --granularity sublayer or linear for a GGUF")
 
 
 def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | Path,
@@ -72,13 +81,22 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
     names = gguf_tensor_names(loaded, list(quantized), arch)
     config = loaded.model.config
     replacement: dict[str, tuple[np.ndarray, int]] = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}
     for module, q in quantized.items():
         packed = np.ascontiguousarray(q.packed)
         tensor_name = names[module]
         if arch in _PERMUTED_QK and (".attn_q." in tensor_name or ".attn_k." in tensor_name):
             heads = config.num_attention_heads if ".attn_q." in tensor_name else config.num_key_value_heads
             packed = np.ascontiguousarray(_permute_rows(packed, heads))
-        replacement[tensor_name] = (packed, int(getattr(gguf.GGMLQuantizationType, q.config.format.upper())))
+        qtype = int(getattr(gguf.GGMLQuantizationType, q.config.format.upper()))
+        if expert_of(module) >= 0:
+            experts.setdefault(tensor_name, {})[expert_of(module)] = packed
+        replacement[tensor_name] = (packed, qtype)  # a routed expert's slice: the stack replaces it below
+    for tensor_name, slices in experts.items():
+        if sorted(slices) != list(range(len(slices))):
+            raise LayerwiseError(f"{tensor_name} needs every routed expert of its block quantized; the plan has "
+                                 f"experts {sorted(slices)}")
+        replacement[tensor_name] = (np.stack([slices[e] for e in range(len(slices))]), replacement[tensor_name][1])
     existing = {tensor.name for tensor in reader.tensors}
     missing = sorted(set(replacement) - existing)
     if missing:
@@ -112,8 +130,9 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
             data = replacement.get(tensor.name, (tensor.data, None))[0]
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
-    tensor_types = [f"--tensor-type {names[module].removesuffix('.weight')}={q.config.format}"
-                    for module, q in quantized.items()]
+    # One argument per tensor (the routed experts of a block share theirs).
+    tensor_types = list(dict.fromkeys(f"--tensor-type {names[module].removesuffix('.weight')}={q.config.format}"
+                                      for module, q in quantized.items()))
     return {"path": str(out), "file_bytes": out.stat().st_size, "tensors_by_type": dict(types),
             "bytes_by_type": dict(type_bytes), "planned_tensor_bytes": sum(p.nbytes for p, _ in replacement.values()),
             "llama_quantize_args": tensor_types}

@@ -233,7 +233,9 @@ def _prepare_fisher(context: EstimateContext) -> float:
                         sampled = torch.multinomial(probabilities, 1, generator=generator)
                         loss = torch.nn.functional.cross_entropy(logits, sampled[:, 0].to(logits.device),
                                                                  reduction="sum")
-                        grads = torch.autograd.grad(loss, parameters, retain_graph=sample + 1 < samples)
+                        # A routed expert no token of the window reached has a zero gradient.
+                        grads = torch.autograd.grad(loss, parameters, retain_graph=sample + 1 < samples,
+                                                    allow_unused=True, materialize_grads=True)
                         squares = [(g.t() if t else g).detach().float().pow(2) for g, t in zip(grads, transposed)]
                         if domain in fisher:
                             for total, square in zip(fisher[domain], squares):

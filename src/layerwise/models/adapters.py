@@ -5,7 +5,7 @@ no other module may branch on `model_type`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from layerwise.errors import LayerwiseError
@@ -28,14 +28,23 @@ class Adapter:
     # it (GPT-NeoX); zeroing their output removes the sublayer and nothing else.
     attn_delta: str
     mlp_delta: str
-    # The MLP's output projection: its *input* is the MLP hidden activation (sparsity statistic).
-    mlp_down: str
+    # The MLP's output projection: its *input* is the MLP hidden activation (sparsity statistic);
+    # None in mixture-of-experts blocks, where each expert sees only the tokens routed to it.
+    mlp_down: str | None
+    # Paths may hold "{e}", one path per routed expert once `get_adapter` knows the config.
     linears: Mapping[str, tuple[str, ...]]
     embed: str
     final_norm: str
     lm_head: str
     # Returns a reason when a particular config of this family breaks the layout's assumptions.
     unsupported_reason: Callable[[object], str | None] = field(default=lambda config: None, compare=False)
+    # Mixture-of-experts blocks: the routed experts (split into one module per expert on load,
+    # models/experts.py), the router (kept in float), and the config attribute that counts the
+    # experts; `n_experts` is filled in from the config.
+    experts: str | None = None
+    router: str | None = None
+    expert_count: str | None = None
+    n_experts: int = 0
 
     def linear_paths(self) -> list[str]:
         return [path for role in LINEAR_ROLES for path in self.linears.get(role, ())]
@@ -125,6 +134,62 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+_MOE_LINEARS = {
+    "attn_in": _LLAMA_LINEARS["attn_in"],
+    "attn_out": _LLAMA_LINEARS["attn_out"],
+    "mlp_in": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+    "mlp_out": ("mlp.experts.{e}.down_proj",),
+}
+
+
+def _mixed_moe_reason(config: object) -> str | None:
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        return "models with dense MLP blocks among the mixture-of-experts blocks are not supported yet"
+    return None
+
+
+def _moe_layout(expert_count: str, shared: bool = False, **reasons) -> Adapter:
+    linears = dict(_MOE_LINEARS)
+    if shared:
+        # The shared expert runs on every token (its sigmoid gate, a 1-wide linear, stays in float).
+        linears["mlp_in"] = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj") + linears["mlp_in"]
+        linears["mlp_out"] = ("mlp.shared_expert.down_proj",) + linears["mlp_out"]
+    return Adapter(
+        blocks="model.layers", attn="self_attn", mlp="mlp",
+        attn_delta="self_attn", mlp_delta="mlp", mlp_down=None,
+        linears=linears, embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+        experts="mlp.experts", router="mlp.gate", expert_count=expert_count, **reasons,
+    )
+
+
+ADAPTERS.update({
+    "mixtral": _moe_layout("num_local_experts"),
+    "qwen2_moe": _moe_layout("num_experts", shared=True, unsupported_reason=_mixed_moe_reason),
+    "qwen3_moe": _moe_layout("num_experts", unsupported_reason=_mixed_moe_reason),
+    "olmoe": _moe_layout("num_experts"),
+})
+
+
+def with_experts(adapter: Adapter, n_experts: int) -> Adapter:
+    """The adapter with one linear path per routed expert where the table says "{e}"."""
+    def expand(paths: tuple[str, ...]) -> tuple[str, ...]:
+        # Paths outside the routed experts first, then expert-major (expert 0's gate and up, then
+        # expert 1's ...), as the experts run.
+        fixed = [path for path in paths if "{e}" not in path]
+        return tuple(fixed + [path.format(e=e) for e in range(n_experts) for path in paths if "{e}" in path])
+
+    return replace(adapter, linears={role: expand(paths) for role, paths in adapter.linears.items()},
+                   n_experts=n_experts)
+
+
+def expert_of(path: str) -> int:
+    """The routed expert a linear's path belongs to, or -1 (attention, shared expert, dense MLP)."""
+    marker = ".experts."
+    if marker not in path:
+        return -1
+    return int(path.split(marker, 1)[1].split(".", 1)[0])
+
+
 def supported_architectures() -> list[str]:
     return sorted(ADAPTERS)
 
@@ -139,4 +204,6 @@ def get_adapter(model_type: str, config: object | None = None) -> Adapter:
     reason = adapter.unsupported_reason(config) if config is not None else None
     if reason:
         raise LayerwiseError(f"architecture {model_type!r}: {reason}")
+    if adapter.expert_count and config is not None:
+        adapter = with_experts(adapter, int(getattr(config, adapter.expert_count)))
     return adapter

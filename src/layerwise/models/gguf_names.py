@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import expert_of
 from layerwise.models.loading import LoadedModel
 
 # transformers' model_type -> llama.cpp's architecture, where the two names differ
 # (convert_hf_to_gguf.py writes these HF families under these GGUF architectures).
-_ARCH_OF_MODEL_TYPE = {"mistral": "llama", "gpt_neox": "gptneox", "phi": "phi2"}
+_ARCH_OF_MODEL_TYPE = {"mistral": "llama", "gpt_neox": "gptneox", "phi": "phi2", "mixtral": "llama",
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def gguf_architecture(loaded: LoadedModel) -> str:
@@ -31,7 +33,9 @@ def gguf_architecture(loaded: LoadedModel) -> str:
 
 
 def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None = None) -> dict[str, str]:
-    """HF module name -> GGUF tensor name (with ".weight"), by gguf-py's own name map."""
+    """HF module name -> GGUF tensor name (with ".weight"), by gguf-py's own name map. The routed
+    experts of a block share one tensor per projection (`blk.N.ffn_gate_exps`, expert-major), so
+    all of them map to it; `expert_of` says which slice is whose."""
     import gguf
 
     arch = arch or gguf_architecture(loaded)
@@ -42,7 +46,8 @@ def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None 
     name_map = gguf.get_tensor_name_map(arch_enum, loaded.n_blocks)
     names = {}
     for module in modules:
-        mapped = name_map.get_name(module)
+        expert = expert_of(module)
+        mapped = name_map.get_name(module.replace(f".experts.{expert}.", ".experts.") if expert >= 0 else module)
         if mapped is None:
             raise LayerwiseError(f"no GGUF tensor name for {module} in architecture {arch!r}")
         names[module] = f"{mapped}.weight"

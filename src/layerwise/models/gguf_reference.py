@@ -62,13 +62,19 @@ def read_reference(loaded: LoadedModel, path: str | Path, modules: list[str]) ->
         raise LayerwiseError(f"{path.name} is a GGUF of architecture {arch!r}, this model's is {ours!r}")
     names = gguf_tensor_names(loaded, modules, ours)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    sizes, types = {}, {}
+    by_tensor: dict[str, list[str]] = {}
     for module in modules:
-        tensor = tensors.get(names[module])
-        weights = loaded.model.get_submodule(module).weight.numel()
+        by_tensor.setdefault(names[module], []).append(module)
+    sizes, types = {}, {}
+    for name, members in by_tensor.items():
+        tensor = tensors.get(name)
+        counts = [loaded.model.get_submodule(module).weight.numel() for module in members]
+        weights = sum(counts)
         if tensor is None or int(tensor.n_elements) != weights:
             found = "absent" if tensor is None else f"{int(tensor.n_elements)} weights, not {weights}"
-            raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {names[module]} is {found}")
-        sizes[module] = int(tensor.n_bytes)
-        types[module] = gguf.GGMLQuantizationType(int(tensor.tensor_type)).name
+            raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {name} is {found}")
+        for module, count in zip(members, counts):
+            # The routed experts of a block share one tensor: each is given its share of the bytes.
+            sizes[module] = int(tensor.n_bytes) * count // weights
+            types[module] = gguf.GGMLQuantizationType(int(tensor.tensor_type)).name
     return ReferenceFile(str(path.resolve()), file_fingerprint(path), path.stat().st_size, sizes, types)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from layerwise.models.experts import fused_experts
 from layerwise.models.loading import LoadedModel
 from layerwise.util.files import atomic_folder
 
@@ -24,10 +25,10 @@ def save_plain(loaded: LoadedModel, folder: str | Path, extra_files: dict[str, s
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     model = loaded.model
-    if getattr(loaded.model.config, "quantization_config", None) is not None:
-        model = AutoModelForCausalLM.from_config(config, dtype=next(loaded.model.parameters()).dtype)
-        model.load_state_dict(loaded.model.state_dict())
-    with atomic_folder(folder) as scratch:
+    with atomic_folder(folder) as scratch, fused_experts(loaded.model, loaded.adapter):
+        if getattr(loaded.model.config, "quantization_config", None) is not None:
+            model = AutoModelForCausalLM.from_config(config, dtype=next(loaded.model.parameters()).dtype)
+            model.load_state_dict(loaded.model.state_dict())
         model.save_pretrained(scratch)
         loaded.tokenizer.save_pretrained(scratch)
         for name, text in (extra_files or {}).items():

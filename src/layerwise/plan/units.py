@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.adapters import LINEAR_ROLES, Adapter
+from layerwise.models.adapters import LINEAR_ROLES, Adapter, expert_of
 
-GRANULARITIES = ("block", "sublayer", "linear")
+GRANULARITIES = ("block", "sublayer", "linear", "expert")
 _SUBLAYER_ROLES = {"attn": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
 
 
@@ -21,13 +21,20 @@ class Unit:
     name: str  # e.g. "model.layers.3", "model.layers.3.attn", "model.layers.3.mlp_in"
     block: int
     modules: tuple[str, ...]  # fully qualified names of its linears
-    kind: str = "block"  # "block", "attn", "mlp", or a linear role ("attn_in", ...)
+    kind: str = "block"  # "block", "attn", "mlp", a linear role ("attn_in", ...), "expert", "shared_expert"
 
 
 def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> list[Unit]:
-    """Every unit of a model with `n_blocks` blocks, in forward order."""
+    """Every unit of a model with `n_blocks` blocks, in forward order.
+
+    In mixture-of-experts models every granularity but `expert` keeps all routed experts of a
+    block in one unit per role, as GGUF stores them (one tensor, one type, per block and role);
+    `expert` makes each routed expert a unit, and the shared expert one, beside the attention.
+    """
     if granularity not in GRANULARITIES:
         raise LayerwiseError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if granularity == "expert":
+        return _expert_units(adapter, n_blocks)
     if granularity == "block":
         groups = {"block": ("", LINEAR_ROLES)}
     elif granularity == "sublayer":
@@ -41,6 +48,27 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
             modules = tuple(f"{prefix}.{path}" for role in roles for path in adapter.linears.get(role, ()))
             if modules:
                 units.append(Unit(prefix + suffix, index, modules, kind))
+    return units
+
+
+def _expert_units(adapter: Adapter, n_blocks: int) -> list[Unit]:
+    if adapter.experts is None:
+        raise LayerwiseError("granularity 'expert' needs a mixture-of-experts model; this one has dense MLPs")
+    units = []
+    for index in range(n_blocks):
+        prefix = f"{adapter.blocks}.{index}"
+        attention = tuple(f"{prefix}.{path}" for role in _SUBLAYER_ROLES["attn"] for path in adapter.linears.get(role, ()))
+        units.append(Unit(f"{prefix}.attn", index, attention, "attn"))
+        by_expert: dict[int, list[str]] = {}
+        for role in _SUBLAYER_ROLES["mlp"]:
+            for path in adapter.linears.get(role, ()):
+                by_expert.setdefault(expert_of(path), []).append(f"{prefix}.{path}")
+        for expert, modules in sorted(by_expert.items()):
+            if expert < 0:
+                shared = modules[0].rsplit(".", 1)[0]
+                units.append(Unit(shared, index, tuple(modules), "shared_expert"))
+            else:
+                units.append(Unit(f"{prefix}.{adapter.experts}.{expert}", index, tuple(modules), "expert"))
     return units
 
 

@@ -32,7 +32,8 @@ METRIC_ALIASES = {"bi": "lim", "block_influence": "lim"}
 
 
 def _mean(partials: Partials) -> float:
-    return partials["total"] / partials["count"]
+    # No samples (the MLP sparsity of mixture-of-experts blocks): not a number, shown as "-".
+    return partials["total"] / partials["count"] if partials["count"] else float("nan")
 
 
 def register_metric(name: str, description: str, finalize: Callable[[Partials], float] = _mean):
@@ -162,6 +163,8 @@ def massive_activations(call: BlockCall) -> Partials:
     "token's largest |a| ('The Lazy Neuron Phenomenon'); exact zeros for ReLU models",
 )
 def mlp_sparsity(call: BlockCall) -> Partials:
+    if call.mlp_hidden is None:  # mixture-of-experts blocks: no one hidden activation per token
+        return {"total": 0.0, "count": 0.0}
     magnitude = call.mlp_hidden.float().abs()
     small = magnitude <= 0.01 * magnitude.amax(dim=-1, keepdim=True)
     return {"total": float(small.sum().item()), "count": float(small.numel())}

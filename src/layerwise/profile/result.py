@@ -22,19 +22,22 @@ TERMINAL_COLUMNS = (
     ("hidden_norm", "|h|"), ("logit_lens_kl", "lens KL"), ("logit_lens_top1", "lens top1"),
     ("act_kurtosis", "kurt"), ("max_over_median", "max/med"), ("mlp_sparsity", "sparse"),
     ("zd", "ZD"), ("ablation_kl_block", "KL -blk"), ("ablation_kl_attn", "KL -attn"), ("ablation_kl_mlp", "KL -mlp"),
+    ("expert_load_entropy", "load H"), ("expert_load_max", "load max"), ("shared_rel_update", "shared dh/h"),
 )
 
 
 @dataclass
 class ProfileResult:
     """Per-block rows (`blocks`), per-linear rows (`linears`), what each column means, metadata,
-    and the logit lens by block and sampled position (`logit_lens`: positions, kl and top1 grids)."""
+    the logit lens by block and sampled position (`logit_lens`: positions, kl and top1 grids), and
+    in mixture-of-experts models one row per block and routed expert (`experts`)."""
 
     meta: dict
     blocks: list[dict]
     linears: list[dict]
     columns: dict[str, str] = field(default_factory=dict)
     logit_lens: dict = field(default_factory=dict)
+    experts: list[dict] = field(default_factory=list)
 
     def column(self, name: str) -> list[float]:
         """One statistic for every block, in block order."""
@@ -46,17 +49,21 @@ class ProfileResult:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": self.meta,
                 "columns": self.columns, "blocks": self.blocks, "linears": self.linears,
-                "logit_lens": self.logit_lens}
+                "logit_lens": self.logit_lens} | ({"experts": self.experts} if self.experts else {})
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """profile.json, blocks.csv and linears.csv in `out_dir`, each written atomically."""
+        """profile.json, blocks.csv and linears.csv (and experts.csv for a mixture-of-experts model)
+        in `out_dir`, each written atomically."""
         out_dir = Path(out_dir)
         text = json.dumps(_json_safe(self.to_dict()), indent=1)
-        return [
+        written = [
             write_text_atomic(out_dir / "profile.json", text + "\n"),
             write_text_atomic(out_dir / "blocks.csv", _csv(self.blocks)),
             write_text_atomic(out_dir / "linears.csv", _csv(self.linears)),
         ]
+        if self.experts:
+            written.append(write_text_atomic(out_dir / "experts.csv", _csv(self.experts)))
+        return written
 
     @classmethod
     def load(cls, path: str | Path) -> "ProfileResult":
@@ -64,7 +71,8 @@ class ProfileResult:
         if path.is_dir():
             path = path / "profile.json"
         data = read_artifact(path, SCHEMA, SCHEMA_VERSION, "profile")
-        return cls(data["meta"], data["blocks"], data["linears"], data.get("columns", {}), data.get("logit_lens", {}))
+        return cls(data["meta"], data["blocks"], data["linears"], data.get("columns", {}), data.get("logit_lens", {}),
+                   data.get("experts", []))
 
     def table(self) -> Table:
         present = [(key, title) for key, title in TERMINAL_COLUMNS if self.blocks and key in self.blocks[0]]

@@ -15,9 +15,11 @@ from layerwise.engine.hooks import BlockCall, capture_blocks
 from layerwise.engine.replay import UNIT_KINDS, StopForward, blocks_run, logits_without
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import get_adapter
-from layerwise.models.layout import block_linears, hidden_to_logits, linear_weight
+from layerwise.models.experts import without_experts
+from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.models.streaming import by_part, held
+from layerwise.profile.experts import BLOCK_COLUMNS, ExpertAccumulator, has_shared_expert, observing_experts
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
 from layerwise.profile.result import ProfileResult
@@ -27,11 +29,17 @@ from layerwise.util.meta import run_metadata
 from layerwise.util.progress import progress_bars
 
 
+# Ablation kinds of the profile: the units of engine/replay.py, and in mixture-of-experts models
+# each routed expert (the router may not choose it).
+ABLATION_KINDS = UNIT_KINDS + ("expert",)
+
+
 @dataclass
 class _Accumulators:
     metrics: list[dict[str, Partials]]
     lens: list[Partials]
     ablation: dict[str, list[Partials]] = field(default_factory=dict)
+    experts: ExpertAccumulator | None = None
 
 
 @torch.no_grad()
@@ -44,6 +52,8 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
     def on_block(call: BlockCall) -> None:
         for name, metric in METRICS.items():
             combine(acc.metrics[call.index].setdefault(name, {}), metric.compute(call))
+        if acc.experts is not None:
+            acc.experts.on_block(call, has_shared_expert(adapter))
         lens_hidden[call.index] = call.h_out[:, positions]
         if ablation:
             # Keep only what a replay needs: the block's input and call arguments.
@@ -51,7 +61,8 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
         elif call.index == loaded.n_blocks - 1:
             raise StopForward  # the head is applied to the lens positions only, below
 
-    with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)), contextlib.suppress(StopForward):
+    observe = observing_experts(model, adapter, acc.experts) if acc.experts is not None else contextlib.nullcontext()
+    with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)), observe, contextlib.suppress(StopForward):
         logits = model(input_ids=batch, use_cache=False).logits
     # The head is applied once per block below: a streamed model keeps it loaded meanwhile.
     with held(loaded.streamed, adapter.lm_head):
@@ -66,9 +77,23 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
         del logits
         for kind in ablation:
             for index in range(len(calls)):
+                if kind == "expert":
+                    _ablate_experts(loaded, calls, index, base, acc.experts, on_ablation_step)
+                    continue
                 kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
                 combine(acc.ablation[kind][index], {"total": kl.double().sum().item(), "count": float(kl.numel())})
                 on_ablation_step(blocks_run(len(calls), index, kind))
+
+
+def _ablate_experts(loaded: LoadedModel, calls: list[BlockCall], index: int, base: Reference,
+                    experts: ExpertAccumulator, on_ablation_step) -> None:
+    """KL of the model whose router in block `index` may not choose each expert in turn."""
+    model, adapter = loaded.model, loaded.adapter
+    block = blocks_of(model, adapter)[index]
+    for expert in range(adapter.n_experts):
+        with without_experts(block, adapter, [expert]):
+            experts.add_ablation(index, expert, kl_per_token(base, logits_without(model, adapter, calls, index, None)))
+        on_ablation_step(blocks_run(len(calls), index, "block"))
 
 
 def _weight_rows(loaded: LoadedModel, progress, bars) -> list[dict]:
@@ -114,13 +139,19 @@ def profile_model(
     lens_positions_per_window=None picks as many as cost ~10% of a forward pass."""
     if batch_size <= 0:
         raise LayerwiseError(f"batch_size must be positive, got {batch_size}")
-    kinds = tuple(UNIT_KINDS if ablation is True else (ablation or ()))
-    unknown = set(kinds) - set(UNIT_KINDS)
+    moe = loaded.adapter.experts is not None
+    available = ABLATION_KINDS if moe else UNIT_KINDS
+    kinds = tuple(available if ablation is True else (ablation or ()))
+    unknown = set(kinds) - set(available)
     if unknown:
-        raise LayerwiseError(f"unknown ablation kind(s) {sorted(unknown)}; choose from {', '.join(UNIT_KINDS)}")
+        raise LayerwiseError(f"unknown ablation kind(s) {sorted(unknown)}; choose from {', '.join(available)}"
+                             + ("" if moe else " ('expert' needs a mixture-of-experts model)"))
+    if moe:
+        loaded.require_in_memory("the profile of a mixture-of-experts model")
     n_blocks = loaded.n_blocks
     acc = _Accumulators([{} for _ in range(n_blocks)], [{} for _ in range(n_blocks)],
-                        {kind: [{} for _ in range(n_blocks)] for kind in kinds})
+                        {kind: [{} for _ in range(n_blocks)] for kind in kinds if kind != "expert"},
+                        ExpertAccumulator(n_blocks, loaded.adapter.n_experts) if moe else None)
     seq_len = windows.input_ids.shape[1]
     if lens_positions_per_window is None:
         lens_positions_per_window = auto_positions_per_window(loaded.model, loaded.adapter, seq_len)
@@ -132,7 +163,8 @@ def profile_model(
     with progress_bars(progress) as bars:
         task = bars.add_task("profiling", total=len(batches))
         ablation_task = bars.add_task("ablation (block runs)", total=len(batches) * sum(
-            blocks_run(n_blocks, i, k) for k in kinds for i in range(n_blocks))) if kinds else None
+            blocks_run(n_blocks, i, k) * (loaded.adapter.n_experts if k == "expert" else 1)
+            for k in kinds for i in range(n_blocks))) if kinds else None
 
         def on_ablation_step(blocks: int) -> None:
             nonlocal blocks_evaluated
@@ -159,9 +191,10 @@ def profile_model(
         row["logit_lens_top1"] = lens["top1_total"] / lens["count"]
         if zd:
             row["zd"] = zd[index]
-        for kind in kinds:
-            partial = acc.ablation[kind][index]
-            row[f"ablation_kl_{kind}"] = partial["total"] / partial["count"]
+        for kind, partials in acc.ablation.items():
+            row[f"ablation_kl_{kind}"] = partials[index]["total"] / partials[index]["count"]
+        if acc.experts is not None:
+            row |= acc.experts.block_columns(index, has_shared_expert(loaded.adapter))
         rows.append(row)
 
     lens_grid = {
@@ -177,7 +210,12 @@ def profile_model(
         "timings": timings,
         "ablation_cost_forward_equivalents": blocks_evaluated / n_blocks,
     }
-    return ProfileResult(meta, rows, linear_rows, column_descriptions(kinds, weights), lens_grid)
+    columns = column_descriptions([kind for kind in kinds if kind != "expert"], weights)
+    if acc.experts is not None:
+        columns |= {name: text for name, text in BLOCK_COLUMNS.items()
+                    if name != "shared_rel_update" or has_shared_expert(loaded.adapter)}
+    expert_rows = acc.experts.rows() if acc.experts is not None else []
+    return ProfileResult(meta, rows, linear_rows, columns, lens_grid, expert_rows)
 
 
 def column_descriptions(kinds: Sequence[str] = UNIT_KINDS, weights: bool = True) -> dict[str, str]:
@@ -216,7 +254,8 @@ def run_profile(
     """`layerwise profile` from Python: load, cut calibration windows, profile, and save to `out`.
 
     `data=None` uses the calibration excerpt shipped with layerwise. Output (if `out`):
-    profile.json, blocks.csv, linears.csv. Inputs are checked before any long work starts.
+    profile.json, blocks.csv, linears.csv (and experts.csv for a mixture-of-experts model). Inputs
+    are checked before any long work starts.
     `streaming` reads one block at a time from disk as it runs (`load_model(streaming=True)`;
     None: only when the model would not fit in memory).
     """

@@ -11,6 +11,7 @@ from layerwise.models.loading import LoadedModel, load_model
 from layerwise.models.saving import save_plain
 from layerwise.prune.choose import DropChoice, choose_drops
 from layerwise.prune.depth import check_indices, delete_blocks_, silence_
+from layerwise.prune.experts import ExpertDrop, choose_experts, drop_experts_
 from layerwise.util.files import check_output
 from layerwise.util.meta import run_metadata
 
@@ -23,7 +24,7 @@ def run_drop(
     kind: str = "block",
     count: int | None = None,
     indices: Sequence[int] | None = None,
-    by: str = "bi",
+    by: str | None = None,
     data: str | Path | None = None,
     tokens: int = 2048,
     seq_len: int = 512,
@@ -33,9 +34,11 @@ def run_drop(
     dtype: str = "auto",
     device: str = "cpu",
     progress: bool = True,
-) -> tuple[LoadedModel, DropChoice]:
+) -> tuple[LoadedModel, DropChoice | ExpertDrop]:
     """Drop `count` units of `kind` chosen by `by` (or the given block `indices`), in place.
 
+    `kind="expert"` drops `count` routed experts from every block of a mixture-of-experts model
+    (prune/experts.py; `by` "ablation", the default, or "load"); otherwise `by` defaults to "bi".
     Whole blocks are deleted and the rest renumbered, so the checkpoint written to `out` is a
     standard one with fewer layers. Attention or MLP sublayers are dropped by zeroing their output
     projections: the checkpoint keeps its shape (every loader reads it) and gives the pruned
@@ -46,6 +49,9 @@ def run_drop(
         check_output(out, overwrite, directory=True)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     loaded.require_in_memory("drop")
+    if kind == "expert":
+        return _drop_experts(loaded, count, indices, by or "ablation", data, tokens, seq_len, seed, out, progress)
+    by = by or "bi"
     if indices is not None:
         order = check_indices(list(indices), loaded.n_blocks)
         if kind == "block" and len(order) >= loaded.n_blocks:
@@ -65,5 +71,23 @@ def run_drop(
                   "dropped": choice.order, "scores": choice.scores, "kept_original_indices": kept,
                   "blocks_before": n_before, "forward_equivalents": choice.forward_equivalents,
                   "model": loaded.describe()} | run_metadata()
+        save_plain(loaded, out, {"layerwise_drop.json": json.dumps(record, indent=1) + "\n"})
+    return loaded, choice
+
+
+def _drop_experts(loaded: LoadedModel, count: int | None, indices, by: str, data, tokens: int, seq_len: int,
+                  seed: int, out, progress: bool) -> tuple[LoadedModel, ExpertDrop]:
+    if indices is not None or count is None:
+        raise LayerwiseError("experts are dropped by number per block (--experts N), not by --indices")
+    windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
+    choice = choose_experts(loaded, windows, count, by, progress=progress)
+    before = loaded.adapter.n_experts
+    drop_experts_(loaded, choice.dropped)
+    if out is not None:
+        record = {"schema": DROP_SCHEMA, "schema_version": 1, "kind": "expert", "criterion": choice.criterion,
+                  "dropped": {str(block): experts for block, experts in choice.dropped.items()},
+                  "scores": {str(block): scores for block, scores in choice.scores.items()},
+                  "experts_before": before, "experts_after": loaded.adapter.n_experts,
+                  "forward_equivalents": choice.forward_equivalents, "model": loaded.describe()} | run_metadata()
         save_plain(loaded, out, {"layerwise_drop.json": json.dumps(record, indent=1) + "\n"})
     return loaded, choice

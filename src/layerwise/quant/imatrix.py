@@ -29,8 +29,9 @@ import torch
 
 from layerwise.data.windows import TokenWindows, bos_policy, encode_text, read_text
 from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import expert_of
 from layerwise.models.gguf_names import gguf_tensor_names
-from layerwise.models.layout import block_linears
+from layerwise.models.layout import block_linears, linear_weight
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.util.files import atomic_path, check_output
 from layerwise.util.meta import sha256_text
@@ -228,10 +229,21 @@ def collect_imatrix(loaded: LoadedModel, windows: TokenWindows, *, include_outpu
     finally:
         for handle in handles:
             handle.remove()
-    # Held at the float32 precision the file stores, so that the object and its file weigh alike.
-    return Imatrix({tensor_names[name]: sums[name].float().double().cpu().numpy().reshape(1, -1) for name in modules},
-                   {tensor_names[name]: np.array([float(counts[name])]) for name in modules},
-                   [windows.source], len(windows.input_ids), int(windows.input_ids.shape[1]), loaded.fingerprint)
+    # One row per matrix: a dense weight's, or each routed expert's of a block's merged tensor (in
+    # expert order, with the tokens routed to it; zero where none was). Held at the float32
+    # precision the file stores, so that the object and its file weigh alike.
+    rows: dict[str, dict[int, str]] = {}
+    for name in modules:
+        rows.setdefault(tensor_names[name], {})[max(expert_of(name), 0)] = name
+    tensor_sums, tensor_counts = {}, {}
+    for tensor, by_row in rows.items():
+        names = [by_row[row] for row in range(len(by_row))]
+        unseen = np.zeros(linear_weight(modules[names[0]]).shape[1])
+        tensor_sums[tensor] = np.stack([sums[name].float().double().cpu().numpy() if name in sums else unseen
+                                        for name in names])
+        tensor_counts[tensor] = np.array([float(counts.get(name, 0)) for name in names])
+    return Imatrix(tensor_sums, tensor_counts, [windows.source], len(windows.input_ids),
+                   int(windows.input_ids.shape[1]), loaded.fingerprint)
 
 
 def imatrix_applies(config) -> bool:
@@ -245,8 +257,6 @@ def imatrix_applies(config) -> bool:
 def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) -> dict[str, np.ndarray]:
     """Each module's column importance, checked against the model (entry present, one value per
     input column)."""
-    from layerwise.models.layout import linear_weight
-
     if imatrix.model_fingerprint and imatrix.model_fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"the importance matrix was computed on another model (fingerprint "
                              f"{imatrix.model_fingerprint[:16]}...), not {loaded.source.display}")
@@ -260,6 +270,8 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) ->
     for module in modules:
         values = imatrix.importance(names[module])
         columns = linear_weight(loaded.model.get_submodule(module)).shape[1]
+        if expert_of(module) >= 0 and values.size % columns == 0:  # a routed expert's row of its block's tensor
+            values = values.reshape(-1, columns)[expert_of(module)]
         if values.size != columns:
             raise LayerwiseError(f"the importance matrix entry {names[module]} has {values.size} values, but "
                                  f"{module} has {columns} input columns; was it computed on this model?")

@@ -1,0 +1,166 @@
+"""Routed experts as one linear per expert and projection, and back.
+
+transformers keeps the routed experts of a mixture-of-experts block as two 3-D parameters
+(`gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]). Everything layerwise does to weights works
+on 2-D linears (hooks that gather a linear's inputs, GPTQ, the quantizers, packing, export names),
+and llama.cpp and compressed-tensors store experts per matrix too. So a loaded MoE model has its
+fused experts split into `experts.<e>.gate_proj/up_proj/down_proj` linears, which run the same
+computation; `fused_experts` puts the 3-D form back for the moments that need transformers' own
+module (saving a checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import Adapter
+from layerwise.models.layout import blocks_of
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+        # Not registered: the activation is stateless and shared by all experts of the block.
+        object.__setattr__(self, "act_fn", act_fn)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
+
+
+class SplitExperts(nn.ModuleList):
+    """A block's routed experts as a list of `ExpertMLP`, called as transformers calls its fused
+    experts module (hidden states, top-k expert indices, top-k weights) with the same result."""
+
+    def __init__(self, fused: nn.Module):
+        gate_up, down = fused.gate_up_proj.detach(), fused.down_proj.detach()
+        n_experts, double_intermediate, hidden = gate_up.shape
+        intermediate = double_intermediate // 2
+        experts = []
+        for index in range(n_experts):
+            expert = ExpertMLP(hidden, intermediate, fused.act_fn, gate_up.dtype, gate_up.device)
+            expert.gate_proj.weight.data.copy_(gate_up[index, :intermediate])
+            expert.up_proj.weight.data.copy_(gate_up[index, intermediate:])
+            expert.down_proj.weight.data.copy_(down[index])
+            experts.append(expert)
+        super().__init__(experts)
+        # The fused module's class rebuilds it on save; kept out of the module tree.
+        object.__setattr__(self, "fused_type", type(fused))
+        # Called as observer(expert, token indices, weighted update, tokens in the call) for every
+        # expert that ran (the profile's per-expert statistics).
+        self.observer: Callable[[int, torch.Tensor, torch.Tensor, int], None] | None = None
+        # The experts the router chooses among, in its order (all of them unless some are masked).
+        self.active: list[int] | None = None
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        output = torch.zeros_like(hidden_states)
+        for choice, index in enumerate(self.active if self.active is not None else range(len(self))):
+            token, slot = torch.where(top_k_index == choice)
+            if token.numel() == 0:
+                continue
+            update = self[index](hidden_states[token]) * top_k_weights[token, slot, None]
+            if self.observer is not None:
+                self.observer(index, token, update, hidden_states.shape[0])
+            output.index_add_(0, token, update.to(output.dtype))
+        return output
+
+    def fused(self, config: object) -> nn.Module:
+        """The transformers module these experts came from, with their current weights."""
+        first = self[0].gate_proj.weight
+        with torch.device(first.device):
+            module = self.fused_type(config)
+        module.to(first.dtype)
+        with torch.no_grad():
+            module.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self]))
+            module.down_proj.copy_(torch.stack([e.down_proj.weight for e in self]))
+        return module
+
+
+def block_experts(block: nn.Module, adapter: Adapter) -> SplitExperts:
+    """A block's routed experts, as loading split them."""
+    return block.get_submodule(adapter.experts)
+
+
+@contextlib.contextmanager
+def without_experts(block: nn.Module, adapter: Adapter, removed: list[int]) -> Iterator[None]:
+    """Within the block, the router chooses among the other experts only (its rows for `removed`
+    are taken out, so top-k and its normalisation run over the rest, as in a model trained without
+    them). The router's parameters and buffers with one entry per expert are sliced."""
+    experts = block_experts(block, adapter)
+    router = block.get_submodule(adapter.router)
+    keep = [index for index in range(len(experts)) if index not in set(removed)]
+    if not keep:
+        raise LayerwiseError("cannot remove every expert of a block")
+    saved = dict(per_expert_tensors(router, len(experts)))
+    previous = experts.active
+    try:
+        for name, tensor in saved.items():
+            set_tensor(router, name, tensor[keep])
+        experts.active = keep
+        yield
+    finally:
+        for name, tensor in saved.items():
+            set_tensor(router, name, tensor)
+        experts.active = previous
+
+
+def per_expert_tensors(router: nn.Module, n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The router's own parameters and buffers with one entry per expert (its weight rows; a
+    per-expert bias where the family has one)."""
+    for name, tensor in [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]:
+        if tensor.dim() >= 1 and tensor.shape[0] == n_experts:
+            yield name, tensor
+
+
+def set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace a module's own parameter or buffer `name` by `tensor`, whatever its shape."""
+    if name in module._parameters:
+        module._parameters[name] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[name] = tensor
+
+
+def _experts_parent(block: nn.Module, adapter: Adapter) -> tuple[nn.Module, str]:
+    parent_path, _, name = adapter.experts.rpartition(".")
+    return (block.get_submodule(parent_path) if parent_path else block), name
+
+
+def split_experts(model: nn.Module, adapter: Adapter) -> None:
+    """Replace every block's fused routed experts by `SplitExperts` (in place; a no-op for dense
+    models and for experts already split)."""
+    if adapter.experts is None:
+        return
+    for block in blocks_of(model, adapter):
+        parent, name = _experts_parent(block, adapter)
+        module = getattr(parent, name)
+        if not isinstance(module, SplitExperts):
+            setattr(parent, name, SplitExperts(module))
+
+
+@contextlib.contextmanager
+def fused_experts(model: nn.Module, adapter: Adapter) -> Iterator[None]:
+    """Within the block, the model holds transformers' fused experts again (for `save_pretrained`,
+    whose renaming back to the checkpoint's names expects them); split again on exit."""
+    if adapter.experts is None:
+        yield
+        return
+    split: list[tuple[nn.Module, str, SplitExperts]] = []
+    for block in blocks_of(model, adapter):
+        parent, name = _experts_parent(block, adapter)
+        module = getattr(parent, name)
+        if isinstance(module, SplitExperts):
+            split.append((parent, name, module))
+            setattr(parent, name, module.fused(model.config))
+    try:
+        yield
+    finally:
+        for parent, name, module in split:
+            setattr(parent, name, module)
