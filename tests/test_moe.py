@@ -33,6 +33,7 @@ CONFIGS = {
     "qwen2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=64, shared_expert_intermediate_size=128),
     "qwen3_moe": dict(num_experts=EXPERTS, moe_intermediate_size=64, head_dim=16),
     "olmoe": dict(num_experts=EXPERTS),
+    "gpt_oss": dict(num_local_experts=EXPERTS, head_dim=16),
 }
 
 

@@ -40,6 +40,15 @@ TINY_CONFIGS = {
                                 "shared_expert_intermediate_size": 48},
     "qwen3_moe": _LLAMA_LIKE | {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "head_dim": 8},
     "olmoe": _LLAMA_LIKE | {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": _LLAMA_LIKE | {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
+                              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    # Hybrid rows: blocks of two kinds, in an order that puts each kind first somewhere.
+    "lfm2": _LLAMA_LIKE | {"layer_types": ["conv", "full_attention", "conv"], "block_ff_dim": FFN,
+                           "block_auto_adjust_ff_dim": False},
+    "qwen3_next": _LLAMA_LIKE | {"layer_types": ["linear_attention", "full_attention", "linear_attention"],
+                                 "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                 "shared_expert_intermediate_size": 48, "head_dim": 8, "linear_num_value_heads": 2,
+                                 "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
 }
 MOE_ROWS = sorted(name for name, adapter in ADAPTERS.items() if adapter.experts)
 
@@ -66,14 +75,14 @@ def test_adapter_row(model_type):
 
     # Every linear named in the table exists; weights come out as [out, in] whatever the module type.
     linears = block_linears(model, adapter)
-    assert len(linears) == 3 * len(adapter.linear_paths())
-    block = blocks_of(model, adapter)[0]
-    for role in ("attn_in", "mlp_in"):
-        for path in adapter.linears[role]:
-            assert linear_weight(block.get_submodule(path)).shape[1] == HIDDEN, path
-    for role in ("attn_out", "mlp_out"):
-        for path in adapter.linears[role]:
-            assert linear_weight(block.get_submodule(path)).shape[0] == HIDDEN, path
+    assert len(linears) == sum(len(adapter.linear_paths(index)) for index in range(3))
+    for index, block in enumerate(blocks_of(model, adapter)):
+        for role in ("attn_in", "mlp_in"):
+            for path in adapter.linears_of(index)[role]:
+                assert linear_weight(block.get_submodule(path)).shape[1] == HIDDEN, path
+        for role in ("attn_out", "mlp_out"):
+            for path in adapter.linears_of(index)[role]:
+                assert linear_weight(block.get_submodule(path)).shape[0] == HIDDEN, path
 
     ids = torch.randint(3, VOCAB, (2, 16))
     calls = []
@@ -109,6 +118,10 @@ def test_unsupported_variant_of_a_known_family():
 @pytest.mark.parametrize("model_type", MOE_ROWS)
 def test_split_experts_compute_what_the_fused_ones_did(model_type, tmp_path):
     model = tiny_model(model_type)
+    with torch.no_grad():  # biases start at zero: random ones check where each one goes (gpt-oss)
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.1)
     ids = torch.randint(3, VOCAB, (2, 16))
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -118,7 +131,7 @@ def test_split_experts_compute_what_the_fused_ones_did(model_type, tmp_path):
     # One linear per expert and projection, expert-major, plus the shared expert's where there is one.
     paths = loaded.adapter.linear_paths()
     assert "mlp.experts.3.down_proj" in paths and "mlp.experts.0.gate_proj" in paths
-    assert ("mlp.shared_expert.down_proj" in paths) == (model_type == "qwen2_moe")
+    assert ("mlp.shared_expert.down_proj" in paths) == (model_type in ("qwen2_moe", "qwen3_next"))
     with torch.no_grad():
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

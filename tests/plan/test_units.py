@@ -40,3 +40,18 @@ def test_engine_constraints_keep_fused_linears_together():
 def test_unknown_granularity():
     with pytest.raises(LayerwiseError, match="granularity"):
         units_of(ADAPTERS["llama"], 2, "head")
+
+
+def test_hybrid_blocks_take_their_own_mixers_linears():
+    from types import SimpleNamespace
+
+    from layerwise.models.adapters import get_adapter
+
+    config = SimpleNamespace(model_type="lfm2", num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])
+    adapter = get_adapter("lfm2", config)
+    units = {unit.name: unit.modules for unit in units_of(adapter, 3, "sublayer")}
+    assert units["model.layers.0.attn"] == ("model.layers.0.conv.in_proj", "model.layers.0.conv.out_proj")
+    assert units["model.layers.1.attn"] == tuple(f"model.layers.1.self_attn.{p}_proj" for p in ("q", "k", "v", "out"))
+    assert units["model.layers.2.mlp"] == tuple(f"model.layers.2.feed_forward.{w}" for w in ("w1", "w3", "w2"))
+    with pytest.raises(LayerwiseError, match="layer types"):
+        get_adapter("lfm2", SimpleNamespace(num_hidden_layers=2, layer_types=["conv", "mamba"]))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import blocks_of, first_tensor
+from layerwise.models.layout import block_layout, blocks_of, first_tensor
 
 
 @contextlib.contextmanager
@@ -93,7 +93,8 @@ def capture_blocks(
         for index, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(_start(index), with_kwargs=True))
             handles.append(block.register_forward_hook(_finish(index)))
-            handles.append(block.get_submodule(adapter.attn_delta).register_forward_hook(_keep(index, "attn_delta")))
+            attn_delta = block_layout(block, adapter)[0]
+            handles.append(block.get_submodule(attn_delta).register_forward_hook(_keep(index, "attn_delta")))
             handles.append(block.get_submodule(adapter.mlp_delta).register_forward_hook(_keep(index, "mlp_delta")))
             if adapter.mlp_down is not None:
                 handles.append(block.get_submodule(adapter.mlp_down).register_forward_pre_hook(_keep_input(index)))

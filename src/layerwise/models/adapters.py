@@ -16,6 +16,16 @@ LINEAR_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
 @dataclass(frozen=True)
+class Mixer:
+    """A token mixer a hybrid model's block holds in place of attention (a short convolution, a
+    linear attention, ...): the module whose output is its residual update, and its linears under
+    the attention roles."""
+
+    delta: str
+    linears: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Module paths of one architecture family (paths inside a block are relative to it)."""
 
@@ -45,9 +55,21 @@ class Adapter:
     router: str | None = None
     expert_count: str | None = None
     n_experts: int = 0
+    # Hybrid models: the token mixer of each kind of block (the config's `layer_types` names each
+    # block's kind); `attn_delta` and the attention roles of `linears` then come from the block's
+    # mixer. `block_kinds` is filled in from the config.
+    mixers: Mapping[str, Mixer] | None = None
+    block_kinds: tuple[str, ...] = ()
 
-    def linear_paths(self) -> list[str]:
-        return [path for role in LINEAR_ROLES for path in self.linears.get(role, ())]
+    def linears_of(self, index: int) -> Mapping[str, tuple[str, ...]]:
+        """The linears of block `index` by role (the same for every block unless hybrid)."""
+        if not self.mixers:
+            return self.linears
+        return {**self.linears, **self.mixers[self.block_kinds[index]].linears}
+
+    def linear_paths(self, index: int = 0) -> list[str]:
+        linears = self.linears_of(index)
+        return [path for role in LINEAR_ROLES for path in linears.get(role, ())]
 
 
 def _opt_reason(config: object) -> str | None:
@@ -169,6 +191,38 @@ ADAPTERS.update({
     "olmoe": _moe_layout("num_experts"),
 })
 
+# gpt-oss: biased attention with sinks, routed experts with biases and a clamped gate (split
+# alike), a router with a bias, named "router".
+ADAPTERS["gpt_oss"] = replace(_moe_layout("num_local_experts"), router="mlp.router")
+
+_ATTENTION = Mixer("self_attn", {"attn_in": _LLAMA_LINEARS["attn_in"], "attn_out": _LLAMA_LINEARS["attn_out"]})
+_MLP_ROLES = ("mlp_in", "mlp_out")
+
+# Hybrids: blocks of attention and of another token mixer, named by the config's layer_types.
+ADAPTERS.update({
+    # LFM2: short gated convolutions or attention, then a SwiGLU feed-forward; the final norm is
+    # called embedding_norm.
+    "lfm2": Adapter(
+        blocks="model.layers", attn="self_attn", mlp="feed_forward",
+        attn_delta="self_attn", mlp_delta="feed_forward", mlp_down="feed_forward.w2",
+        linears={"mlp_in": ("feed_forward.w1", "feed_forward.w3"), "mlp_out": ("feed_forward.w2",)},
+        embed="model.embed_tokens", final_norm="model.embedding_norm", lm_head="lm_head",
+        mixers={"full_attention": Mixer("self_attn", {"attn_in": _LLAMA_LINEARS["attn_in"],
+                                                      "attn_out": ("self_attn.out_proj",)}),
+                "conv": Mixer("conv", {"attn_in": ("conv.in_proj",), "attn_out": ("conv.out_proj",)})},
+    ),
+    # Qwen3-Next: gated DeltaNet linear attention or gated attention, then routed experts and a
+    # shared expert.
+    "qwen3_next": replace(
+        ADAPTERS["qwen2_moe"],
+        linears={role: paths for role, paths in ADAPTERS["qwen2_moe"].linears.items() if role in _MLP_ROLES},
+        mixers={"full_attention": _ATTENTION,
+                "linear_attention": Mixer("linear_attn", {"attn_in": ("linear_attn.in_proj_qkvz",
+                                                                      "linear_attn.in_proj_ba"),
+                                                          "attn_out": ("linear_attn.out_proj",)})},
+    ),
+})
+
 
 def with_experts(adapter: Adapter, n_experts: int) -> Adapter:
     """The adapter with one linear path per routed expert where the table says "{e}"."""
@@ -206,4 +260,11 @@ def get_adapter(model_type: str, config: object | None = None) -> Adapter:
         raise LayerwiseError(f"architecture {model_type!r}: {reason}")
     if adapter.expert_count and config is not None:
         adapter = with_experts(adapter, int(getattr(config, adapter.expert_count)))
+    if adapter.mixers and config is not None:
+        kinds = tuple(getattr(config, "layer_types", None) or ())
+        unknown = sorted(set(kinds) - set(adapter.mixers))
+        if unknown or len(kinds) != config.num_hidden_layers:
+            raise LayerwiseError(f"architecture {model_type!r}: layer types {unknown or kinds} are not supported; "
+                                 f"known: {', '.join(adapter.mixers)}")
+        adapter = replace(adapter, block_kinds=kinds)
     return adapter

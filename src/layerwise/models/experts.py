@@ -1,7 +1,7 @@
 """Routed experts as one linear per expert and projection, and back.
 
 transformers keeps the routed experts of a mixture-of-experts block as two 3-D parameters
-(`gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]). Everything layerwise does to weights works
+(`gate_up_proj` and `down_proj`, one matrix per expert). Everything layerwise does to weights works
 on 2-D linears (hooks that gather a linear's inputs, GPTQ, the quantizers, packing, export names),
 and llama.cpp and compressed-tensors store experts per matrix too. So a loaded MoE model has its
 fused experts split into `experts.<e>.gate_proj/up_proj/down_proj` linears, which run the same
@@ -21,37 +21,68 @@ from layerwise.models.adapters import Adapter
 from layerwise.models.layout import blocks_of
 
 
-class ExpertMLP(nn.Module):
-    """One routed expert: down(act(gate(x)) * up(x))."""
+def _swiglu(act_fn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda gate, up: act_fn(gate) * up
 
-    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, dtype: torch.dtype, device: torch.device):
+
+def _clamped_swiglu(alpha: float, limit: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """gpt-oss's gate: both halves clamped, gate * sigmoid(alpha * gate), times (up + 1)."""
+    def combine(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(gate * alpha)
+    return combine
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert: down(combine(gate(x), up(x)))."""
+
+    def __init__(self, hidden: int, intermediate: int, combine: Callable, bias: bool, dtype: torch.dtype,
+                 device: torch.device):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
-        # Not registered: the activation is stateless and shared by all experts of the block.
-        object.__setattr__(self, "act_fn", act_fn)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
+        # A plain function shared by all experts of the block (no state to register).
+        object.__setattr__(self, "combine", combine)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(hidden)) * self.up_proj(hidden))
+        return self.down_proj(self.combine(self.gate_proj(hidden), self.up_proj(hidden)))
 
 
 class SplitExperts(nn.ModuleList):
     """A block's routed experts as a list of `ExpertMLP`, called as transformers calls its fused
-    experts module (hidden states, top-k expert indices, top-k weights) with the same result."""
+    experts module (hidden states, top-k expert indices, top-k weights) with the same result.
+
+    Two fused layouts: most families keep `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
+    `down_proj` [E, H, I], without biases; gpt-oss keeps them transposed ([E, H, 2I], gate and up
+    columns interleaved; [E, I, H]) with biases and a clamped gate."""
 
     def __init__(self, fused: nn.Module):
+        interleaved = hasattr(fused, "gate_up_proj_bias")
         gate_up, down = fused.gate_up_proj.detach(), fused.down_proj.detach()
-        n_experts, double_intermediate, hidden = gate_up.shape
-        intermediate = double_intermediate // 2
+        if interleaved:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+            gates, ups = gate_up[:, 0::2], gate_up[:, 1::2]
+            gate_bias, up_bias = fused.gate_up_proj_bias.detach()[:, 0::2], fused.gate_up_proj_bias.detach()[:, 1::2]
+            combine = _clamped_swiglu(fused.alpha, fused.limit)
+        else:
+            half = gate_up.shape[1] // 2
+            gates, ups = gate_up[:, :half], gate_up[:, half:]
+            combine = _swiglu(fused.act_fn)
+        n_experts, intermediate, hidden = gates.shape
         experts = []
         for index in range(n_experts):
-            expert = ExpertMLP(hidden, intermediate, fused.act_fn, gate_up.dtype, gate_up.device)
-            expert.gate_proj.weight.data.copy_(gate_up[index, :intermediate])
-            expert.up_proj.weight.data.copy_(gate_up[index, intermediate:])
+            expert = ExpertMLP(hidden, intermediate, combine, interleaved, gate_up.dtype, gate_up.device)
+            expert.gate_proj.weight.data.copy_(gates[index])
+            expert.up_proj.weight.data.copy_(ups[index])
             expert.down_proj.weight.data.copy_(down[index])
+            if interleaved:
+                expert.gate_proj.bias.data.copy_(gate_bias[index])
+                expert.up_proj.bias.data.copy_(up_bias[index])
+                expert.down_proj.bias.data.copy_(fused.down_proj_bias.detach()[index])
             experts.append(expert)
         super().__init__(experts)
+        self.interleaved = interleaved
         # The fused module's class rebuilds it on save; kept out of the module tree.
         object.__setattr__(self, "fused_type", type(fused))
         # Called as observer(expert, token indices, weighted update, tokens in the call) for every
@@ -78,9 +109,19 @@ class SplitExperts(nn.ModuleList):
         with torch.device(first.device):
             module = self.fused_type(config)
         module.to(first.dtype)
+        gates = torch.stack([e.gate_proj.weight for e in self])
+        ups = torch.stack([e.up_proj.weight for e in self])
+        down = torch.stack([e.down_proj.weight for e in self])
         with torch.no_grad():
-            module.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self]))
-            module.down_proj.copy_(torch.stack([e.down_proj.weight for e in self]))
+            if self.interleaved:
+                module.gate_up_proj.copy_(torch.stack([gates, ups], dim=2).flatten(1, 2).transpose(1, 2))
+                module.gate_up_proj_bias.copy_(torch.stack([torch.stack([e.gate_proj.bias, e.up_proj.bias], dim=1)
+                                                            .flatten() for e in self]))
+                module.down_proj.copy_(down.transpose(1, 2))
+                module.down_proj_bias.copy_(torch.stack([e.down_proj.bias for e in self]))
+            else:
+                module.gate_up_proj.copy_(torch.cat([gates, ups], dim=1))
+                module.down_proj.copy_(down)
         return module
 
 

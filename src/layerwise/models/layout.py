@@ -1,10 +1,13 @@
 """Finding an adapter's modules inside a live model, and the few computations that use them."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
-from layerwise.models.adapters import Adapter
+from layerwise.errors import LayerwiseError
+from layerwise.models.adapters import LINEAR_ROLES, Adapter
 
 
 def blocks_of(model: nn.Module, adapter: Adapter) -> nn.ModuleList:
@@ -15,9 +18,25 @@ def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[int, str, nn
     """(block index, fully qualified name, module) for every linear weight inside the blocks."""
     found = []
     for index, block in enumerate(blocks_of(model, adapter)):
-        for path in adapter.linear_paths():
-            found.append((index, f"{adapter.blocks}.{index}.{path}", block.get_submodule(path)))
+        for role in LINEAR_ROLES:
+            for path in block_layout(block, adapter)[1].get(role, ()):
+                found.append((index, f"{adapter.blocks}.{index}.{path}", block.get_submodule(path)))
     return found
+
+
+def block_layout(block: nn.Module, adapter: Adapter) -> tuple[str, Mapping[str, tuple[str, ...]]]:
+    """The module whose output is this block's attention (or other token mixer) update, and the
+    block's linears by role. Hybrids are read from the block itself, so a block keeps its layout
+    wherever a schedule or a deletion moves it."""
+    if not adapter.mixers:
+        return adapter.attn_delta, adapter.linears
+    for mixer in adapter.mixers.values():
+        try:
+            block.get_submodule(mixer.delta)
+        except AttributeError:
+            continue
+        return mixer.delta, {**adapter.linears, **mixer.linears}
+    raise LayerwiseError(f"a block holds none of the token mixers {', '.join(m.delta for m in adapter.mixers.values())}")
 
 
 def stored_transposed(module: nn.Module) -> bool:

@@ -45,7 +45,7 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
     for index in range(n_blocks):
         prefix = f"{adapter.blocks}.{index}"
         for kind, (suffix, roles) in groups.items():
-            modules = tuple(f"{prefix}.{path}" for role in roles for path in adapter.linears.get(role, ()))
+            modules = tuple(f"{prefix}.{path}" for role in roles for path in adapter.linears_of(index).get(role, ()))
             if modules:
                 units.append(Unit(prefix + suffix, index, modules, kind))
     return units
@@ -57,11 +57,12 @@ def _expert_units(adapter: Adapter, n_blocks: int) -> list[Unit]:
     units = []
     for index in range(n_blocks):
         prefix = f"{adapter.blocks}.{index}"
-        attention = tuple(f"{prefix}.{path}" for role in _SUBLAYER_ROLES["attn"] for path in adapter.linears.get(role, ()))
+        linears = adapter.linears_of(index)
+        attention = tuple(f"{prefix}.{path}" for role in _SUBLAYER_ROLES["attn"] for path in linears.get(role, ()))
         units.append(Unit(f"{prefix}.attn", index, attention, "attn"))
         by_expert: dict[int, list[str]] = {}
         for role in _SUBLAYER_ROLES["mlp"]:
-            for path in adapter.linears.get(role, ()):
+            for path in linears.get(role, ()):
                 by_expert.setdefault(expert_of(path), []).append(f"{prefix}.{path}")
         for expert, modules in sorted(by_expert.items()):
             if expert < 0:

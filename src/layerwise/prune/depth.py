@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.adapters import Adapter
-from layerwise.models.layout import blocks_of
+from layerwise.models.adapters import Adapter, get_adapter
+from layerwise.models.layout import block_layout, blocks_of
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import write_parameter
 
@@ -42,7 +42,7 @@ def check_indices(indices: Sequence[int], n_blocks: int, what: str = "block") ->
 def dropped_modules(adapter: Adapter, kind: str, index: int) -> list[str]:
     """Fully qualified names of the linears a drop makes useless (they cost nothing once dropped)."""
     roles = _ALL_ROLES[_check_kind(kind)]
-    return [f"{adapter.blocks}.{index}.{path}" for role in roles for path in adapter.linears.get(role, ())]
+    return [f"{adapter.blocks}.{index}.{path}" for role in roles for path in adapter.linears_of(index).get(role, ())]
 
 
 def _check_kind(kind: str) -> str:
@@ -59,7 +59,7 @@ def silence_(loaded: LoadedModel, kind: str, indices: Sequence[int]) -> None:
     for index in indices:
         block = blocks_of(model, adapter)[index]
         for role in _OUT_ROLES[_check_kind(kind)]:
-            for path in adapter.linears.get(role, ()):
+            for path in block_layout(block, adapter)[1].get(role, ()):
                 module = block.get_submodule(path)
                 for parameter in ("weight", "bias"):
                     if getattr(module, parameter, None) is not None:
@@ -71,8 +71,8 @@ def out_projections(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     """Copies of every block's output-projection weights and biases (what `silence_` changes),
     keyed as in the state dict, to put back with `model.load_state_dict(saved, strict=False)`."""
     adapter = loaded.adapter
-    prefixes = tuple(f"{adapter.blocks}.{i}.{path}." for i in range(loaded.n_blocks)
-                     for role in ("attn_out", "mlp_out") for path in adapter.linears.get(role, ()))
+    prefixes = tuple(f"{adapter.blocks}.{i}.{path}." for i, block in enumerate(blocks_of(loaded.model, adapter))
+                     for role in ("attn_out", "mlp_out") for path in block_layout(block, adapter)[1].get(role, ()))
     return {name: tensor.detach().clone() for name, tensor in loaded.model.state_dict().items()
             if name.startswith(prefixes)}
 
@@ -147,4 +147,5 @@ def delete_blocks_(loaded: LoadedModel, indices: Sequence[int]) -> list[int]:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
+    loaded.adapter = get_adapter(model.config.model_type, model.config)  # hybrids: the kinds of the blocks left
     return kept
