@@ -11,6 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import CALIBRATION_TEXT, SMOLLM2, STORIES
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def layerwise(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "layerwise", *map(str, args)], capture_output=True, text=True,

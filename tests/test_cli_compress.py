@@ -8,6 +8,9 @@ import pytest
 from conftest import EVALUATION_TEXT, STORIES
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 ARGS = ["--budget", "4.5", "--format", "hf", "--options", "int2pc,int4pc,int8pc", "--eval-data", EVALUATION_TEXT,
         "--tokens", "1024"]
 

@@ -1,6 +1,8 @@
 """`layerwise imatrix` and `--imatrix` on quantize and export, end to end on stories260K."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import CALIBRATION_TEXT, STORIES
@@ -8,6 +10,9 @@ from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
 from layerwise.quant.imatrix import Imatrix
 from test_cli import assert_one_line_error, layerwise
+
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 
 def test_imatrix_then_quantize_with_it(tmp_path):

@@ -8,6 +8,9 @@ import pytest
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):

@@ -8,6 +8,9 @@ import pytest
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2, STORIES
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def rtn_on_the_same_windows(model, gptq_out, eval_args: list, tmp_path) -> dict:
     """`layerwise eval` of plain rounding (RTN) with the config GPTQ used (the plan it wrote,

@@ -16,6 +16,9 @@ from transformers import AutoModelForCausalLM
 from conftest import CALIBRATION_TEXT, SMOLLM2, STORIES
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def copy_of_stories(tmp_path, name: str):
     folder = tmp_path / name

@@ -16,6 +16,9 @@ from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
 from layerwise.data.windows import token_windows
 from layerwise.models import load_model
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 KINDS = {"lfm2": ["conv", "full_attention", "conv"],
          "qwen3_next": ["linear_attention", "full_attention", "linear_attention"]}
 EXTRA = {"lfm2": dict(block_ff_dim=128, block_auto_adjust_ff_dim=False),

@@ -27,6 +27,9 @@ from layerwise.profile.runner import profile_model
 from layerwise.prune.experts import drop_experts_
 from layerwise.prune.run import run_drop
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 EXPERTS, TOP_K, BLOCKS = 4, 2, 3
 CONFIGS = {
     "mixtral": dict(num_local_experts=EXPERTS),

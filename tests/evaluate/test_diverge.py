@@ -13,6 +13,9 @@ from layerwise.evaluate.diverge import PromptDivergence, base_references, compar
 from layerwise.plan import Plan
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "story_prompts.txt"
 
 

@@ -15,6 +15,9 @@ from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 MIXED = Plan(QuantConfig("int", 4, 32)).override("re:.*mlp.down_proj", QuantConfig("int", 8, 4)).override(
     "re:.*layers.0.self_attn.*", QuantConfig("int", 3, None))
 PROMPT = [[1, 50, 60, 70, 80, 90, 100, 7, 9]]

@@ -21,6 +21,9 @@ from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 # stories260K's rows are 64 wide except down_proj's 172, which no GGUF block type divides: it stays f32.
 MIXED = (Plan(None).override("re:.*(q|v|o|gate|up)_proj", QuantConfig("q8_0"))
          .override("re:.*k_proj", QuantConfig("q4_0")).override("re:.*layers\\.[34]\\.mlp\\.(gate|up)_proj",

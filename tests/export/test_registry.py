@@ -58,6 +58,7 @@ def test_a_format_that_cannot_stream_is_refused_before_loading(recording_exporte
     assert recording_exporter[0] == []
 
 
+@pytest.mark.slow  # the CLI in fresh processes
 def test_cli_lists_exporters_and_refuses_an_unknown_one(tmp_path):
     done = layerwise("list", "exporters")
     assert done.returncode == 0 and [line.split()[0] for line in done.stdout.splitlines()] == list(EXPORTERS)

@@ -211,6 +211,7 @@ def test_plan_jobs_get_disjoint_windows_and_the_plan_records_them(loaded, tmp_pa
     assert shared_windows(windows["check"], windows["check"]) == [(0, 0), (1, 1)]  # the comparison can fail
 
 
+@pytest.mark.slow  # a whole GPTQ plan end to end
 def test_gptq_options_are_fitted_on_windows_no_job_judges_on(loaded, tmp_path):
     outcome = run_plan(loaded, bits_per_weight=4.5, options="int2pc,gptq:int4pc,int8pc", calib=CALIBRATION_TEXT,
                        tokens=1024, check_tokens=1024, seed=3, table=tmp_path / "sens.json",

@@ -12,6 +12,9 @@ import pytest
 
 from conftest import SMOLLM2, STORIES
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 CHILD = r'''
 import json, shutil, signal, struct, sys, tempfile
 from pathlib import Path

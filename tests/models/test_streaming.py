@@ -196,6 +196,7 @@ def test_streamed_gguf_matches_transformers_gguf_loader(smollm2):
     assert parts.streamed.loads == 31  # 30 blocks and the (tied) head once each; the embedding's rows only
 
 
+@pytest.mark.slow  # the CLI in fresh processes
 def test_cli_streaming_quantize_and_eval(tmp_path):
     from test_cli import assert_one_line_error, layerwise
 

@@ -15,6 +15,9 @@ from layerwise.errors import LayerwiseError
 from layerwise.report.run import SECTION_IDS, build_report, find_artifacts, metric_ranking, run_report
 from test_cli import assert_one_line_error, layerwise
 
+# End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

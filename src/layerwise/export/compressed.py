@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.adapters import expert_of
 from layerwise.export.registry import ExportJob, register_exporter
+from layerwise.models.adapters import expert_of
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder

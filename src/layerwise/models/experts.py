@@ -140,20 +140,33 @@ def without_experts(block: nn.Module, adapter: Adapter, removed: list[int]) -> I
     keep = [index for index in range(len(experts)) if index not in set(removed)]
     if not keep:
         raise LayerwiseError("cannot remove every expert of a block")
-    saved = dict(per_expert_tensors(router, len(experts)))
+    saved = dict(_per_expert_tensors(router, len(experts)))
     previous = experts.active
     try:
         for name, tensor in saved.items():
-            set_tensor(router, name, tensor[keep])
+            _set_tensor(router, name, tensor[keep])
         experts.active = keep
         yield
     finally:
         for name, tensor in saved.items():
-            set_tensor(router, name, tensor)
+            _set_tensor(router, name, tensor)
         experts.active = previous
 
 
-def per_expert_tensors(router: nn.Module, n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
+def remove_experts_(block: nn.Module, adapter: Adapter, removed: list[int]) -> None:
+    """Take the experts `removed` out of the block for good, with the router's entries for them."""
+    experts = block_experts(block, adapter)
+    router = block.get_submodule(adapter.router)
+    keep = [index for index in range(len(experts)) if index not in set(removed)]
+    for name, tensor in list(_per_expert_tensors(router, len(experts))):
+        _set_tensor(router, name, tensor.detach()[keep].clone())
+    if hasattr(router, "num_experts"):
+        router.num_experts = len(keep)
+    for index in sorted(set(removed), reverse=True):
+        del experts[index]
+
+
+def _per_expert_tensors(router: nn.Module, n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
     """The router's own parameters and buffers with one entry per expert (its weight rows; a
     per-expert bias where the family has one)."""
     for name, tensor in [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]:
@@ -161,7 +174,7 @@ def per_expert_tensors(router: nn.Module, n_experts: int) -> Iterator[tuple[str,
             yield name, tensor
 
 
-def set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace a module's own parameter or buffer `name` by `tensor`, whatever its shape."""
     if name in module._parameters:
         module._parameters[name] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)

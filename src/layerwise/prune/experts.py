@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from layerwise.data.windows import TokenWindows
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import get_adapter
-from layerwise.models.experts import block_experts, per_expert_tensors, set_tensor
+from layerwise.models.experts import remove_experts_
 from layerwise.models.layout import blocks_of
 from layerwise.models.loading import LoadedModel
 
@@ -67,18 +67,11 @@ def drop_experts_(loaded: LoadedModel, dropped: dict[int, list[int]]) -> None:
     if sorted(dropped) != list(range(loaded.n_blocks)) or len(counts) != 1:
         raise LayerwiseError("drop the same number of experts from every block: the config counts them once")
     _check_count(loaded, counts.pop())
-    for index, block in enumerate(blocks_of(loaded.model, adapter)):
+    for index in range(loaded.n_blocks):
         if any(not 0 <= e < adapter.n_experts for e in dropped[index]):
             raise LayerwiseError(f"block {index} has experts 0..{adapter.n_experts - 1}, not {dropped[index]}")
-        experts = block_experts(block, adapter)
-        router = block.get_submodule(adapter.router)
-        keep = [e for e in range(len(experts)) if e not in set(dropped[index])]
-        for name, tensor in list(per_expert_tensors(router, len(experts))):
-            set_tensor(router, name, tensor.detach()[keep].clone())
-        if hasattr(router, "num_experts"):
-            router.num_experts = len(keep)
-        for expert in sorted(set(dropped[index]), reverse=True):
-            del experts[expert]
+    for index, block in enumerate(blocks_of(loaded.model, adapter)):
+        remove_experts_(block, adapter, dropped[index])
     config = loaded.model.config
     setattr(config, adapter.expert_count, adapter.n_experts - len(dropped[0]))
     loaded.adapter = get_adapter(config.model_type, config)
