@@ -201,7 +201,8 @@ def test_planned_gguf_stacks_experts_and_llama_cpp_runs_it(llama_cpp_bin, tmp_pa
     from layerwise.export.run import run_export
     from layerwise.quant import gguf_blocks
 
-    require_tool("llama.cpp's convert_hf_to_gguf.py", _converter_or_none(find_converter), "bash .ci/llama_cpp_converter")
+    require_tool("llama.cpp's convert_hf_to_gguf.py", _converter_or_none(find_converter),
+                 "bash .ci/llama_cpp_converter")
     folder = tmp_path / "mixtral"
     _save_tiny("mixtral", folder)
     loaded = load_model(folder)

@@ -52,7 +52,8 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     console = Console(width=max(Console().width, 170))
     console.print(result.table())
     if args.out:
-        console.print(f"wrote {args.out}/profile.json, blocks.csv, linears.csv" + (", experts.csv" if result.experts else ""))
+        experts = ", experts.csv" if result.experts else ""
+        console.print(f"wrote {args.out}/profile.json, blocks.csv, linears.csv{experts}")
 
 
 def _group_size(text: str) -> int | None:
@@ -231,7 +232,8 @@ def _indices(text: str) -> list[int]:
 def _cmd_drop(args: argparse.Namespace) -> None:
     from layerwise.prune.run import run_drop
 
-    counts = {kind: getattr(args, kind) for kind in ("blocks", "attn", "mlp", "experts") if getattr(args, kind) is not None}
+    counts = {kind: getattr(args, kind) for kind in ("blocks", "attn", "mlp", "experts")
+              if getattr(args, kind) is not None}
     if len(counts) > 1:
         raise LayerwiseError("give one of --blocks, --attn, --mlp, --experts")
     kind = {"blocks": "block", "experts": "expert"}.get(next(iter(counts), ""), next(iter(counts), args.kind))

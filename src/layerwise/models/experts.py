@@ -91,7 +91,8 @@ class SplitExperts(nn.ModuleList):
         # The experts the router chooses among, in its order (all of them unless some are masked).
         self.active: list[int] | None = None
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
         output = torch.zeros_like(hidden_states)
         for choice, index in enumerate(self.active if self.active is not None else range(len(self))):
             token, slot = torch.where(top_k_index == choice)
@@ -177,7 +178,9 @@ def _per_expert_tensors(router: nn.Module, n_experts: int) -> Iterator[tuple[str
 def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Replace a module's own parameter or buffer `name` by `tensor`, whatever its shape."""
     if name in module._parameters:
-        module._parameters[name] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+        if not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        module._parameters[name] = tensor
     else:
         module._buffers[name] = tensor
 

@@ -36,7 +36,8 @@ def block_layout(block: nn.Module, adapter: Adapter) -> tuple[str, Mapping[str, 
         except AttributeError:
             continue
         return mixer.delta, {**adapter.linears, **mixer.linears}
-    raise LayerwiseError(f"a block holds none of the token mixers {', '.join(m.delta for m in adapter.mixers.values())}")
+    known = ", ".join(mixer.delta for mixer in adapter.mixers.values())
+    raise LayerwiseError(f"a block holds none of the token mixers {known}")
 
 
 def stored_transposed(module: nn.Module) -> bool:
