@@ -48,6 +48,16 @@ def test_orthogonal_update_scores_known_values():
     assert finalized("hidden_norm", call) == pytest.approx(2.0)
 
 
+def test_tokens_with_a_zero_input_are_left_out_of_relative_updates():
+    h_in = torch.randn(1, 5, 8)
+    h_out = h_in * 2
+    h_in[0, 2] = 0.0  # a zero embedding row (a padding token's): no relative update to speak of
+    h_out[0, 2] = 1.0
+    call = call_with(h_in, h_out)
+    for name in ("rel_update", "mlp_rel_update"):
+        assert finalized(name, call) == pytest.approx(1.0), name  # the other four tokens doubled
+
+
 def test_running_statistics_equal_one_pass_statistics():
     torch.manual_seed(1)
     a, b = torch.randn(2, 64, 32), torch.randn(2, 64, 32) * 3 + 1

@@ -94,17 +94,24 @@ def angular_distance(call: BlockCall) -> Partials:
     "(Csordas et al., 'Do Language Models Use Their Depth Efficiently?')",
 )
 def relative_update(call: BlockCall) -> Partials:
-    return _per_token(_token_norm(call.h_out - call.h_in) / call.h_in_norm)
+    return _relative_to_input(call, call.h_out - call.h_in)
 
 
 @register_metric("attn_rel_update", "||attention's residual update|| / ||h_in|| per token")
 def attention_relative_update(call: BlockCall) -> Partials:
-    return _per_token(_token_norm(call.attn_delta) / call.h_in_norm)
+    return _relative_to_input(call, call.attn_delta)
 
 
 @register_metric("mlp_rel_update", "||MLP's residual update|| / ||h_in|| per token")
 def mlp_relative_update(call: BlockCall) -> Partials:
-    return _per_token(_token_norm(call.mlp_delta) / call.h_in_norm)
+    return _relative_to_input(call, call.mlp_delta)
+
+
+def _relative_to_input(call: BlockCall, update: torch.Tensor) -> Partials:
+    # A token whose input is exactly zero (a zero embedding row, such as a padding token's) has no
+    # relative update; it is left out rather than turning the mean into inf or NaN.
+    defined = call.h_in_norm > 0
+    return _per_token((_token_norm(update) / call.h_in_norm)[defined])
 
 
 @register_metric("hidden_norm", "||h_out|| per token: growth of the residual stream with depth ('The Curse of Depth')")
