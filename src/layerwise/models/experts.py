@@ -185,21 +185,15 @@ def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
-def _experts_parent(block: nn.Module, adapter: Adapter) -> tuple[nn.Module, str]:
-    parent_path, _, name = adapter.experts.rpartition(".")
-    return (block.get_submodule(parent_path) if parent_path else block), name
-
-
 def split_experts(model: nn.Module, adapter: Adapter) -> None:
     """Replace every block's fused routed experts by `SplitExperts` (in place; a no-op for dense
     models and for experts already split)."""
     if adapter.experts is None:
         return
     for block in blocks_of(model, adapter):
-        parent, name = _experts_parent(block, adapter)
-        module = getattr(parent, name)
+        module = block.get_submodule(adapter.experts)
         if not isinstance(module, SplitExperts):
-            setattr(parent, name, SplitExperts(module))
+            block.set_submodule(adapter.experts, SplitExperts(module))
 
 
 @contextlib.contextmanager
@@ -209,15 +203,14 @@ def fused_experts(model: nn.Module, adapter: Adapter) -> Iterator[None]:
     if adapter.experts is None:
         yield
         return
-    split: list[tuple[nn.Module, str, SplitExperts]] = []
+    split: list[tuple[nn.Module, SplitExperts]] = []
     for block in blocks_of(model, adapter):
-        parent, name = _experts_parent(block, adapter)
-        module = getattr(parent, name)
+        module = block.get_submodule(adapter.experts)
         if isinstance(module, SplitExperts):
-            split.append((parent, name, module))
-            setattr(parent, name, module.fused(model.config))
+            split.append((block, module))
+            block.set_submodule(adapter.experts, module.fused(model.config))
     try:
         yield
     finally:
-        for parent, name, module in split:
-            setattr(parent, name, module)
+        for block, module in split:
+            block.set_submodule(adapter.experts, module)

@@ -16,11 +16,6 @@ from layerwise.models.adapters import Adapter
 from layerwise.models.experts import block_experts
 from layerwise.models.layout import blocks_of
 
-EXPERT_COLUMNS = {
-    "load_share": "share of routed (token, slot) choices that go to this expert; 1/experts when balanced",
-    "rel_update": "mean over all tokens of ||this expert's weighted output|| / ||h_in|| (0 where not routed)",
-    "ablation_kl": "KL(model || model whose router may not choose this expert), nats/token",
-}
 BLOCK_COLUMNS = {
     "expert_load_entropy": "entropy of the block's expert load / log(experts): 1 = every expert as busy",
     "expert_load_max": "busiest expert's load share x number of experts: 1 = balanced",
@@ -36,6 +31,7 @@ class ExpertAccumulator:
 
     n_blocks: int
     n_experts: int
+    has_shared: bool = False  # a shared expert beside the routed ones (Qwen2-MoE, Qwen3-Next)
     counts: torch.Tensor = field(init=False)
     update: torch.Tensor = field(init=False)
     ablation: torch.Tensor = field(init=False)
@@ -60,7 +56,7 @@ class ExpertAccumulator:
             self._norms.setdefault(block, []).append((expert, token.cpu(), update.detach().float().norm(dim=-1).cpu()))
         return observe
 
-    def on_block(self, call: BlockCall, has_shared: bool) -> None:
+    def on_block(self, call: BlockCall) -> None:
         index = call.index
         h_norm = call.h_in_norm.flatten().cpu().clamp_min(1e-12)
         tokens = h_norm.numel()
@@ -76,7 +72,7 @@ class ExpertAccumulator:
         if routed is None:  # no token reached any expert (cannot happen with top-k >= 1)
             routed = torch.zeros(tokens, call.h_in.shape[-1])
         sums["routed"] += (routed.norm(dim=-1) / h_norm).double().sum().item()
-        if has_shared:
+        if self.has_shared:
             shared = call.mlp_delta.reshape(tokens, -1).float().cpu() - routed
             sums["shared"] += (shared.norm(dim=-1) / h_norm).double().sum().item()
 
@@ -85,7 +81,7 @@ class ExpertAccumulator:
         if expert == 0:
             self.block_sums[block]["ablation_tokens"] += kl.numel()
 
-    def block_columns(self, index: int, has_shared: bool) -> dict[str, float]:
+    def block_columns(self, index: int) -> dict[str, float]:
         sums = self.block_sums[index]
         share = self.counts[index] / self.counts[index].sum().clamp_min(1.0)
         nonzero = share[share > 0]
@@ -95,11 +91,19 @@ class ExpertAccumulator:
             "router_entropy": sums["router_entropy"] / sums["tokens"],
             "routed_rel_update": sums["routed"] / sums["tokens"],
         }
-        if has_shared:
+        if self.has_shared:
             columns["shared_rel_update"] = sums["shared"] / sums["tokens"]
         return columns
 
+    def descriptions(self) -> dict[str, str]:
+        """What each of `block_columns`' columns means."""
+        return {name: text for name, text in BLOCK_COLUMNS.items() if name != "shared_rel_update" or self.has_shared}
+
     def rows(self) -> list[dict]:
+        """One row per block and expert: `load_share`, the share of routed (token, slot) choices
+        that go to it (1/experts when balanced); `rel_update`, the mean over all tokens of ||its
+        weighted output|| / ||h_in|| (0 where not routed); with expert ablation, `ablation_kl`,
+        KL(model || model whose router may not choose it) in nats per token."""
         rows = []
         for block in range(self.n_blocks):
             sums = self.block_sums[block]

@@ -19,7 +19,7 @@ from layerwise.models.experts import without_experts
 from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.models.streaming import by_part, held
-from layerwise.profile.experts import BLOCK_COLUMNS, ExpertAccumulator, has_shared_expert, observing_experts
+from layerwise.profile.experts import ExpertAccumulator, has_shared_expert, observing_experts
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
 from layerwise.profile.result import ProfileResult
@@ -53,7 +53,7 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
         for name, metric in METRICS.items():
             combine(acc.metrics[call.index].setdefault(name, {}), metric.compute(call))
         if acc.experts is not None:
-            acc.experts.on_block(call, has_shared_expert(adapter))
+            acc.experts.on_block(call)
         lens_hidden[call.index] = call.h_out[:, positions]
         if ablation:
             # Keep only what a replay needs: the block's input and call arguments.
@@ -151,7 +151,8 @@ def profile_model(
     n_blocks = loaded.n_blocks
     acc = _Accumulators([{} for _ in range(n_blocks)], [{} for _ in range(n_blocks)],
                         {kind: [{} for _ in range(n_blocks)] for kind in kinds if kind != "expert"},
-                        ExpertAccumulator(n_blocks, loaded.adapter.n_experts) if moe else None)
+                        ExpertAccumulator(n_blocks, loaded.adapter.n_experts, has_shared_expert(loaded.adapter))
+                        if moe else None)
     seq_len = windows.input_ids.shape[1]
     if lens_positions_per_window is None:
         lens_positions_per_window = auto_positions_per_window(loaded.model, loaded.adapter, seq_len)
@@ -194,7 +195,7 @@ def profile_model(
         for kind, partials in acc.ablation.items():
             row[f"ablation_kl_{kind}"] = partials[index]["total"] / partials[index]["count"]
         if acc.experts is not None:
-            row |= acc.experts.block_columns(index, has_shared_expert(loaded.adapter))
+            row |= acc.experts.block_columns(index)
         rows.append(row)
 
     lens_grid = {
@@ -212,8 +213,7 @@ def profile_model(
     }
     columns = column_descriptions([kind for kind in kinds if kind != "expert"], weights)
     if acc.experts is not None:
-        columns |= {name: text for name, text in BLOCK_COLUMNS.items()
-                    if name != "shared_rel_update" or has_shared_expert(loaded.adapter)}
+        columns |= acc.experts.descriptions()
     expert_rows = acc.experts.rows() if acc.experts is not None else []
     return ProfileResult(meta, rows, linear_rows, columns, lens_grid, expert_rows)
 
