@@ -9,22 +9,17 @@ import copy
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
+from conftest import CALIBRATION_TEXT, EVALUATION_TEXT
 from layerwise.data.windows import token_windows
 from layerwise.models import load_model
+from tiny_families import FAMILIES, HYBRID_FAMILIES, save_tiny
 
 # End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
 pytestmark = pytest.mark.slow
 
-KINDS = {"lfm2": ["conv", "full_attention", "conv"],
-         "qwen3_next": ["linear_attention", "full_attention", "linear_attention"]}
-EXTRA = {"lfm2": dict(block_ff_dim=128, block_auto_adjust_ff_dim=False),
-         "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                            shared_expert_intermediate_size=64, head_dim=16, linear_num_value_heads=4,
-                            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)}
+KINDS = {family: FAMILIES[family]["layer_types"] for family in HYBRID_FAMILIES}
 
 
 @pytest.mark.parametrize("model_type", sorted(KINDS))
@@ -35,13 +30,7 @@ def test_hybrid_end_to_end(model_type, tmp_path):
     from layerwise.measure.run import run_plan
     from layerwise.profile.runner import profile_model
 
-    config = transformers.CONFIG_MAPPING[model_type](
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=512, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=None,
-        layer_types=KINDS[model_type], **EXTRA[model_type])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
-    AutoTokenizer.from_pretrained(STORIES).save_pretrained(tmp_path / "m")
+    save_tiny(model_type, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert loaded.adapter.block_kinds == tuple(KINDS[model_type])
 

@@ -14,8 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES
 from layerwise.data.windows import token_windows
@@ -26,36 +24,16 @@ from layerwise.plan.units import units_of
 from layerwise.profile.runner import profile_model
 from layerwise.prune.experts import drop_experts_
 from layerwise.prune.run import run_drop
+from tiny_families import BLOCKS, EXPERTS, MOE_FAMILIES, TOP_K, save_tiny
 
 # End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
 pytestmark = pytest.mark.slow
-
-EXPERTS, TOP_K, BLOCKS = 4, 2, 3
-CONFIGS = {
-    "mixtral": dict(num_local_experts=EXPERTS),
-    "qwen2_moe": dict(num_experts=EXPERTS, moe_intermediate_size=64, shared_expert_intermediate_size=128),
-    "qwen3_moe": dict(num_experts=EXPERTS, moe_intermediate_size=64, head_dim=16),
-    "olmoe": dict(num_experts=EXPERTS),
-    "gpt_oss": dict(num_local_experts=EXPERTS, head_dim=16),
-}
-
-
-def _save_tiny(model_type: str, folder) -> None:
-    # The stories260K tokenizer (vocabulary 512) lets the shipped calibration text drive the model.
-    config = transformers.CONFIG_MAPPING[model_type](
-        hidden_size=64, intermediate_size=128, num_hidden_layers=BLOCKS, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=512, max_position_embeddings=512, num_experts_per_tok=TOP_K, bos_token_id=1, eos_token_id=2,
-        **CONFIGS[model_type])
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(STORIES).save_pretrained(folder)
-
 
 # The detailed tests run on a family without and one with a shared expert.
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
 def folder(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    _save_tiny(request.param, path)
+    save_tiny(request.param, path)
     return path
 
 
@@ -204,7 +182,7 @@ def test_planned_gguf_stacks_experts_and_llama_cpp_runs_it(llama_cpp_bin, tmp_pa
     require_tool("llama.cpp's convert_hf_to_gguf.py", _converter_or_none(find_converter),
                  "bash .ci/llama_cpp_converter")
     folder = tmp_path / "mixtral"
-    _save_tiny("mixtral", folder)
+    save_tiny("mixtral", folder)
     loaded = load_model(folder)
     plan_path = tmp_path / "plan.json"
     from layerwise.measure.run import run_plan
@@ -248,7 +226,7 @@ def _converter_or_none(find):
         return None
 
 
-@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_plan_quantize_and_eval_each_family(model_type, tmp_path):
     """Every MoE row end to end at expert granularity: the plan's experts take different options,
     the quantized model is evaluated, and an HF export of it reloads in plain transformers."""
@@ -257,7 +235,7 @@ def test_plan_quantize_and_eval_each_family(model_type, tmp_path):
     from layerwise.export.run import run_export
     from layerwise.measure.run import run_plan
 
-    _save_tiny(model_type, tmp_path / "m")
+    save_tiny(model_type, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     outcome = run_plan(loaded, bits_per_weight=5.0, options="int4g64,int8g64", granularity="expert", tokens=256,
                        fitness_tokens=128, check_tokens=256, seq_len=128, allocator="exact",

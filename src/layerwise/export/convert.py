@@ -90,15 +90,16 @@ def stored_float_type(folder: Path, loaded_dtype: torch.dtype) -> str:
 
 
 def convert_to_gguf(source: ModelSource, out: str | Path, loaded_dtype: torch.dtype,
-                    converter: str | os.PathLike | None = None) -> Path:
+                    converter: str | os.PathLike | None = None, extra_args: tuple[str, ...] = ()) -> Path:
     """Write `out`, the GGUF llama.cpp's converter makes of `source`, in the float type that keeps
-    the weights of a model loaded as `loaded_dtype` exactly."""
+    the weights of a model loaded as `loaded_dtype` exactly (`extra_args`: the family's own
+    converter options, from its adapter)."""
     script = find_converter(converter)
     folder = local_folder(source)
     outtype = stored_float_type(folder, loaded_dtype)
     with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
         readable = _without_gguf_origin(folder, Path(scratch))
-        command = [sys.executable, str(script), str(readable), "--outfile", str(out), "--outtype", outtype]
+        command = [sys.executable, str(script), str(readable), "--outfile", str(out), "--outtype", outtype, *extra_args]
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not Path(out).is_file():
         lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]

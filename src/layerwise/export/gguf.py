@@ -47,6 +47,50 @@ def _permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, dim, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _find_by_rows(loaded: LoadedModel, module: str, existing: dict, claimed: set[str]) -> list[tuple[str, np.ndarray]]:
+    """The float source tensors of the module's block that hold its rows, each with the indices of
+    the module's rows it holds, in its order. Block types quantize each row on its own, so where a
+    converter only reorders or splits rows our codes stay valid row by row. The model holds the
+    quantized weights by now, so each source row is matched to its nearest quantized row, which
+    must be clearly nearer than any other (quantization moves a row far less than rows differ)."""
+    import torch
+
+    from layerwise.models.layout import linear_weight
+
+    weight = linear_weight(loaded.model.get_submodule(module)).detach().float()
+    # A few hundred columns tell rows apart as well as all of them, at a fraction of the cost.
+    columns = slice(None, None, max(1, weight.shape[1] // 256))
+    ours = weight[:, columns]
+    prefix = f"blk.{module.removeprefix(loaded.adapter.blocks + '.').split('.', 1)[0]}."
+    found, taken = [], np.zeros(weight.shape[0], dtype=bool)
+    for name, tensor in existing.items():
+        if (not name.startswith(prefix) or name in claimed or tensor.data.ndim != 2
+                or tensor.tensor_type.name not in ("F32", "F16", "BF16")
+                or _float_rows(tensor).shape[1] != weight.shape[1]):
+            continue
+        rows = torch.from_numpy(np.array(_float_rows(tensor)[:, columns]))
+        distances = torch.cdist(rows, ours)
+        nearest = distances.topk(min(2, weight.shape[0]), dim=1, largest=False)
+        best = nearest.values[:, 0]
+        clear = best < 0.5 * nearest.values[:, -1] if weight.shape[0] > 1 else torch.ones_like(best, dtype=torch.bool)
+        if bool(clear.all()) and bool((best <= 0.5 * rows.norm(dim=1)).all()):
+            indices = nearest.indices[:, 0].numpy()
+            found.append((name, indices))
+            taken[indices] = True
+    if not found or not taken.all() or sum(len(indices) for _, indices in found) != weight.shape[0]:
+        raise LayerwiseError(f"the source GGUF holds {module} in no tensor named for it and not as a reordering of "
+                             "its rows (its converter changes the values); it cannot take our quantized codes")
+    return found
+
+
+def _float_rows(tensor) -> np.ndarray:
+    """A float GGUF tensor's values as float32 rows (gguf-py hands bfloat16 over as raw 16-bit words)."""
+    data = np.asarray(tensor.data)
+    if tensor.tensor_type.name == "BF16":
+        data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False).reshape(data.shape[0], -1)
+
+
 def check_gguf_exportable(quantized: dict[str, QTensor], dropped: list[str] | None = None) -> None:
     """Refuse what a GGUF cannot hold: dropped units, and formats that are not GGUF block types."""
     if dropped:
@@ -78,17 +122,26 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
     source = Path(source) if source is not None else require_gguf_source(loaded.source)
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields["general.architecture"].contents())
-    names = gguf_tensor_names(loaded, list(quantized), arch)
+    existing = {tensor.name: tensor for tensor in reader.tensors}
+    names = gguf_tensor_names(loaded, list(quantized), arch, strict=False)
+    # What the name map does not place, the converter split or reordered (Qwen3-Next's fused
+    # linear-attention input): found by its rows.
+    by_rows = {module: _find_by_rows(loaded, module, existing, claimed=set(names.values()))
+               for module in quantized if names.get(module) not in existing}
     config = loaded.model.config
     replacement: dict[str, tuple[np.ndarray, int]] = {}
     experts: dict[str, dict[int, np.ndarray]] = {}
     for module, q in quantized.items():
         packed = np.ascontiguousarray(q.packed)
+        qtype = int(getattr(gguf.GGMLQuantizationType, q.config.format.upper()))
+        if module in by_rows:
+            for tensor_name, rows in by_rows[module]:
+                replacement[tensor_name] = (np.ascontiguousarray(packed[rows]), qtype)
+            continue
         tensor_name = names[module]
         if arch in _PERMUTED_QK and (".attn_q." in tensor_name or ".attn_k." in tensor_name):
             heads = config.num_attention_heads if ".attn_q." in tensor_name else config.num_key_value_heads
             packed = np.ascontiguousarray(_permute_rows(packed, heads))
-        qtype = int(getattr(gguf.GGMLQuantizationType, q.config.format.upper()))
         if expert_of(module) >= 0:
             experts.setdefault(tensor_name, {})[expert_of(module)] = packed
         replacement[tensor_name] = (packed, qtype)  # a routed expert's slice: the stack replaces it below
@@ -97,10 +150,6 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
             raise LayerwiseError(f"{tensor_name} needs every routed expert of its block quantized; the plan has "
                                  f"experts {sorted(slices)}")
         replacement[tensor_name] = (np.stack([slices[e] for e in range(len(slices))]), replacement[tensor_name][1])
-    existing = {tensor.name for tensor in reader.tensors}
-    missing = sorted(set(replacement) - existing)
-    if missing:
-        raise LayerwiseError(f"{source.name} has no tensor {missing[0]}; is this the model the plan was made for?")
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -131,8 +180,10 @@ def export_gguf(loaded: LoadedModel, quantized: dict[str, QTensor], out: str | P
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
     # One argument per tensor (the routed experts of a block share theirs).
-    tensor_types = list(dict.fromkeys(f"--tensor-type {names[module].removesuffix('.weight')}={q.config.format}"
-                                      for module, q in quantized.items()))
+    placed = {module: [name for name, _ in by_rows[module]] if module in by_rows else [names[module]]
+              for module in quantized}
+    tensor_types = list(dict.fromkeys(f"--tensor-type {name.removesuffix('.weight')}={q.config.format}"
+                                      for module, q in quantized.items() for name in placed[module]))
     return {"path": str(out), "file_bytes": out.stat().st_size, "tensors_by_type": dict(types),
             "bytes_by_type": dict(type_bytes), "planned_tensor_bytes": sum(p.nbytes for p, _ in replacement.values()),
             "llama_quantize_args": tensor_types}
@@ -158,7 +209,7 @@ def write_gguf(job: ExportJob) -> dict:
         check_gguf_exportable(job.stored, job.dropped)  # before converting
         with tempfile.TemporaryDirectory(prefix="layerwise-convert-") as scratch:
             converted = convert_to_gguf(job.source, Path(scratch) / "converted.gguf", job.loaded.model.dtype,
-                                        job.converter)
+                                        job.converter, job.loaded.adapter.converter_args)
             report = export_gguf(job.loaded, job.stored, job.out, job.dropped, source=converted)
         report["converted_by"] = str(job.converter)
     _check_no_larger(job.plan, job.out, report)

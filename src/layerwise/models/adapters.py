@@ -60,6 +60,8 @@ class Adapter:
     # mixer. `block_kinds` is filled in from the config.
     mixers: Mapping[str, Mixer] | None = None
     block_kinds: tuple[str, ...] = ()
+    # Extra arguments for llama.cpp's convert_hf_to_gguf.py (GGUF export of a Hugging Face model).
+    converter_args: tuple[str, ...] = ()
 
     def linears_of(self, index: int) -> Mapping[str, tuple[str, ...]]:
         """The linears of block `index` by role (the same for every block unless hybrid)."""
@@ -212,7 +214,8 @@ ADAPTERS.update({
                 "conv": Mixer("conv", {"attn_in": ("conv.in_proj",), "attn_out": ("conv.out_proj",)})},
     ),
     # Qwen3-Next: gated DeltaNet linear attention or gated attention, then routed experts and a
-    # shared expert.
+    # shared expert. Its multi-token-prediction head is not part of the transformers model, and
+    # llama.cpp's converter insists on it unless told to leave it out.
     "qwen3_next": replace(
         ADAPTERS["qwen2_moe"],
         linears={role: paths for role, paths in ADAPTERS["qwen2_moe"].linears.items() if role in _MLP_ROLES},
@@ -220,6 +223,7 @@ ADAPTERS.update({
                 "linear_attention": Mixer("linear_attn", {"attn_in": ("linear_attn.in_proj_qkvz",
                                                                       "linear_attn.in_proj_ba"),
                                                           "attn_out": ("linear_attn.out_proj",)})},
+        converter_args=("--no-mtp",),
     ),
 })
 

@@ -32,10 +32,12 @@ def gguf_architecture(loaded: LoadedModel) -> str:
     return arch
 
 
-def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None = None) -> dict[str, str]:
+def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None = None,
+                      strict: bool = True) -> dict[str, str]:
     """HF module name -> GGUF tensor name (with ".weight"), by gguf-py's own name map. The routed
     experts of a block share one tensor per projection (`blk.N.ffn_gate_exps`, expert-major), so
-    all of them map to it; `expert_of` says which slice is whose."""
+    all of them map to it; `expert_of` says which slice is whose. With strict=False a module the
+    map does not name is left out instead of refused."""
     import gguf
 
     arch = arch or gguf_architecture(loaded)
@@ -49,6 +51,8 @@ def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None 
         expert = expert_of(module)
         mapped = name_map.get_name(module.replace(f".experts.{expert}.", ".experts.") if expert >= 0 else module)
         if mapped is None:
+            if not strict:
+                continue
             raise LayerwiseError(f"no GGUF tensor name for {module} in architecture {arch!r}")
         names[module] = f"{mapped}.weight"
     return names
