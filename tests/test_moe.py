@@ -93,6 +93,72 @@ def _remove_from_one_block(loaded, block: int, expert: int) -> None:
     del block_experts(module, loaded.adapter)[expert]
 
 
+def test_deepseek_dense_first_block_and_grouped_router(tmp_path):
+    """DeepSeek-V3: the first block is dense (its MLP a plain unit, no routing statistics), the
+    router chooses experts by groups, so an ablated expert is masked by -inf in the router's
+    score bias instead of losing its row (the groups are fixed slices), and removing experts for
+    good is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from layerwise.models.experts import without_experts
+
+    save_tiny("deepseek_v3", tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.adapter.dense_blocks == (0,)
+    ids = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128).input_ids
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(input_ids=ids).logits
+    torch.testing.assert_close(_logits(loaded, ids), plain, rtol=1e-4, atol=1e-4)
+
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128)
+    result = profile_model(loaded, windows, ablation=["expert"], weights=False, progress=False)
+    assert {row["block"] for row in result.experts} == {1, 2}
+    assert result.blocks[0]["expert_load_entropy"] is None
+    assert result.blocks[1]["shared_rel_update"] > 0 and result.blocks[1]["routed_rel_update"] > 0
+
+    block, expert = 2, 1
+    chosen = []
+    router = loaded.model.get_submodule(f"model.layers.{block}.{loaded.adapter.router}")
+    handle = router.register_forward_hook(lambda module, args, output: chosen.append(output[-1]))
+    try:
+        with without_experts(loaded.model.get_submodule(f"model.layers.{block}"), loaded.adapter, [expert]):
+            masked = _logits(loaded, ids)
+    finally:
+        handle.remove()
+    assert not (torch.cat(chosen) == expert).any()
+    assert torch.isfinite(router.e_score_correction_bias).all()  # restored
+    kl = kl_per_token(Reference.from_logits(_logits(loaded, ids)), masked).double().mean().item()
+    row = next(r for r in result.experts if r["block"] == block and r["expert"] == expert)
+    assert row["ablation_kl"] == pytest.approx(kl, rel=1e-3) and kl > 0
+    with pytest.raises(LayerwiseError, match="grouped router"):
+        drop_experts_(copy.deepcopy(loaded), {1: [0], 2: [0]})
+
+
+def test_qwen_moe_with_dense_blocks(tmp_path):
+    """Qwen2-MoE blocks listed in `mlp_only_layers` hold a plain MLP: units, profile and expert
+    dropping leave them alone, and the dropped model still loads in plain transformers."""
+    save_tiny("qwen2_moe", tmp_path / "m", mlp_only_layers=[1])
+    loaded = load_model(tmp_path / "m")
+    assert loaded.adapter.dense_blocks == (1,)
+    mlp = {unit.block: unit.modules for unit in units_of(loaded.adapter, BLOCKS, "sublayer") if unit.kind == "mlp"}
+    assert mlp[1] == tuple(f"model.layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+    assert len(mlp[0]) == 3 * EXPERTS + 3
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128)
+    result = profile_model(loaded, windows, weights=False, progress=False)
+    assert {row["block"] for row in result.experts} == {0, 2}
+    drop_experts_(loaded, {0: [3], 2: [0]})
+    from transformers import AutoModelForCausalLM
+
+    from layerwise.models.saving import save_plain
+
+    save_plain(loaded, tmp_path / "d")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    ids = windows.input_ids[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, _logits(loaded, ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("estimator", ["fisher", "local"])
 def test_cheap_estimators_fill_expert_tables(loaded, estimator):
     """Estimators that read gradients or one block's inputs cope with experts no token of a window
@@ -241,13 +307,16 @@ def test_plan_quantize_and_eval_each_family(model_type, tmp_path):
                        fitness_tokens=128, check_tokens=256, seq_len=128, allocator="exact",
                        out=tmp_path / "plan.json", progress=False)
     experts = [unit for unit in outcome.table.units if unit.kind == "expert"]
-    assert len(experts) == BLOCKS * EXPERTS
+    # DeepSeek's first block is dense: its MLP is one unit.
+    moe_blocks = [b for b in range(BLOCKS) if b not in loaded.adapter.dense_blocks]
+    assert len(experts) == len(moe_blocks) * EXPERTS
+    assert [unit.block for unit in outcome.table.units if unit.kind == "mlp"] == list(loaded.adapter.dense_blocks)
     windows = token_windows(loaded.tokenizer, EVALUATION_TEXT, tokens=256, seq_len=128)
     base = base_outputs(loaded, windows, progress=False)
     quantized = copy.deepcopy(loaded)
     stored = quantize_(quantized, outcome.plan, progress=False)
     assert {name for name in stored if ".experts." in name} == {
-        f"model.layers.{b}.mlp.experts.{e}.{p}" for b in range(BLOCKS) for e in range(EXPERTS)
+        f"model.layers.{b}.mlp.experts.{e}.{p}" for b in moe_blocks for e in range(EXPERTS)
         for p in ("gate_proj", "up_proj", "down_proj")}
     quality = evaluate(quantized, base, progress=False)
     assert 0 < quality.kl < 1 and np.isfinite(quality.perplexity)

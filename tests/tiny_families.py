@@ -21,6 +21,12 @@ FAMILIES = {
     # llama.cpp's OLMoE normalises keys over all heads: as many key/value heads as query heads.
     "olmoe": dict(num_experts=EXPERTS, num_experts_per_tok=TOP_K, num_key_value_heads=4),
     "gpt_oss": dict(num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, head_dim=16),
+    # One dense block first, then experts chosen by groups (two groups of two: the router's
+    # grouping is exercised), a shared expert, and latent attention.
+    "deepseek_v3": dict(n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=64,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=64,
+                        kv_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        num_key_value_heads=4),
     "lfm2": dict(layer_types=["conv", "full_attention", "conv"], block_ff_dim=128, block_auto_adjust_ff_dim=False,
                  pad_token_id=None),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], num_experts=EXPERTS,
@@ -28,7 +34,7 @@ FAMILIES = {
                        head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                        linear_value_head_dim=16, pad_token_id=None),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
 HYBRID_FAMILIES = ("lfm2", "qwen3_next")
 
 

@@ -14,7 +14,7 @@ from layerwise.engine.replay import logits_without
 from layerwise.errors import LayerwiseError
 from layerwise.models import ADAPTERS, get_adapter, supported_architectures, wrap_model
 from layerwise.models.experts import SplitExperts, fused_experts
-from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
+from layerwise.models.layout import block_layout, block_linears, blocks_of, hidden_to_logits, linear_weight
 
 HIDDEN, FFN, HEADS, VOCAB = 32, 64, 4, 128
 _LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3, num_attention_heads=HEADS,
@@ -42,6 +42,12 @@ TINY_CONFIGS = {
     "olmoe": _LLAMA_LIKE | {"num_experts": 4, "num_experts_per_tok": 2},
     "gpt_oss": _LLAMA_LIKE | {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8,
                               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    # Latent attention (query latent as wide as the model, so every attention input is), a dense
+    # first block, grouped routing, a shared expert.
+    "deepseek_v3": _LLAMA_LIKE | {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                  "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+                                  "q_lora_rank": HIDDEN, "kv_lora_rank": 16, "qk_rope_head_dim": 4,
+                                  "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": HEADS},
     # Hybrid rows: blocks of two kinds, in an order that puts each kind first somewhere.
     "lfm2": _LLAMA_LIKE | {"layer_types": ["conv", "full_attention", "conv"], "block_ff_dim": FFN,
                            "block_auto_adjust_ff_dim": False},
@@ -126,27 +132,42 @@ def test_split_experts_compute_what_the_fused_ones_did(model_type, tmp_path):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     loaded = wrap_model(model, tokenizer=None)
-    experts = model.get_submodule(f"{loaded.adapter.blocks}.0.{loaded.adapter.experts}")
+    first = next(i for i in range(3) if i not in loaded.adapter.dense_blocks)  # DeepSeek's block 0 is dense
+    experts = model.get_submodule(f"{loaded.adapter.blocks}.{first}.{loaded.adapter.experts}")
     assert isinstance(experts, SplitExperts) and len(experts) == 4 == loaded.adapter.n_experts
     # One linear per expert and projection, expert-major, plus the shared expert's where there is one.
-    paths = loaded.adapter.linear_paths()
+    paths = loaded.adapter.linear_paths(first)
     assert "mlp.experts.3.down_proj" in paths and "mlp.experts.0.gate_proj" in paths
-    assert ("mlp.shared_expert.down_proj" in paths) == (model_type in ("qwen2_moe", "qwen3_next"))
+    assert any(".shared_expert" in path for path in paths) == (model_type in ("qwen2_moe", "qwen3_next",
+                                                                               "deepseek_v3"))
     with torch.no_grad():
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
     # Saved with transformers' own fused module (its checkpoint names), read back by plain transformers.
     with fused_experts(model, loaded.adapter):
-        assert not isinstance(model.get_submodule(f"{loaded.adapter.blocks}.0.{loaded.adapter.experts}"), SplitExperts)
+        assert not isinstance(model.get_submodule(f"{loaded.adapter.blocks}.{first}.{loaded.adapter.experts}"),
+                              SplitExperts)
         model.save_pretrained(tmp_path)
-    assert isinstance(model.get_submodule(f"{loaded.adapter.blocks}.0.{loaded.adapter.experts}"), SplitExperts)
+    assert isinstance(model.get_submodule(f"{loaded.adapter.blocks}.{first}.{loaded.adapter.experts}"), SplitExperts)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_with_dense_blocks_is_refused():
-    model = tiny_model("qwen2_moe", mlp_only_layers=[1])
-    with pytest.raises(LayerwiseError, match="dense MLP blocks"):
+def test_moe_with_dense_blocks():
+    """Qwen's dense blocks among MoE ones (`mlp_only_layers`, `decoder_sparse_step`) hold a plain MLP:
+    the table and the block itself agree on which."""
+    for overrides, dense in (({"mlp_only_layers": [1]}, (1,)), ({"decoder_sparse_step": 2}, (0, 2))):
+        model = tiny_model("qwen2_moe", **overrides)
+        adapter = wrap_model(model, tokenizer=None).adapter
+        assert adapter.dense_blocks == dense
+        for index, block in enumerate(blocks_of(model, adapter)):
+            assert block_layout(block, adapter)[1] == adapter.linears_of(index)
+            assert ("mlp.down_proj" in adapter.linear_paths(index)) == (index in dense)
+
+
+def test_deepseek_without_query_latent_is_refused():
+    model = tiny_model("deepseek_v3", q_lora_rank=None)
+    with pytest.raises(LayerwiseError, match="q_lora_rank"):
         wrap_model(model, tokenizer=None)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import block_layout, blocks_of, first_tensor
+from layerwise.models.layout import block_layout, blocks_of, first_tensor, has_experts
 
 
 @contextlib.contextmanager
@@ -98,7 +98,7 @@ def capture_blocks(
             handles.append(block.get_submodule(adapter.mlp_delta).register_forward_hook(_keep(index, "mlp_delta")))
             if adapter.mlp_down is not None:
                 handles.append(block.get_submodule(adapter.mlp_down).register_forward_pre_hook(_keep_input(index)))
-            if adapter.router is not None:
+            if has_experts(block, adapter):
                 handles.append(block.get_submodule(adapter.router).register_forward_hook(_keep_routing(index)))
 
     def _start(index: int):

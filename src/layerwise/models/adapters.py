@@ -55,6 +55,15 @@ class Adapter:
     router: str | None = None
     expert_count: str | None = None
     n_experts: int = 0
+    # A per-expert router buffer added to the routing scores (DeepSeek's load-balancing bias): an
+    # expert is masked by setting its entry to -inf where the router's rows cannot be sliced
+    # (grouped routing views the experts as groups of a fixed size).
+    router_mask: str | None = None
+    # MoE families whose blocks are not all MoE: the MLP linears of the dense blocks, and which
+    # blocks are dense for a config (filled in as `dense_blocks`).
+    dense_linears: Mapping[str, tuple[str, ...]] | None = None
+    dense_blocks_of: Callable[[object], tuple[int, ...]] = field(default=lambda config: (), compare=False)
+    dense_blocks: tuple[int, ...] = ()
     # Hybrid models: the token mixer of each kind of block (the config's `layer_types` names each
     # block's kind); `attn_delta` and the attention roles of `linears` then come from the block's
     # mixer. `block_kinds` is filled in from the config.
@@ -64,10 +73,14 @@ class Adapter:
     converter_args: tuple[str, ...] = ()
 
     def linears_of(self, index: int) -> Mapping[str, tuple[str, ...]]:
-        """The linears of block `index` by role (the same for every block unless hybrid)."""
-        if not self.mixers:
-            return self.linears
-        return {**self.linears, **self.mixers[self.block_kinds[index]].linears}
+        """The linears of block `index` by role (the same for every block unless hybrid, or an
+        MoE model with some dense blocks)."""
+        linears = self.linears
+        if index in self.dense_blocks:
+            linears = {**linears, **self.dense_linears}
+        if self.mixers:
+            linears = {**linears, **self.mixers[self.block_kinds[index]].linears}
+        return linears
 
     def linear_paths(self, index: int = 0) -> list[str]:
         linears = self.linears_of(index)
@@ -166,31 +179,55 @@ _MOE_LINEARS = {
 }
 
 
-def _mixed_moe_reason(config: object) -> str | None:
-    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
-        return "models with dense MLP blocks among the mixture-of-experts blocks are not supported yet"
-    return None
+def _qwen_dense_blocks(config: object) -> tuple[int, ...]:
+    """Qwen's MoE families put a dense MLP in the blocks `mlp_only_layers` names and in those the
+    sparse step skips (transformers' Qwen2MoeDecoderLayer)."""
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    only = set(getattr(config, "mlp_only_layers", None) or ())
+    return tuple(i for i in range(config.num_hidden_layers)
+                 if i in only or not (getattr(config, "num_experts", 0) > 0 and (i + 1) % step == 0))
 
 
-def _moe_layout(expert_count: str, shared: bool = False, **reasons) -> Adapter:
+def _moe_layout(expert_count: str, shared: str | None = None, **fields) -> Adapter:
     linears = dict(_MOE_LINEARS)
     if shared:
-        # The shared expert runs on every token (its sigmoid gate, a 1-wide linear, stays in float).
-        linears["mlp_in"] = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj") + linears["mlp_in"]
-        linears["mlp_out"] = ("mlp.shared_expert.down_proj",) + linears["mlp_out"]
-    return Adapter(
-        blocks="model.layers", attn="self_attn", mlp="mlp",
-        attn_delta="self_attn", mlp_delta="mlp", mlp_down=None,
-        linears=linears, embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
-        experts="mlp.experts", router="mlp.gate", expert_count=expert_count, **reasons,
-    )
+        # The shared expert runs on every token (Qwen's sigmoid gate for it, a 1-wide linear, stays
+        # in float).
+        linears["mlp_in"] = (f"{shared}.gate_proj", f"{shared}.up_proj") + linears["mlp_in"]
+        linears["mlp_out"] = (f"{shared}.down_proj",) + linears["mlp_out"]
+    return Adapter(**{
+        **dict(blocks="model.layers", attn="self_attn", mlp="mlp",
+               attn_delta="self_attn", mlp_delta="mlp", mlp_down=None,
+               linears=linears, embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+               experts="mlp.experts", router="mlp.gate", expert_count=expert_count,
+               dense_linears={role: _LLAMA_LINEARS[role] for role in ("mlp_in", "mlp_out")}),
+        **fields})
+
+
+def _deepseek_reason(config: object) -> str | None:
+    if getattr(config, "q_lora_rank", None) is None:
+        return "DeepSeek variants without a low-rank query projection (q_lora_rank null) are not supported yet"
+    return None
 
 
 ADAPTERS.update({
     "mixtral": _moe_layout("num_local_experts"),
-    "qwen2_moe": _moe_layout("num_experts", shared=True, unsupported_reason=_mixed_moe_reason),
-    "qwen3_moe": _moe_layout("num_experts", unsupported_reason=_mixed_moe_reason),
+    "qwen2_moe": _moe_layout("num_experts", shared="mlp.shared_expert", dense_blocks_of=_qwen_dense_blocks),
+    "qwen3_moe": _moe_layout("num_experts", dense_blocks_of=_qwen_dense_blocks),
     "olmoe": _moe_layout("num_experts"),
+    # DeepSeek-V3 (and Kimi K2 etc.): multi-head latent attention (low-rank query and key/value
+    # projections), dense MLPs in the first `first_k_dense_replace` blocks, then routed experts
+    # chosen by grouped sigmoid scores plus shared experts. `kv_b_proj` (the key/value expansion,
+    # ~0.2% of the weights) is not planned: llama.cpp stores it split, the key half transposed per
+    # head, so no row-wise code of ours could be placed in a GGUF; it stays in float everywhere.
+    "deepseek_v3": _moe_layout(
+        "n_routed_experts", shared="mlp.shared_experts", router_mask="e_score_correction_bias",
+        dense_blocks_of=lambda config: tuple(range(min(config.first_k_dense_replace or 0, config.num_hidden_layers))),
+        unsupported_reason=_deepseek_reason),
+})
+ADAPTERS["deepseek_v3"] = replace(ADAPTERS["deepseek_v3"], linears={
+    **ADAPTERS["deepseek_v3"].linears,
+    "attn_in": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa"),
 })
 
 # gpt-oss: biased attention with sinks, routed experts with biases and a clamped gate (split
@@ -264,6 +301,7 @@ def get_adapter(model_type: str, config: object | None = None) -> Adapter:
         raise LayerwiseError(f"architecture {model_type!r}: {reason}")
     if adapter.expert_count and config is not None:
         adapter = with_experts(adapter, int(getattr(config, adapter.expert_count)))
+        adapter = replace(adapter, dense_blocks=tuple(adapter.dense_blocks_of(config)))
     if adapter.mixers and config is not None:
         kinds = tuple(getattr(config, "layer_types", None) or ())
         unknown = sorted(set(kinds) - set(adapter.mixers))

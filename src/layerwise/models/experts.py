@@ -18,7 +18,7 @@ from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import blocks_of
+from layerwise.models.layout import blocks_of, has_experts
 
 
 def _swiglu(act_fn: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -141,6 +141,16 @@ def without_experts(block: nn.Module, adapter: Adapter, removed: list[int]) -> I
     keep = [index for index in range(len(experts)) if index not in set(removed)]
     if not keep:
         raise LayerwiseError("cannot remove every expert of a block")
+    if adapter.router_mask:
+        # Grouped routing cannot lose rows; an expert whose score is -inf is never chosen.
+        bias = router.get_buffer(adapter.router_mask)
+        saved_bias = bias.clone()
+        try:
+            bias[removed] = float("-inf")
+            yield
+        finally:
+            bias.copy_(saved_bias)
+        return
     saved = dict(_per_expert_tensors(router, len(experts)))
     previous = experts.active
     try:
@@ -158,6 +168,9 @@ def remove_experts_(block: nn.Module, adapter: Adapter, removed: list[int]) -> N
     """Take the experts `removed` out of the block for good, with the router's entries for them."""
     experts = block_experts(block, adapter)
     router = block.get_submodule(adapter.router)
+    if getattr(router, "num_group", 1) > 1:
+        raise LayerwiseError("experts of a grouped router (DeepSeek's n_group > 1) cannot be removed for good: the "
+                             "groups are fixed slices of the experts; profile with --ablation expert to measure them")
     keep = [index for index in range(len(experts)) if index not in set(removed)]
     for name, tensor in list(_per_expert_tensors(router, len(experts))):
         _set_tensor(router, name, tensor.detach()[keep].clone())
@@ -191,6 +204,8 @@ def split_experts(model: nn.Module, adapter: Adapter) -> None:
     if adapter.experts is None:
         return
     for block in blocks_of(model, adapter):
+        if not has_experts(block, adapter):
+            continue
         module = block.get_submodule(adapter.experts)
         if not isinstance(module, SplitExperts):
             block.set_submodule(adapter.experts, SplitExperts(module))
@@ -205,6 +220,8 @@ def fused_experts(model: nn.Module, adapter: Adapter) -> Iterator[None]:
         return
     split: list[tuple[nn.Module, SplitExperts]] = []
     for block in blocks_of(model, adapter):
+        if not has_experts(block, adapter):
+            continue
         module = block.get_submodule(adapter.experts)
         if isinstance(module, SplitExperts):
             split.append((block, module))

@@ -14,7 +14,8 @@ from layerwise.models.loading import LoadedModel
 # transformers' model_type -> llama.cpp's architecture, where the two names differ
 # (convert_hf_to_gguf.py writes these HF families under these GGUF architectures).
 _ARCH_OF_MODEL_TYPE = {"mistral": "llama", "gpt_neox": "gptneox", "phi": "phi2", "mixtral": "llama",
-                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+                       "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next",
+                       "gpt_oss": "gpt-oss", "deepseek_v3": "deepseek2", "falcon_h1": "falcon-h1"}
 
 
 def gguf_architecture(loaded: LoadedModel) -> str:

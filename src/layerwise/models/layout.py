@@ -24,18 +24,31 @@ def block_linears(model: nn.Module, adapter: Adapter) -> list[tuple[int, str, nn
     return found
 
 
+def _holds(block: nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def has_experts(block: nn.Module, adapter: Adapter) -> bool:
+    """Whether the block routes tokens to experts (an MoE model's dense blocks do not)."""
+    return adapter.experts is not None and _holds(block, adapter.experts)
+
+
 def block_layout(block: nn.Module, adapter: Adapter) -> tuple[str, Mapping[str, tuple[str, ...]]]:
     """The module whose output is this block's attention (or other token mixer) update, and the
-    block's linears by role. Hybrids are read from the block itself, so a block keeps its layout
-    wherever a schedule or a deletion moves it."""
+    block's linears by role. Hybrids and MoE models with dense blocks are read from the block
+    itself, so a block keeps its layout wherever a schedule or a deletion moves it."""
+    linears = adapter.linears
+    if adapter.dense_linears and not has_experts(block, adapter):
+        linears = {**linears, **adapter.dense_linears}
     if not adapter.mixers:
-        return adapter.attn_delta, adapter.linears
+        return adapter.attn_delta, linears
     for mixer in adapter.mixers.values():
-        try:
-            block.get_submodule(mixer.delta)
-        except AttributeError:
-            continue
-        return mixer.delta, {**adapter.linears, **mixer.linears}
+        if _holds(block, mixer.delta):
+            return mixer.delta, {**linears, **mixer.linears}
     known = ", ".join(mixer.delta for mixer in adapter.mixers.values())
     raise LayerwiseError(f"a block holds none of the token mixers {known}")
 

@@ -29,7 +29,8 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
 
     In mixture-of-experts models every granularity but `expert` keeps all routed experts of a
     block in one unit per role, as GGUF stores them (one tensor, one type, per block and role);
-    `expert` makes each routed expert a unit, and the shared expert one, beside the attention.
+    `expert` makes each routed expert a unit, and the shared expert one, beside the attention (a
+    dense block's MLP is one unit).
     """
     if granularity not in GRANULARITIES:
         raise LayerwiseError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
@@ -65,7 +66,9 @@ def _expert_units(adapter: Adapter, n_blocks: int) -> list[Unit]:
             for path in linears.get(role, ()):
                 by_expert.setdefault(expert_of(path), []).append(f"{prefix}.{path}")
         for expert, modules in sorted(by_expert.items()):
-            if expert < 0:
+            if index in adapter.dense_blocks:
+                units.append(Unit(f"{prefix}.mlp", index, tuple(modules), "mlp"))
+            elif expert < 0:
                 shared = modules[0].rsplit(".", 1)[0]
                 units.append(Unit(shared, index, tuple(modules), "shared_expert"))
             else:

@@ -14,7 +14,7 @@ from torch import nn
 from layerwise.engine.hooks import BlockCall
 from layerwise.models.adapters import Adapter
 from layerwise.models.experts import block_experts
-from layerwise.models.layout import blocks_of
+from layerwise.models.layout import blocks_of, has_experts
 
 BLOCK_COLUMNS = {
     "expert_load_entropy": "entropy of the block's expert load / log(experts): 1 = every expert as busy",
@@ -57,6 +57,8 @@ class ExpertAccumulator:
         return observe
 
     def on_block(self, call: BlockCall) -> None:
+        if call.routed is None:  # a dense block of a model with some
+            return
         index = call.index
         h_norm = call.h_in_norm.flatten().cpu().clamp_min(1e-12)
         tokens = h_norm.numel()
@@ -81,8 +83,10 @@ class ExpertAccumulator:
         if expert == 0:
             self.block_sums[block]["ablation_tokens"] += kl.numel()
 
-    def block_columns(self, index: int) -> dict[str, float]:
+    def block_columns(self, index: int) -> dict[str, float | None]:
         sums = self.block_sums[index]
+        if not sums["tokens"]:  # a dense block: no routing to describe
+            return {name: None for name in self.descriptions()}
         share = self.counts[index] / self.counts[index].sum().clamp_min(1.0)
         nonzero = share[share > 0]
         columns = {
@@ -107,6 +111,8 @@ class ExpertAccumulator:
         rows = []
         for block in range(self.n_blocks):
             sums = self.block_sums[block]
+            if not sums["tokens"]:  # a dense block
+                continue
             total = self.counts[block].sum().clamp_min(1.0)
             for expert in range(self.n_experts):
                 row = {"block": block, "expert": expert,
@@ -119,17 +125,19 @@ class ExpertAccumulator:
 
 
 def has_shared_expert(adapter: Adapter) -> bool:
-    return any(".shared_expert." in path for path in adapter.linear_paths())
+    # Qwen's "shared_expert", DeepSeek's "shared_experts".
+    return any(".shared_expert" in path for paths in adapter.linears.values() for path in paths)
 
 
 @contextlib.contextmanager
 def observing_experts(model: nn.Module, adapter: Adapter, accumulator: ExpertAccumulator) -> Iterator[None]:
     """Within the block, every expert's weighted output is reported to `accumulator`."""
-    experts = [block_experts(block, adapter) for block in blocks_of(model, adapter)]
+    experts = {index: block_experts(block, adapter) for index, block in enumerate(blocks_of(model, adapter))
+               if has_experts(block, adapter)}
     try:
-        for index, module in enumerate(experts):
+        for index, module in experts.items():
             module.observer = accumulator.observer(index)
         yield
     finally:
-        for module in experts:
+        for module in experts.values():
             module.observer = None

@@ -90,6 +90,8 @@ def _ablate_experts(loaded: LoadedModel, calls: list[BlockCall], index: int, bas
     """KL of the model whose router in block `index` may not choose each expert in turn."""
     model, adapter = loaded.model, loaded.adapter
     block = blocks_of(model, adapter)[index]
+    if index in adapter.dense_blocks:
+        return
     for expert in range(adapter.n_experts):
         with without_experts(block, adapter, [expert]):
             experts.add_ablation(index, expert, kl_per_token(base, logits_without(model, adapter, calls, index, None)))
@@ -164,7 +166,8 @@ def profile_model(
     with progress_bars(progress) as bars:
         task = bars.add_task("profiling", total=len(batches))
         ablation_task = bars.add_task("ablation (block runs)", total=len(batches) * sum(
-            blocks_run(n_blocks, i, k) * (loaded.adapter.n_experts if k == "expert" else 1)
+            blocks_run(n_blocks, i, k) * (0 if i in loaded.adapter.dense_blocks else loaded.adapter.n_experts
+                                          if k == "expert" else 1)
             for k in kinds for i in range(n_blocks))) if kinds else None
 
         def on_ablation_step(blocks: int) -> None:

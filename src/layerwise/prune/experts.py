@@ -40,12 +40,16 @@ def choose_experts(loaded: LoadedModel, windows: TokenWindows, per_block: int, b
     result = profile_model(loaded, windows, batch_size=batch_size, weights=False, lens_positions_per_window=1,
                            ablation=["expert"] if by == "ablation" else False, progress=progress)
     dropped, scores = {}, {}
-    for block in range(loaded.n_blocks):
+    for block in _moe_blocks(loaded):
         rows = sorted((row for row in result.experts if row["block"] == block),
                       key=lambda row: (row[_COLUMN[by]], row["expert"]))[:per_block]
         dropped[block] = [row["expert"] for row in rows]
         scores[block] = [row[_COLUMN[by]] for row in rows]
     return ExpertDrop(by, dropped, scores, result.meta["ablation_cost_forward_equivalents"] + 1.0)
+
+
+def _moe_blocks(loaded: LoadedModel) -> list[int]:
+    return [index for index in range(loaded.n_blocks) if index not in loaded.adapter.dense_blocks]
 
 
 def _check_count(loaded: LoadedModel, per_block: int) -> None:
@@ -59,19 +63,21 @@ def _check_count(loaded: LoadedModel, per_block: int) -> None:
 
 
 def drop_experts_(loaded: LoadedModel, dropped: dict[int, list[int]]) -> None:
-    """Remove the experts `dropped` names from their blocks, in place, and the router's rows for
-    them; the config and `loaded.adapter` then count the experts left."""
+    """Remove the experts `dropped` names from their blocks (every block with experts), in place,
+    and the router's rows for them; the config and `loaded.adapter` then count the experts left."""
     loaded.require_in_memory("dropping experts")
     adapter = loaded.adapter
     counts = {len(set(experts)) for experts in dropped.values()}
-    if sorted(dropped) != list(range(loaded.n_blocks)) or len(counts) != 1:
-        raise LayerwiseError("drop the same number of experts from every block: the config counts them once")
+    if sorted(dropped) != _moe_blocks(loaded) or len(counts) != 1:
+        raise LayerwiseError("drop the same number of experts from every block with experts: the config counts them "
+                             "once")
     _check_count(loaded, counts.pop())
-    for index in range(loaded.n_blocks):
+    for index in _moe_blocks(loaded):
         if any(not 0 <= e < adapter.n_experts for e in dropped[index]):
             raise LayerwiseError(f"block {index} has experts 0..{adapter.n_experts - 1}, not {dropped[index]}")
-    for index, block in enumerate(blocks_of(loaded.model, adapter)):
-        remove_experts_(block, adapter, dropped[index])
+    blocks = blocks_of(loaded.model, adapter)
+    for index in _moe_blocks(loaded):
+        remove_experts_(blocks[index], adapter, dropped[index])
     config = loaded.model.config
     setattr(config, adapter.expert_count, adapter.n_experts - len(dropped[0]))
     loaded.adapter = get_adapter(config.model_type, config)
