@@ -27,6 +27,12 @@ FAMILIES = {
                         n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=64,
                         kv_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                         num_key_value_heads=4),
+    # head_dim as the published configs give it (llama.cpp's converter reads it).
+    "falcon_h1": dict(head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+                      mamba_chunk_size=16,
+                      embedding_multiplier=2.0, lm_head_multiplier=0.5, attention_in_multiplier=0.7,
+                      attention_out_multiplier=1.3, key_multiplier=0.9, ssm_in_multiplier=1.1, ssm_out_multiplier=0.8,
+                      ssm_multipliers=[1.2, 0.6, 1.5, 0.4, 0.9], mlp_multipliers=[1.4, 0.6]),
     "lfm2": dict(layer_types=["conv", "full_attention", "conv"], block_ff_dim=128, block_auto_adjust_ff_dim=False,
                  pad_token_id=None),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention", "linear_attention"], num_experts=EXPERTS,
@@ -35,7 +41,7 @@ FAMILIES = {
                        linear_value_head_dim=16, pad_token_id=None),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
-HYBRID_FAMILIES = ("lfm2", "qwen3_next")
+HYBRID_FAMILIES = ("lfm2", "qwen3_next", "falcon_h1")
 
 
 def save_tiny(model_type: str, folder: Path, tokenizer: Path = STORIES, vocab_size: int = 512, **overrides) -> None:

@@ -29,7 +29,8 @@ TINY_CONFIGS = {
     "gemma2": _LLAMA_LIKE | {"head_dim": 8, "sliding_window": 4},
     "gemma3_text": _LLAMA_LIKE | {"head_dim": 8, "sliding_window": 4},
     "phi3": _LLAMA_LIKE,
-    "gpt2": dict(n_embd=HIDDEN, n_layer=3, n_head=HEADS, vocab_size=VOCAB, n_positions=64, bos_token_id=1, eos_token_id=1),
+    "gpt2": dict(n_embd=HIDDEN, n_layer=3, n_head=HEADS, vocab_size=VOCAB, n_positions=64, bos_token_id=1,
+                 eos_token_id=1),
     "gpt_neox": dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3, num_attention_heads=HEADS,
                      vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
     "opt": dict(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=3, num_attention_heads=HEADS, vocab_size=VOCAB,
@@ -48,6 +49,13 @@ TINY_CONFIGS = {
                                   "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
                                   "q_lora_rank": HIDDEN, "kv_lora_rank": 16, "qk_rope_head_dim": 4,
                                   "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": HEADS},
+    # Attention and a Mamba-2 mixer side by side in every block, with muP multipliers (not 1, so
+    # folding them is exercised).
+    "falcon_h1": _LLAMA_LIKE | {"mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 16,
+                                "mamba_chunk_size": 16, "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5,
+                                "attention_in_multiplier": 0.7, "attention_out_multiplier": 1.3, "key_multiplier": 0.9,
+                                "ssm_in_multiplier": 1.1, "ssm_out_multiplier": 0.8,
+                                "ssm_multipliers": [1.2, 0.6, 1.5, 0.4, 0.9], "mlp_multipliers": [1.4, 0.6]},
     # Hybrid rows: blocks of two kinds, in an order that puts each kind first somewhere.
     "lfm2": _LLAMA_LIKE | {"layer_types": ["conv", "full_attention", "conv"], "block_ff_dim": FFN,
                            "block_auto_adjust_ff_dim": False},
@@ -165,6 +173,29 @@ def test_moe_with_dense_blocks():
         for index, block in enumerate(blocks_of(model, adapter)):
             assert block_layout(block, adapter)[1] == adapter.linears_of(index)
             assert ("mlp.down_proj" in adapter.linear_paths(index)) == (index in dense)
+
+
+def test_folded_multipliers_change_nothing_the_model_computes(tmp_path):
+    """Falcon-H1's multipliers go into the weights on load: same logits, a config whose multipliers
+    are 1, and a saved checkpoint plain transformers runs to the same logits."""
+    model = tiny_model("falcon_h1")
+    ids = torch.randint(3, VOCAB, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    layer = model.model.layers[0]
+    unfolded = layer.self_attn.k_proj.weight.detach().clone()
+    loaded = wrap_model(model, tokenizer=None)
+    torch.testing.assert_close(layer.self_attn.k_proj.weight, unfolded * 0.7 * 0.9)
+    assert model.config.ssm_multipliers == [1.0] * 5 and model.config.embedding_multiplier == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+    wrap_model(model, tokenizer=None)  # folding twice would scale twice
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+    loaded.model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
 
 
 def test_deepseek_without_query_latent_is_refused():

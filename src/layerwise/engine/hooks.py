@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import block_layout, blocks_of, first_tensor, has_experts
+from layerwise.models.layout import block_layout, blocks_of, delta_modules, first_tensor, has_experts
 
 
 @contextlib.contextmanager
@@ -93,9 +93,9 @@ def capture_blocks(
         for index, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(_start(index), with_kwargs=True))
             handles.append(block.register_forward_hook(_finish(index)))
-            attn_delta = block_layout(block, adapter)[0]
-            handles.append(block.get_submodule(attn_delta).register_forward_hook(_keep(index, "attn_delta")))
-            handles.append(block.get_submodule(adapter.mlp_delta).register_forward_hook(_keep(index, "mlp_delta")))
+            for name, delta in (("attn_delta", block_layout(block, adapter)[0]), ("mlp_delta", adapter.mlp_delta)):
+                for module in delta_modules(block, delta):
+                    handles.append(module.register_forward_hook(_keep(index, name)))
             if adapter.mlp_down is not None:
                 handles.append(block.get_submodule(adapter.mlp_down).register_forward_pre_hook(_keep_input(index)))
             if has_experts(block, adapter):
@@ -111,8 +111,10 @@ def capture_blocks(
         return hook
 
     def _keep(index: int, name: str):
+        # A sublayer whose update is several modules' outputs gets their sum.
         def hook(module, args, output):
-            setattr(current[index], name, first_tensor(output).detach())
+            value, previous = first_tensor(output).detach(), getattr(current[index], name)
+            setattr(current[index], name, value if previous is None else previous + value)
         return hook
 
     def _keep_input(index: int):
@@ -149,13 +151,13 @@ def run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.
 
 
 @contextlib.contextmanager
-def zero_output(module: nn.Module) -> Iterator[None]:
-    """Make `module` contribute nothing: its output (or first output) is replaced by zeros."""
+def zero_output(*modules: nn.Module) -> Iterator[None]:
+    """Make the modules contribute nothing: each one's output (or first output) is replaced by zeros."""
 
     def hook(mod, args, output):
         if isinstance(output, tuple):
             return (torch.zeros_like(output[0]),) + tuple(output[1:])
         return torch.zeros_like(output)
 
-    with scoped_hooks(lambda handles: handles.append(module.register_forward_hook(hook))):
+    with scoped_hooks(lambda handles: handles.extend(module.register_forward_hook(hook) for module in modules)):
         yield

@@ -16,7 +16,7 @@ from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.engine.hooks import BlockCall, hidden_arg, run_block, scoped_hooks, zero_output
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
-from layerwise.models.layout import block_layout, blocks_of, first_tensor, hidden_to_logits
+from layerwise.models.layout import block_layout, blocks_of, delta_modules, first_tensor, hidden_to_logits
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")
@@ -24,9 +24,9 @@ UNIT_KINDS = ("block", "attn", "mlp")
 
 def removed_unit(block: nn.Module, adapter: Adapter, kind: str):
     if kind == "attn":
-        return zero_output(block.get_submodule(block_layout(block, adapter)[0]))
+        return zero_output(*delta_modules(block, block_layout(block, adapter)[0]))
     if kind == "mlp":
-        return zero_output(block.get_submodule(adapter.mlp_delta))
+        return zero_output(*delta_modules(block, adapter.mlp_delta))
     return contextlib.nullcontext()
 
 

@@ -35,7 +35,9 @@ class Adapter:
     mlp: str | None
     # Modules whose *output* is exactly what the sublayer adds to the residual stream. They differ
     # from `attn`/`mlp` where a norm sits after the sublayer (Gemma 2/3) or a dropout module wraps
-    # it (GPT-NeoX); zeroing their output removes the sublayer and nothing else.
+    # it (GPT-NeoX); zeroing their output removes the sublayer and nothing else. "a+b": the update
+    # is the sum of the outputs of a and b (Falcon-H1 runs attention and a state-space mixer side
+    # by side).
     attn_delta: str
     mlp_delta: str
     # The MLP's output projection: its *input* is the MLP hidden activation (sparsity statistic);
@@ -71,6 +73,8 @@ class Adapter:
     block_kinds: tuple[str, ...] = ()
     # Extra arguments for llama.cpp's convert_hf_to_gguf.py (GGUF export of a Hugging Face model).
     converter_args: tuple[str, ...] = ()
+    # Constant multipliers folded into the weights on load (`models/multipliers.py` FOLDS).
+    fold: str | None = None
 
     def linears_of(self, index: int) -> Mapping[str, tuple[str, ...]]:
         """The linears of block `index` by role (the same for every block unless hybrid, or an
@@ -263,6 +267,26 @@ ADAPTERS.update({
         converter_args=("--no-mtp",),
     ),
 })
+
+
+def _falcon_h1_reason(config: object) -> str | None:
+    if getattr(config, "tie_word_embeddings", False) and config.embedding_multiplier != config.lm_head_multiplier:
+        return "tied embeddings with different embedding and head multipliers are not supported"
+    return None
+
+
+# Falcon-H1: every block runs attention and a Mamba-2 mixer side by side on the same normed input
+# (their outputs summed: one token-mixing sublayer), then a SwiGLU feed-forward. Its muP
+# multipliers are folded into the weights on load, as llama.cpp's converter folds them.
+ADAPTERS["falcon_h1"] = Adapter(
+    blocks="model.layers", attn="self_attn", mlp="feed_forward",
+    attn_delta="mamba+self_attn", mlp_delta="feed_forward", mlp_down="feed_forward.down_proj",
+    linears={"attn_in": _LLAMA_LINEARS["attn_in"] + ("mamba.in_proj",),
+             "attn_out": _LLAMA_LINEARS["attn_out"] + ("mamba.out_proj",),
+             "mlp_in": ("feed_forward.gate_proj", "feed_forward.up_proj"), "mlp_out": ("feed_forward.down_proj",)},
+    embed="model.embed_tokens", final_norm="model.final_layernorm", lm_head="lm_head",
+    fold="falcon_h1", unsupported_reason=_falcon_h1_reason,
+)
 
 
 def with_experts(adapter: Adapter, n_experts: int) -> Adapter:

@@ -32,6 +32,11 @@ def _holds(block: nn.Module, path: str) -> bool:
     return True
 
 
+def delta_modules(block: nn.Module, delta: str) -> list[nn.Module]:
+    """The modules whose outputs add up to a sublayer's residual update (`Adapter.attn_delta`)."""
+    return [block.get_submodule(path) for path in delta.split("+")]
+
+
 def has_experts(block: nn.Module, adapter: Adapter) -> bool:
     """Whether the block routes tokens to experts (an MoE model's dense blocks do not)."""
     return adapter.experts is not None and _holds(block, adapter.experts)

@@ -16,6 +16,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter, get_adapter
 from layerwise.models.checkpoint import SafetensorsTensors, read_model
 from layerwise.models.experts import split_experts
+from layerwise.models.multipliers import fold_multipliers
 from layerwise.models.integrity import check_finite, check_gguf, check_weight_files
 from layerwise.models.streaming import StreamedWeights, stream_model
 from layerwise.util.meta import file_fingerprint, files_fingerprint
@@ -67,6 +68,7 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.model_type = self.model.config.model_type
         if self.streamed is None:
+            fold_multipliers(self.model, self.adapter.fold)
             split_experts(self.model, self.adapter)
 
     @property
@@ -220,7 +222,8 @@ def load_model(
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved, trust_remote_code)
     if streaming is None:
-        reason = None if device_map or adapter.experts else too_large_to_load(resolved, torch_dtype, device)
+        reason = (None if device_map or adapter.experts or adapter.fold
+                  else too_large_to_load(resolved, torch_dtype, device))
         if reason:
             print(f"layerwise: {reason}: streaming it, one block at a time (--streaming)", file=sys.stderr)
         streaming = reason is not None
@@ -228,8 +231,9 @@ def load_model(
         if device_map:
             raise LayerwiseError("--streaming loads one block at a time onto --device; "
                                  "it does not combine with --device-map")
-        if adapter.experts:
-            raise LayerwiseError(f"--streaming does not support mixture-of-experts models ({config.model_type}) yet; "
+        if adapter.experts or adapter.fold:
+            kind = "mixture-of-experts models" if adapter.experts else "models whose multipliers are folded on load"
+            raise LayerwiseError(f"--streaming does not support {kind} ({config.model_type}) yet; "
                                  "load the whole model (--device-map auto spreads it over devices)")
         return _load_streaming(resolved, config, adapter, torch_dtype, device, tokenizer, trust_remote_code)
     if resolved.kind == "folder" and not device_map:
