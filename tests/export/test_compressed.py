@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import CALIBRATION_TEXT, STORIES
 from layerwise import load_model
@@ -14,6 +15,7 @@ from layerwise.export.run import run_export
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig
 from test_cli import assert_one_line_error, layerwise
+from tiny_families import MOE_FAMILIES, save_tiny
 
 # End to end through the CLI or fresh processes: left out of the quick tier (-m "not slow").
 pytestmark = pytest.mark.slow
@@ -79,3 +81,41 @@ def test_cli_compressed_tensors_export(tmp_path):
     done = layerwise("export", STORIES, "--plan", plan, "--format", "compressed-tensors", "--out", tmp_path / "p",
                      "--quiet")
     assert_one_line_error(done, "already exists")
+
+
+@pytest.mark.parametrize("model_type", [family for family in MOE_FAMILIES if family != "gpt_oss"] + ["qwen3_next"])
+def test_moe_checkpoint_stores_experts_per_matrix_and_transformers_reads_them(model_type, tmp_path):
+    """Routed experts stored one packed matrix per expert under the family's checkpoint names (for
+    Mixtral `block_sparse_moe.experts.<e>.w1`), in a config group of their own; transformers reads
+    them back into its fused experts and gives our quantized model's logits. Attention, shared
+    experts and dense MLPs at another width check that the groups are not mixed up."""
+    from layerwise.models import load_model as load
+
+    save_tiny(model_type, tmp_path / "m")
+    plan = Plan(QuantConfig("int", 4, 32)).override("re:.*\\.mlp\\..*", QuantConfig("int", 8, 32))
+    run_export(tmp_path / "m", format="compressed-tensors", plan=plan, out=tmp_path / "packed", progress=False)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "packed" / "model.safetensors", "pt") as stored:
+        keys = set(stored.keys())
+    expert = "block_sparse_moe.experts.3.w2" if model_type == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"model.layers.2.{expert}.weight_packed" in keys and f"model.layers.2.{expert}.weight" not in keys
+
+    ours, _, _ = run_quantize(load(tmp_path / "m"), plan, progress=False)
+    with torch.no_grad():
+        expected = ours.model(torch.tensor(PROMPT)).logits
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32).eval()(
+            torch.tensor(PROMPT)).logits
+    torch.testing.assert_close(theirs, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_experts_must_share_one_scheme_and_fused_checkpoints_are_refused(tmp_path):
+    save_tiny("qwen2_moe", tmp_path / "q")
+    mixed = Plan(QuantConfig("int", 4, 32)).override("re:.*experts\\.1\\..*", QuantConfig("int", 8, 32))
+    with pytest.raises(LayerwiseError, match="one scheme"):
+        run_export(tmp_path / "q", format="compressed-tensors", plan=mixed, out=tmp_path / "x", progress=False)
+    save_tiny("gpt_oss", tmp_path / "g")
+    with pytest.raises(LayerwiseError, match="keep the routed experts fused"):
+        run_export(tmp_path / "g", format="compressed-tensors", plan=Plan(QuantConfig("int", 4, 32)),
+                   out=tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()

@@ -7,10 +7,17 @@ quantizer chose, so nothing is re-rounded) and `weight_shape`. `quantization_con
 config.json has one config group per (bits, group size), targeting its modules by name.
 Everything else keeps the model's dtype. compressed-tensors is an optional dependency
 (`pip install layerwise[serve]`); only this export needs it.
+
+Tensors are stored under the names the family's own checkpoints use (transformers' conversion
+mapping reverted, as `save_pretrained` does), so routed experts are stored one matrix per expert
+and projection, as in the published checkpoints (Mixtral's `block_sparse_moe.experts.<e>.w1`),
+which transformers reads back into its fused experts. Families whose checkpoints keep experts
+fused (gpt-oss) are refused.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +26,7 @@ import torch
 from layerwise.errors import LayerwiseError
 from layerwise.export.registry import ExportJob, register_exporter
 from layerwise.models.adapters import expert_of
+from layerwise.models.experts import fused_experts
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder
@@ -26,12 +34,53 @@ from layerwise.util.files import atomic_folder
 
 def check_plan_representable(targets: dict) -> None:
     """Before any quantization work: every module's config (name -> QuantConfig) must be one
-    pack-quantized stores."""
+    pack-quantized stores, and the routed experts must share one."""
     for name, config in targets.items():
         _check_config(name, config)
-        if expert_of(name) >= 0:
-            raise LayerwiseError(f"{name}: compressed-tensors export of routed experts is not supported yet "
-                                 "(transformers keeps them fused in 3-D tensors); export --format gguf or hf")
+    expert_configs = {config.label for name, config in targets.items() if expert_of(name) >= 0}
+    if len(expert_configs) > 1:
+        # transformers (5.x) reads every routed expert of a checkpoint with one config group, and
+        # vLLM's fused MoE kernels run one scheme per layer.
+        raise LayerwiseError(f"compressed-tensors loaders read all routed experts with one scheme, but this plan "
+                             f"gives them {', '.join(sorted(expert_configs))}; plan the experts with one option (or "
+                             "export --format gguf or hf)")
+
+
+def checkpoint_names(loaded: LoadedModel, modules: list[str]) -> dict[str, str]:
+    """In-memory linear -> the module name its weight has in this family's checkpoints. Found by
+    reverting transformers' conversion mapping on stand-in tensors: a plain linear's one weight,
+    and per block of experts a fused stand-in whose values say which expert and projection each
+    reverted piece came from."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model, adapter = loaded.model, loaded.adapter
+    names = {}
+    for module in (m for m in modules if expert_of(m) < 0):
+        reverted = list(revert_weight_conversion(model, {f"{module}.weight": torch.zeros(1)}))
+        if len(reverted) != 1 or not reverted[0].endswith(".weight"):
+            raise LayerwiseError(f"{module}: its checkpoint splits or merges it ({reverted}); pack-quantized cannot "
+                                 "store it")
+        names[module] = reverted[0].removesuffix(".weight")
+    blocks = sorted({m.removeprefix(adapter.blocks + ".").split(".", 1)[0] for m in modules if expert_of(m) >= 0})
+    for block in blocks:
+        prefix = f"{adapter.blocks}.{block}.{adapter.experts}"
+        count = adapter.n_experts
+        # gate_up [experts, 2, 1] holds 2e (gate) and 2e + 1 (up); down [experts, 1, 1] holds
+        # `count` * 2 + e: a one-column stand-in for transformers' fused layout.
+        stand_in = {f"{prefix}.gate_up_proj": torch.arange(2 * count, dtype=torch.float64).reshape(count, 2, 1),
+                    f"{prefix}.down_proj": torch.arange(2 * count, 3 * count, dtype=torch.float64).reshape(count, 1, 1)}
+        for key, value in revert_weight_conversion(model, stand_in).items():
+            code = int(value.flatten()[0])
+            if value.numel() != 1 or not key.endswith(".weight"):
+                raise LayerwiseError(f"{loaded.model_type} checkpoints keep the routed experts fused ({key}); "
+                                     "pack-quantized stores one matrix per linear: export --format gguf or hf")
+            expert, projection = ((code // 2, ("gate_proj", "up_proj")[code % 2]) if code < 2 * count
+                                  else (code - 2 * count, "down_proj"))
+            names[f"{prefix}.{expert}.{projection}"] = key.removesuffix(".weight")
+    missing = [m for m in modules if m not in names]
+    if missing:
+        raise LayerwiseError(f"{missing[0]}: no checkpoint name found for it")
+    return names
 
 
 def _check_config(name: str, config) -> None:
@@ -75,25 +124,35 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
     if outside:
         raise LayerwiseError(f"{outside[0]}: pack-quantized covers the block linears only; keep embeddings and "
                              "the LM head unquantized in the plan")
-    groups: dict[tuple[int, int | None], list[str]] = defaultdict(list)
+    check_plan_representable({name: q.config for name, q in stored.items()})
+    # Routed experts get a group of their own, named by "re:" targets that mention "experts": how
+    # transformers finds the group to read the experts with.
+    groups: dict[tuple[int, int | None, bool], list[str]] = defaultdict(list)
     for name, q in stored.items():
         _check_representable(name, q)
-        groups[(q.config.bits, q.config.group_size)].append(name)
+        groups[(q.config.bits, q.config.group_size, expert_of(name) >= 0)].append(name)
 
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = checkpoint_names(loaded, list(stored))
+    stored_as = {names[name] for name in stored}
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in loaded.model.state_dict().items():
+    with fused_experts(loaded.model, loaded.adapter):
+        state = revert_weight_conversion(loaded.model, loaded.model.state_dict())
+    for key, value in state.items():
         module = key.rsplit(".", 1)[0]
-        if module in linears and key.endswith(".weight"):
+        if module in stored_as and key.endswith(".weight"):
             continue
         tensors[key] = value.detach().contiguous().cpu()
     planned_bytes = 0
     for name, q in stored.items():
         codes = q.codes.to(torch.int8).cpu()
         scale = q.params["scale"].reshape(q.shape[0], -1).to(torch.float16).cpu()
-        tensors[f"{name}.weight_packed"] = pack_to_int32(codes, q.config.bits).contiguous()
-        tensors[f"{name}.weight_scale"] = scale.contiguous()
-        tensors[f"{name}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
-        planned_bytes += tensors[f"{name}.weight_packed"].numel() * 4 + scale.numel() * 2
+        target = names[name]
+        tensors[f"{target}.weight_packed"] = pack_to_int32(codes, q.config.bits).contiguous()
+        tensors[f"{target}.weight_scale"] = scale.contiguous()
+        tensors[f"{target}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+        planned_bytes += tensors[f"{target}.weight_packed"].numel() * 4 + scale.numel() * 2
     # Shared tensors (a tied LM head) are written once, as transformers does.
     tied = [key for key in tensors if key.endswith("lm_head.weight")]
     if tied and getattr(loaded.model.config, "tie_word_embeddings", False):
@@ -104,10 +163,12 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
     config.pop("quantization_config", None)
     config["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {f"group_{index}": {"targets": sorted(names), "weights": _weights_args(bits, group),
+        "config_groups": {f"group_{index}": {"targets": sorted(f"re:^{re.escape(names[m])}$" if experts else names[m]
+                                                                for m in members),
+                                             "weights": _weights_args(bits, group),
                                              "input_activations": None, "output_activations": None,
                                              "format": "pack-quantized"}
-                          for index, ((bits, group), names) in enumerate(sorted(groups.items(),
+                          for index, ((bits, group, experts), members) in enumerate(sorted(groups.items(),
                                                                                key=lambda item: str(item[0])))},
         "ignore": [], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
         "global_compression_ratio": None, "version": compressed_tensors.__version__,
