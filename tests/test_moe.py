@@ -111,10 +111,15 @@ def test_deepseek_dense_first_block_and_grouped_router(tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), plain, rtol=1e-4, atol=1e-4)
 
     windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128)
-    result = profile_model(loaded, windows, ablation=["expert"], weights=False, progress=False)
+    result = profile_model(loaded, windows, ablation=["expert", "shared_expert"], weights=False, progress=False)
     assert {row["block"] for row in result.experts} == {1, 2}
-    assert result.blocks[0]["expert_load_entropy"] is None
+    assert result.blocks[0]["expert_load_entropy"] is None and result.blocks[0]["ablation_kl_shared_expert"] is None
     assert result.blocks[1]["shared_rel_update"] > 0 and result.blocks[1]["routed_rel_update"] > 0
+    # The shared expert's ablation against a copy whose shared expert outputs zeros by its weights.
+    without_shared = copy.deepcopy(loaded)
+    without_shared.model.get_submodule("model.layers.1.mlp.shared_experts.down_proj").weight.data.zero_()
+    kl = kl_per_token(Reference.from_logits(_logits(loaded, ids)), _logits(without_shared, ids)).double().mean()
+    assert result.blocks[1]["ablation_kl_shared_expert"] == pytest.approx(kl.item(), rel=1e-3) and kl > 0
 
     block, expert = 2, 1
     chosen = []
@@ -294,8 +299,9 @@ def _converter_or_none(find):
 
 @pytest.mark.parametrize("model_type", MOE_FAMILIES)
 def test_plan_quantize_and_eval_each_family(model_type, tmp_path):
-    """Every MoE row end to end at expert granularity: the plan's experts take different options,
-    the quantized model is evaluated, and an HF export of it reloads in plain transformers."""
+    """Every MoE row end to end: a profile with every ablation, then at expert granularity a plan
+    whose experts take different options, the quantized model evaluated, and an HF export of it
+    reloaded in plain transformers."""
     from layerwise.apply.quantize import quantize_
     from layerwise.evaluate import base_outputs, evaluate
     from layerwise.export.run import run_export
@@ -303,12 +309,16 @@ def test_plan_quantize_and_eval_each_family(model_type, tmp_path):
 
     save_tiny(model_type, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
+    moe_blocks = [b for b in range(BLOCKS) if b not in loaded.adapter.dense_blocks]
+    profile = profile_model(loaded, token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128),
+                            ablation=True, weights=False, progress=False)
+    assert len(profile.experts) == len(moe_blocks) * EXPERTS
+    assert all(profile.blocks[b]["ablation_kl_mlp"] > 0 and profile.blocks[b]["router_entropy"] > 0 for b in moe_blocks)
     outcome = run_plan(loaded, bits_per_weight=5.0, options="int4g64,int8g64", granularity="expert", tokens=256,
                        fitness_tokens=128, check_tokens=256, seq_len=128, allocator="exact",
                        out=tmp_path / "plan.json", progress=False)
     experts = [unit for unit in outcome.table.units if unit.kind == "expert"]
     # DeepSeek's first block is dense: its MLP is one unit.
-    moe_blocks = [b for b in range(BLOCKS) if b not in loaded.adapter.dense_blocks]
     assert len(experts) == len(moe_blocks) * EXPERTS
     assert [unit.block for unit in outcome.table.units if unit.kind == "mlp"] == list(loaded.adapter.dense_blocks)
     windows = token_windows(loaded.tokenizer, EVALUATION_TEXT, tokens=256, seq_len=128)

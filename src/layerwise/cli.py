@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--ablation", default="none",
-                   help="none, all, or a comma list of block,attn,mlp (and expert, in mixture-of-experts models: "
-                        "the router may not choose it): KL when each unit is skipped")
+                   help="none, all, or a comma list of block,attn,mlp (and in mixture-of-experts models expert: "
+                        "the router may not choose it, and shared_expert): KL when each unit is skipped")
     p.add_argument("--lens-positions", type=_positive_int, default=None,
                    help="positions per window decoded by the logit lens (default: as many as cost ~10%% of a forward pass)")
     p.add_argument("--no-weights", action="store_true", help="skip per-linear weight statistics")

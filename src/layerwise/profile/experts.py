@@ -124,9 +124,15 @@ class ExpertAccumulator:
         return rows
 
 
+def shared_expert_path(adapter: Adapter) -> str | None:
+    """The shared expert's module inside an MoE block (Qwen's "mlp.shared_expert", DeepSeek's
+    "mlp.shared_experts"), or None."""
+    return next((path.rsplit(".", 1)[0] for paths in adapter.linears.values() for path in paths
+                 if ".shared_expert" in path), None)
+
+
 def has_shared_expert(adapter: Adapter) -> bool:
-    # Qwen's "shared_expert", DeepSeek's "shared_experts".
-    return any(".shared_expert" in path for paths in adapter.linears.values() for path in paths)
+    return shared_expert_path(adapter) is not None
 
 
 @contextlib.contextmanager

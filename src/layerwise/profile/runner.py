@@ -11,7 +11,7 @@ import torch
 
 from layerwise.data.windows import TokenWindows, token_windows
 from layerwise.engine.divergence import Reference, kl_per_token
-from layerwise.engine.hooks import BlockCall, capture_blocks
+from layerwise.engine.hooks import BlockCall, capture_blocks, zero_output
 from layerwise.engine.replay import UNIT_KINDS, StopForward, blocks_run, logits_without
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import get_adapter
@@ -19,7 +19,7 @@ from layerwise.models.experts import without_experts
 from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.models.streaming import by_part, held
-from layerwise.profile.experts import ExpertAccumulator, has_shared_expert, observing_experts
+from layerwise.profile.experts import ExpertAccumulator, has_shared_expert, observing_experts, shared_expert_path
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
 from layerwise.profile.result import ProfileResult
@@ -31,7 +31,9 @@ from layerwise.util.progress import progress_bars
 
 # Ablation kinds of the profile: the units of engine/replay.py, and in mixture-of-experts models
 # each routed expert (the router may not choose it).
-ABLATION_KINDS = UNIT_KINDS + ("expert",)
+# Mixture-of-experts models add each routed expert (the router may not choose it) and, where
+# there is one, the shared expert (its output zeroed).
+ABLATION_KINDS = UNIT_KINDS + ("expert", "shared_expert")
 
 
 @dataclass
@@ -80,9 +82,22 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
                 if kind == "expert":
                     _ablate_experts(loaded, calls, index, base, acc.experts, on_ablation_step)
                     continue
-                kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
+                if kind == "shared_expert":
+                    if index in adapter.dense_blocks:
+                        continue
+                    shared = blocks_of(model, adapter)[index].get_submodule(shared_expert_path(adapter))
+                    with zero_output(shared):
+                        kl = kl_per_token(base, logits_without(model, adapter, calls, index, None))
+                else:
+                    kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
                 combine(acc.ablation[kind][index], {"total": kl.double().sum().item(), "count": float(kl.numel())})
                 on_ablation_step(blocks_run(len(calls), index, kind))
+
+
+def _ablations_per_block(adapter, index: int, kind: str) -> int:
+    if kind in ("expert", "shared_expert") and index in adapter.dense_blocks:
+        return 0
+    return adapter.n_experts if kind == "expert" else 1
 
 
 def _ablate_experts(loaded: LoadedModel, calls: list[BlockCall], index: int, base: Reference,
@@ -142,12 +157,13 @@ def profile_model(
     if batch_size <= 0:
         raise LayerwiseError(f"batch_size must be positive, got {batch_size}")
     moe = loaded.adapter.experts is not None
-    available = ABLATION_KINDS if moe else UNIT_KINDS
+    available = (UNIT_KINDS + ("expert",) + (("shared_expert",) if has_shared_expert(loaded.adapter) else ())
+                 if moe else UNIT_KINDS)
     kinds = tuple(available if ablation is True else (ablation or ()))
     unknown = set(kinds) - set(available)
     if unknown:
         raise LayerwiseError(f"unknown ablation kind(s) {sorted(unknown)}; choose from {', '.join(available)}"
-                             + ("" if moe else " ('expert' needs a mixture-of-experts model)"))
+                             + ("" if moe else " ('expert' and 'shared_expert' need a mixture-of-experts model)"))
     if moe:
         loaded.require_in_memory("the profile of a mixture-of-experts model")
     n_blocks = loaded.n_blocks
@@ -166,8 +182,7 @@ def profile_model(
     with progress_bars(progress) as bars:
         task = bars.add_task("profiling", total=len(batches))
         ablation_task = bars.add_task("ablation (block runs)", total=len(batches) * sum(
-            blocks_run(n_blocks, i, k) * (0 if i in loaded.adapter.dense_blocks else loaded.adapter.n_experts
-                                          if k == "expert" else 1)
+            blocks_run(n_blocks, i, k) * _ablations_per_block(loaded.adapter, i, k)
             for k in kinds for i in range(n_blocks))) if kinds else None
 
         def on_ablation_step(blocks: int) -> None:
@@ -196,7 +211,9 @@ def profile_model(
         if zd:
             row["zd"] = zd[index]
         for kind, partials in acc.ablation.items():
-            row[f"ablation_kl_{kind}"] = partials[index]["total"] / partials[index]["count"]
+            # None where the block has nothing of the kind (a dense block's shared expert).
+            row[f"ablation_kl_{kind}"] = (partials[index]["total"] / partials[index]["count"]
+                                          if partials[index] else None)
         if acc.experts is not None:
             row |= acc.experts.block_columns(index)
         rows.append(row)
@@ -230,7 +247,8 @@ def column_descriptions(kinds: Sequence[str] = UNIT_KINDS, weights: bool = True)
         columns["zd"] = "block ZD: its linears' ZD weighted by size (Layer-Wise Quantization)"
         columns |= {name: metric.description for name, metric in WEIGHT_METRICS.items()}
     for kind in kinds:
-        what = {"block": "the whole block", "attn": "the attention sublayer", "mlp": "the MLP sublayer"}[kind]
+        what = {"block": "the whole block", "attn": "the attention sublayer", "mlp": "the MLP sublayer",
+                "shared_expert": "the shared expert (empty in dense blocks)"}[kind]
         columns[f"ablation_kl_{kind}"] = f"KL(model || model without {what}), nats/token"
     return columns
 
