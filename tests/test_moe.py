@@ -191,6 +191,12 @@ def test_expert_units(loaded):
     assert len(mlp) == BLOCKS and len(mlp[0].modules) == 3 * EXPERTS + 3 * shared
     with pytest.raises(LayerwiseError, match="mixture-of-experts"):
         units_of(load_model(STORIES).adapter, 5, "expert")
+    # Experts are dropped by `layerwise drop --experts`, not by a plan's per-unit choice.
+    from layerwise.measure.run import run_plan
+
+    with pytest.raises(LayerwiseError, match="drop MODEL --experts"):
+        run_plan(loaded, bits_per_weight=5.0, options="int4g64,drop", granularity="expert", tokens=256,
+                 seq_len=128, progress=False)
 
 
 def test_dropped_experts_checkpoint_loads_in_plain_transformers(folder, windows, tmp_path):

@@ -230,6 +230,10 @@ def measure_sensitivity(
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:
         units = edge_units(adapter, loaded.n_blocks, tied=head_is_tied(loaded)) + units
+    if DROP in configs and granularity == "expert":
+        raise LayerwiseError("the option 'drop' takes whole blocks or sublayers; routed experts are dropped by "
+                             "`layerwise drop MODEL --experts N` (the same number from every block, as the config "
+                             "counts them once); use --granularity block or sublayer")
     if DROP in configs and granularity == "linear":
         raise LayerwiseError("the option 'drop' needs whole blocks or sublayers as units, not single linears; "
                              "use --granularity block or sublayer")
