@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -197,6 +198,27 @@ def test_expert_units(loaded):
     with pytest.raises(LayerwiseError, match="drop MODEL --experts"):
         run_plan(loaded, bits_per_weight=5.0, options="int4g64,drop", granularity="expert", tokens=256,
                  seq_len=128, progress=False)
+
+
+def test_routers_stay_in_float_unless_a_rule_names_them(loaded, windows):
+    from layerwise.apply.quantize import plan_targets, quantize_
+    from layerwise.plan import Plan
+    from layerwise.quant import QuantConfig
+
+    plan = Plan(QuantConfig("int", 4, 32))
+    router = f"model.layers.1.{loaded.adapter.router}"
+    assert router not in plan_targets(loaded, plan)
+    pattern = "re:.*\\." + re.escape(loaded.adapter.router) + "$"
+    named = plan.override(pattern, QuantConfig("int", 8, 32))
+    targets = plan_targets(loaded, named)
+    assert sum(name.endswith(loaded.adapter.router) for name in targets) == BLOCKS and targets[router].bits == 8
+    quantized = copy.deepcopy(loaded)
+    stored = quantize_(quantized, named, progress=False)
+    weight = quantized.model.get_submodule(router).weight
+    assert torch.equal(weight, stored[router].dequantize().to(weight.dtype))
+    assert not torch.equal(weight, loaded.model.get_submodule(router).weight)
+    with pytest.raises(LayerwiseError, match="only round-to-nearest"):
+        plan_targets(loaded, plan.override(pattern, QuantConfig("int", 8, 32, algorithm="gptq")))
 
 
 def test_dropped_experts_checkpoint_loads_in_plain_transformers(folder, windows, tmp_path):

@@ -14,7 +14,7 @@ from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
 from layerwise.engine.replay import call_arguments
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import block_linears, blocks_of, linear_weight
+from layerwise.models.layout import block_linears, blocks_of, has_experts, linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import by_part, held, write_linear
 from layerwise.plan.plan import Plan
@@ -25,10 +25,20 @@ from layerwise.quant.qtensor import QTensor
 from layerwise.util.progress import progress_bars
 
 
+def named_only(loaded: LoadedModel) -> list[str]:
+    """Modules a plan quantizes only where a rule names them: the token embedding, the output
+    head, and the routers of mixture-of-experts blocks (kept in float by default: small, and
+    every token's choice of experts goes through them)."""
+    adapter = loaded.adapter
+    routers = [f"{adapter.blocks}.{index}.{adapter.router}"
+               for index, block in enumerate(blocks_of(loaded.model, adapter)) if has_experts(block, adapter)]
+    return [adapter.embed, adapter.lm_head, *routers]
+
+
 def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
     """Module name -> config for every module `plan` quantizes in this model (not those it drops)."""
     linears = [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
-    others = [loaded.adapter.embed, loaded.adapter.lm_head]
+    others = named_only(loaded)
     dropped = set(plan_dropped(loaded, plan))
     targets = {name: config for name, config in plan.resolve(linears, others).items() if name not in dropped}
     for name, config in targets.items():
@@ -36,7 +46,7 @@ def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
             targets[name] = config.for_columns(linear_weight(loaded.model.get_submodule(name)).shape[1])
     for name in others:
         if name in targets and targets[name].algorithm != "rtn":
-            raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the blocks, "
+            raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the block linears, "
                                  f"not {targets[name].algorithm!r}")
     return targets
 
@@ -45,8 +55,7 @@ def plan_fallbacks(loaded: LoadedModel, plan: Plan) -> dict[str, str]:
     """Module -> "asked -> used" for every K-quant the plan asks for on rows it does not fit
     (remainder="fallback"), as llama.cpp would write it."""
     linears = [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
-    others = [loaded.adapter.embed, loaded.adapter.lm_head]
-    asked = plan.resolve(linears, others)
+    asked = plan.resolve(linears, named_only(loaded))
     used = plan_targets(loaded, plan)
     return {name: f"{asked[name].format} -> {config.format}" for name, config in used.items()
             if config.format != asked[name].format}

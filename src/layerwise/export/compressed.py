@@ -27,6 +27,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.export.registry import ExportJob, register_exporter
 from layerwise.models.adapters import expert_of
 from layerwise.models.experts import fused_experts
+from layerwise.models.layout import block_linears
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder
@@ -119,11 +120,10 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
                              "pip install 'layerwise[serve]'") from None
     from safetensors.torch import save_file
 
-    linears = set(stored)
-    outside = sorted(name for name in linears if not name.startswith(loaded.adapter.blocks + "."))
+    outside = sorted(set(stored) - {name for _, name, _ in block_linears(loaded.model, loaded.adapter)})
     if outside:
-        raise LayerwiseError(f"{outside[0]}: pack-quantized covers the block linears only; keep embeddings and "
-                             "the LM head unquantized in the plan")
+        raise LayerwiseError(f"{outside[0]}: pack-quantized covers the block linears only; keep embeddings, "
+                             "the LM head and routers unquantized in the plan")
     check_plan_representable({name: q.config for name, q in stored.items()})
     # Routed experts get a group of their own, named by "re:" targets that mention "experts": how
     # transformers finds the group to read the experts with.
