@@ -1,5 +1,5 @@
 """GGUF export of every mixture-of-experts and hybrid family, refereed by llama.cpp: a tiny random
-model of each family is planned with GGUF types, exported, and each planned tensor of the file is
+model of each family is given a plan of two GGUF types, exported, and each planned tensor of the file is
 compared with the float tensor llama.cpp's own converter writes under that name (so a module put
 under the wrong name, in the wrong expert slot or in the wrong row order fails); llama-perplexity
 then runs the file.
@@ -49,18 +49,18 @@ def test_planned_gguf_holds_the_converters_tensors_quantized(model_type, convert
 
     from layerwise.export.convert import convert_to_gguf
     from layerwise.export.run import run_export
-    from layerwise.measure.run import run_plan
     from layerwise.models import load_model
+    from layerwise.plan import Plan
+    from layerwise.plan.options import parse_option
     from layerwise.quant import gguf_blocks
 
     folder = tmp_path / "m"
     save_tiny(model_type, folder, tokenizer=bpe_tokenizer, vocab_size=49152)
     loaded = load_model(folder)
-    run_plan(loaded, bits_per_weight=6.0, options="q4_0,q8_0", granularity="sublayer", tokens=256,
-             fitness_tokens=128, check_tokens=256, seq_len=128, allocator="exact", out=tmp_path / "plan.json",
-             progress=False)
+    # Token mixers at one type, feed-forward (experts included) at the other.
+    plan = Plan(parse_option("q4_0")).override("re:.*\\.(mlp|feed_forward)\\..*(proj|w[123])$", parse_option("q8_0"))
     out = tmp_path / "planned.gguf"
-    run_export(folder, plan=tmp_path / "plan.json", format="gguf", out=out, converter=converter, progress=False)
+    run_export(folder, plan=plan, format="gguf", out=out, converter=converter, progress=False)
 
     float_file = convert_to_gguf(loaded.source, tmp_path / "float.gguf", torch.float32, converter,
                                  loaded.adapter.converter_args)
@@ -69,6 +69,7 @@ def test_planned_gguf_holds_the_converters_tensors_quantized(model_type, convert
                if tensor.tensor_type.name in ("Q4_0", "Q8_0") and tensor.name.startswith("blk.")]
     # Every block's attention (or mixer) and feed-forward weights were planned.
     assert {tensor.name.split(".")[1] for tensor in planned} == {str(b) for b in range(loaded.n_blocks)}
+    assert {tensor.tensor_type.name for tensor in planned} == {"Q4_0", "Q8_0"}
     assert any("exps" in tensor.name for tensor in planned) == (loaded.adapter.experts is not None)
     for tensor in planned:
         reference = floats[tensor.name]

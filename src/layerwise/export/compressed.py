@@ -56,12 +56,13 @@ def checkpoint_names(loaded: LoadedModel, modules: list[str]) -> dict[str, str]:
 
     model, adapter = loaded.model, loaded.adapter
     names = {}
-    for module in (m for m in modules if expert_of(m) < 0):
-        reverted = list(revert_weight_conversion(model, {f"{module}.weight": torch.zeros(1)}))
-        if len(reverted) != 1 or not reverted[0].endswith(".weight"):
-            raise LayerwiseError(f"{module}: its checkpoint splits or merges it ({reverted}); pack-quantized cannot "
-                                 "store it")
-        names[module] = reverted[0].removesuffix(".weight")
+    plain = [m for m in modules if expert_of(m) < 0]
+    # One stand-in per linear, its value its position in `plain`.
+    reverted = revert_weight_conversion(model, {f"{m}.weight": torch.tensor([float(i)]) for i, m in enumerate(plain)})
+    for key, value in reverted.items():
+        if value.numel() != 1 or not key.endswith(".weight"):
+            raise LayerwiseError(f"{key}: its checkpoint splits or merges this weight; pack-quantized cannot store it")
+        names[plain[int(value.item())]] = key.removesuffix(".weight")
     blocks = sorted({m.removeprefix(adapter.blocks + ".").split(".", 1)[0] for m in modules if expert_of(m) >= 0})
     for block in blocks:
         prefix = f"{adapter.blocks}.{block}.{adapter.experts}"

@@ -78,8 +78,9 @@ def _find_by_rows(loaded: LoadedModel, module: str, existing: dict, claimed: set
             found.append((name, indices))
             taken[indices] = True
     if not found or not taken.all() or sum(len(indices) for _, indices in found) != weight.shape[0]:
-        raise LayerwiseError(f"the source GGUF holds {module} in no tensor named for it and not as a reordering of "
-                             "its rows (its converter changes the values); it cannot take our quantized codes")
+        raise LayerwiseError(f"the source GGUF has no tensor for {module}, neither by name nor holding its rows "
+                             "(a GGUF of another model, or a converter that changes this weight's values, which "
+                             "our quantized codes then cannot stand for)")
     return found
 
 

@@ -102,7 +102,10 @@ def _set_depth(model: nn.Module, adapter: Adapter, blocks: list[nn.Module], laye
     setattr(parent, attribute, nn.ModuleList(blocks))
     model.config.num_hidden_layers = len(blocks)
     if layer_types is not None:
-        model.config.layer_types = layer_types
+        try:
+            model.config.layer_types = layer_types
+        except AttributeError:  # derived from the depth (Falcon-H1's all-"hybrid" list): already right
+            pass
 
 
 @contextlib.contextmanager
