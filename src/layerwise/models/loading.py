@@ -16,8 +16,8 @@ from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter, get_adapter
 from layerwise.models.checkpoint import SafetensorsTensors, read_model
 from layerwise.models.experts import split_experts
-from layerwise.models.multipliers import fold_multipliers
 from layerwise.models.integrity import check_finite, check_gguf, check_weight_files
+from layerwise.models.multipliers import fold_multipliers
 from layerwise.models.streaming import StreamedWeights, stream_model
 from layerwise.util.meta import file_fingerprint, files_fingerprint
 

@@ -157,7 +157,7 @@ def profile_model(
     if batch_size <= 0:
         raise LayerwiseError(f"batch_size must be positive, got {batch_size}")
     moe = loaded.adapter.experts is not None
-    available = (UNIT_KINDS + ("expert",) + (("shared_expert",) if has_shared_expert(loaded.adapter) else ())
+    available = (tuple(kind for kind in ABLATION_KINDS if kind != "shared_expert" or has_shared_expert(loaded.adapter))
                  if moe else UNIT_KINDS)
     kinds = tuple(available if ablation is True else (ablation or ()))
     unknown = set(kinds) - set(available)
