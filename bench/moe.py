@@ -10,8 +10,10 @@ importance matrix (the same llama-imatrix file for both), judged by `llama-perpl
 --kl-divergence` against the float GGUF on WikiText-2 test, beside stock Q4_0 with and without it.
 
     python bench/moe.py        # trains the model first if bench/out/tiny-moe is missing (~15 min)
+    python bench/moe.py --only reload   # just the dropped-experts checkpoint, reloaded elsewhere
 
-Writes bench/results/moe.json. The model is small and trained here: the numbers describe it, not
+The checkpoint with experts dropped by ablation is saved and read back by plain transformers in a
+fresh process, whose logits must be the pruned model's. Writes bench/results/moe.json. The model is small and trained here: the numbers describe it, not
 published MoE models.
 """
 from __future__ import annotations
@@ -54,10 +56,22 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--drop", type=int, default=2, help="experts dropped per block (default 2 of 8)")
     parser.add_argument("--name", default="moe")
+    parser.add_argument("--only", choices=["all", "reload"], default="all",
+                        help="reload: only drop experts by ablation and read the checkpoint back in a fresh process")
     args = parser.parse_args()
 
     folder = tiny_moe()
     loaded = load_model(folder)
+    if args.only == "reload":
+        pruned = copy.deepcopy(loaded)
+        choice = choose_experts(pruned, calibration_windows(loaded.tokenizer, None, tokens=2048, seed=1), args.drop,
+                                "ablation", progress=False)
+        drop_experts_(pruned, choice.dropped)
+        check = reload_check(pruned)
+        print(f"dropped {args.drop}/block by ablation, reloaded by plain transformers in a fresh process: "
+              f"max |logit difference| {check['max_abs_logit_diff']:.2e}", flush=True)
+        write_results(f"{args.name}_reload", {"model": str(folder), "dropped": choice.dropped} | check)
+        return
     calibration = calibration_windows(loaded.tokenizer, None, tokens=4096, seed=0)  # the shipped mix
     start = time.perf_counter()
     profile = profile_model(loaded, calibration, ablation=["expert"], weights=False, progress=False)
@@ -102,7 +116,8 @@ def main() -> None:
         judge(f"drop {args.drop}/expert-block by {by}", pruned,
               {"dropped": {str(b): e for b, e in choice.dropped.items()}, "parameters": weights,
                "parameters_before": sum(p.numel() for p in loaded.model.parameters()),
-               "forward_equivalents": choice.forward_equivalents})
+               "forward_equivalents": choice.forward_equivalents}
+              | (reload_check(pruned) if by == "ablation" else {}))
 
     _add_ratios(rows)
     gguf = gguf_rows(folder, loaded) if os.environ.get("LAYERWISE_LLAMA_CPP_BIN") else []
@@ -117,6 +132,37 @@ def main() -> None:
     for row in gguf:
         print(f"GGUF {row['file']:28s} {row['bytes']:>10,d} bytes  mean KLD {row['mean_kld']:.5f} "
               f"± {row['mean_kld_pm']:.5f}  99.9% {row['kld_p999']:.4f}  same top {row['same_top']:.2f}%")
+
+
+RELOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits
+print(json.dumps({"logits": logits.flatten().tolist(), "experts": model.config.num_local_experts}))
+"""
+
+
+def reload_check(pruned) -> dict:
+    """Save the pruned model as a plain checkpoint, read it back with plain transformers in a fresh
+    process, and compare its logits on one window with the pruned model's."""
+    import subprocess
+
+    from layerwise.models.saving import save_plain
+
+    ids = calibration_windows(pruned.tokenizer, None, tokens=256, seed=2).input_ids[:1]
+    with tempfile.TemporaryDirectory(prefix="layerwise-moe-dropped-") as folder:
+        save_plain(pruned, Path(folder) / "model")
+        done = subprocess.run([sys.executable, "-c", RELOAD, str(Path(folder) / "model"), json.dumps(ids.tolist())],
+                              capture_output=True, text=True, check=True)
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    with torch.no_grad():
+        ours = pruned.model(input_ids=ids).logits.flatten()
+    difference = (torch.tensor(theirs["logits"]) - ours).abs().max().item()
+    if difference > 1e-4:
+        raise SystemExit(f"the dropped checkpoint reloads to different logits (max |difference| {difference:.2e})")
+    return {"reloaded_experts": theirs["experts"], "max_abs_logit_diff": difference}
 
 
 def gguf_rows(folder: Path, loaded) -> list[dict]:
