@@ -2,7 +2,8 @@
 model of each family is given a plan of two GGUF types, exported, and each planned tensor of the file is
 compared with the float tensor llama.cpp's own converter writes under that name (so a module put
 under the wrong name, in the wrong expert slot or in the wrong row order fails); llama-perplexity
-then runs the file.
+then runs the file. The importance matrix and the file as a size reference (`--budget-like`) use
+the same names: checked against the file too.
 
 llama.cpp's converter reads a family's tokenizer by its own rules (most want a byte-level BPE whose
 pre-tokenizer it recognises), so these models carry SmolLM2's tokenizer, rebuilt from the shared
@@ -80,6 +81,23 @@ def test_planned_gguf_holds_the_converters_tensors_quantized(model_type, convert
         # tensor from the wrong module, slot or row order is off by ~140%.
         error = np.linalg.norm(ours - reference) / np.linalg.norm(reference)
         assert error < (0.12 if tensor.tensor_type.name == "Q4_0" else 0.01), (tensor.name, error)
+
+    # Every importance-matrix entry names a tensor of the file, with its row length; read as a size
+    # reference, the file gives the planned modules exactly its planned tensors' bytes.
+    from layerwise.data.windows import token_windows
+    from layerwise.models.gguf_reference import read_reference
+    from layerwise.models.layout import block_linears
+    from layerwise.quant.imatrix import collect_imatrix
+
+    imatrix = collect_imatrix(loaded, token_windows(loaded.tokenizer, EVALUATION_TEXT, tokens=256, seq_len=128),
+                              progress=False)
+    planned_names = {tensor.name for tensor in planned}
+    assert set(imatrix.sums) == planned_names
+    for name, sums in imatrix.sums.items():
+        assert sums.shape[-1] == floats[name].shape[-1], name
+    modules = [name for _, name, _ in block_linears(loaded.model, loaded.adapter)]
+    reference = read_reference(loaded, out, modules)
+    assert sum(reference.tensor_bytes.values()) == sum(int(tensor.n_bytes) for tensor in planned)
 
     text = tmp_path / "text.txt"
     text.write_text(EVALUATION_TEXT.read_text()[:20_000])

@@ -71,8 +71,11 @@ class Adapter:
     # mixer. `block_kinds` is filled in from the config.
     mixers: Mapping[str, Mixer] | None = None
     block_kinds: tuple[str, ...] = ()
-    # Extra arguments for llama.cpp's convert_hf_to_gguf.py (GGUF export of a Hugging Face model).
+    # Extra arguments for llama.cpp's convert_hf_to_gguf.py (GGUF export of a Hugging Face model),
+    # and the linears it splits by rows into several GGUF tensors (path in the block -> their names
+    # in "blk.N.", which gguf-py's name map does not give).
     converter_args: tuple[str, ...] = ()
+    gguf_splits: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Constant multipliers folded into the weights on load (`models/multipliers.py` FOLDS).
     fold: str | None = None
 
@@ -265,6 +268,7 @@ ADAPTERS.update({
                                                                       "linear_attn.in_proj_ba"),
                                                           "attn_out": ("linear_attn.out_proj",)})},
         converter_args=("--no-mtp",),
+        gguf_splits={"linear_attn.in_proj_qkvz": ("attn_qkv", "attn_gate")},
     ),
 })
 

@@ -57,3 +57,17 @@ def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None 
             raise LayerwiseError(f"no GGUF tensor name for {module} in architecture {arch!r}")
         names[module] = f"{mapped}.weight"
     return names
+
+
+def gguf_tensor_parts(loaded: LoadedModel, modules: list[str], arch: str | None = None) -> dict[str, tuple[str, ...]]:
+    """HF module name -> the GGUF tensors holding it: the one gguf-py's map names, or the pieces
+    llama.cpp's converter splits it into by rows (the adapter's `gguf_splits`; each piece reads the
+    module's whole input, so an importance matrix row serves them all)."""
+    prefix = loaded.adapter.blocks + "."
+    parts: dict[str, tuple[str, ...]] = {}
+    for module in modules:
+        block, _, path = module.removeprefix(prefix).partition(".")
+        if module.startswith(prefix) and path in loaded.adapter.gguf_splits:
+            parts[module] = tuple(f"blk.{block}.{piece}.weight" for piece in loaded.adapter.gguf_splits[path])
+    names = gguf_tensor_names(loaded, [module for module in modules if module not in parts], arch)
+    return {module: parts.get(module) or (names[module],) for module in modules}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.gguf_names import gguf_architecture, gguf_tensor_names
+from layerwise.models.gguf_names import gguf_architecture, gguf_tensor_parts
 from layerwise.models.loading import LoadedModel
 from layerwise.util.meta import file_fingerprint
 
@@ -60,21 +60,26 @@ def read_reference(loaded: LoadedModel, path: str | Path, modules: list[str]) ->
     ours = gguf_architecture(loaded)
     if arch != ours:
         raise LayerwiseError(f"{path.name} is a GGUF of architecture {arch!r}, this model's is {ours!r}")
-    names = gguf_tensor_names(loaded, modules, ours)
+    parts = gguf_tensor_parts(loaded, modules, ours)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
-    by_tensor: dict[str, list[str]] = {}
+    # Modules sharing a tensor (the routed experts of a block), or pieces of one module (a split).
+    by_tensors: dict[tuple[str, ...], list[str]] = {}
     for module in modules:
-        by_tensor.setdefault(names[module], []).append(module)
+        by_tensors.setdefault(parts[module], []).append(module)
     sizes, types = {}, {}
-    for name, members in by_tensor.items():
-        tensor = tensors.get(name)
+    for names, members in by_tensors.items():
+        found = [tensors.get(name) for name in names]
         counts = [loaded.model.get_submodule(module).weight.numel() for module in members]
         weights = sum(counts)
-        if tensor is None or int(tensor.n_elements) != weights:
-            found = "absent" if tensor is None else f"{int(tensor.n_elements)} weights, not {weights}"
-            raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {name} is {found}")
+        elements = sum(int(tensor.n_elements) for tensor in found if tensor is not None)
+        if None in found or elements != weights:
+            what = "absent" if None in found else f"{elements} weights, not {weights}"
+            raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {' + '.join(names)} is {what}")
+        total_bytes = sum(int(tensor.n_bytes) for tensor in found)
         for module, count in zip(members, counts):
             # The routed experts of a block share one tensor: each is given its share of the bytes.
-            sizes[module] = int(tensor.n_bytes) * count // weights
-            types[module] = gguf.GGMLQuantizationType(int(tensor.tensor_type)).name
+            sizes[module] = total_bytes * count // weights
+            # A split module's pieces may differ in type: the costlier per weight speaks for it.
+            widest = max(found, key=lambda tensor: int(tensor.n_bytes) / int(tensor.n_elements))
+            types[module] = gguf.GGMLQuantizationType(int(widest.tensor_type)).name
     return ReferenceFile(str(path.resolve()), file_fingerprint(path), path.stat().st_size, sizes, types)

@@ -30,7 +30,7 @@ import torch
 from layerwise.data.windows import TokenWindows, bos_policy, encode_text, read_text
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import expert_of
-from layerwise.models.gguf_names import gguf_tensor_names
+from layerwise.models.gguf_names import gguf_tensor_parts
 from layerwise.models.layout import block_linears, linear_weight
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.util.files import atomic_path, check_output
@@ -208,7 +208,7 @@ def collect_imatrix(loaded: LoadedModel, windows: TokenWindows, *, include_outpu
     modules = {name: module for _, name, module in block_linears(model, adapter)}
     if include_output:
         modules[adapter.lm_head] = model.get_submodule(adapter.lm_head)
-    tensor_names = gguf_tensor_names(loaded, list(modules))
+    tensor_parts = gguf_tensor_parts(loaded, list(modules))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -234,7 +234,8 @@ def collect_imatrix(loaded: LoadedModel, windows: TokenWindows, *, include_outpu
     # precision the file stores, so that the object and its file weigh alike.
     rows: dict[str, dict[int, str]] = {}
     for name in modules:
-        rows.setdefault(tensor_names[name], {})[max(expert_of(name), 0)] = name
+        for tensor in tensor_parts[name]:
+            rows.setdefault(tensor, {})[max(expert_of(name), 0)] = name
     tensor_sums, tensor_counts = {}, {}
     for tensor, by_row in rows.items():
         names = [by_row[row] for row in range(len(by_row))]
@@ -260,7 +261,8 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) ->
     if imatrix.model_fingerprint and imatrix.model_fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"the importance matrix was computed on another model (fingerprint "
                              f"{imatrix.model_fingerprint[:16]}...), not {loaded.source.display}")
-    names = gguf_tensor_names(loaded, modules)
+    # A module split into several GGUF tensors reads one input: its first piece's entry serves.
+    names = {module: parts[0] for module, parts in gguf_tensor_parts(loaded, modules).items()}
     missing = [names[module] for module in modules if names[module] not in imatrix.sums]
     if missing:
         raise LayerwiseError(f"the importance matrix has no entry for {missing[0]}"
