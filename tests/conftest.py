@@ -44,6 +44,24 @@ def llama_cpp_bin() -> Path:
                              "them into DIR/bin"))
 
 
+def llama_perplexity(llama_cpp_bin: Path, model, text, *options) -> float:
+    """llama-perplexity's final estimate for `model` on `text`. Its logger writes from a thread, and
+    now and then (2 runs in 6 here) the process exits with status 0 before the last lines reach the
+    pipe: run again, up to three times."""
+    import re
+    import subprocess
+
+    for _ in range(3):
+        done = subprocess.run([str(part) for part in (llama_cpp_bin / "llama-perplexity", "-m", model, "-f", text,
+                                                      "-t", "2", *options)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+        if found:
+            return float(found[1])
+    raise AssertionError("llama-perplexity printed no final estimate in 3 runs:\n" + (done.stdout + done.stderr)[-3000:])
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per pytest-xdist worker: the workers share the cores rather than each taking all.
     # Processes a test starts inherit it, so a fresh process sums in the same order as the test

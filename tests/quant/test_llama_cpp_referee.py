@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2
+from conftest import CALIBRATION_TEXT, EVALUATION_TEXT, SMOLLM2, llama_perplexity
 from layerwise.quant import gguf_blocks
 from layerwise.quant.imatrix import Imatrix, run_imatrix
 
@@ -140,21 +140,9 @@ def test_llama_cpp_runs_gptq_on_gguf_grids_and_finds_it_better(llama_cpp_bin, te
         out = tmp_path / f"{algorithm}.gguf"
         report = run_export(STORIES, plan=plan, out=out, calib=CALIBRATION_TEXT if algorithm == "gptq" else None,
                             tokens=4096, converter=converter, progress=False)
-        results[algorithm] = _perplexity(llama_cpp_bin, out, held_out)
+        results[algorithm] = llama_perplexity(llama_cpp_bin, out, held_out, "-c", 256, "-b", 256, "--chunks", 20)
         results[algorithm + " bytes"] = report["file_bytes"]
     assert results["gptq bytes"] == results["rtn bytes"]
     assert results["gptq"] < results["rtn"], results
 
 
-def _perplexity(llama_cpp_bin, model, text) -> float:
-    """llama-perplexity's final estimate. Its logger writes from a thread, and now and then (2 runs
-    in 6 here) the process exits with status 0 before the last lines reach the pipe: run again."""
-    import re
-
-    for _ in range(3):
-        done = _run([llama_cpp_bin / "llama-perplexity", "-m", model, "-f", text, "-c", 256, "-b", 256,
-                     "--chunks", 20, "-t", "2"])
-        found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-        if found:
-            return float(found[1])
-    raise AssertionError("llama-perplexity printed no final estimate in 3 runs:\n" + (done.stdout + done.stderr)[-3000:])
