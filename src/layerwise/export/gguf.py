@@ -65,10 +65,12 @@ def _find_by_rows(loaded: LoadedModel, module: str, existing: dict, claimed: set
     found, taken = [], np.zeros(weight.shape[0], dtype=bool)
     for name, tensor in existing.items():
         if (not name.startswith(prefix) or name in claimed or tensor.data.ndim != 2
-                or tensor.tensor_type.name not in ("F32", "F16", "BF16")
-                or _float_rows(tensor).shape[1] != weight.shape[1]):
+                or tensor.tensor_type.name not in ("F32", "F16", "BF16")):
             continue
-        rows = torch.from_numpy(np.array(_float_rows(tensor)[:, columns]))
+        values = _float_rows(tensor)
+        if values.shape[1] != weight.shape[1]:
+            continue
+        rows = torch.from_numpy(np.array(values[:, columns]))
         distances = torch.cdist(rows, ours)
         nearest = distances.topk(min(2, weight.shape[0]), dim=1, largest=False)
         best = nearest.values[:, 0]

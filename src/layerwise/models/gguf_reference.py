@@ -76,10 +76,10 @@ def read_reference(loaded: LoadedModel, path: str | Path, modules: list[str]) ->
             what = "absent" if None in found else f"{elements} weights, not {weights}"
             raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {' + '.join(names)} is {what}")
         total_bytes = sum(int(tensor.n_bytes) for tensor in found)
+        # A split module's pieces may differ in type: the costlier per weight speaks for it.
+        widest = max(found, key=lambda tensor: int(tensor.n_bytes) / int(tensor.n_elements))
         for module, count in zip(members, counts):
             # The routed experts of a block share one tensor: each is given its share of the bytes.
             sizes[module] = total_bytes * count // weights
-            # A split module's pieces may differ in type: the costlier per weight speaks for it.
-            widest = max(found, key=lambda tensor: int(tensor.n_bytes) / int(tensor.n_elements))
             types[module] = gguf.GGMLQuantizationType(int(widest.tensor_type)).name
     return ReferenceFile(str(path.resolve()), file_fingerprint(path), path.stat().st_size, sizes, types)

@@ -29,10 +29,9 @@ from layerwise.util.meta import run_metadata
 from layerwise.util.progress import progress_bars
 
 
-# Ablation kinds of the profile: the units of engine/replay.py, and in mixture-of-experts models
-# each routed expert (the router may not choose it).
-# Mixture-of-experts models add each routed expert (the router may not choose it) and, where
-# there is one, the shared expert (its output zeroed).
+# Ablation kinds of the profile: the units of engine/replay.py; mixture-of-experts models add each
+# routed expert (the router may not choose it) and, where there is one, the shared expert (its
+# output zeroed).
 ABLATION_KINDS = UNIT_KINDS + ("expert", "shared_expert")
 
 
