@@ -54,6 +54,7 @@ def test_pareto_from_the_saved_table(measured, tmp_path):
     (["--budget", "4", "--allocator", "magic"], "unknown allocator"),
     (["--budget", "4", "--sensitivity", "magic"], "unknown sensitivity estimator 'magic'"),
     (["--budget", "4", "--sensitivity", "auto"], "filled by the 'measured' estimator, not 'fisher'"),
+    (["--budget", "4", "--sensitivity", "auto", "--refine", "2"], r"refine=2.0: give the share"),
     ([], "give exactly one budget"),
     (["--budget", "4", "--budget-like", "x.gguf"], "give exactly one budget"),
     (["--budget-like", "missing.gguf"], "reference file missing.gguf not found"),

@@ -158,7 +158,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                        allocator=args.allocator, objective=args.objective, granularity=args.granularity,
                        table=args.table, calib=_calibration(args.calib),
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
-                       statistics_tokens=args.statistics_tokens, estimator=args.sensitivity, generations=args.generations,
+                       statistics_tokens=args.statistics_tokens, estimator=args.sensitivity, refine=args.refine,
+                       generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
                        dtype=args.dtype, device=args.device, progress=not args.quiet)
     report = outcome.report
@@ -298,7 +299,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from layerwise.compress import run_compress
 
     outcome = run_compress(args.model, out=args.out, bits_per_weight=args.budget, budget_like=args.budget_like,
-                           format=args.format, options=args.options, estimator=args.sensitivity,
+                           format=args.format, options=args.options, estimator=args.sensitivity, refine=args.refine,
                            calib=_calibration(args.calib), eval_data=args.eval_data, tokens=args.tokens,
                            overwrite=args.overwrite, dtype=args.dtype, device=args.device, progress=not args.quiet)
     for step, path in outcome.artifacts.items():
@@ -471,11 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform (default 4096)")
     p.add_argument("--sensitivity", default="measured",
                    help="how the sensitivity table is filled: measured (KL with each unit quantized, the default), "
-                        "auto (the cheap estimator bench/sensitivity.py supports: fisher), "
+                        "auto (fisher, with the entries the plan hinges on measured: the cheap table "
+                        "bench/sensitivity.py supports), "
                         "local (each unit's block output error, scaled to KL once per block), weights (weight "
                         "error weighted by input mean squares, no pass per entry), fisher (1/2 F dW^2 with F the "
                         "diagonal Fisher information, a forward and a backward pass per window), noise (weights' estimate "
                         "scaled per unit by the KL of rounding-shaped noise, one downstream pass per unit)")
+    p.add_argument("--refine", type=float, default=None,
+                   help="with an estimated table, measure the entries the plan hinges on until the table has cost "
+                        "this share of the measured table's passes (default 0.1 with --sensitivity auto, else 0)")
     p.add_argument("--statistics-tokens", type=_positive_int, default=16384,
                    help="tokens, split over the domains, that gptq/awq options are fitted on in the table, the "
                         "search and the check; none of the other jobs uses them (default 16384, as quantize)")
@@ -538,7 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default=None,
                    help="per-unit choices (default: llama.cpp's types for gguf, int2g64..int8g64 otherwise)")
     p.add_argument("--sensitivity", default="auto",
-                   help="how the sensitivity table is filled (see plan; default auto, i.e. fisher: minutes, not hours)")
+                   help="how the sensitivity table is filled (see plan; default auto: fisher, refined where the plan "
+                        "hinges: minutes, not hours)")
+    p.add_argument("--refine", type=float, default=None,
+                   help="share of the measured table's passes the refined table may cost (see plan; default "
+                        "0.05 with --sensitivity auto, what keeps SmolLM2 well within 10 minutes)")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text, one domain per file; repeat for several (default: the shipped mix)")
     p.add_argument("--eval-data", default=None, help="evaluation text (never calibration text) for eval.json")

@@ -24,6 +24,10 @@ SCHEMA = "layerwise.compress"
 # GGUF types llama.cpp runs, for GGUF files; K-quants apply where rows are multiples of 256.
 GGUF_OPTIONS = "q4_0,q5_0,q8_0,q3_k,q4_k,q5_k,q6_k"
 IMATRIX_CHUNKS = 100
+# The share of the measured table's passes `auto`'s table may cost here, less than `plan`'s
+# REFINE_SHARE (whose plans bench/sensitivity.py judged) so that SmolLM2 keeps well within the 10
+# minutes `compress` is for (bench/compress.py: the refinement there is about 10 passes, 80 s).
+COMPRESS_REFINE = 0.05
 
 
 @dataclass
@@ -45,12 +49,12 @@ def _artifacts(out: Path, format: str, folder: bool, evaluating: bool) -> dict[s
     return paths
 
 
-def _settings(model, bits_per_weight, budget_like, format, options, estimator, calib, eval_data, eval_tokens,
-              tokens, check_tokens) -> dict:
+def _settings(model, bits_per_weight, budget_like, format, options, estimator, refine, calib, eval_data,
+              eval_tokens, tokens, check_tokens) -> dict:
     domains = {name: str(text) for name, text in calibration_domains(calib).items()}
     return {"model": str(model), "bits_per_weight": bits_per_weight,
             "budget_like": str(budget_like) if budget_like is not None else None, "format": format,
-            "options": options, "estimator": estimator, "calibration": domains,
+            "options": options, "estimator": estimator, "refine": refine, "calibration": domains,
             "eval_data": str(eval_data) if eval_data is not None else None, "eval_tokens": eval_tokens,
             "tokens": tokens, "check_tokens": check_tokens}
 
@@ -85,6 +89,7 @@ def run_compress(
     format: str = "gguf",
     options: str | Sequence[str] | None = None,
     estimator: str = "auto",
+    refine: float | None = None,
     calib: Calibration = None,
     eval_data: str | Path | None = None,
     eval_tokens: int = 40 * 512,
@@ -99,7 +104,9 @@ def run_compress(
     GGUF file `budget_like`) and write everything under `out`: profile/, imatrix.gguf (GGUF),
     sensitivity.json, plan.json (+ plan.report.json), model.gguf or model/ (the `format`),
     eval.json (with `eval_data`, which must not be calibration text) and report.html. Options
-    default to llama.cpp's types for GGUF and to `plan`'s for the other formats."""
+    default to llama.cpp's types for GGUF and to `plan`'s for the other formats. `refine`: the share
+    of the measured table's passes an estimated table may cost (`run_plan`; None: COMPRESS_REFINE
+    with the "auto" estimator, else 0)."""
     from layerwise.export import exporter_named
     from layerwise.export.run import run_export
     from layerwise.measure.estimators import estimator_named
@@ -115,9 +122,12 @@ def run_compress(
     if eval_data is not None and not Path(eval_data).is_file():
         raise LayerwiseError(f"evaluation text {eval_data} not found")
     options = options or (GGUF_OPTIONS if format == "gguf" else DEFAULT_OPTIONS)
+    if refine is None:
+        refine = COMPRESS_REFINE if estimator == "auto" else 0.0
     out = Path(out)
     settings = _settings(model, bits_per_weight, budget_like, format, options if isinstance(options, str)
-                         else ",".join(options), estimator, calib, eval_data, eval_tokens, tokens, check_tokens)
+                         else ",".join(options), estimator, refine, calib, eval_data, eval_tokens, tokens,
+                         check_tokens)
     _claim(out, settings, overwrite)
     paths = _artifacts(out, format, exporter.folder, eval_data is not None)
     outcome = CompressOutcome(out, paths)
@@ -157,6 +167,7 @@ def run_compress(
 
     step("plan", lambda path: run_plan(
         loaded, bits_per_weight=bits_per_weight, budget_like=budget_like, options=options, estimator=estimator,
+        refine=refine,
         granularity="linear" if format == "gguf" else None, table=out / "sensitivity.json", calib=calib,
         tokens=tokens, check_tokens=check_tokens, imatrix=paths.get("imatrix"), out=path, progress=progress))
     step("export", lambda path: run_export(model, format=format, plan=paths["plan"], out=path, calib=calib,

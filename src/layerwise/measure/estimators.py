@@ -316,15 +316,18 @@ ESTIMATORS: dict[str, Estimator] = {
     "fisher": Estimator("fisher", fisher_entry, _prepare_fisher),
     "noise": Estimator("noise", weights_entry, _prepare_weights, _finish_noise),
 }
-# `auto`: the cheap estimator whose plans came closest to the measured table's in bench/sensitivity.py
-# (SmolLM2, 0.018x its passes, test KL 1.00-1.04x); what `compress` uses by default. `plan` keeps
-# the measured table: on text the plan was not fitted on, fisher's plans lose more (bench/robust.py).
+# `auto`: fisher's table, with the entries the plan hinges on then measured (`layerwise.measure.refine`),
+# up to 0.1x the measured table's passes in all. In bench/sensitivity.py (SmolLM2) its plans' test KL
+# was 1.00x the measured table's at 3.25 bits and 1.016x [1.002, 1.030] (WikiText-2) and 1.013x
+# [0.999, 1.027] (code) at 4.25, for 0.095x the passes; fisher alone, 1.041x [1.030, 1.051] on
+# WikiText-2 at 4.25. What `compress` uses by default; `plan` keeps the measured table.
 AUTO_ESTIMATOR = "fisher"
 DEFAULT_ESTIMATOR = "measured"
 
 
 def estimator_named(name: str) -> Estimator:
-    """The estimator called `name`; "auto" is AUTO_ESTIMATOR (tables record the one that ran)."""
+    """The estimator called `name`; "auto" is AUTO_ESTIMATOR (tables record the one that ran; the plan
+    refines them, `run_plan(refine=)`)."""
     if name == "auto":
         name = AUTO_ESTIMATOR
     if name not in ESTIMATORS:

@@ -16,6 +16,7 @@ from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATIO
                                     token_windows)
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import DEFAULT_ESTIMATOR, estimator_named
+from layerwise.measure.refine import REFINE_SHARE, refine_table, save_refined
 from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, SEARCHING, allocate, uniform_choices_that_fit
@@ -240,6 +241,7 @@ def run_plan(
     check_tokens: int = 4096,
     statistics_tokens: int = 16384,
     estimator: str = DEFAULT_ESTIMATOR,
+    refine: float | None = None,
     seq_len: int = 512,
     generations: int = 10,
     offspring: int = 16,
@@ -262,7 +264,10 @@ def run_plan(
     into window slots once; the sensitivity table, the search's fitness and the never-worse check
     each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
     evenly over domains. `estimator` fills the table (`layerwise.measure.estimators`: "measured", the
-    default, or a cheaper estimate; "auto" is the cheap one bench/sensitivity.py supports). The
+    default, or a cheaper estimate; "auto" is the cheap one bench/sensitivity.py supports, with the
+    entries the plan hinges on measured). `refine` is the share of the measured table's passes an
+    estimated table may cost in all, the estimate's own passes counted, by measuring the entries
+    the plan hinges on (`layerwise.measure.refine`; None: REFINE_SHARE for "auto", else 0). The
     table keeps a column set per domain and `objective` (`layerwise.plan.objectives`) says how the
     allocator weighs them. The check measures the plan and every uniform option that fits the
     budget on every domain's held-out windows; unless the
@@ -278,6 +283,8 @@ def run_plan(
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     estimator_named(estimator)
+    if refine is not None and not 0.0 <= refine <= 1.0:
+        raise LayerwiseError(f"refine={refine}: give the share of the measured table's passes to spend, in [0, 1]")
     if allocator == "ordering":
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
@@ -307,11 +314,23 @@ def run_plan(
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
                                windows=table_windows, importance=importance, edges=edges, statistics=statistics,
                                estimator=estimator, progress=progress)
-    sensitivity = table_for_domains(measured, slots)
     if reference is not None:
-        budget = sensitivity.budget_bits(planned_bytes=reference.planned_bytes)
+        budget = measured.budget_bits(planned_bytes=reference.planned_bytes)
     else:
-        budget = sensitivity.budget_bits(bits_per_weight, total_bytes)
+        budget = measured.budget_bits(bits_per_weight, total_bytes)
+    if refine is None:
+        refine = REFINE_SHARE if estimator == "auto" else 0.0
+    refinement = None
+    if refine > 0 and measured.estimator != "measured":
+        windows = table_windows if new_table else rebuild_windows(loaded.tokenizer, measured.calibration)
+        if windows is None:
+            raise LayerwiseError(f"{table}'s calibration text cannot be found to measure the entries the plan hinges "
+                                 "on (refine 0 plans on the estimate alone)")
+        measured, refinement = refine_table(loaded, measured, windows, budget, objective, share=refine,
+                                            importance=importance, statistics=statistics, progress=progress)
+        if table is not None and refinement["entries"]:
+            save_refined(table, measured)
+    sensitivity = table_for_domains(measured, slots)
     problem = sensitivity.problem(budget, objective)
     jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching,
                             statistics=statistics)
@@ -376,6 +395,7 @@ def run_plan(
             "search": {"fitness_calls": fitness.calls, "forward_equivalents": fitness.forward_equivalents(),
                        "seconds": fitness.seconds},
             "sensitivity_cost": sensitivity.cost,
+            "refinement": refinement,
             "options": {unit.name: label if label == DROP else option_name(edge_config(unit, parse_option(label)))
                         for unit, label in zip(sensitivity.units, checked.labels(problem))},
         }

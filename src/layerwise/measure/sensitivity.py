@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -191,6 +192,75 @@ def _check_some_option_fits(units: list[Unit], configs: list, modules: dict) -> 
                                  "divides its rows")
 
 
+def _entry_evaluator(context: EstimateContext, units: list[Unit], configs: list, importance: dict):
+    """(u, o, entry) -> entry (u, o)'s per-window values by `entry` (an `estimators.Entry`), the block
+    evaluations spent and the unit's stored bits under the option (None for "drop"), with the unit
+    quantized (or dropped) only meanwhile."""
+    modules, base = context.modules, context.base
+
+    def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float, float | None]:
+        unit, config = units[u], configs[o]
+        context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
+        if config == DROP:
+            values, runs = entry(context, unit, unit.kind)
+            return values, runs, None
+        used = edge_config(unit, config)
+        stored = {name: quantize_linear(name, modules[name], used, base.stats.get((name, used.algorithm)),
+                                        importance.get(name)) for name in unit.modules}
+        try:
+            for name, qtensor in stored.items():
+                set_linear_weight(modules[name], qtensor.dequantize())
+            values, runs = entry(context, unit, None)
+        finally:  # an interruption must not leave the caller's model quantized
+            for name, weight in context.originals.items():
+                set_linear_weight(modules[name], weight)
+        return values, runs, float(sum(q.n_bits for q in stored.values()))
+
+    return evaluate
+
+
+def entry_measurer(loaded: LoadedModel, table: SensitivityTable, calibration: TokenWindows, *,
+                   importance: dict[str, np.ndarray] | None = None, statistics: TokenWindows | None = None,
+                   batch_size: int = 4) -> Callable[[int, int], tuple[np.ndarray, float]]:
+    """A function measuring entry (unit u, option o) of `table` exactly as `measure_sensitivity`
+    would on its windows `calibration` (re-cut), returning the KL per domain (in `table.domains`
+    order; one value for a table of one text) and the forward passes spent; the base pass it needs
+    is run once, here, and counted in the first entry's passes."""
+    loaded.require_in_memory("measuring sensitivity entries")
+    model = loaded.model
+    modules = {name: model.get_submodule(name) for unit in table.units for name in unit.modules}
+    configs = table.configs
+    algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
+    base = base_pass(loaded, calibration, block_modules(table.units), algorithms, batch_size, statistics)
+    head = head_cost_in_blocks(loaded)
+    context = EstimateContext(loaded, base, modules, head, _kl_from, tuple(calibration.window_domains))
+    entry_of = _entry_evaluator(context, table.units, configs, importance or {})
+    domains = table.domains or list(dict.fromkeys(calibration.window_domains))
+    per_pass = (loaded.n_blocks + head) * len(base.calls)
+    base_passes = [1.0]
+
+    def measure(u: int, o: int) -> tuple[np.ndarray, float]:
+        with torch.no_grad():
+            values, runs, _ = entry_of(u, o, measured_entry)
+        means = domain_means(values, calibration.window_domains)
+        spent = runs / per_pass + (base_passes.pop() if base_passes else 0.0)
+        return np.array([means[name] for name in domains]), spent
+
+    return measure
+
+
+def measured_passes(loaded: LoadedModel, table: SensitivityTable) -> float:
+    """What the measured table of `table`'s units and options costs, counted as `measure_sensitivity`
+    counts: one base pass, then for every entry the blocks from the unit's on and the head."""
+    return 1.0 + sum(entry_passes(loaded, unit) * np.isfinite(table.kl[u]).sum() for u, unit in enumerate(table.units))
+
+
+def entry_passes(loaded: LoadedModel, unit: Unit) -> float:
+    """Forward passes (of the table's windows) one measured entry of `unit` costs."""
+    head = head_cost_in_blocks(loaded)
+    return (loaded.n_blocks - max(unit.block, 0) + head) / (loaded.n_blocks + head)
+
+
 @torch.no_grad()
 def measure_sensitivity(
     loaded: LoadedModel,
@@ -263,24 +333,12 @@ def measure_sensitivity(
     if checkpoint is not None and Path(checkpoint).exists():
         done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
 
+    entry_of = _entry_evaluator(context, units, configs, importance)
+
     def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float]:
-        """Entry (u, o) by `entry`, with the unit quantized (or dropped) only meanwhile."""
-        unit, config = units[u], configs[o]
-        context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
-        if config == DROP:
-            values, runs = entry(context, unit, unit.kind)
-            return np.array(by_domain(values)), runs
-        used = edge_config(unit, config)
-        stored = {name: quantize_linear(name, modules[name], used, base.stats.get((name, used.algorithm)),
-                                        importance.get(name)) for name in unit.modules}
-        cost[u, o] = sum(q.n_bits for q in stored.values())
-        try:
-            for name, qtensor in stored.items():
-                set_linear_weight(modules[name], qtensor.dequantize())
-            values, runs = entry(context, unit, None)
-        finally:  # an interruption must not leave the caller's model quantized
-            for name, weight in context.originals.items():
-                set_linear_weight(modules[name], weight)
+        values, runs, bits = entry_of(u, o, entry)
+        if bits is not None:
+            cost[u, o] = bits
         return np.array(by_domain(values)), runs
 
     with progress_bars(progress) as bars:
