@@ -54,6 +54,7 @@ def test_compress_resumes_and_refuses_other_settings(compressed, tmp_path):
     (["--budget-like", "x.gguf", "--format", "hf"], "needs --format gguf"),
     (["--budget", "4", "--sensitivity", "magic"], "unknown sensitivity estimator"),
     (["--budget", "4", "--eval-data", "missing.txt"], "evaluation text missing.txt not found"),
+    (["--budget", "4", "--refine", "-0.5"], r"refine=-0.5: give the share"),
 ])
 def test_compress_bad_input(args, pattern, tmp_path):
     done = layerwise("compress", STORIES, *args, "--out", tmp_path / "run")

@@ -479,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "diagonal Fisher information, a forward and a backward pass per window), noise (weights' estimate "
                         "scaled per unit by the KL of rounding-shaped noise, one downstream pass per unit)")
     p.add_argument("--refine", type=float, default=None,
-                   help="with an estimated table, measure the entries the plan hinges on until the table has cost "
-                        "this share of the measured table's passes (default 0.1 with --sensitivity auto, else 0)")
+                   help="with an estimated table, measure the entries the plan hinges on until the estimate and "
+                        "these measurements have cost this share of the measured table's passes (default 0.1 with "
+                        "--sensitivity auto, else 0)")
     p.add_argument("--statistics-tokens", type=_positive_int, default=16384,
                    help="tokens, split over the domains, that gptq/awq options are fitted on in the table, the "
                         "search and the check; none of the other jobs uses them (default 16384, as quantize)")
@@ -546,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the sensitivity table is filled (see plan; default auto: fisher, refined where the plan "
                         "hinges: minutes, not hours)")
     p.add_argument("--refine", type=float, default=None,
-                   help="share of the measured table's passes the refined table may cost (see plan; default "
+                   help="share of the measured table's passes the plan's refined table may cost (see plan; default "
                         "0.05 with --sensitivity auto, what keeps SmolLM2 well within 10 minutes)")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text, one domain per file; repeat for several (default: the shipped mix)")

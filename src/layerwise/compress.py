@@ -26,7 +26,7 @@ GGUF_OPTIONS = "q4_0,q5_0,q8_0,q3_k,q4_k,q5_k,q6_k"
 IMATRIX_CHUNKS = 100
 # The share of the measured table's passes `auto`'s table may cost here, less than `plan`'s
 # REFINE_SHARE (whose plans bench/sensitivity.py judged) so that SmolLM2 keeps well within the 10
-# minutes `compress` is for (bench/compress.py: the refinement there is about 10 passes, 80 s).
+# minutes `compress` is for (bench/compress.py: the refinement there is about 10 passes, 85 s).
 COMPRESS_REFINE = 0.05
 
 
@@ -124,6 +124,8 @@ def run_compress(
     options = options or (GGUF_OPTIONS if format == "gguf" else DEFAULT_OPTIONS)
     if refine is None:
         refine = COMPRESS_REFINE if estimator == "auto" else 0.0
+    if not 0.0 <= refine <= 1.0:
+        raise LayerwiseError(f"refine={refine}: give the share of the measured table's passes to spend, in [0, 1]")
     out = Path(out)
     settings = _settings(model, bits_per_weight, budget_like, format, options if isinstance(options, str)
                          else ",".join(options), estimator, refine, calib, eval_data, eval_tokens, tokens,

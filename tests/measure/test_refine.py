@@ -37,6 +37,24 @@ def test_hinges_put_the_next_moves_up_and_down_first():
     assert {(u, o) for _, u, _, o in order} == {(0, 2), (0, 0), (1, 2), (1, 0), (2, 1)}
 
 
+def test_an_option_of_the_same_cost_is_a_move_by_how_close_its_loss_is():
+    # Like q4_0 and q4_k: the same bits, and only the estimate says which loses less.
+    problem = AllocationProblem(("a", "b"), ("low", "same-1", "same-2"), [[1, 2, 2], [1, 2, 2]],
+                                [[5.0, 1.0, 1.02], [5.0, 1.0, 2.0]], budget=4)
+    chosen = allocate(problem, "exact")
+    assert chosen.choice == (1, 1)
+    order = {(u, taken, other): closeness for closeness, u, taken, other in hinges(problem, chosen.choice)}
+    assert order[0, 1, 2] == pytest.approx(math.log(1.02))
+    assert order[1, 1, 2] == pytest.approx(math.log(2.0))  # b's twin loses twice as much: far
+
+
+def test_the_move_up_is_the_best_costlier_option_not_the_next_one():
+    # The next costlier option saves nothing; the one after saves much: that is the move up.
+    problem = AllocationProblem(("a",), ("low", "mid", "high"), [[1, 2, 3]], [[4.0, 4.0, 1.0]], budget=1)
+    order = hinges(problem, (0,))
+    assert [(u, taken, other) for _, u, taken, other in order] == [(0, 0, 2)]
+
+
 def test_a_costlier_option_that_is_no_better_is_no_hinge():
     problem = AllocationProblem(("a", "b"), ("low", "high"), [[1, 2], [1, 2]], [[1.0, 1.2], [1.0, 0.5]], budget=3)
     order = hinges(problem, allocate(problem, "exact").choice)
@@ -99,8 +117,33 @@ def test_a_plain_fisher_plan_and_a_measured_table_are_not_refined(refined, stori
     plain = run_plan(stories, bits_per_weight=4.25, estimator="fisher", table=folder / "plain.json", **SETTINGS)
     assert plain.report["refinement"] is None
     windows = rebuild_windows(stories.tokenizer, measured.calibration)
-    same, record = refine_table(stories, measured, windows, measured.budget_bits(4.25), "mean")
+    same, record = refine_table(stories, measured, windows, lambda table: table.problem(table.budget_bits(4.25)))
     assert same is measured and record["entries"] == []
+
+
+def test_a_plan_on_fewer_options_refines_the_saved_table_in_place(refined, stories, tmp_path):
+    """The table file keeps every option's column; the entries a plan on three of them measured
+    land in their own columns, the others untouched."""
+    _, _, measured, folder = refined
+    path = tmp_path / "fisher.json"
+    run_plan(stories, bits_per_weight=4.25, estimator="fisher", refine=0.0, table=path, **SETTINGS)
+    before = SensitivityTable.load(path)
+    fewer = "int3pc,int5pc,int8pc"
+    outcome = run_plan(stories, bits_per_weight=4.25, estimator="auto", refine=0.5, table=path,
+                       **(SETTINGS | {"options": fewer}))
+    after = SensitivityTable.load(path)
+    assert after.options == before.options
+    entries = outcome.report["refinement"]["entries"]
+    assert entries and after.meta["measured_entries"] == entries
+    names = [unit.name for unit in after.units]
+    changed = {(u, o) for u in range(len(names)) for o in range(len(after.options))
+               if after.kl[u, o] != before.kl[u, o]}
+    assert changed == {(names.index(e.split(" ")[0]), after.options.index(e.split(" ")[1])) for e in entries}
+    for u, o in changed:
+        assert after.options[o] in fewer.split(",")
+        assert after.kl[u, o] == pytest.approx(measured.kl[u, o], rel=1e-6)
+        for domain in after.domains:
+            assert after.domain_kl[domain][u, o] == pytest.approx(measured.domain_kl[domain][u, o], rel=1e-6)
 
 
 def test_a_share_outside_zero_to_one_is_refused(stories):

@@ -317,9 +317,9 @@ ESTIMATORS: dict[str, Estimator] = {
     "noise": Estimator("noise", weights_entry, _prepare_weights, _finish_noise),
 }
 # `auto`: fisher's table, with the entries the plan hinges on then measured (`layerwise.measure.refine`),
-# up to 0.1x the measured table's passes in all. In bench/sensitivity.py (SmolLM2) its plans' test KL
-# was 1.00x the measured table's at 3.25 bits and 1.016x [1.002, 1.030] (WikiText-2) and 1.013x
-# [0.999, 1.027] (code) at 4.25, for 0.095x the passes; fisher alone, 1.041x [1.030, 1.051] on
+# up to 0.1x the measured table's passes per plan. In bench/sensitivity.py (SmolLM2) its plans' test
+# KL was 1.00x the measured table's at 3.25 bits and 1.016x [1.002, 1.030] (WikiText-2) and 1.013x
+# [0.999, 1.027] (code) at 4.25, for 0.099x the passes; fisher alone, 1.041x [1.030, 1.051] on
 # WikiText-2 at 4.25. What `compress` uses by default; `plan` keeps the measured table.
 AUTO_ESTIMATOR = "fisher"
 DEFAULT_ESTIMATOR = "measured"

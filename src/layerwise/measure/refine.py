@@ -2,13 +2,14 @@
 
 A cheap estimate (fisher) ranks a table's entries well (Spearman 0.998 with the measured table on
 SmolLM2) and still errs by some percent per entry; a plan turns on the few units whose choice is
-close. At the table's optimum each unit's next costlier option saves less KL per bit, and its next
-cheaper one loses more, than the price of a bit (the Lagrange multiplier of the budget); a unit
-where either is near that price is a hinge, and a few percent of error there flips its choice.
-`refine_table` measures both entries of the closest hinge (the option taken and its neighbour),
-allocates again with them, and repeats while its share of passes lasts: measured KL goes where it
-changes the plan, and every measured entry is recorded in the table (`meta["measured_entries"]`),
-never estimated again.
+close. At the table's optimum a unit's best move to a costlier option saves less KL per bit, and
+its best move to a cheaper one loses more, than the price of a bit (the Lagrange multiplier of
+the budget); a unit where either is near that price is a hinge, and a few percent of error there
+flips its choice.
+`refine_table` measures both entries of the closest hinge (the option taken and the one it would
+move to), allocates again with them, and repeats while its share of passes lasts: measured KL goes
+where it changes the plan, and every measured entry is recorded in the table
+(`meta["measured_entries"]`), never estimated again.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -27,39 +29,53 @@ from layerwise.plan.table import SensitivityTable
 from layerwise.plan.units import EDGE_KINDS
 from layerwise.util.progress import progress_bars
 
-# What `--sensitivity auto` may spend in all, the estimate's own passes included, as a share of
-# the measured table's passes (issue 18's bound for a cheap plan).
+# What a plan with `--sensitivity auto` may spend, the estimate's own passes included, as a share
+# of the measured table's passes (issue 18's bound for a cheap plan).
 REFINE_SHARE = 0.1
 
 
 def hinges(problem: AllocationProblem, choice: Choice) -> list[tuple[float, int, int, int]]:
-    """(closeness, unit, option taken, neighbouring option) for every unit's next costlier and
-    next cheaper option, closest first: |log(slope / price of a bit)|, where slope is the loss
-    saved per unit of cost by moving up (or lost by moving down) and the price is the geometric
-    mean of the steepest slope up and the flattest slope down at `choice` (positive ones)."""
-    moves = []
+    """(closeness, unit, option taken, other option) for every unit's moves, closest first.
+
+    A unit's move up is to the costlier option that saves the most loss per unit of cost, its move
+    down to the cheaper one that loses the least: the first each way a change of the price of a bit
+    (the budget's Lagrange multiplier) would make it take. Their closeness is |log(slope / price)|,
+    the price taken as the geometric mean of the steepest move up and the flattest move down at
+    `choice` (positive ones); a move that saves nothing is never close. An option that costs what
+    the taken one costs is a move too, its closeness |log(loss ratio)|. Under the "worst" objective
+    the loss is the domains' mean, not the minimax the plan solves."""
+    moves, ties = [], []
     for u, taken in enumerate(choice):
-        allowed = np.flatnonzero(problem.allowed[u])
         costs, losses = problem.cost[u], problem.loss[u]
-        up = [o for o in allowed if costs[o] > costs[taken]]
-        down = [o for o in allowed if costs[o] < costs[taken]]
-        if up:
-            o = min(up, key=lambda option: costs[option])
-            moves.append(("up", u, taken, o, (losses[taken] - losses[o]) / (costs[o] - costs[taken])))
-        if down:
-            o = max(down, key=lambda option: costs[option])
-            moves.append(("down", u, taken, o, (losses[o] - losses[taken]) / (costs[taken] - costs[o])))
-    if not moves:
-        return []
-    steepest_up = max((slope for way, *_, slope in moves if way == "up" and slope > 0), default=None)
-    flattest_down = min((slope for way, *_, slope in moves if way == "down" and slope > 0), default=None)
+        for o in np.flatnonzero(problem.allowed[u]):
+            if o == taken:
+                continue
+            extra = costs[o] - costs[taken]
+            if extra == 0:
+                ties.append((_log_ratio(losses[o], losses[taken]), u, taken, int(o)))
+            else:  # up: loss saved per unit cost added; down: loss added per unit cost saved
+                moves.append(("up" if extra > 0 else "down", u, taken, int(o), (losses[taken] - losses[o]) / extra))
+    ups, downs = {}, {}  # unit -> (option, slope) of its best move each way
+    for way, u, taken, o, slope in moves:
+        if way == "up" and (u not in ups or slope > ups[u][1]):
+            ups[u] = (o, slope)
+        if way == "down" and (u not in downs or slope < downs[u][1]):
+            downs[u] = (o, slope)
+    steepest_up = max((slope for _, slope in ups.values() if slope > 0), default=None)
+    flattest_down = min((slope for _, slope in downs.values() if slope > 0), default=None)
     ends = [slope for slope in (steepest_up, flattest_down) if slope is not None]
-    if not ends:
-        return []
-    price = math.exp(np.mean(np.log(ends)))
-    # A slope of the wrong sign (the costlier option no better) is far from any price: last.
-    return sorted((abs(math.log(slope / price)) if slope > 0 else math.inf, u, taken, o)
-                  for _, u, taken, o, slope in moves)
+    closeness = list(ties)
+    if ends:
+        price = math.exp(np.mean(np.log(ends)))
+        for u, (o, slope) in list(ups.items()) + list(downs.items()):
+            closeness.append((abs(math.log(slope / price)) if slope > 0 else math.inf, u, choice[u], o))
+    return sorted(closeness)
+
+
+def _log_ratio(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    return abs(math.log(a / b)) if a > 0 and b > 0 else math.inf
 
 
 def measured_entries(table: SensitivityTable) -> set[tuple[int, int]]:
@@ -72,36 +88,38 @@ def measured_entries(table: SensitivityTable) -> set[tuple[int, int]]:
             if unit.kind in EDGE_KINDS or f"{unit.name} {option}" in recorded}
 
 
-def refine_table(loaded: LoadedModel, table: SensitivityTable, calibration: TokenWindows, budget_bits: float,
-                 objective: str, *, share: float = REFINE_SHARE, importance: dict | None = None,
-                 statistics: TokenWindows | None = None, progress: bool = True) -> tuple[SensitivityTable, dict]:
-    """`table` (estimated on the windows `calibration`) with the entries the plan at `budget_bits`
-    hinges on measured, closest hinge first, re-allocating after each, until this plan's passes
-    reach `share` of what the measured table would cost (the estimate's own passes counted);
-    and what was done (entries, passes, seconds). A measured table comes back as it is."""
+def refine_table(loaded: LoadedModel, table: SensitivityTable, calibration: TokenWindows,
+                 problem_for: Callable[[SensitivityTable], AllocationProblem], *, share: float = REFINE_SHARE,
+                 importance: dict | None = None, statistics: TokenWindows | None = None,
+                 progress: bool = True) -> tuple[SensitivityTable, dict]:
+    """`table` (estimated on the windows `calibration`) with the entries the plan hinges on measured,
+    closest hinge first, allocating again after each; `problem_for(table)` is the problem the plan
+    solves (budget, objective, domains). One plan may spend until the estimate's own passes and its
+    own measurements reach `share` of what the measured table of these units and options would cost;
+    entries measured before (recorded in the table) are not measured again. Returns the table and
+    what was done (entries, passes, seconds); a measured table comes back as it is."""
     from layerwise.measure.sensitivity import entry_measurer, entry_passes, measured_passes  # torch-heavy
 
     done = measured_entries(table)
     own = table.cost.get("forward_equivalents", 0.0) - table.cost.get("refined_forward_equivalents", 0.0)
-    allowance = share * measured_passes(loaded, table) - own - 1.0  # the refinement's own base pass
-    record = {"share": share, "allowance_passes": max(allowance, 0.0), "entries": [], "passes": 0.0, "seconds": 0.0}
-    if table.estimator == "measured" or allowance <= 0:
+    left = share * measured_passes(loaded, table) - own
+    record = {"share": share, "allowance_passes": max(left, 0.0), "entries": [], "passes": 0.0, "seconds": 0.0}
+    if table.estimator == "measured" or left <= 0:
         return table, record
     started = time.perf_counter()
     kl = table.kl.copy()
     domain_kl = {name: values.copy() for name, values in table.domain_kl.items()}
     measure = None
-    left = allowance
     with progress_bars(progress) as bars:
         task = bars.add_task("sensitivity: measuring the entries the plan hinges on", total=None)
         while True:
-            current = replace(table, kl=kl, domain_kl=domain_kl)
-            problem = current.problem(budget_bits, objective)
+            problem = problem_for(replace(table, kl=kl, domain_kl=domain_kl))
             chosen = allocate(problem, "exact")
+            base_pass = 1.0 if measure is None else 0.0  # the first measurement needs one
             wanted = None
             for _, u, taken, other in hinges(problem, chosen.choice):
                 missing = [(u, o) for o in (taken, other) if (u, o) not in done]
-                if missing and entry_passes(loaded, table.units[u]) * len(missing) <= left:
+                if missing and base_pass + entry_passes(loaded, table.units[u]) * len(missing) <= left:
                     wanted = missing
                     break
             if wanted is None:

@@ -20,7 +20,7 @@ from layerwise.measure.refine import REFINE_SHARE, refine_table, save_refined
 from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, SEARCHING, allocate, uniform_choices_that_fit
-from layerwise.plan.problem import Allocation
+from layerwise.plan.problem import Allocation, AllocationProblem
 from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
@@ -265,9 +265,10 @@ def run_plan(
     each get their own, disjoint slots of every domain (all recorded in the plan), tokens split
     evenly over domains. `estimator` fills the table (`layerwise.measure.estimators`: "measured", the
     default, or a cheaper estimate; "auto" is the cheap one bench/sensitivity.py supports, with the
-    entries the plan hinges on measured). `refine` is the share of the measured table's passes an
-    estimated table may cost in all, the estimate's own passes counted, by measuring the entries
-    the plan hinges on (`layerwise.measure.refine`; None: REFINE_SHARE for "auto", else 0). The
+    entries the plan hinges on measured). `refine`: with an estimated table, this plan measures the
+    entries it hinges on until the estimate's passes and its own reach this share of the measured
+    table's (`layerwise.measure.refine`; None: REFINE_SHARE for "auto", else 0); they are saved in
+    the table, and a later plan on it measures only entries not measured yet. The
     table keeps a column set per domain and `objective` (`layerwise.plan.objectives`) says how the
     allocator weighs them. The check measures the plan and every uniform option that fits the
     budget on every domain's held-out windows; unless the
@@ -325,8 +326,12 @@ def run_plan(
         windows = table_windows if new_table else rebuild_windows(loaded.tokenizer, measured.calibration)
         if windows is None:
             raise LayerwiseError(f"{table}'s calibration text cannot be found to measure the entries the plan hinges "
-                                 "on (refine 0 plans on the estimate alone)")
-        measured, refinement = refine_table(loaded, measured, windows, budget, objective, share=refine,
+                                 "on (--refine 0 plans on the estimate alone)")
+
+        def problem_for(current: SensitivityTable) -> AllocationProblem:
+            return table_for_domains(current, slots).problem(budget, objective)
+
+        measured, refinement = refine_table(loaded, measured, windows, problem_for, share=refine,
                                             importance=importance, statistics=statistics, progress=progress)
         if table is not None and refinement["entries"]:
             save_refined(table, measured)

@@ -237,13 +237,15 @@ def entry_measurer(loaded: LoadedModel, table: SensitivityTable, calibration: To
     entry_of = _entry_evaluator(context, table.units, configs, importance or {})
     domains = table.domains or list(dict.fromkeys(calibration.window_domains))
     per_pass = (loaded.n_blocks + head) * len(base.calls)
-    base_passes = [1.0]
+    first = True
 
     def measure(u: int, o: int) -> tuple[np.ndarray, float]:
+        nonlocal first
         with torch.no_grad():
             values, runs, _ = entry_of(u, o, measured_entry)
         means = domain_means(values, calibration.window_domains)
-        spent = runs / per_pass + (base_passes.pop() if base_passes else 0.0)
+        spent = runs / per_pass + (1.0 if first else 0.0)  # the base pass, once
+        first = False
         return np.array([means[name] for name in domains]), spent
 
     return measure
