@@ -111,6 +111,7 @@ def run_compress(
     from layerwise.export.run import run_export
     from layerwise.measure.estimators import estimator_named
     from layerwise.measure.run import DEFAULT_OPTIONS
+    from layerwise.measure.refine import check_share
 
     if sum(budget is not None for budget in (bits_per_weight, budget_like)) != 1:
         raise LayerwiseError("give exactly one budget: bits per weight or a GGUF file to be no larger than "
@@ -124,8 +125,7 @@ def run_compress(
     options = options or (GGUF_OPTIONS if format == "gguf" else DEFAULT_OPTIONS)
     if refine is None:
         refine = COMPRESS_REFINE if estimator == "auto" else 0.0
-    if not 0.0 <= refine <= 1.0:
-        raise LayerwiseError(f"refine={refine}: give the share of the measured table's passes to spend, in [0, 1]")
+    check_share(refine)
     out = Path(out)
     settings = _settings(model, bits_per_weight, budget_like, format, options if isinstance(options, str)
                          else ",".join(options), estimator, refine, calib, eval_data, eval_tokens, tokens,

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from layerwise.data.windows import TokenWindows
+from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.allocate import allocate
 from layerwise.plan.problem import AllocationProblem, Choice
@@ -34,6 +35,12 @@ from layerwise.util.progress import progress_bars
 REFINE_SHARE = 0.1
 
 
+def check_share(share: float) -> None:
+    """Refuse a refinement share outside [0, 1] (before any work that would be lost)."""
+    if not 0.0 <= share <= 1.0:
+        raise LayerwiseError(f"refine={share}: give the share of the measured table's passes to spend, in [0, 1]")
+
+
 def hinges(problem: AllocationProblem, choice: Choice) -> list[tuple[float, int, int, int]]:
     """(closeness, unit, option taken, other option) for every unit's moves, closest first.
 
@@ -44,23 +51,21 @@ def hinges(problem: AllocationProblem, choice: Choice) -> list[tuple[float, int,
     `choice` (positive ones); a move that saves nothing is never close. An option that costs what
     the taken one costs is a move too, its closeness |log(loss ratio)|. Under the "worst" objective
     the loss is the domains' mean, not the minimax the plan solves."""
-    moves, ties = [], []
+    ties = []
+    ups, downs = {}, {}  # unit -> (option, slope) of its best move each way
     for u, taken in enumerate(choice):
         costs, losses = problem.cost[u], problem.loss[u]
         for o in np.flatnonzero(problem.allowed[u]):
             if o == taken:
                 continue
             extra = costs[o] - costs[taken]
+            slope = (losses[taken] - losses[o]) / extra if extra else None
             if extra == 0:
                 ties.append((_log_ratio(losses[o], losses[taken]), u, taken, int(o)))
-            else:  # up: loss saved per unit cost added; down: loss added per unit cost saved
-                moves.append(("up" if extra > 0 else "down", u, taken, int(o), (losses[taken] - losses[o]) / extra))
-    ups, downs = {}, {}  # unit -> (option, slope) of its best move each way
-    for way, u, taken, o, slope in moves:
-        if way == "up" and (u not in ups or slope > ups[u][1]):
-            ups[u] = (o, slope)
-        if way == "down" and (u not in downs or slope < downs[u][1]):
-            downs[u] = (o, slope)
+            elif extra > 0 and (u not in ups or slope > ups[u][1]):  # the most loss saved per cost added
+                ups[u] = (int(o), slope)
+            elif extra < 0 and (u not in downs or slope < downs[u][1]):  # the least lost per cost saved
+                downs[u] = (int(o), slope)
     steepest_up = max((slope for _, slope in ups.values() if slope > 0), default=None)
     flattest_down = min((slope for _, slope in downs.values() if slope > 0), default=None)
     ends = [slope for slope in (steepest_up, flattest_down) if slope is not None]

@@ -16,7 +16,7 @@ from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATIO
                                     token_windows)
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import DEFAULT_ESTIMATOR, estimator_named
-from layerwise.measure.refine import REFINE_SHARE, refine_table, save_refined
+from layerwise.measure.refine import REFINE_SHARE, check_share, refine_table, save_refined
 from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, SEARCHING, allocate, uniform_choices_that_fit
@@ -284,8 +284,8 @@ def run_plan(
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     estimator_named(estimator)
-    if refine is not None and not 0.0 <= refine <= 1.0:
-        raise LayerwiseError(f"refine={refine}: give the share of the measured table's passes to spend, in [0, 1]")
+    if refine is not None:
+        check_share(refine)
     if allocator == "ordering":
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
