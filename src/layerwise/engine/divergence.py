@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Positions processed at once when comparing: bounds the float64 temporaries to three of 16 MB
+# Positions processed at once when comparing: bounds the float64 temporaries to three of 8 MB
 # (a larger chunk is no faster, and its temporaries set the peak of a plan's check).
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ def hidden_without(
 
 
 # Positions whose logits are made at once when KL is summed at the head: a few float32 tensors of
-# this many positions x the vocabulary (16 MB each), rather than a batch's worth (0.4 GB for four
-# windows of 512 tokens and a 49k vocabulary).
-HEAD_CHUNK_ELEMENTS = 1 << 22
+# this many positions x the vocabulary (8 MB each), rather than a batch's worth (0.4 GB for four
+# windows of 512 tokens and a 49k vocabulary). 16 MB pieces were ~50 MB more at `plan`'s peak.
+HEAD_CHUNK_ELEMENTS = 1 << 21
 
 
 def head_chunks(model: nn.Module, adapter: Adapter, final: torch.Tensor) -> Iterator[tuple[int, int, int, torch.Tensor]]:
