@@ -10,8 +10,8 @@ same way, and `above_floor_bytes` is a command's peak less it, which is what sca
 that streams (load, profile, quantize, eval: `--streaming`) runs again in mode "streaming", its time
 also given as a ratio to the in-memory run of the same command (`seconds_x_memory`).
 
-    python bench/memory.py                     # both models, over an hour on 2 cores (plan: more than 55 min)
-    python bench/memory.py --models SmolLM2-135M --skip plan    # the rest, about 15 minutes
+    python bench/memory.py                     # both models, hours on 2 cores (plan: more than 55 min a run)
+    python bench/memory.py --models SmolLM2-135M --skip plan    # the rest, three runs each: about 20 minutes
     python bench/memory.py --models stories260K    # 4 minutes
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DITHERED_SMOLLM2, EVALUATION_TEXT, RESULTS, STORIES, dithered_smollm2, write_results  # noqa: E402
@@ -110,6 +112,9 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="commands not to run, comma-separated (e.g. plan: 40 min on "
                                                    "SmolLM2; export then needs a plan.json left by an earlier run)")
     parser.add_argument("--modes", default="memory,streaming", help="memory, streaming or both")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each command: a row keeps the highest peak (peaks vary between runs of the "
+                             "same command by up to ~0.2x the model) and the median time; every peak is recorded")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -138,12 +143,15 @@ def main() -> None:
             for mode in ["memory"] if command == "floor" else args.modes.split(","):
                 if mode == "streaming" and command not in STREAMING:
                     continue
-                measured = measure(streaming_argv(command, argv) if mode == "streaming" else argv)
-                floor = measured["peak_bytes"] if command == "floor" else floor
-                row = {"command": command, "model": name, "mode": mode, "peak_bytes": measured["peak_bytes"],
-                       "model_fp32_bytes": size, "seconds": measured["seconds"],
-                       "above_floor_bytes": measured["peak_bytes"] - floor,
-                       "above_floor_x_fp32": (measured["peak_bytes"] - floor) / size}
+                runs = [measure(streaming_argv(command, argv) if mode == "streaming" else argv)
+                        for _ in range(args.repeats)]
+                peaks = [run["peak_bytes"] for run in runs]
+                # The floor is subtracted from every row: its median; a command's row: its highest peak.
+                peak = int(np.median(peaks)) if command == "floor" else max(peaks)
+                floor = peak if command == "floor" else floor
+                row = {"command": command, "model": name, "mode": mode, "peak_bytes": peak, "peaks": peaks,
+                       "model_fp32_bytes": size, "seconds": float(np.median([run["seconds"] for run in runs])),
+                       "above_floor_bytes": peak - floor, "above_floor_x_fp32": (peak - floor) / size}
                 in_memory = [r for r in rows if (r["model"], r["command"], r.get("mode", "memory")) ==
                              (name, command, "memory")]
                 if mode == "streaming" and in_memory:
@@ -151,12 +159,13 @@ def main() -> None:
                 rows = [r for r in rows if (r["model"], r["command"], r.get("mode", "memory")) !=
                         (name, command, mode)] + [row]
                 ratio = f"  {row['seconds_x_memory']:5.2f}x in-memory time" if "seconds_x_memory" in row else ""
+                spread = "/".join(f"{(p - floor) / size:.2f}" for p in peaks)
                 print(f"{name:13s} {command:28s} {mode:9s} peak {row['peak_bytes'] / 2**20:8.0f} MiB  above the "
                       f"floor {row['above_floor_bytes'] / 2**20:8.0f} MiB = {row['above_floor_x_fp32']:6.2f}x fp32 "
-                      f"model ({size / 2**20:.0f} MiB)  {row['seconds']:6.0f} s{ratio}", flush=True)
+                      f"model ({size / 2**20:.0f} MiB; runs {spread})  {row['seconds']:6.0f} s{ratio}", flush=True)
                 recorded = {other: {c: " ".join(a) for c, a in commands(other, OUT / other).items()}
                             for other in MODELS}
-                write_results("memory", {"commands": recorded, "floor": FLOOR,
+                write_results("memory", {"commands": recorded, "floor": FLOOR, "repeats": args.repeats,
                                          "streaming": {"commands": list(STREAMING), "adds": "--streaming"},
                                          "rows": rows})
 

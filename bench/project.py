@@ -6,12 +6,16 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 
 - model: every parameter in the working dtype (in memory only);
 - block: one block's parameters (streamed: only the current block is read);
-- edge: the embedding or the head, read whole when used (streamed; V x h);
-- tokenizer: its resident vocabulary, 112 MB for SmolLM2's 49k entries (measured), scaled by V;
+- head slice: streamed, the head is read and applied `models.streaming.HEAD_SLICE_ELEMENTS` rows x h
+  at a time for each application (the embedding reads only its tokens' rows), so commands that
+  apply it hold one slice, 4M entries, instead of the V x h matrix;
+- tokenizer: its resident vocabulary, 73 MiB for SmolLM2's 49k entries (measured after the
+  loader returns the parse's freed memory), scaled by V;
 - head work: the head applied a chunk of positions at a time (`engine.replay.HEAD_CHUNK_ELEMENTS`
-  logits, their log-softmax and the KL's float64 pieces): about 100 MB whatever the model;
+  logits, their log-softmax and the KL's float64 pieces): about 50 MB whatever the model;
 - codes: the stored codes of every quantized linear, one byte per weight (`QTensor.compact`);
-- bank: the plan search's stored forms, 1.25 bytes per planned weight (`measure.fitness`);
+- bank: none for the measured `plan` (the default allocator measures each plan once); a searching
+  allocator (`hybrid`, `evolutionary`) adds 1.25 bytes per planned weight (`measure.fitness`);
 - base: eval's base next-token distributions, float16, tokens x V (in memory only);
 - activations: a block's inputs and outputs for every calibration token (tokens x h, twice);
 - hessians: GPTQ's input statistics of one block, float32, one per linear: q, k, v, o, gate and
@@ -39,9 +43,9 @@ from _common import RESULTS, write_results  # noqa: E402
 
 MB = 1e6
 GPU_USABLE = 23e9  # a 24 GB card less the CUDA context
-TOKENIZER_BYTES_PER_ENTRY = 112 * 2**20 / 49152  # SmolLM2's tokenizer, measured resident
-HEAD_WORK = 100 * MB
-BANK_BYTES_PER_WEIGHT = 1.25
+TOKENIZER_BYTES_PER_ENTRY = 73 * 2**20 / 49152  # SmolLM2's tokenizer, measured resident
+HEAD_WORK = 50 * MB
+HEAD_SLICE_ELEMENTS = 1 << 22  # layerwise.models.streaming.HEAD_SLICE_ELEMENTS
 # Tokens each command of bench/memory.py runs on (profile 1024, quantize and eval 4096).
 TOKENS = {"profile": 1024, "quantize (gptq)": 4096, "eval": 4096, "plan (table reused)": 4096,
           "export (compressed-tensors)": 0}
@@ -96,15 +100,14 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
         held["model"] = shape.params * dtype_bytes
     else:
         held["block"] = shape.block_params * dtype_bytes
-        held["edge"] = shape.edge_params * dtype_bytes
+        if command in ("profile", "eval"):
+            held["head slice"] = min(shape.edge_params, HEAD_SLICE_ELEMENTS) * dtype_bytes
     if command in ("profile", "eval", "plan (table reused)"):
         held["head work"] = HEAD_WORK
     if command in ("quantize (gptq)", "eval", "export (compressed-tensors)"):
         held["codes"] = shape.planned * 1.0
     if command == "export (compressed-tensors)":
         held["packed output"] = shape.planned * 0.5  # int4 codes packed into int32
-    if command == "plan (table reused)":
-        held["bank"] = shape.planned * BANK_BYTES_PER_WEIGHT
     if command == "eval" and mode == "memory":
         held["base"] = tokens * shape.vocab * 2
     if command in ("profile", "quantize (gptq)", "eval"):

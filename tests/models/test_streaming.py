@@ -8,6 +8,7 @@ import torch
 from layerwise import LayerwiseError, load_model
 from layerwise.apply.run import run_quantize
 from layerwise.evaluate.run import run_eval
+from layerwise.models import streaming
 from layerwise.models.layout import blocks_of
 from layerwise.plan.plan import Plan
 from layerwise.profile import run_profile
@@ -32,8 +33,50 @@ def test_streamed_forward_equals_the_model_loaded_whole(stories, streamed):
         parts = streamed.model(input_ids=ids, use_cache=False).logits
     assert torch.equal(whole, parts)
     assert streamed.streamed.resident_parameters() == 0  # everything let go after the pass
-    assert streamed.streamed.loads - loads == 6  # five blocks and the head; the embedding read only its tokens' rows
+    assert streamed.streamed.loads - loads == 5  # five blocks; the embedding and head read rows only
     assert streamed.describe()["streaming"] is True
+
+
+def test_a_streamed_head_reads_and_applies_a_slice_of_its_rows_at_a_time(stories, monkeypatch):
+    """The head's [vocab, hidden] matrix is never in memory whole: each call reads it a slice of
+    rows at a time (here 100 of stories260K's 512), and the logits are the whole model's."""
+    monkeypatch.setattr(streaming, "HEAD_SLICE_ELEMENTS", 100 * stories.model.config.hidden_size)
+    loaded = load_model(STORIES, streaming=True)
+    weights, head = loaded.streamed, loaded.model.get_submodule(loaded.adapter.lm_head)
+    reads, in_head = [], []
+    read_rows = weights.source.read_rows
+    monkeypatch.setattr(weights.source, "read_rows",
+                        lambda name, rows: (reads.append(len(rows)) if in_head else None) or read_rows(name, rows))
+    handles = [head.register_forward_pre_hook(lambda module, args: in_head.append(True)),
+               head.register_forward_hook(lambda module, args, output: in_head.clear())]
+    ids = _tokens(loaded)
+    try:
+        with torch.no_grad():
+            whole = stories.model(input_ids=ids, use_cache=False).logits
+            loads = weights.loads
+            parts = loaded.model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert reads == [100] * 5 + [12]
+    assert weights.loads - loads == 5  # the blocks, never the head whole
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_an_overridden_streamed_head_applies_its_override(streamed):
+    """A quantized head is an override: it is decoded whole, not read from the checkpoint."""
+    weights, ids = streamed.streamed, _tokens(streamed)
+    with torch.no_grad():
+        before = streamed.model(input_ids=ids, use_cache=False).logits
+        weights.override("lm_head.weight", lambda: torch.zeros(512, 64))
+        try:
+            zeroed = streamed.model(input_ids=ids, use_cache=False).logits
+            with weights.original():
+                again = streamed.model(input_ids=ids, use_cache=False).logits
+        finally:
+            weights.overrides.clear()
+    assert not zeroed.any()
+    assert torch.equal(before, again)
 
 
 def test_only_the_running_block_holds_weights(streamed):
@@ -193,7 +236,7 @@ def test_streamed_gguf_matches_transformers_gguf_loader(smollm2):
     with torch.no_grad():
         assert torch.equal(smollm2.model(input_ids=ids, use_cache=False).logits,
                            parts.model(input_ids=ids, use_cache=False).logits)
-    assert parts.streamed.loads == 31  # 30 blocks and the (tied) head once each; the embedding's rows only
+    assert parts.streamed.loads == 30  # 30 blocks once each; the embedding and the tied head read rows only
 
 
 @pytest.mark.slow  # the CLI in fresh processes

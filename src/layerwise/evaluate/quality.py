@@ -18,7 +18,7 @@ from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
 from layerwise.engine.replay import HEAD_CHUNK_ELEMENTS, final_hidden, head_chunks
 from layerwise.models.layout import hidden_to_logits
 from layerwise.models.loading import LoadedModel
-from layerwise.models.streaming import held
+from layerwise.models.streaming import has_overrides, held, held_unless_sliced
 from layerwise.util.intervals import mean_ci, perplexity_ci
 from layerwise.util.progress import progress_bars
 
@@ -127,6 +127,9 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
     vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
     rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
     chunks = [(start, min(positions, start + rows)) for start in range(0, positions, rows)]
+    # Unless the variant quantized the head (an override), base and variant run through the
+    # checkpoint's head together: held for a window, or read a slice at a time for each chunk.
+    head_as_stored = not has_overrides(streamed, adapter.lm_head)
     with progress_bars(progress) as bars:
         task = bars.add_task("base and quantized", total=len(windows.input_ids))
         for batch in windows.batches(batch_size):
@@ -138,25 +141,35 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
                     final = final_hidden(model, adapter, batch)
             for window in range(len(batch)):
                 targets = batch[window, 1:]
-                with streamed.original(), held(streamed, adapter.lm_head):
-                    parts = []
+                base_total = total_nll = total_kl = 0.0
+                # Base and variant a chunk of positions at a time, side by side: the head and one
+                # chunk's distributions are all that exist beside the blocks' outputs.
+                with held_unless_sliced(streamed, adapter.lm_head) if head_as_stored else contextlib.nullcontext():
                     for start, stop in chunks:
-                        logits = hidden_to_logits(model, adapter, base_final[window, start:stop])
-                        parts.append((_nll_sum(logits, targets[start:stop]),
-                                      Reference.from_logits(logits, store=torch.float16)))
-                base_nll.append(sum(part[0] for part in parts))
-                bars.advance(task)
-                if variant is None:
-                    continue
-                with held(streamed, adapter.lm_head):
-                    total_nll = total_kl = 0.0
-                    for (start, stop), (_, reference) in zip(chunks, parts):
-                        logits = hidden_to_logits(model, adapter, final[window, start:stop])
+                        if head_as_stored:  # one application (one read of a sliced head) for both
+                            states = base_final[window, start:stop]
+                            if variant is not None:
+                                states = torch.cat([states, final[window, start:stop]])
+                            both = hidden_to_logits(model, adapter, states)
+                            base_logits, logits = both[:stop - start], both[stop - start:]
+                        else:
+                            with streamed.original():
+                                base_logits = hidden_to_logits(model, adapter, base_final[window, start:stop])
+                        base_total += _nll_sum(base_logits, targets[start:stop])
+                        if variant is None:
+                            continue
+                        reference = Reference.from_logits(base_logits, store=torch.float16)
+                        if not head_as_stored:  # the quantized head, decoded for this chunk
+                            with held(streamed, adapter.lm_head):
+                                logits = hidden_to_logits(model, adapter, final[window, start:stop])
                         total_nll += _nll_sum(logits, targets[start:stop])
                         total_kl += kl_per_token(reference, logits).double().sum().item()
                         agree_total += top1_agreement(reference, logits).double().sum().item()
-                nll.append(total_nll)
-                window_kl.append(total_kl / positions)
+                base_nll.append(base_total)
+                bars.advance(task)
+                if variant is not None:
+                    nll.append(total_nll)
+                    window_kl.append(total_kl / positions)
     count = positions * len(base_nll)
     base = Quality(math.exp(sum(base_nll) / count), 0.0, 1.0, count, (0.0,) * len(base_nll), tuple(base_nll),
                    (positions,) * len(base_nll))

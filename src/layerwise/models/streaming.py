@@ -46,6 +46,7 @@ class StreamedWeights:
     overrides: dict[str, Producer] = field(default_factory=dict)  # keyed by checkpoint name
     use_overrides: bool = True
     loads: int = 0  # parts loaded so far (tests and benchmarks read it)
+    sliced: set = field(default_factory=set)  # parts read a slice of rows at a time for each call (the head)
     _placeholders: dict[str, nn.Parameter] = field(default_factory=dict)  # meta stand-ins, by checkpoint name
 
     def part_of(self, name: str) -> str | None:
@@ -150,7 +151,10 @@ def stream_model(config: Any, adapter: Adapter, weights_at: Path, gguf_file: str
         place(model, name, tensors[names[name]], device)
     buffers_to(model, device)
     for path, module in parts.items():
-        (_embed_rows_only if path == adapter.embed else _load_around_calls)(streamed, path, module)
+        wrap = (_embed_rows_only if path == adapter.embed
+                else _head_in_slices if path == adapter.lm_head and _sliceable_head(streamed, module, adapter)
+                else _load_around_calls)
+        wrap(streamed, path, module)
     for path in parts:
         streamed._release(path)
     return model, streamed
@@ -186,6 +190,51 @@ def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) ->
     module.forward = forward_with_rows
 
 
+# Vocabulary rows of a streamed head read and applied at once: 16 MB of float32 weights (SmolLM2's
+# 49k x 576 head in seven slices; the whole matrix is 0.21x of that model).
+HEAD_SLICE_ELEMENTS = 1 << 22
+
+
+def _sliceable_head(streamed: StreamedWeights, module: nn.Module, adapter: Adapter) -> bool:
+    """A plain linear head without a bias whose rows the source reads as they are: any head in
+    safetensors; in a GGUF, only one tied to the embedding (transformers' per-tensor conversions
+    leave the embedding's rows alone; a separate output tensor is not checked for that)."""
+    if type(module) is not nn.Linear or module.bias is not None:
+        return False
+    key = streamed.checkpoint_names[f"{adapter.lm_head}.weight"]
+    return (isinstance(streamed.source, SafetensorsTensors)
+            or key == streamed.checkpoint_names.get(f"{adapter.embed}.weight"))
+
+
+def _head_in_slices(streamed: StreamedWeights, path: str, module: nn.Module) -> None:
+    """Make the head read its weight a slice of vocabulary rows at a time for each call, each
+    slice applied to the whole input and let go, so the [vocab, hidden] matrix is never in memory
+    at once. Held or overridden (a quantized head), it loads whole instead."""
+    forward = module.forward
+    key = streamed.checkpoint_names[f"{path}.weight"]
+    streamed.sliced.add(path)
+
+    def forward_in_slices(hidden: torch.Tensor) -> torch.Tensor:
+        if streamed.holds[path] or (streamed.use_overrides and key in streamed.overrides):
+            with streamed.held(path):
+                return forward(hidden)
+        placeholder = module._parameters["weight"]
+        vocab, width = placeholder.shape
+        step = max(1, HEAD_SLICE_ELEMENTS // width)
+        logits = torch.empty(*hidden.shape[:-1], vocab, dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            rows = streamed.source.read_rows(key, list(range(start, stop)))
+            weight = rows.to(device=streamed.device, dtype=placeholder.dtype)
+            if not bool(torch.isfinite(weight).all()):
+                raise LayerwiseError(f"{path}: weight rows {start}..{stop} have NaN or Inf values; the checkpoint "
+                                     "is corrupt")
+            logits[..., start:stop] = nn.functional.linear(hidden, weight)
+        return logits
+
+    module.forward = forward_in_slices
+
+
 def _load_around_calls(streamed: StreamedWeights, path: str, module: nn.Module) -> None:
     """Make `module` load its weights for each call and let them go after (unless held)."""
     forward = module.forward
@@ -202,6 +251,23 @@ def held(streamed: StreamedWeights | None, name: str) -> contextlib.AbstractCont
     when `name` is in the resident skeleton)."""
     part = streamed.part_of(name) if streamed is not None else None
     return streamed.held(part) if part is not None else contextlib.nullcontext()
+
+
+def has_overrides(streamed: StreamedWeights | None, name: str) -> bool:
+    """Whether the streamed part that contains module `name` has overrides (e.g. a quantized head)."""
+    part = streamed.part_of(name) if streamed is not None else None
+    return part is not None and any(streamed.checkpoint_names[parameter] in streamed.overrides
+                                    for _, _, parameter in streamed._parameters(part))
+
+
+def held_unless_sliced(streamed: StreamedWeights | None, name: str) -> contextlib.AbstractContextManager:
+    """For many calls of the part that contains module `name`: hold it (read or decoded once for
+    all of them), unless it is a head read a slice of rows at a time for each call, which then
+    never sits in memory whole (an overridden head is decoded whole, so it is held)."""
+    part = streamed.part_of(name) if streamed is not None else None
+    if part is None or (part in streamed.sliced and not (streamed.use_overrides and has_overrides(streamed, name))):
+        return contextlib.nullcontext()
+    return streamed.held(part)
 
 
 def by_part(streamed: StreamedWeights | None, names: list[str]) -> list[tuple[str, list[str]]]:

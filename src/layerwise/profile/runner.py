@@ -18,7 +18,7 @@ from layerwise.models.adapters import get_adapter
 from layerwise.models.experts import without_experts
 from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
-from layerwise.models.streaming import by_part, held
+from layerwise.models.streaming import by_part, held, held_unless_sliced
 from layerwise.profile.experts import ExpertAccumulator, has_shared_expert, observing_experts, shared_expert_path
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
@@ -65,8 +65,9 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
     observe = observing_experts(model, adapter, acc.experts) if acc.experts is not None else contextlib.nullcontext()
     with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)), observe, contextlib.suppress(StopForward):
         logits = model(input_ids=batch, use_cache=False).logits
-    # The head is applied once per block below: a streamed model keeps it loaded meanwhile.
-    with held(loaded.streamed, adapter.lm_head):
+    # The head is applied once per chunk of blocks below: held meanwhile, unless a streamed head
+    # reads its rows a slice at a time for each call (the whole matrix is then never in memory).
+    with held_unless_sliced(loaded.streamed, adapter.lm_head):
         # The final output is the last block's lens through the same head, so the lens ends at KL 0.
         final = Reference.from_logits(hidden_to_logits(model, adapter, lens_hidden[len(lens_hidden) - 1]))
         lens = lens_partials(model, adapter, [lens_hidden[i] for i in range(len(lens_hidden))], final)
