@@ -7,6 +7,8 @@ import torch
 
 from layerwise import LayerwiseError, load_model
 from layerwise.apply.run import run_quantize
+from layerwise.data.windows import token_windows
+from layerwise.evaluate.quality import base_outputs, compare_streamed, evaluate
 from layerwise.evaluate.run import run_eval
 from layerwise.models import streaming
 from layerwise.models.layout import blocks_of
@@ -77,6 +79,25 @@ def test_an_overridden_streamed_head_applies_its_override(streamed):
             weights.overrides.clear()
     assert not zeroed.any()
     assert torch.equal(before, again)
+
+
+def test_streamed_eval_of_a_quantized_head_matches_in_memory():
+    """A variant whose head is overridden runs the base through the checkpoint's head and itself
+    through its own, chunk by chunk: the same KL as in memory."""
+    windows = token_windows(load_model(STORIES, streaming=True).tokenizer, EVALUATION_TEXT, tokens=1024,
+                            seq_len=256, seed=None)
+    whole = load_model(STORIES)
+    base = base_outputs(whole, windows, progress=False)
+    head = whole.model.get_submodule(whole.adapter.lm_head)
+    changed = head.weight.detach().clone() * 0.7  # tied: the embedding changes with it, as an override does
+    head.weight.data.copy_(changed)
+    expected = evaluate(whole, base, progress=False)
+    parts = load_model(STORIES, streaming=True)
+    parts.streamed.override("lm_head.weight", lambda: changed.clone())
+    _, quality = compare_streamed(parts, windows, progress=False)
+    assert quality.kl > 0.01
+    assert quality.kl == pytest.approx(expected.kl, rel=1e-6)
+    assert quality.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
 
 
 def test_only_the_running_block_holds_weights(streamed):

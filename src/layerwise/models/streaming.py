@@ -5,7 +5,9 @@ every other parameter lives on the meta device and is read from the checkpoint w
 block, the embedding, the head) is called, and let go when the call returns, so the weights in
 memory at any time are one part's. safetensors files are opened for one part's tensors and closed
 again (their pages leave the process); a GGUF is dequantized one tensor at a time by transformers'
-own per-tensor conversion, so the values are those `from_pretrained(gguf_file=...)` gives.
+own per-tensor conversion, so the values are those `from_pretrained(gguf_file=...)` gives. Two
+parts never load whole unless held or overridden: the embedding reads the rows of the tokens it
+is given, and the head reads and applies a slice of its rows at a time.
 
 Code that reads or changes a part's weights outside its forward holds the part (`held`). Changes
 that must outlast a release (quantized weights, silenced projections) are overrides: kept in their
