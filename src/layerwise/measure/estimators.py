@@ -66,7 +66,13 @@ class EstimateContext:
 
     def downstream_runs(self, block: int) -> float:
         """Block evaluations of re-running from `block` (-1: the whole model) to the head."""
-        return (self.loaded.n_blocks - max(block, 0) + self.head) * self.batches
+        return blocks_to_head(self.loaded.n_blocks, block, self.head) * self.batches
+
+
+def blocks_to_head(n_blocks: int, block: int, head: float) -> float:
+    """Block evaluations of re-running one batch from `block` (-1: the whole model) through the
+    head, whose cost is `head` blocks."""
+    return n_blocks - max(block, 0) + head
 
 
 # (context, unit, removed kind or None) -> (per-window loss, block evaluations spent). The unit's

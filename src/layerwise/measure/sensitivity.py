@@ -24,7 +24,8 @@ from layerwise.engine.divergence import Reference
 from layerwise.engine.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.engine.replay import StopForward, base_reference, block_calls, head_kl, hidden_without
 from layerwise.errors import LayerwiseError
-from layerwise.measure.estimators import DEFAULT_ESTIMATOR, EstimateContext, estimator_named, measured_entry
+from layerwise.measure.estimators import (DEFAULT_ESTIMATOR, EstimateContext, blocks_to_head, estimator_named,
+                                         measured_entry)
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.options import DROP, option_name, parse_options
@@ -260,7 +261,7 @@ def measured_passes(loaded: LoadedModel, table: SensitivityTable) -> float:
 def entry_passes(loaded: LoadedModel, unit: Unit) -> float:
     """Forward passes (of the table's windows) one measured entry of `unit` costs."""
     head = head_cost_in_blocks(loaded)
-    return (loaded.n_blocks - max(unit.block, 0) + head) / (loaded.n_blocks + head)
+    return blocks_to_head(loaded.n_blocks, unit.block, head) / (loaded.n_blocks + head)
 
 
 @torch.no_grad()
