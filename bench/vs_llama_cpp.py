@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048,
                         help="calibration tokens for the sensitivity table and for the never-worse check each "
                              "(layerwise plan's default is 4096; 2048 halves the table's ~45 minutes here)")
+    parser.add_argument("--granularity", default="linear", choices=["linear", "tensor"],
+                        help="the plan's units: linear groups (q/k/v, gate/up together) or every tensor on its own")
     parser.add_argument("--name", default="vs_llama_cpp")
     args = parser.parse_args()
     references = args.references.split(",")
@@ -166,28 +168,31 @@ def main() -> None:
     print(f"source, importance matrix and base logits ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
     loaded = load_model(folder)
-    ours_imatrix = OUT / "imatrix-ours.gguf"
+    ours_imatrix = OUT / "imatrix-ours-output.gguf"  # with the head's entry (weights the tied embedding)
     if not ours_imatrix.exists():
-        run_imatrix(loaded, data=CALIBRATION_TEXT, out=ours_imatrix, chunks=IMATRIX_CHUNKS, progress=False)
-    table = OUT / "table.json"
+        run_imatrix(loaded, data=CALIBRATION_TEXT, out=ours_imatrix, chunks=IMATRIX_CHUNKS, include_output=True,
+                    progress=False)
+    # Files of ours carry the granularity: plans per linear group and per tensor share the cache.
+    tag = "" if args.granularity == "linear" else f"{args.granularity}-"
+    table = OUT / f"table{'' if not tag else '-' + args.granularity}.json"
 
     rows, files = [], {}
     for reference in references:
         stock = stock_file(reference, source, stock_imatrix)
-        plan_path = OUT / f"plan-{reference}.json"
+        plan_path = OUT / f"plan-{tag}{reference}.json"
         if not plan_path.exists():
-            outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity="linear", table=table,
+            outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity, table=table,
                                tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix, out=plan_path,
                                progress=True)
             print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
                   f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
-        ours = OUT / f"ours-{reference}.gguf"
+        ours = OUT / f"ours-{tag}{reference}.gguf"
         if not ours.exists():
             run_export(folder, plan=plan_path, out=ours, progress=False)
         files[reference] = {"stock": stock, "ours": ours}
         for domain, text in texts.items():
             measured = {side: kl_divergence(path, bases[domain], text, args.chunks,
-                                            OUT / f"kld-{side}-{reference}-{domain}.log")
+                                            OUT / f"kld-{side}-{tag if side == 'ours' else ''}{reference}-{domain}.log")
                         for side, path in files[reference].items()}
             row = {"reference": reference, "domain": domain,
                    "stock_bytes": stock.stat().st_size, "ours_bytes": ours.stat().st_size}
@@ -205,7 +210,7 @@ def main() -> None:
         "model": "dithered SmolLM2-135M-Instruct (../shared/models/dither_smollm2.py), f16 GGUF by convert_hf_to_gguf.py",
         "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
                  f"{IMATRIX_CHUNKS} chunks of 512",
-        "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity linear --tokens "
+        "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
                 f"{args.tokens} --check-tokens {args.tokens} --imatrix (layerwise imatrix, same text and chunks); "
                 "layerwise export (GPTQ on 16384 tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",

@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                    help=f"how calibration domains are weighed (default {DEFAULT_OBJECTIVE}): " + "; ".join(
                        f"{name}: {objective.description}" for name, objective in OBJECTIVES.items()))
-    p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear", "expert"],
+    p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear", "tensor", "expert"],
                    help="what one choice covers (default sublayer; linear keeps q/k/v and gate/up together; "
+                        "tensor: every linear on its own, as GGUF files store them; "
                         "expert: each routed expert of a mixture-of-experts model, and its shared expert)")
     p.add_argument("--table", default=None, help="sensitivity table to reuse, or where to save a new one")
     p.add_argument("--calib", default=None, action="append",

@@ -6,8 +6,10 @@ from layerwise.plan.units import GRANULARITIES, units_of
 
 EXPERTS = 4
 # Units per block: one per block, two sublayers, four linear roles; with experts, the attention,
-# the shared expert (qwen2_moe) and each routed expert.
-UNITS_PER_BLOCK = {"block": 1, "sublayer": 2, "linear": 4, "expert": {"mixtral": 1 + EXPERTS, "qwen2_moe": 2 + EXPERTS}}
+# the shared expert (qwen2_moe) and each routed expert; per tensor, each linear path of a block
+# (routed experts merged per projection, as GGUF stores them).
+UNITS_PER_BLOCK = {"block": 1, "sublayer": 2, "linear": 4, "expert": {"mixtral": 1 + EXPERTS, "qwen2_moe": 2 + EXPERTS},
+                   "tensor": {"llama": 7, "gpt2": 4, "opt": 6, "phi3": 4, "mixtral": 4 + 3, "qwen2_moe": 4 + 3 + 3}}
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2", "opt", "phi3", "mixtral", "qwen2_moe"])
@@ -27,7 +29,7 @@ def test_units_cover_every_linear_once(architecture, granularity):
     assert len(set(unit.name for unit in units)) == len(units)
     assert [unit.block for unit in units] == sorted(unit.block for unit in units)
     per_block = UNITS_PER_BLOCK[granularity]
-    assert len(units) == 3 * (per_block[architecture] if granularity == "expert" else per_block)
+    assert len(units) == 3 * (per_block[architecture] if isinstance(per_block, dict) else per_block)
 
 
 def test_engine_constraints_keep_fused_linears_together():
@@ -35,6 +37,15 @@ def test_engine_constraints_keep_fused_linears_together():
     assert units["model.layers.0.attn_in"] == ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
                                               "model.layers.0.self_attn.v_proj")
     assert units["model.layers.0.mlp_in"] == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+
+
+def test_tensor_units_free_each_linear_but_keep_routed_experts_merged():
+    units = {unit.name: unit for unit in units_of(ADAPTERS["llama"], 1, "tensor")}
+    assert units["model.layers.0.self_attn.v_proj"].modules == ("model.layers.0.self_attn.v_proj",)
+    assert units["model.layers.0.self_attn.v_proj"].kind == "attn_in"
+    moe = {unit.name: unit.modules for unit in units_of(with_experts(ADAPTERS["mixtral"], EXPERTS), 1, "tensor")}
+    merged = [modules for name, modules in moe.items() if ".experts." in name]
+    assert len(merged) == 3 and all(len(modules) == EXPERTS for modules in merged)
 
 
 def test_unknown_granularity():

@@ -182,3 +182,30 @@ def test_a_plan_measured_with_an_importance_matrix_is_quantized_with_it(stories,
 
 GGUF_NAME = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
              "gate_proj": "ffn_gate", "up_proj": "ffn_up"}
+
+
+def test_the_heads_entry_weights_the_embedding_tied_to_it(stories, tmp_path):
+    from layerwise.measure.run import plan_importance
+    from layerwise.models.layout import head_is_tied
+
+    embed, down = stories.adapter.embed, "re:.*down_proj"
+    assert head_is_tied(stories.model, stories.adapter)
+    windows = imatrix_windows(stories.tokenizer, CALIBRATION_TEXT, ctx=64, chunks=2)
+    with_head = collect_imatrix(stories, windows, include_output=True, progress=False)
+    without = collect_imatrix(stories, windows, progress=False)
+    head_importance = with_head.importance("output.weight")
+    found = importance_for(stories, with_head, ["model.layers.0.self_attn.q_proj"], head=True)
+    np.testing.assert_array_equal(found[embed], head_importance)
+    assert embed not in importance_for(stories, without, ["model.layers.0.self_attn.q_proj"], head=True)
+    assert embed not in importance_for(stories, with_head, ["model.layers.0.self_attn.q_proj"])
+    # a plan choosing the embedding's type measures it so, and quantize writes it so
+    with_head.save(tmp_path / "imatrix.gguf")
+    planned, _ = plan_importance(stories, "q4_0", "linear", tmp_path / "imatrix.gguf")
+    np.testing.assert_array_equal(planned[embed], head_importance)
+    plan = Plan(QuantConfig("q8_0")).override(down, QuantConfig("int", 8, None)).override(embed, QuantConfig("q4_0"))
+    weight = stories.model.get_submodule(embed).weight.detach().clone()
+    _, weighted, _ = run_quantize(copy.deepcopy(stories), plan, imatrix=with_head, progress=False)
+    _, plain, _ = run_quantize(copy.deepcopy(stories), plan, imatrix=without, progress=False)
+    assert np.array_equal(weighted[embed].packed, gguf_blocks.quantize(weight, "Q4_0", head_importance))
+    assert np.array_equal(plain[embed].packed, gguf_blocks.quantize(weight, "Q4_0"))
+    assert not np.array_equal(weighted[embed].packed, plain[embed].packed)

@@ -68,7 +68,7 @@ def run_quantize(
         # of that text, as llama-quantize --imatrix would (llama.cpp users always make one).
         windows_for_imatrix = windows or calibration_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len,
                                                              seed=seed)
-        imatrix = collect_imatrix(loaded, windows_for_imatrix, progress=progress)
+        imatrix = collect_imatrix(loaded, windows_for_imatrix, include_output=True, progress=progress)
         imatrix.datasets = [str(text) for text in calibration_domains(calib).values()]
     importance, imatrix_record = _importance(loaded, targets, imatrix, _planned(plan))
     quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
@@ -114,13 +114,16 @@ def _importance(loaded: LoadedModel, targets: dict, imatrix: str | Path | Imatri
             raise LayerwiseError(f"the importance matrix {imatrix} changed since the plan was measured with it; pass "
                                  "--imatrix to quantize with another one")
     found = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
-    # As llama-quantize: block linears need an entry; the embedding and head (which llama-imatrix
-    # leaves out unless asked) are rounded without one.
+    # As llama-quantize: block linears need an entry. The output head (or the embedding tied to
+    # it) is weighted by the head's entry where the file has one (llama-imatrix leaves it out
+    # unless asked); an untied embedding is rounded without one.
     weighted = [name for name in gguf_rtn if name in blocks]
+    importance = {name: values for name, values in importance_for(loaded, found, weighted, head=True).items()
+                  if name in gguf_rtn}
     record = {"file": None if isinstance(imatrix, Imatrix) else str(imatrix), "datasets": found.datasets,
-              "chunk_count": found.chunk_count, "chunk_size": found.chunk_size, "modules": len(weighted),
+              "chunk_count": found.chunk_count, "chunk_size": found.chunk_size, "modules": len(importance),
               "from_plan": planned is not None and imatrix == planned.get("file")}
-    return importance_for(loaded, found, weighted), record
+    return importance, record
 
 
 def _planned(plan: Plan) -> dict | None:

@@ -452,6 +452,8 @@ def plan_importance(loaded: LoadedModel, options: str | Sequence[str], granulari
                              "and none of the plan's options is one")
     modules = [name for unit in units_of(loaded.adapter, loaded.n_blocks, granularity or "sublayer")
                for name in unit.modules]
-    importance = importance_for(loaded, Imatrix.load(imatrix), modules)
+    # The head's entry too, where the file has one: it weights the embedding/head unit of plans
+    # that choose its type (--budget-like).
+    importance = importance_for(loaded, Imatrix.load(imatrix), modules, head=True)
     return importance, {"file": str(Path(imatrix).resolve()), "sha256": file_fingerprint(imatrix),
                         "importance_sha256": importance_digest(importance)}

@@ -26,6 +26,7 @@ from layerwise.engine.replay import StopForward, base_reference, block_calls, he
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import (DEFAULT_ESTIMATOR, EstimateContext, blocks_to_head, estimator_named,
                                          measured_entry)
+from layerwise.models import layout
 from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.options import DROP, option_name, parse_options
@@ -160,8 +161,7 @@ def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndar
 
 def head_is_tied(loaded: LoadedModel) -> bool:
     """Whether the output head shares the token embedding's matrix."""
-    model, adapter = loaded.model, loaded.adapter
-    return model.get_submodule(adapter.lm_head).weight is model.get_submodule(adapter.embed).weight
+    return layout.head_is_tied(loaded.model, loaded.adapter)
 
 
 def head_cost_in_blocks(loaded: LoadedModel) -> float:
@@ -307,7 +307,7 @@ def measure_sensitivity(
         raise LayerwiseError("the option 'drop' takes whole blocks or sublayers; routed experts are dropped by "
                              "`layerwise drop MODEL --experts N` (the same number from every block, as the config "
                              "counts them once); use --granularity block or sublayer")
-    if DROP in configs and granularity == "linear":
+    if DROP in configs and granularity in ("linear", "tensor"):
         raise LayerwiseError("the option 'drop' needs whole blocks or sublayers as units, not single linears; "
                              "use --granularity block or sublayer")
     modules = {name: model.get_submodule(name) for unit in units for name in unit.modules}

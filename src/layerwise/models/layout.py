@@ -58,6 +58,11 @@ def block_layout(block: nn.Module, adapter: Adapter) -> tuple[str, Mapping[str, 
     raise LayerwiseError(f"a block holds none of the token mixers {known}")
 
 
+def head_is_tied(model: nn.Module, adapter: Adapter) -> bool:
+    """Whether the output head shares the token embedding's matrix."""
+    return model.get_submodule(adapter.lm_head).weight is model.get_submodule(adapter.embed).weight
+
+
 def stored_transposed(module: nn.Module) -> bool:
     """Whether the module keeps its weight as [in_features, out_features] (GPT-2's Conv1D)."""
     return type(module).__name__ == "Conv1D"

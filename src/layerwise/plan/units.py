@@ -1,9 +1,10 @@
-"""The units an allocation chooses for: whole blocks, sublayers, or groups of linears.
+"""The units an allocation chooses for: whole blocks, sublayers, groups of linears, or tensors.
 
 A unit is the smallest set of linears that must share one option. Per linear, the groups follow
 what inference engines fuse: q/k/v are one matrix in most kernels and gate/up another, so they
 share a format ("attn_in", "mlp_in"), while the attention output and the MLP down projection are
-free ("attn_out", "mlp_out").
+free ("attn_out", "mlp_out"). Per tensor, every linear is free, as in a GGUF file, where llama.cpp
+stores q, k and v (and gate, up) as tensors of their own types.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import LINEAR_ROLES, Adapter, expert_of
 
-GRANULARITIES = ("block", "sublayer", "linear", "expert")
+GRANULARITIES = ("block", "sublayer", "linear", "tensor", "expert")
 _SUBLAYER_ROLES = {"attn": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
 
 
@@ -36,6 +37,8 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
         raise LayerwiseError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
     if granularity == "expert":
         return _expert_units(adapter, n_blocks)
+    if granularity == "tensor":
+        return _tensor_units(adapter, n_blocks)
     if granularity == "block":
         groups = {"block": ("", LINEAR_ROLES)}
     elif granularity == "sublayer":
@@ -49,6 +52,22 @@ def units_of(adapter: Adapter, n_blocks: int, granularity: str = "sublayer") -> 
             modules = tuple(f"{prefix}.{path}" for role in roles for path in adapter.linears_of(index).get(role, ()))
             if modules:
                 units.append(Unit(prefix + suffix, index, modules, kind))
+    return units
+
+
+def _tensor_units(adapter: Adapter, n_blocks: int) -> list[Unit]:
+    """One unit per stored tensor: each linear on its own, except a block's routed experts, which
+    stay one unit per projection (GGUF's merged expert tensor)."""
+    units = []
+    for index in range(n_blocks):
+        prefix = f"{adapter.blocks}.{index}"
+        tensors: dict[str, tuple[str, list[str]]] = {}
+        for role in LINEAR_ROLES:
+            for path in adapter.linears_of(index).get(role, ()):
+                expert = expert_of(path)
+                key = path if expert < 0 else path.replace(f".experts.{expert}.", ".experts.")
+                tensors.setdefault(key, (role, []))[1].append(f"{prefix}.{path}")
+        units += [Unit(f"{prefix}.{key}", index, tuple(modules), role) for key, (role, modules) in tensors.items()]
     return units
 
 

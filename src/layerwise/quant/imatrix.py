@@ -31,7 +31,7 @@ from layerwise.data.windows import TokenWindows, bos_policy, encode_text, read_t
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import expert_of
 from layerwise.models.gguf_names import gguf_tensor_parts
-from layerwise.models.layout import block_linears, linear_weight
+from layerwise.models.layout import block_linears, head_is_tied, linear_weight
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.util.files import atomic_path, check_output
 from layerwise.util.meta import sha256_text
@@ -255,9 +255,15 @@ def imatrix_applies(config) -> bool:
     return get_format(config.format).packed and config.algorithm == "rtn"
 
 
-def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) -> dict[str, np.ndarray]:
+def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str], *,
+                   head: bool = False) -> dict[str, np.ndarray]:
     """Each module's column importance, checked against the model (entry present, one value per
-    input column)."""
+    input column). With `head`, also the output head's, when the matrix has an entry for it
+    (llama-imatrix --process-output, `layerwise imatrix --process-output`), keyed by the module a
+    plan quantizes it as: the head, or the token embedding when the two share one matrix (whose
+    columns are then the head's inputs). llama-quantize weights an untied output tensor by that
+    entry but a tied embedding by none; weighting the tied one too is ours (on the dithered
+    SmolLM2, Q5_1 rounding of its tied head so weighted has half the KL of plain rounding)."""
     if imatrix.model_fingerprint and imatrix.model_fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"the importance matrix was computed on another model (fingerprint "
                              f"{imatrix.model_fingerprint[:16]}...), not {loaded.source.display}")
@@ -268,14 +274,19 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str]) ->
         raise LayerwiseError(f"the importance matrix has no entry for {missing[0]}"
                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; was it computed "
                              "on this model?")
+    adapter = loaded.adapter
+    if head:
+        output = gguf_tensor_parts(loaded, [adapter.lm_head])[adapter.lm_head][0]
+        if output in imatrix.sums:
+            names[adapter.embed if head_is_tied(loaded.model, adapter) else adapter.lm_head] = output
     found = {}
-    for module in modules:
-        values = imatrix.importance(names[module])
+    for module, name in names.items():
+        values = imatrix.importance(name)
         columns = linear_weight(loaded.model.get_submodule(module)).shape[1]
         if expert_of(module) >= 0 and values.size % columns == 0:  # a routed expert's row of its block's tensor
             values = values.reshape(-1, columns)[expert_of(module)]
         if values.size != columns:
-            raise LayerwiseError(f"the importance matrix entry {names[module]} has {values.size} values, but "
+            raise LayerwiseError(f"the importance matrix entry {name} has {values.size} values, but "
                                  f"{module} has {columns} input columns; was it computed on this model?")
         found[module] = values
     return found
