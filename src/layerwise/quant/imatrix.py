@@ -30,7 +30,7 @@ import torch
 from layerwise.data.windows import TokenWindows, bos_policy, encode_text, read_text
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import expert_of
-from layerwise.models.gguf_names import gguf_tensor_parts
+from layerwise.models.gguf_names import gguf_tensor_names, gguf_tensor_parts
 from layerwise.models.layout import block_linears, head_is_tied, linear_weight
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.util.files import atomic_path, check_output
@@ -276,7 +276,7 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str], *,
                              "on this model?")
     adapter = loaded.adapter
     if head:
-        output = gguf_tensor_parts(loaded, [adapter.lm_head])[adapter.lm_head][0]
+        output = gguf_tensor_names(loaded, [adapter.lm_head], strict=False).get(adapter.lm_head)
         if output in imatrix.sums:
             names[adapter.embed if head_is_tied(loaded.model, adapter) else adapter.lm_head] = output
     found = {}
