@@ -129,7 +129,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         name = "scheduled" if args.schedule and not (args.quantized or args.plan) else "quantized"
         (ppl_low, ppl_high), (kl_low, kl_high) = quality["perplexity_ci"], quality["kl_ci"]
         print(f"{name}: perplexity {quality['perplexity']:.3f} [{ppl_low:.3f}, {ppl_high:.3f}], KL(base||{name}) "
-              f"{quality['kl']:.5f} [{kl_low:.5f}, {kl_high:.5f}] nats/token, top-1 agreement {quality['top1']:.4f} "
+              f"{quality['kl']:.5f} [{kl_low:.5f}, {kl_high:.5f}] nats/token (99th/99.9th percentile token "
+              f"{quality['kl_p99']:.4f}/{quality['kl_p999']:.4f}), top-1 agreement {quality['top1']:.4f} "
               f"(95% intervals over {len(quality['window_kl'])} windows)")
         if "sizes" in report:
             _print_sizes(report["sizes"])

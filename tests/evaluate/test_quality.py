@@ -16,14 +16,17 @@ def test_window_values_add_up_to_the_reported_numbers(stories):
     windows = token_windows(stories.tokenizer, EVALUATION_TEXT, tokens=2048, seq_len=256, seed=None)
     base = base_outputs(stories, windows, progress=False)
     one_window = windows.input_ids[3:4]
+    base_logits = stories.model(input_ids=windows.input_ids, use_cache=False).logits[:, :-1]
     reference = Reference.from_logits(stories.model(input_ids=one_window, use_cache=False).logits[:, :-1])
     weight = stories.model.model.layers[1].mlp.down_proj.weight
     original = weight.detach().clone()
     weight.data.add_(0.02 * torch.randn_like(weight))
     try:
         quality = evaluate(stories, base, progress=False)
-        # Independently: the KL of one window by a plain forward pass.
+        # Independently: the KL of one window by a plain forward pass, and of every token.
         direct = kl_per_token(reference, stories.model(input_ids=one_window, use_cache=False).logits[:, :-1])
+        every = kl_per_token(Reference.from_logits(base_logits), stories.model(input_ids=windows.input_ids,
+                                                                              use_cache=False).logits[:, :-1])
     finally:
         weight.data.copy_(original)
     assert len(quality.window_kl) == 8 and quality.window_tokens == (255,) * 8
@@ -35,6 +38,10 @@ def test_window_values_add_up_to_the_reported_numbers(stories):
     low, high = quality.perplexity_ci
     assert low < quality.perplexity < high
     assert quality.to_dict()["kl_ci"] == quality.kl_ci
+    # the tail of the per-token KL, as llama-perplexity reports it
+    assert quality.kl_p99 == pytest.approx(np.percentile(every.flatten().numpy(), 99.0), rel=5e-3)
+    assert quality.kl_p999 == pytest.approx(np.percentile(every.flatten().numpy(), 99.9), rel=5e-3)
+    assert quality.kl < quality.kl_p99 < quality.kl_p999
 
 
 @torch.no_grad()

@@ -98,6 +98,7 @@ def test_streamed_eval_of_a_quantized_head_matches_in_memory():
     assert quality.kl > 0.01
     assert quality.kl == pytest.approx(expected.kl, rel=1e-6)
     assert quality.perplexity == pytest.approx(expected.perplexity, rel=1e-6)
+    assert (quality.kl_p99, quality.kl_p999) == pytest.approx((expected.kl_p99, expected.kl_p999), rel=1e-5)
 
 
 def test_only_the_running_block_holds_weights(streamed):

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from layerwise.data.windows import TokenWindows
@@ -34,6 +35,10 @@ class Quality:
     window_kl: tuple[float, ...] = field(default=(), repr=False)
     window_nll: tuple[float, ...] = field(default=(), repr=False)
     window_tokens: tuple[int, ...] = field(default=(), repr=False)
+    # The tail of the per-token KL, as llama-perplexity --kl-divergence reports it: a plan can
+    # lower the mean and still leave a few tokens far off.
+    kl_p99: float = 0.0
+    kl_p999: float = 0.0
 
     @property
     def kl_ci(self) -> list[float]:
@@ -90,7 +95,7 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
 
     Perplexity uses the standard non-overlapping windows: each window predicts its own tokens
     1..T-1 from the preceding ones (no context carried across windows)."""
-    nll, window_kl, agree_total = [], [], 0.0
+    nll, window_kl, token_kl, agree_total = [], [], [], 0.0
     positions = base.windows.input_ids.shape[1] - 1
     with progress_bars(progress) as bars:
         task = bars.add_task("evaluating", total=len(base.references))
@@ -101,14 +106,15 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
             for window, start, stop, logits in head_chunks(loaded.model, loaded.adapter, final):
                 batch_nll[window] += _nll_sum(logits, batch[window, start + 1:stop + 1])
                 part = reference.part(window, start, stop)
-                batch_kl[window] += kl_per_token(part, logits).double().sum().item()
+                token_kl.append(kl_per_token(part, logits).float().cpu())
+                batch_kl[window] += token_kl[-1].double().sum().item()
                 agree_total += top1_agreement(part, logits).double().sum().item()
             nll += batch_nll
             window_kl += [total / positions for total in batch_kl]
             bars.advance(task)
     count = positions * len(nll)
     return Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
-                   tuple(window_kl), tuple(nll), (positions,) * len(nll))
+                   tuple(window_kl), tuple(nll), (positions,) * len(nll), *_tail(token_kl))
 
 
 @torch.no_grad()
@@ -122,7 +128,7 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
     no distribution outlives its window (no stored references, no second model). With
     `variant=None`, only the base model runs (and None stands for the other quality)."""
     streamed, model, adapter = loaded.streamed, loaded.model, loaded.adapter
-    base_nll, nll, window_kl, agree_total = [], [], [], 0.0
+    base_nll, nll, window_kl, token_kl, agree_total = [], [], [], [], 0.0
     positions = windows.input_ids.shape[1] - 1
     vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
     rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
@@ -163,7 +169,8 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
                             with held(streamed, adapter.lm_head):
                                 logits = hidden_to_logits(model, adapter, final[window, start:stop])
                         total_nll += _nll_sum(logits, targets[start:stop])
-                        total_kl += kl_per_token(reference, logits).double().sum().item()
+                        token_kl.append(kl_per_token(reference, logits).float().cpu())
+                        total_kl += token_kl[-1].double().sum().item()
                         agree_total += top1_agreement(reference, logits).double().sum().item()
                 base_nll.append(base_total)
                 bars.advance(task)
@@ -176,7 +183,13 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
     if variant is None:
         return base, None
     return base, Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
-                         tuple(window_kl), tuple(nll), (positions,) * len(nll))
+                         tuple(window_kl), tuple(nll), (positions,) * len(nll), *_tail(token_kl))
+
+
+def _tail(token_kl: list[torch.Tensor]) -> tuple[float, float]:
+    """The 99th and 99.9th percentiles of the per-token KL (linear interpolation, as numpy's)."""
+    values = torch.cat(token_kl).double().numpy()
+    return float(np.percentile(values, 99.0)), float(np.percentile(values, 99.9))
 
 
 def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
