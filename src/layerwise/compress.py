@@ -163,8 +163,9 @@ def run_compress(
         domains = calibration_domains(calib)
         # llama-imatrix reads one text; the prose domain (or the first) stands for all, as users run it.
         text = domains.get("prose", next(iter(domains.values())))
+        # With the head's entry: it weights the embedding/head unit of a --budget-like plan.
         step("imatrix", lambda path: run_imatrix(loaded, data=text, out=path, chunks=IMATRIX_CHUNKS,
-                                                 progress=progress))
+                                                 include_output=True, progress=progress))
     from layerwise.measure.run import run_plan
 
     step("plan", lambda path: run_plan(
