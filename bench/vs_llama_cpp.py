@@ -8,13 +8,17 @@ Q4_1 grid, which would flatter every stock type that contains it):
   matrix from `llama-imatrix` on WikiText-2 valid (100 chunks of 512 tokens), and Q4_K_M without;
 - ours: for each stock file, `layerwise plan --budget-like STOCK` with the default allocator
   (exact) and the default calibration (the shipped mix of prose, code, verse and tables; 2048
-  tokens for the table and 2048 for the never-worse check, half the defaults, for time), units per linear group (q/k/v, o,
-  gate/up, down) plus the token embedding (tied to the output head), options GPTQ onto Q4_0, Q5_0 and
-  Q5_1 grids, Q8_0, and the K-quants Q3_K..Q6_K (rows of 256 only: the down projections) rounded
-  with our importance matrix (`layerwise imatrix`, same text and chunking as llama-imatrix's);
+  tokens for the table and 2048 for the never-worse check, half the defaults, for time), units per
+  tensor (`--granularity tensor`: q, k, v, o, gate, up, down each on its own, as llama-quantize
+  chooses; `--granularity linear` keeps q/k/v and gate/up together) plus the token embedding (tied
+  to the output head), options GPTQ onto Q4_0, Q5_0 and Q5_1 grids, Q8_0, and the K-quants
+  Q3_K..Q6_K (rows of 256 only: the down projections) rounded with our importance matrix
+  (`layerwise imatrix --process-output`, same text and chunking as llama-imatrix's, plus the head's
+  entry, which weights the tied embedding's rounding);
   GPTQ options are fitted, in the table and the check, on 16384 tokens of the mix that neither
   uses; then `layerwise export` with its defaults (GPTQ fitted on 16384 tokens of the shipped mix).
-  The embedding and head are rounded to nearest, as llama-quantize rounds them;
+  The embedding and head are rounded to nearest, as llama-quantize rounds them (but weighted by the
+  head's importance, which llama-quantize does not do for a tied embedding);
 - judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
   WikiText-2 test (the first 40 chunks of 512 tokens) and on Python code (the interpreter's
   standard library modules except the five in the shipped calibration, in a seeded order, first 40
@@ -23,8 +27,9 @@ Q4_1 grid, which would flatter every stock type that contains it):
 
 Writes bench/results/vs_llama_cpp.json (one row per reference file and domain) and
 bench/results/vs_llama_cpp.png. Needs llama.cpp's tools (bash .ci/llama_cpp_tools DIR; set
-LAYERWISE_LLAMA_CPP_BIN=DIR/bin) and converter (LAYERWISE_CONVERT_HF_TO_GGUF). About 95 minutes on
-2 cores; every step's output is kept under bench/out/vs_llama_cpp and reused when run again.
+LAYERWISE_LLAMA_CPP_BIN=DIR/bin) and converter (LAYERWISE_CONVERT_HF_TO_GGUF). About 2 hours on
+2 cores (the table per tensor, 1688 entries, about 50 minutes of it); every step's output is kept
+under bench/out/vs_llama_cpp and reused when run again.
 
     python bench/vs_llama_cpp.py [--references Q4_K_M+imatrix,Q4_0+imatrix] [--chunks 40]
 """
@@ -143,7 +148,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048,
                         help="calibration tokens for the sensitivity table and for the never-worse check each "
                              "(layerwise plan's default is 4096; 2048 halves the table's ~45 minutes here)")
-    parser.add_argument("--granularity", default="linear", choices=["linear", "tensor"],
+    parser.add_argument("--granularity", default="tensor", choices=["linear", "tensor"],
                         help="the plan's units: linear groups (q/k/v, gate/up together) or every tensor on its own")
     parser.add_argument("--name", default="vs_llama_cpp")
     args = parser.parse_args()
@@ -211,7 +216,7 @@ def main() -> None:
         "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
                  f"{IMATRIX_CHUNKS} chunks of 512",
         "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
-                f"{args.tokens} --check-tokens {args.tokens} --imatrix (layerwise imatrix, same text and chunks); "
+                f"{args.tokens} --check-tokens {args.tokens} --imatrix (layerwise imatrix --process-output, same text and chunks); "
                 "layerwise export (GPTQ on 16384 tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
         "seconds": time.perf_counter() - started, "rows": rows})

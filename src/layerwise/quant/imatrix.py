@@ -263,7 +263,8 @@ def importance_for(loaded: LoadedModel, imatrix: Imatrix, modules: list[str], *,
     plan quantizes it as: the head, or the token embedding when the two share one matrix (whose
     columns are then the head's inputs). llama-quantize weights an untied output tensor by that
     entry but a tied embedding by none; weighting the tied one too is ours (on the dithered
-    SmolLM2, Q5_1 rounding of its tied head so weighted has half the KL of plain rounding)."""
+    SmolLM2, Q5_1 rounding of its tied head so weighted has 0.42x the KL of plain rounding,
+    bench/head_rounding.py)."""
     if imatrix.model_fingerprint and imatrix.model_fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"the importance matrix was computed on another model (fingerprint "
                              f"{imatrix.model_fingerprint[:16]}...), not {loaded.source.display}")
