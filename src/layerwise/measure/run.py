@@ -431,10 +431,10 @@ def _reference(loaded: LoadedModel, path: str | Path):
     linears (whatever the granularity), the token embedding and an untied head."""
     from layerwise.models.gguf_reference import read_reference
     from layerwise.models.layout import block_linears
-    from layerwise.measure.sensitivity import head_is_tied
+    from layerwise.models.layout import head_is_tied
     from layerwise.plan.units import edge_units
 
-    edges = edge_units(loaded.adapter, loaded.n_blocks, tied=head_is_tied(loaded))
+    edges = edge_units(loaded.adapter, loaded.n_blocks, tied=head_is_tied(loaded.model, loaded.adapter))
     modules = [name for unit in edges for name in unit.modules]
     return read_reference(loaded, path, modules + [name for _, name, _ in block_linears(loaded.model, loaded.adapter)])
 

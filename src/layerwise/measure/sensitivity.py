@@ -26,8 +26,7 @@ from layerwise.engine.replay import StopForward, base_reference, block_calls, he
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import (DEFAULT_ESTIMATOR, EstimateContext, blocks_to_head, estimator_named,
                                          measured_entry)
-from layerwise.models import layout
-from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
+from layerwise.models.layout import blocks_of, head_is_tied, linear_weight, set_linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.table import SensitivityTable, domain_means, edge_config, table_rows
@@ -157,11 +156,6 @@ def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndar
     kl[:done] = np.array(state["kl"], dtype=np.float64).reshape(done, kl.shape[1])
     skipped.update(state["skipped"])
     return done, float(state["block_runs"]), float(state["seconds"])
-
-
-def head_is_tied(loaded: LoadedModel) -> bool:
-    """Whether the output head shares the token embedding's matrix."""
-    return layout.head_is_tied(loaded.model, loaded.adapter)
 
 
 def head_cost_in_blocks(loaded: LoadedModel) -> float:
@@ -302,7 +296,7 @@ def measure_sensitivity(
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:
-        units = edge_units(adapter, loaded.n_blocks, tied=head_is_tied(loaded)) + units
+        units = edge_units(adapter, loaded.n_blocks, tied=head_is_tied(model, adapter)) + units
     if DROP in configs and granularity == "expert":
         raise LayerwiseError("the option 'drop' takes whole blocks or sublayers; routed experts are dropped by "
                              "`layerwise drop MODEL --experts N` (the same number from every block, as the config "

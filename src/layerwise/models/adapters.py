@@ -305,6 +305,13 @@ def with_experts(adapter: Adapter, n_experts: int) -> Adapter:
                    n_experts=n_experts)
 
 
+def merged_expert_path(path: str) -> str:
+    """A routed expert's linear named as its block's merged tensor holds it ("mlp.experts.gate_proj"
+    for "mlp.experts.3.gate_proj"); any other path unchanged."""
+    expert = expert_of(path)
+    return path if expert < 0 else path.replace(f".experts.{expert}.", ".experts.")
+
+
 def expert_of(path: str) -> int:
     """The routed expert a linear's path belongs to, or -1 (attention, shared expert, dense MLP)."""
     marker = ".experts."

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.adapters import expert_of
+from layerwise.models.adapters import merged_expert_path
 from layerwise.models.loading import LoadedModel
 
 # transformers' model_type -> llama.cpp's architecture, where the two names differ
@@ -49,8 +49,7 @@ def gguf_tensor_names(loaded: LoadedModel, modules: list[str], arch: str | None 
     name_map = gguf.get_tensor_name_map(arch_enum, loaded.n_blocks)
     names = {}
     for module in modules:
-        expert = expert_of(module)
-        mapped = name_map.get_name(module.replace(f".experts.{expert}.", ".experts.") if expert >= 0 else module)
+        mapped = name_map.get_name(merged_expert_path(module))
         if mapped is None:
             if not strict:
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.adapters import LINEAR_ROLES, Adapter, expert_of
+from layerwise.models.adapters import LINEAR_ROLES, Adapter, expert_of, merged_expert_path
 
 GRANULARITIES = ("block", "sublayer", "linear", "tensor", "expert")
 _SUBLAYER_ROLES = {"attn": ("attn_in", "attn_out"), "mlp": ("mlp_in", "mlp_out")}
@@ -64,8 +64,7 @@ def _tensor_units(adapter: Adapter, n_blocks: int) -> list[Unit]:
         tensors: dict[str, tuple[str, list[str]]] = {}
         for role in LINEAR_ROLES:
             for path in adapter.linears_of(index).get(role, ()):
-                expert = expert_of(path)
-                key = path if expert < 0 else path.replace(f".experts.{expert}.", ".experts.")
+                key = merged_expert_path(path)
                 tensors.setdefault(key, (role, []))[1].append(f"{prefix}.{path}")
         units += [Unit(f"{prefix}.{key}", index, tuple(modules), role) for key, (role, modules) in tensors.items()]
     return units
