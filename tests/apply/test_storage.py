@@ -10,11 +10,12 @@ import struct
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from layerwise import LayerwiseError
 from layerwise.apply.run import run_quantize
-from layerwise.apply.storage import load_quantized, pack_bits, save_quantized, unpack_bits
+from layerwise.apply.storage import (StoredModules, TensorSpill, load_quantized, pack_bits,
+                                     save_quantized, unpack_bits)
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig, quantize_weight
 from layerwise.quant.awq import awq_quantize
@@ -109,7 +110,8 @@ def test_schema_version_1_folders_still_load(tmp_path):
     assert bitwise_equal(back.dequantize(), q.dequantize())
 
 
-def test_a_missing_tensor_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_missing_tensor_is_a_one_line_error(lazy, tmp_path):
     config = QuantConfig("int", 4, 32)
     q = quantize_weight(torch.randn(8, 64), config)
     save_quantized(tmp_path, Plan(config), {"layer": q}, {})
@@ -117,7 +119,49 @@ def test_a_missing_tensor_is_a_one_line_error(tmp_path):
     document["modules"]["other"] = document["modules"]["layer"]
     (tmp_path / "quant.json").write_text(json.dumps(document))
     with pytest.raises(LayerwiseError, match="corrupt quantized model: tensor other.codes is missing"):
-        load_quantized(tmp_path)
+        load_quantized(tmp_path, lazy=lazy)
+
+
+def test_tensors_spilled_one_at_a_time_make_a_file_safetensors_reads(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    tensors = {"codes": torch.randint(0, 255, (5, 7), generator=generator, dtype=torch.uint8),
+               "scale": torch.randn(5, 2, generator=generator).to(torch.float16),
+               "bf": torch.randn(3, generator=generator).to(torch.bfloat16),
+               "f8": torch.randn(4, 4, generator=generator).to(torch.float8_e4m3fn),
+               "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 3), "wide": torch.arange(9.0).double()}
+    spill = TensorSpill(tmp_path)
+    for key, tensor in tensors.items():
+        spill.add(key, tensor)
+    with pytest.raises(LayerwiseError, match="already stored"):
+        spill.add("codes", tensors["codes"])
+    spill.write_safetensors(tmp_path / "out.safetensors")
+    back = load_file(str(tmp_path / "out.safetensors"))
+    assert back.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert bitwise_equal(back[key], tensor), key
+        assert bitwise_equal(spill.read(key), tensor), key
+    assert list(tmp_path.iterdir()) == [tmp_path / "out.safetensors"]  # the scratch file has no name
+
+
+def test_modules_kept_on_disk_decode_as_they_were_and_save_the_same_file(tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    stored = {"a": quantize_weight(torch.randn(8, 64, generator=generator), QuantConfig("int", 3, 32, False)).compact(),
+              "b": quantize_weight(torch.randn(4, 256, generator=generator), QuantConfig("q4_k"))}
+    on_disk = StoredModules(directory=tmp_path)
+    for name, q in stored.items():
+        on_disk.add(name, q)
+    assert list(on_disk) == ["a", "b"] and on_disk.configs() == {name: q.config for name, q in stored.items()}
+    for name, q in stored.items():
+        assert bitwise_equal(on_disk[name].dequantize(), q.dequantize())
+        assert bitwise_equal(on_disk.stored_form(name).dequantize(), q.dequantize())
+    save_quantized(tmp_path / "from-disk", Plan(QuantConfig("int", 3, 32)), on_disk, {})
+    save_quantized(tmp_path / "from-memory", Plan(QuantConfig("int", 3, 32)), stored, {})
+    first, second = (load_file(str(tmp_path / side / "qweights.safetensors")) for side in ("from-disk", "from-memory"))
+    assert first.keys() == second.keys() and all(bitwise_equal(first[key], second[key]) for key in first)
+    document, lazy = load_quantized(tmp_path / "from-disk", lazy=True)
+    assert isinstance(lazy, StoredModules)
+    for name, q in stored.items():
+        assert bitwise_equal(lazy[name].dequantize(), q.dequantize())
 
 
 def test_a_scale_that_fp16_cannot_hold_is_refused_rather_than_rounded(tmp_path):

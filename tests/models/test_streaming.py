@@ -2,11 +2,14 @@
 numbers as the model loaded whole."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from layerwise import LayerwiseError, load_model
 from layerwise.apply.run import run_quantize
+from layerwise.apply.storage import StoredModules, apply_quantized, load_quantized
 from layerwise.data.windows import token_windows
 from layerwise.evaluate.quality import base_outputs, compare_streamed, evaluate
 from layerwise.evaluate.run import run_eval
@@ -15,6 +18,7 @@ from layerwise.models.layout import blocks_of
 from layerwise.plan.plan import Plan
 from layerwise.profile import run_profile
 from layerwise.quant.config import QuantConfig
+from layerwise.quant.qtensor import QTensor
 from conftest import EVALUATION_TEXT, SMOLLM2, STORIES
 
 
@@ -142,15 +146,47 @@ def test_overrides_outlast_a_release_and_original_ignores_them(streamed):
     assert torch.equal(before, again)
 
 
+def _live_qtensors() -> int:
+    gc.collect()
+    return sum(isinstance(item, QTensor) for item in gc.get_objects())
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_streamed_quantization_stores_the_same_codes(method):
     plan = Plan(QuantConfig("int", 4, None, True, method, "error"))
     _, whole, whole_sizes = run_quantize(STORIES, plan, tokens=1024, progress=False)
+    del _
+    in_memory = _live_qtensors()
     loaded, parts, sizes = run_quantize(STORIES, plan, tokens=1024, streaming=True, progress=False)
     assert loaded.streamed is not None and sizes == whole_sizes
+    # Streamed, the codes wait on disk: neither the result nor the model's overrides hold them.
+    assert isinstance(parts, StoredModules) and _live_qtensors() == in_memory
     assert whole.keys() == parts.keys()
     for name in whole:
         assert torch.equal(whole[name].dequantize(), parts[name].dequantize()), name
+    ids = _tokens(loaded)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids, use_cache=False).logits
+    reference = load_model(STORIES)
+    for name, q in whole.items():
+        reference.model.get_submodule(name).weight.data.copy_(q.dequantize())
+    with torch.no_grad():
+        assert torch.equal(logits, reference.model(input_ids=ids, use_cache=False).logits)
+
+
+def test_a_streamed_model_reads_a_saved_quantization_from_disk_as_blocks_load(tmp_path):
+    plan = Plan(QuantConfig("int", 3, None, True, "rtn", "error"))
+    _, whole, _ = run_quantize(STORIES, plan, out=tmp_path / "q", progress=False)
+    expected = {name: q.dequantize() for name, q in whole.items()}
+    del whole, _
+    before = _live_qtensors()
+    loaded = load_model(STORIES, streaming=True)
+    document, stored = load_quantized(tmp_path / "q", lazy=True)
+    apply_quantized(loaded, document, stored)
+    assert isinstance(stored, StoredModules) and _live_qtensors() == before
+    for name, weight in expected.items():
+        with streaming.held(loaded.streamed, name):
+            assert torch.equal(loaded.model.get_submodule(name).weight, weight), name
 
 
 def test_streamed_eval_and_profile_match(tmp_path):

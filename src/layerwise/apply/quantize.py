@@ -7,9 +7,13 @@ quantized outputs become the inputs of block i+1, so memory stays near one block
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Mapping
+
 import numpy as np
 import torch
 
+from layerwise.apply.storage import StoredModules
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
 from layerwise.engine.replay import call_arguments
@@ -91,12 +95,17 @@ def quantize_(
     *,
     batch_size: int = 4,
     importance: dict[str, np.ndarray] | None = None,
+    spill_to: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, QTensor]:
+) -> Mapping[str, QTensor]:
     """Quantize `loaded.model` in place according to `plan`; return each module's stored form.
     Units the plan drops are silenced first (their output projections zeroed), so that the
     units after them calibrate on what the pruned model computes. `importance` (module -> column
-    weights, from an importance matrix) weights the GGUF types' rounding, as llama-quantize does."""
+    weights, from an importance matrix) weights the GGUF types' rounding, as llama-quantize does.
+
+    Streamed, each part's stored forms move to an unnamed scratch file (in `spill_to`, else the
+    system's temporary folder) once the part is done, and the model decodes them from there when
+    the part loads: the result is a `StoredModules`, and one part's codes are in memory at a time."""
     importance = importance or {}
     targets = plan_targets(loaded, plan)
     drop_units_(loaded, plan.drop)
@@ -106,6 +115,14 @@ def quantize_(
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     modules = {name: model.get_submodule(name) for name in targets}
     result: dict[str, QTensor] = {}
+    spilled = StoredModules(directory=spill_to) if streamed is not None else None
+
+    def spill(names: list[str]) -> None:
+        if spilled is None:
+            return
+        for name in names:
+            spilled.add(name, result.pop(name))
+            write_linear(streamed, model, name, spilled.stored_form(name))
     with progress_bars(progress) as bars:
         task = bars.add_task("quantizing", total=len(targets))
         if needs_data:
@@ -133,9 +150,12 @@ def quantize_(
                         bars.advance(task)
                     stats.clear()
                     hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
-        for part, names in by_part(streamed, [name for name in targets if name not in result]):
+                spill(names)
+        done = set(result) | set(spilled or ())
+        for part, names in by_part(streamed, [name for name in targets if name not in done]):
             with held(streamed, part):
                 for name in names:
                     result[name] = _quantize_module(loaded, name, targets[name], None, importance.get(name))
                     bars.advance(task)
-    return result
+            spill(names)
+    return result if spilled is None else spilled

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 from layerwise.apply.quantize import plan_dropped, plan_fallbacks, plan_targets, quantize_
-from layerwise.apply.storage import save_quantized
+from layerwise.apply.storage import StoredModules, save_quantized
 from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel, load_model
@@ -34,7 +35,7 @@ def run_quantize(
     device: str = "cpu",
     streaming: bool | None = False,
     progress: bool = True,
-) -> tuple[LoadedModel, dict[str, QTensor], dict]:
+) -> tuple[LoadedModel, Mapping[str, QTensor], dict]:
     """Quantize `model` by `plan` (a Plan or a plan.json path). Returns the quantized model, the
     stored form of each module and the size report; with `out`, writes them there. `imatrix` (a
     file llama-imatrix or `layerwise imatrix` wrote) weights the GGUF types' rounding by each
@@ -43,8 +44,9 @@ def run_quantize(
     given or GPTQ/AWQ draw windows anyway. `calib`: one file, several (one domain each), or None
     for the shipped mix of prose, code, verse and tables that `plan` calibrates on by default;
     GPTQ and AWQ fit on `tokens` of it. `streaming` reads one block at a time from disk (the model
-    returned then holds the quantized weights as overrides, decoded as each block loads; None:
-    only when the model would not fit in memory)."""
+    returned then holds the quantized weights as overrides, decoded as each block loads, and the
+    stored forms are a `StoredModules` that reads them from a scratch file; None: only when the
+    model would not fit in memory)."""
     if out is not None:
         check_output(out, overwrite, directory=True)
     if not isinstance(plan, Plan):
@@ -71,8 +73,10 @@ def run_quantize(
         imatrix = collect_imatrix(loaded, windows_for_imatrix, include_output=True, progress=progress)
         imatrix.datasets = [str(text) for text in calibration_domains(calib).values()]
     importance, imatrix_record = _importance(loaded, targets, imatrix, _planned(plan))
-    quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress)
-    sizes = size_report(loaded, quantized, dropped)
+    # Streamed, the stored forms wait on disk beside the output (the system's temporary folder without one).
+    quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress,
+                          spill_to=None if out is None else Path(out).resolve().parent)
+    sizes = size_report(loaded, quantized.configs() if isinstance(quantized, StoredModules) else quantized, dropped)
     meta = run_metadata() | {"model": loaded.describe(), "calibration": windows.describe() if windows else None,
                              "sizes": sizes, "drop": list(plan.drop), "dropped_modules": dropped,
                              "fallbacks": plan_fallbacks(loaded, plan), "imatrix": imatrix_record}

@@ -1,6 +1,10 @@
 """A quantized model on disk for layerwise itself: plan.json, the stored codes and scales
 (qweights.safetensors) and quant.json (metadata and sizes). Real engines' formats are export's job.
 
+Streamed runs keep codes out of memory: `StoredModules` holds each module in its stored form on
+disk (a scratch file while quantizing, or the qweights.safetensors it reads) and decodes it when
+asked, and the file is written a tensor at a time (`TensorSpill.write_safetensors`).
+
 The file holds what the size report counts, at the width it counts it: codes and integer zero
 points packed at their bit width (`pack_bits`), scales as fp16 (MX: one exponent byte), AWQ's
 channel scales as fp16, GGUF blocks as llama.cpp's bytes. quant.json says, per tensor, how to
@@ -10,12 +14,15 @@ bit-identical weights. Schema version 1 (int16 codes, float32 parameters) is sti
 from __future__ import annotations
 
 import json
+import shutil
+import struct
+import tempfile
 from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import linear_weight
@@ -26,6 +33,11 @@ from layerwise.quant.config import QuantConfig
 from layerwise.quant.formats import get_format
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_path, read_artifact, write_text_atomic
+
+# safetensors' names of the dtypes stored tensors have.
+SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                      torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                      torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 SCHEMA = "layerwise.quantized"
 SCHEMA_VERSION = 2  # 2: codes and zero points packed at their bit width; 1: int16 codes, float32 parameters
@@ -115,16 +127,140 @@ def _stored_tensors(name: str, q: QTensor) -> tuple[dict[str, torch.Tensor], dic
     return tensors, specs
 
 
-def save_quantized(out_dir: str | Path, plan: Plan, quantized: dict[str, QTensor], meta: dict) -> list[Path]:
-    out_dir = Path(out_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    modules = {}
-    for name, q in quantized.items():
+class TensorSpill:
+    """Tensors appended one at a time to an unnamed scratch file and read back on demand, so
+    that what is written is out of memory until asked for; `write_safetensors` copies them, in
+    the order they came, into one safetensors file without holding them all."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, offset, bytes
+        self._end = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._entries:
+            raise LayerwiseError(f"tensor {key} is already stored")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise LayerwiseError(f"{key}: safetensors does not store {tensor.dtype}")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._file.seek(self._end)
+        self._file.write(memoryview(data))
+        self._entries[key] = (tensor.dtype, tuple(tensor.shape), self._end, data.nbytes)
+        self._end += data.nbytes
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, offset, size = self._entries[key]
+        raw = bytearray(size)
+        self._file.seek(offset)
+        if self._file.readinto(raw) != size:
+            raise LayerwiseError(f"the scratch file lost tensor {key}")
+        if not size:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def write_safetensors(self, path: str | Path) -> None:
+        """The tensors as a safetensors file at `path` (the format: a little-endian u64 header
+        length, a JSON header of dtypes, shapes and byte ranges, padded to 8 bytes, then the bytes)."""
+        header = {key: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+                  for key, (dtype, shape, offset, size) in self._entries.items()}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._file.flush()
+        self._file.seek(0)
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            shutil.copyfileobj(self._file, out, 1 << 22)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class StoredModules(Mapping[str, QTensor]):
+    """Quantized modules in their stored form on disk, each decoded (bit-identical) when it is
+    asked for: a streamed run never holds a model's codes at once. Backed by a scratch file that
+    `add` appends to while quantizing (`StoredModules()`), or by a qweights.safetensors
+    (`load_quantized(..., lazy=True)`)."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor] | None = None, modules: dict[str, dict] | None = None,
+                 where: str = "the scratch file", directory: str | Path | None = None) -> None:
+        # The scratch file is unnamed (gone when closed or at exit), in `directory` or the system's temporary one.
+        self.spill = TensorSpill(directory) if read is None else None
+        self._read = read or self.spill.read
+        self.modules: dict[str, dict] = dict(modules or {})  # name -> {"config", "shape", "tensors": specs}
+        self._where = where
+
+    def add(self, name: str, q: QTensor) -> None:
+        """Encode `q` as qweights.safetensors stores it and move it to the scratch file."""
         stored, specs = _stored_tensors(name, q)
-        tensors |= stored
-        modules[name] = {"config": q.config.to_dict(), "shape": list(q.shape), "tensors": specs}
-    with atomic_path(out_dir / "qweights.safetensors", named=True) as tmp:
-        save_file(tensors, str(tmp))
+        for key, tensor in stored.items():
+            self.spill.add(key, tensor)
+        self.modules[name] = _module_entry(q, specs)
+
+    def stored_form(self, name: str) -> "StoredModule":
+        """Something `write_linear` takes: decoded from disk each time it is dequantized."""
+        return StoredModule(self, name)
+
+    def configs(self) -> dict[str, QuantConfig]:
+        return {name: QuantConfig.from_dict(entry["config"]) for name, entry in self.modules.items()}
+
+    def __getitem__(self, name: str) -> QTensor:
+        entry = self.modules[name]
+        try:
+            parts = {key: _decode(self._read(f"{name}.{key}"), spec) for key, spec in entry["tensors"].items()}
+        except (KeyError, SafetensorError):
+            raise LayerwiseError(f"{self._where} holds a corrupt quantized model: a tensor of {name} is missing "
+                                 "or unreadable") from None
+        return _qtensor(entry, parts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+class StoredModule:
+    """One module of a `StoredModules`, read and decoded from disk at each `dequantize()`."""
+
+    def __init__(self, modules: StoredModules, name: str) -> None:
+        self.modules, self.name = modules, name
+
+    def dequantize(self) -> torch.Tensor:
+        return self.modules[self.name].dequantize()
+
+
+def _module_entry(q: QTensor, specs: dict[str, dict]) -> dict:
+    return {"config": q.config.to_dict(), "shape": list(q.shape), "tensors": specs}
+
+
+def _qtensor(entry: dict, parts: dict[str, torch.Tensor]) -> QTensor:
+    packed = parts.pop("packed", None)
+    codes, channel_scale = parts.pop("codes", None), parts.pop("channel_scale", None)
+    return QTensor(QuantConfig.from_dict(entry["config"]), tuple(entry["shape"]), codes=codes, params=parts or None,
+                   packed=None if packed is None else packed.numpy(), channel_scale=channel_scale)
+
+
+def save_quantized(out_dir: str | Path, plan: Plan, quantized: Mapping[str, QTensor], meta: dict) -> list[Path]:
+    """Write plan.json, quant.json and qweights.safetensors; the codes go to disk a module at a
+    time (from `quantized`'s own scratch file when it is a `StoredModules` that has one)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(quantized, StoredModules) and quantized.spill is not None:
+        spill, modules = quantized.spill, quantized.modules
+    else:
+        spill, modules = TensorSpill(out_dir), {}
+        for name, q in quantized.items():
+            stored, specs = _stored_tensors(name, q)
+            for key, tensor in stored.items():
+                spill.add(key, tensor)
+            modules[name] = _module_entry(q, specs)
+    try:
+        with atomic_path(out_dir / "qweights.safetensors") as tmp:
+            spill.write_safetensors(tmp)
+    finally:
+        if spill is not getattr(quantized, "spill", None):
+            spill.close()
     document = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": meta, "modules": modules}
     return [
         write_text_atomic(out_dir / "quant.json", json.dumps(document, indent=1) + "\n"),
@@ -133,11 +269,23 @@ def save_quantized(out_dir: str | Path, plan: Plan, quantized: dict[str, QTensor
     ]
 
 
-def load_quantized(out_dir: str | Path) -> tuple[dict, dict[str, QTensor]]:
+def load_quantized(out_dir: str | Path, lazy: bool = False) -> tuple[dict, Mapping[str, QTensor]]:
+    """The document (quant.json) and every module's stored form; `lazy`: a `StoredModules` that
+    reads and decodes a module from qweights.safetensors when asked (schema version 2)."""
     out_dir = Path(out_dir)
     document = _read_document(out_dir / "quant.json")
+    weights = out_dir / "qweights.safetensors"
     try:
-        tensors = load_file(str(out_dir / "qweights.safetensors"))
+        with safe_open(str(weights), framework="pt") as handle:
+            names = set(handle.keys())
+            modules = document["modules"]
+            for name, entry in modules.items():
+                missing = [f"{name}.{key}" for key in entry.get("tensors", ()) if f"{name}.{key}" not in names]
+                if missing:
+                    raise LayerwiseError(f"{out_dir} holds a corrupt quantized model: tensor {missing[0]} is missing")
+            if lazy and all("tensors" in entry for entry in modules.values()):
+                return document, StoredModules(_reader(weights), modules, str(out_dir))
+            tensors = {key: handle.get_tensor(key) for key in names}
     except FileNotFoundError:
         raise LayerwiseError(f"{out_dir} is not a layerwise quantized model (qweights.safetensors missing)") from None
     except SafetensorError as error:
@@ -145,19 +293,21 @@ def load_quantized(out_dir: str | Path) -> tuple[dict, dict[str, QTensor]]:
     quantized = {}
     for name, entry in document["modules"].items():
         if "tensors" in entry:
-            missing = [f"{name}.{key}" for key in entry["tensors"] if f"{name}.{key}" not in tensors]
-            if missing:
-                raise LayerwiseError(f"{out_dir} holds a corrupt quantized model: tensor {missing[0]} is missing")
             parts = {key: _decode(tensors[f"{name}.{key}"], spec) for key, spec in entry["tensors"].items()}
         else:  # schema version 1: every tensor as it was in memory
             parts = {key.removeprefix(name + "."): value for key, value in tensors.items()
                      if key.startswith(name + ".")}
-        packed = parts.pop("packed", None)
-        codes, channel_scale = parts.pop("codes", None), parts.pop("channel_scale", None)
-        quantized[name] = QTensor(QuantConfig.from_dict(entry["config"]), tuple(entry["shape"]), codes=codes,
-                                  params=parts or None, packed=None if packed is None else packed.numpy(),
-                                  channel_scale=channel_scale)
+        quantized[name] = _qtensor(entry, parts)
     return document, quantized
+
+
+def _reader(path: Path) -> Callable[[str], torch.Tensor]:
+    """Reads one tensor of a safetensors file, opening it for that read alone (its pages leave
+    the process after)."""
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(key)
+    return read
 
 
 def _read_document(path: Path) -> dict:
@@ -171,8 +321,10 @@ def _read_document(path: Path) -> dict:
 
 
 @torch.no_grad()
-def apply_quantized(loaded: LoadedModel, document: dict, quantized: dict[str, QTensor]) -> None:
-    """Put the dequantized weights into `loaded.model`; refuse a file made for another model."""
+def apply_quantized(loaded: LoadedModel, document: dict, quantized: Mapping[str, QTensor]) -> None:
+    """Put the dequantized weights into `loaded.model`; refuse a file made for another model. A
+    `StoredModules` is not decoded here: a streamed model decodes each module from disk as its
+    part loads."""
     fingerprint = document["meta"].get("model", {}).get("fingerprint")
     if fingerprint and fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"this quantized model was made from a model with fingerprint {fingerprint[:16]}..., "
@@ -180,11 +332,14 @@ def apply_quantized(loaded: LoadedModel, document: dict, quantized: dict[str, QT
     from layerwise.prune.depth import drop_units_
 
     drop_units_(loaded, document.get("meta", {}).get("drop", []))
-    for name, q in quantized.items():
+    on_disk = isinstance(quantized, StoredModules)
+    for name in quantized:
         try:
             module = loaded.model.get_submodule(name)
         except AttributeError:
             raise LayerwiseError(f"the quantized model names module {name!r}, which this model does not have") from None
-        if tuple(linear_weight(module).shape) != q.shape:
-            raise LayerwiseError(f"{name}: stored shape {q.shape} does not match the model's {tuple(linear_weight(module).shape)}")
-        write_linear(loaded.streamed, loaded.model, name, q)
+        stored = quantized.stored_form(name) if on_disk else quantized[name]
+        shape = tuple(quantized.modules[name]["shape"]) if on_disk else stored.shape
+        if tuple(linear_weight(module).shape) != shape:
+            raise LayerwiseError(f"{name}: stored shape {shape} does not match the model's {tuple(linear_weight(module).shape)}")
+        write_linear(loaded.streamed, loaded.model, name, stored)

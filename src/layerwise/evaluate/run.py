@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from layerwise.apply.storage import apply_quantized, load_quantized
+from layerwise.apply.storage import StoredModules, apply_quantized, load_quantized
 from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
 from layerwise.data.overlap import calibrations_of, check_held_out
 from layerwise.data.windows import read_text, token_windows
@@ -47,7 +47,9 @@ def run_eval(
         raise LayerwiseError("pass either --quantized or --plan, not both")
     loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
     windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=None)
-    document, stored = (load_quantized(quantized) if quantized is not None else (None, None))
+    # Streamed, the codes stay on disk until their block loads.
+    document, stored = (load_quantized(quantized, lazy=loaded.streamed is not None) if quantized is not None
+                        else (None, None))
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
     plan_meta = plan.meta if plan is not None else None
@@ -78,7 +80,8 @@ def run_eval(
     base = None if streaming else base_outputs(loaded, windows, batch_size=batch_size, progress=progress)
     if stored is not None:
         apply_quantized(loaded, document, stored)
-        report["sizes"] = size_report(loaded, stored, document["meta"].get("dropped_modules", ()))
+        report["sizes"] = size_report(loaded, stored.configs() if isinstance(stored, StoredModules) else stored,
+                                      document["meta"].get("dropped_modules", ()))
     elif plan is not None:
         from layerwise.apply.run import run_quantize
 

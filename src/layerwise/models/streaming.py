@@ -30,6 +30,7 @@ from layerwise.models.checkpoint import (GGUFTensors, SafetensorsTensors, buffer
                                          open_checkpoint, owner_of, place, skeleton)
 from layerwise.models.integrity import check_finite
 from layerwise.models.layout import stored_transposed
+from layerwise.util.memory import trim_freed_memory
 
 # A producer of a parameter's values in the parameter's own layout (decoded when its part loads).
 Producer = Callable[[], torch.Tensor]
@@ -70,6 +71,9 @@ class StreamedWeights:
             self.holds[part] -= 1
             if self.holds[part] == 0:
                 self._release(part)
+                # The part's weights and its call's activations came from the heap in pieces of a
+                # few MB; given back now, the next part does not stack on their fragments.
+                trim_freed_memory()
 
     @contextlib.contextmanager
     def original(self) -> Iterator[None]:
@@ -232,6 +236,8 @@ def _head_in_slices(streamed: StreamedWeights, path: str, module: nn.Module) -> 
                 raise LayerwiseError(f"{path}: weight rows {start}..{stop} have NaN or Inf values; the checkpoint "
                                      "is corrupt")
             logits[..., start:stop] = nn.functional.linear(hidden, weight)
+            del rows, weight
+        trim_freed_memory()  # the slices' pieces, or the next call's logits stack on their fragments
         return logits
 
     module.forward = forward_in_slices
