@@ -10,17 +10,18 @@ import struct
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from layerwise import LayerwiseError
 from layerwise.apply.run import run_quantize
-from layerwise.apply.storage import (StoredModules, TensorSpill, load_quantized, pack_bits,
-                                     save_quantized, unpack_bits)
+from layerwise.apply.storage import StoredModules, load_quantized, pack_bits, save_quantized, unpack_bits
 from layerwise.plan import Plan
 from layerwise.quant import QuantConfig, quantize_weight
 from layerwise.quant.awq import awq_quantize
 from layerwise.quant.gguf_blocks import GGUF_TYPES
 from layerwise.quant.qtensor import QTensor
+from layerwise.util.tensor_files import TensorSpill, save_safetensors
 
 ROUND_TRIP_CONFIGS = [
     QuantConfig("int", bits, group, symmetric, remainder="tail")
@@ -141,6 +142,12 @@ def test_tensors_spilled_one_at_a_time_make_a_file_safetensors_reads(tmp_path):
         assert bitwise_equal(back[key], tensor), key
         assert bitwise_equal(spill.read(key), tensor), key
     assert list(tmp_path.iterdir()) == [tmp_path / "out.safetensors"]  # the scratch file has no name
+    save_safetensors(tensors, tmp_path / "direct.safetensors", metadata={"format": "pt"})
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(tmp_path / "theirs.safetensors"),
+              metadata={"format": "pt"})
+    ours, theirs = (safe_open(str(tmp_path / name), framework="pt") for name in ("direct.safetensors", "theirs.safetensors"))
+    assert ours.metadata() == theirs.metadata() == {"format": "pt"} and set(ours.keys()) == set(theirs.keys())
+    assert all(bitwise_equal(ours.get_tensor(key), theirs.get_tensor(key)) for key in tensors)
 
 
 def test_modules_kept_on_disk_decode_as_they_were_and_save_the_same_file(tmp_path):

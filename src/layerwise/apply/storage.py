@@ -14,9 +14,6 @@ bit-identical weights. Schema version 1 (int16 codes, float32 parameters) is sti
 from __future__ import annotations
 
 import json
-import shutil
-import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -33,11 +30,7 @@ from layerwise.quant.config import QuantConfig
 from layerwise.quant.formats import get_format
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_path, read_artifact, write_text_atomic
-
-# safetensors' names of the dtypes stored tensors have.
-SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-                      torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                      torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+from layerwise.util.tensor_files import TensorSpill
 
 SCHEMA = "layerwise.quantized"
 SCHEMA_VERSION = 2  # 2: codes and zero points packed at their bit width; 1: int16 codes, float32 parameters
@@ -125,55 +118,6 @@ def _stored_tensors(name: str, q: QTensor) -> tuple[dict[str, torch.Tensor], dic
                                  "the quantizer must round it to what is stored")
         tensors[f"{name}.{key}"], specs[key] = stored, spec
     return tensors, specs
-
-
-class TensorSpill:
-    """Tensors appended one at a time to an unnamed scratch file and read back on demand, so
-    that what is written is out of memory until asked for; `write_safetensors` copies them, in
-    the order they came, into one safetensors file without holding them all."""
-
-    def __init__(self, directory: str | Path | None = None) -> None:
-        self._file = tempfile.TemporaryFile(dir=directory)
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}  # dtype, shape, offset, bytes
-        self._end = 0
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self._entries:
-            raise LayerwiseError(f"tensor {key} is already stored")
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise LayerwiseError(f"{key}: safetensors does not store {tensor.dtype}")
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._file.seek(self._end)
-        self._file.write(memoryview(data))
-        self._entries[key] = (tensor.dtype, tuple(tensor.shape), self._end, data.nbytes)
-        self._end += data.nbytes
-
-    def read(self, key: str) -> torch.Tensor:
-        dtype, shape, offset, size = self._entries[key]
-        raw = bytearray(size)
-        self._file.seek(offset)
-        if self._file.readinto(raw) != size:
-            raise LayerwiseError(f"the scratch file lost tensor {key}")
-        if not size:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
-
-    def write_safetensors(self, path: str | Path) -> None:
-        """The tensors as a safetensors file at `path` (the format: a little-endian u64 header
-        length, a JSON header of dtypes, shapes and byte ranges, padded to 8 bytes, then the bytes)."""
-        header = {key: {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-                  for key, (dtype, shape, offset, size) in self._entries.items()}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        self._file.flush()
-        self._file.seek(0)
-        with open(path, "wb") as out:
-            out.write(struct.pack("<Q", len(text)))
-            out.write(text)
-            shutil.copyfileobj(self._file, out, 1 << 22)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class StoredModules(Mapping[str, QTensor]):

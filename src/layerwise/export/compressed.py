@@ -31,6 +31,7 @@ from layerwise.models.layout import block_linears
 from layerwise.models.loading import LoadedModel
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder
+from layerwise.util.tensor_files import save_safetensors
 
 
 def check_plan_representable(targets: dict) -> None:
@@ -119,8 +120,6 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
     except ImportError:
         raise LayerwiseError("the compressed-tensors export needs the compressed-tensors package: "
                              "pip install 'layerwise[serve]'") from None
-    from safetensors.torch import save_file
-
     outside = sorted(set(stored) - {name for _, name, _ in block_linears(loaded.model, loaded.adapter)})
     if outside:
         raise LayerwiseError(f"{outside[0]}: pack-quantized covers the block linears only; keep embeddings, "
@@ -176,7 +175,7 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
     }
     out = Path(out)
     with atomic_folder(out) as scratch:
-        save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, scratch / "model.safetensors", metadata={"format": "pt"})
         (scratch / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         loaded.tokenizer.save_pretrained(scratch)
     return {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir()),
