@@ -3,9 +3,11 @@ numbers as the model loaded whole."""
 from __future__ import annotations
 
 import gc
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from layerwise import LayerwiseError, load_model
 from layerwise.apply.run import run_quantize
@@ -149,6 +151,35 @@ def test_overrides_outlast_a_release_and_original_ignores_them(streamed):
 def _live_qtensors() -> int:
     gc.collect()
     return sum(isinstance(item, QTensor) for item in gc.get_objects())
+
+
+def test_nan_in_a_streamed_part_is_refused_and_a_new_override_is_checked_again(streamed, tmp_path):
+    """Each part is checked for NaN/Inf once as read, and once with its overrides; a new override
+    makes its part be checked again when next loaded."""
+    folder = tmp_path / "nan"
+    shutil.copytree(STORIES, folder)
+    (folder / "model.safetensors").chmod(0o644)  # the shared copy may be read-only
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.3.self_attn.o_proj.weight"][1, 2] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    broken = load_model(folder, streaming=True)
+    with pytest.raises(LayerwiseError, match="model.layers.3: weight self_attn.o_proj.weight has 1 NaN or Inf"), \
+            torch.no_grad():
+        broken.model(input_ids=_tokens(broken), use_cache=False)
+
+    weights = streamed.streamed
+    name = "model.layers.2.mlp.down_proj.weight"
+    ids = _tokens(streamed)
+    try:
+        with torch.no_grad():
+            weights.override(name, lambda: torch.zeros(64, 172))
+            streamed.model(input_ids=ids, use_cache=False)  # checked with this override
+            assert ("model.layers.2", True) in weights.checked
+            weights.override(name, lambda: torch.full((64, 172), float("inf")))
+            with pytest.raises(LayerwiseError, match="model.layers.2: weight mlp.down_proj.weight has 11,008"):
+                streamed.model(input_ids=ids, use_cache=False)
+    finally:
+        weights.overrides.clear()
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

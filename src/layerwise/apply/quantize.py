@@ -26,6 +26,7 @@ from layerwise.prune.depth import dropped_modules, drop_units_, parse_unit
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.linear import InputStats, gather_inputs, quantize_linear
 from layerwise.quant.qtensor import QTensor
+from layerwise.util.memory import trim_freed_memory
 from layerwise.util.progress import progress_bars
 
 
@@ -144,11 +145,12 @@ def quantize_(
                         with scoped_hooks(register):
                             for calls, h in zip(per_batch, hidden):
                                 run_block(block, calls[index], h)
+                    if streamed is not None:
+                        trim_freed_memory()  # the statistics pass's activations, before GPTQ's float64 work
                     for name in names:
-                        result[name] = _quantize_module(loaded, name, targets[name], stats.get(name),
+                        result[name] = _quantize_module(loaded, name, targets[name], stats.pop(name, None),
                                                         importance.get(name))
                         bars.advance(task)
-                    stats.clear()
                     hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
                 spill(names)
         done = set(result) | set(spilled or ())
