@@ -205,6 +205,14 @@ def test_streamed_quantization_stores_the_same_codes(method):
         assert torch.equal(logits, reference.model(input_ids=ids, use_cache=False).logits)
 
 
+def test_a_tokenizer_set_aside_is_read_again_when_asked_for():
+    loaded = load_model(STORIES, streaming=True)
+    ids = loaded.tokenizer("Once upon a time")["input_ids"]
+    loaded.set_tokenizer_aside()
+    assert "tokenizer" not in vars(loaded)
+    assert loaded.tokenizer("Once upon a time")["input_ids"] == ids
+
+
 def test_a_streamed_model_reads_a_saved_quantization_from_disk_as_blocks_load(tmp_path):
     plan = Plan(QuantConfig("int", 3, None, True, "rtn", "error"))
     _, whole, _ = run_quantize(STORIES, plan, out=tmp_path / "q", progress=False)

@@ -145,9 +145,11 @@ def quantize_(
                         with scoped_hooks(register):
                             for calls, h in zip(per_batch, hidden):
                                 run_block(block, calls[index], h)
-                    if streamed is not None:
-                        trim_freed_memory()  # the statistics pass's activations, before GPTQ's float64 work
                     for name in names:
+                        if streamed is not None:
+                            # The statistics pass's activations, or the last linear's column loop,
+                            # left pieces in the heap: returned before GPTQ's float64 factorization.
+                            trim_freed_memory()
                         result[name] = _quantize_module(loaded, name, targets[name], stats.pop(name, None),
                                                         importance.get(name))
                         bars.advance(task)

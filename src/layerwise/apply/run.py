@@ -73,6 +73,8 @@ def run_quantize(
         imatrix = collect_imatrix(loaded, windows_for_imatrix, include_output=True, progress=progress)
         imatrix.datasets = [str(text) for text in calibration_domains(calib).values()]
     importance, imatrix_record = _importance(loaded, targets, imatrix, _planned(plan))
+    if loaded.streamed is not None:
+        loaded.set_tokenizer_aside()  # the text is tokenized; streamed, every MB left counts
     # Streamed, the stored forms wait on disk beside the output (the system's temporary folder without one).
     quantized = quantize_(loaded, plan, windows, importance=importance, progress=progress,
                           spill_to=None if out is None else Path(out).resolve().parent)

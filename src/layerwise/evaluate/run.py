@@ -68,6 +68,8 @@ def run_eval(
     if calibrations:
         for warning in check_held_out(loaded.tokenizer, windows, str(data), calibrations):
             print(f"warning: {warning}", file=sys.stderr)
+    if loaded.streamed is not None:
+        loaded.set_tokenizer_aside()  # the text is tokenized; streamed, every MB left counts
     from layerwise.prune.depth import schedule as run_in_order
 
     def variant() -> contextlib.AbstractContextManager:

@@ -296,6 +296,8 @@ def run_profile(
         windows = token_windows(tokenizer, data, tokens=tokens, seq_len=seq_len, seed=seed)
         loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, tokenizer=tokenizer,
                             streaming=streaming)
+    if loaded.streamed is not None:
+        loaded.set_tokenizer_aside()  # the text is tokenized; streamed, every MB left counts
     result = profile_model(loaded, windows, batch_size=batch_size, ablation=ablation,
                            lens_positions_per_window=lens_positions_per_window, weights=weights, progress=progress)
     if out is not None:
