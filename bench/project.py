@@ -9,17 +9,20 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 - head slice: streamed, the head is read and applied `models.streaming.HEAD_SLICE_ELEMENTS` rows x h
   at a time for each application (the embedding reads only its tokens' rows), so commands that
   apply it hold one slice, 4M entries, instead of the V x h matrix;
-- tokenizer: its resident vocabulary, 73 MiB for SmolLM2's 49k entries (measured after the
-  loader returns the parse's freed memory), scaled by V;
+- tokenizer: its resident vocabulary, 13.5 MiB for SmolLM2's 49k entries (what loading it adds
+  to a process that has the floor's imports; the 73 MiB counted before included transformers'
+  tokenizer code, which the floor imports), scaled by V;
 - head work: the head applied a chunk of positions at a time (`engine.replay.HEAD_CHUNK_ELEMENTS`
   logits, their log-softmax and the KL's float64 pieces): about 50 MB whatever the model;
-- codes: the stored codes of every quantized linear, one byte per weight (`QTensor.compact`);
+- codes: the stored codes of every quantized linear, one byte per weight (`QTensor.compact`), in
+  memory; streamed, one block's (the others wait on disk: `apply.storage.StoredModules`);
 - bank: none for the measured `plan` (the default allocator measures each plan once); a searching
   allocator (`hybrid`, `evolutionary`) adds 1.25 bytes per planned weight (`measure.fitness`);
 - base: eval's base next-token distributions, float16, tokens x V (in memory only);
 - activations: a block's inputs and outputs for every calibration token (tokens x h, twice);
 - hessians: GPTQ's input statistics of one block, float32, one per linear: q, k, v, o, gate and
-  up read an h-wide input (h x h each), down an i-wide one (i x i).
+  up read an h-wide input (h x h each), down an i-wide one (i x i); and, while the widest is
+  factored, two float64 copies of it (i x i x 8 each).
 
 The same sums for SmolLM2 are printed beside its measured peaks (bench/results/memory.json), so
 the model's error is visible; then the projection for Llama 3.2 1B and Llama 3.1 8B and 70B shapes
@@ -43,7 +46,7 @@ from _common import RESULTS, write_results  # noqa: E402
 
 MB = 1e6
 GPU_USABLE = 23e9  # a 24 GB card less the CUDA context
-TOKENIZER_BYTES_PER_ENTRY = 73 * 2**20 / 49152  # SmolLM2's tokenizer, measured resident
+TOKENIZER_BYTES_PER_ENTRY = 13.5 * 2**20 / 49152  # SmolLM2's tokenizer, measured resident
 HEAD_WORK = 50 * MB
 HEAD_SLICE_ELEMENTS = 1 << 22  # layerwise.models.streaming.HEAD_SLICE_ELEMENTS
 # Tokens each command of bench/memory.py runs on (profile 1024, quantize and eval 4096).
@@ -105,7 +108,7 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
     if command in ("profile", "eval", "plan (table reused)"):
         held["head work"] = HEAD_WORK
     if command in ("quantize (gptq)", "eval", "export (compressed-tensors)"):
-        held["codes"] = shape.planned * 1.0
+        held["codes"] = shape.planned * 1.0 if mode == "memory" else shape.planned / shape.layers
     if command == "export (compressed-tensors)":
         held["packed output"] = shape.planned * 0.5  # int4 codes packed into int32
     if command == "eval" and mode == "memory":
@@ -113,7 +116,7 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
     if command in ("profile", "quantize (gptq)", "eval"):
         held["activations"] = 2 * tokens * shape.hidden * dtype_bytes
     if command == "quantize (gptq)":
-        held["hessians"] = 4 * (6 * shape.hidden ** 2 + shape.intermediate ** 2)
+        held["hessians"] = 4 * (6 * shape.hidden ** 2 + shape.intermediate ** 2) + 2 * 8 * shape.intermediate ** 2
     return held
 
 
