@@ -52,7 +52,7 @@ class StreamedWeights:
     sliced: set = field(default_factory=set)  # parts read a slice of rows at a time for each call (the head)
     # What has been checked for NaN/Inf already: (part, with overrides) as loaded, and (tensor, first
     # row, end row) slices of a sliced head. The same bytes read again need no second look (the
-    # check was 15% of a streamed eval's time); a new override unchecks its part.
+    # check was 15% of a streamed eval's time); a new override unchecks every part as overridden.
     checked: set = field(default_factory=set)
     _placeholders: dict[str, nn.Parameter] = field(default_factory=dict)  # meta stand-ins, by checkpoint name
 
