@@ -190,22 +190,18 @@ def save_quantized(out_dir: str | Path, plan: Plan, quantized: Mapping[str, QTen
     time (from `quantized`'s own scratch file when it is a `StoredModules` that has one)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(quantized, StoredModules) and quantized.spill is not None:
-        spill, modules = quantized.spill, quantized.modules
-    else:
-        spill, modules = TensorSpill(out_dir), {}
+    on_disk = quantized if isinstance(quantized, StoredModules) and quantized.spill is not None else None
+    if on_disk is None:
+        on_disk = StoredModules(directory=out_dir)
         for name, q in quantized.items():
-            stored, specs = _stored_tensors(name, q)
-            for key, tensor in stored.items():
-                spill.add(key, tensor)
-            modules[name] = _module_entry(q, specs)
+            on_disk.add(name, q)
     try:
         with atomic_path(out_dir / "qweights.safetensors") as tmp:
-            spill.write_safetensors(tmp)
+            on_disk.spill.write_safetensors(tmp)
     finally:
-        if spill is not getattr(quantized, "spill", None):
-            spill.close()
-    document = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": meta, "modules": modules}
+        if on_disk is not quantized:
+            on_disk.spill.close()
+    document = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "meta": meta, "modules": on_disk.modules}
     return [
         write_text_atomic(out_dir / "quant.json", json.dumps(document, indent=1) + "\n"),
         plan.save(out_dir / "plan.json"),

@@ -430,8 +430,7 @@ def _reference(loaded: LoadedModel, path: str | Path):
     """The sizes, in the GGUF at `path`, of every tensor a plan like it chooses for: the block
     linears (whatever the granularity), the token embedding and an untied head."""
     from layerwise.models.gguf_reference import read_reference
-    from layerwise.models.layout import block_linears
-    from layerwise.models.layout import head_is_tied
+    from layerwise.models.layout import block_linears, head_is_tied
     from layerwise.plan.units import edge_units
 
     edges = edge_units(loaded.adapter, loaded.n_blocks, tied=head_is_tied(loaded.model, loaded.adapter))

@@ -49,8 +49,7 @@ class TensorSpill:
     def add(self, key: str, tensor: torch.Tensor) -> None:
         if key in self._entries:
             raise LayerwiseError(f"tensor {key} is already stored")
-        if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise LayerwiseError(f"{key}: safetensors does not store {tensor.dtype}")
+        _dtype_name(key, tensor.dtype)  # refused before anything is written
         data = _as_bytes(tensor)
         self._file.seek(self._end)
         self._file.write(memoryview(data))
@@ -85,13 +84,17 @@ def _header(entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]], metada
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key, (dtype, shape, size) in entries.items():
-        if dtype not in SAFETENSORS_DTYPES:
-            raise LayerwiseError(f"{key}: safetensors does not store {dtype}")
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": _dtype_name(key, dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
+
+
+def _dtype_name(key: str, dtype: torch.dtype) -> str:
+    if dtype not in SAFETENSORS_DTYPES:
+        raise LayerwiseError(f"{key}: safetensors does not store {dtype}")
+    return SAFETENSORS_DTYPES[dtype]
 
 
 def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
