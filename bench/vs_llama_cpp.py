@@ -64,6 +64,12 @@ OPTIONS = "gptq:q4_0,gptq:q5_0,gptq:q5_1,q8_0,q3_k,q4_k,q5_k,q6_k"
 # left out of the code we judge on.
 CALIBRATION_MODULES = {"textwrap.py", "heapq.py", "shlex.py", "glob.py", "fnmatch.py"}
 IMATRIX_CHUNKS = 100
+EVALUATION_CHUNKS = 40
+
+
+def chunk_tag(chunks: int) -> str:
+    """Part of the base logits' and judgements' file names: other chunk counts keep files of their own."""
+    return "" if chunks == EVALUATION_CHUNKS else f"-{chunks}chunks"
 
 
 def tool(name: str) -> str:
@@ -143,7 +149,7 @@ def kl_divergence(model: Path, base: Path, text: Path, chunks: int, log: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--references", default=",".join(REFERENCES))
-    parser.add_argument("--chunks", type=int, default=40, help="evaluation chunks of 512 tokens per domain")
+    parser.add_argument("--chunks", type=int, default=EVALUATION_CHUNKS, help="evaluation chunks of 512 tokens per domain")
     parser.add_argument("--options", default=OPTIONS)
     parser.add_argument("--tokens", type=int, default=2048,
                         help="calibration tokens for the sensitivity table and for the never-worse check each "
@@ -167,9 +173,11 @@ def main() -> None:
          str(IMATRIX_CHUNKS), "-c", "512", "-t", "2"], OUT / "imatrix-llama.log"))
     texts = {"wikitext2-test": EVALUATION_TEXT,
              "python-stdlib": cached(OUT / "python-stdlib.txt", lambda tmp: tmp.write_text(code_text()))}
-    bases = {domain: cached(OUT / f"base-{domain}.kld", lambda tmp, text=text: run(
+    judged = chunk_tag(args.chunks)
+    bases = {domain: cached(OUT / f"base-{domain}{judged}.kld", lambda tmp, text=text: run(
         [tool("llama-perplexity"), "-m", str(source), "-f", str(text), "--chunks", str(args.chunks), "-c", "512",
-         "-t", "2", "--kl-divergence-base", str(tmp)], OUT / f"base-{domain}.log")) for domain, text in texts.items()}
+         "-t", "2", "--kl-divergence-base", str(tmp)], OUT / f"base-{domain}{judged}.log"))
+        for domain, text in texts.items()}
     print(f"source, importance matrix and base logits ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
     loaded = load_model(folder)
@@ -197,7 +205,7 @@ def main() -> None:
         files[reference] = {"stock": stock, "ours": ours}
         for domain, text in texts.items():
             measured = {side: kl_divergence(path, bases[domain], text, args.chunks,
-                                            OUT / f"kld-{side}-{tag if side == 'ours' else ''}{reference}-{domain}.log")
+                                            OUT / f"kld-{side}-{tag if side == 'ours' else ''}{reference}-{domain}{judged}.log")
                         for side, path in files[reference].items()}
             row = {"reference": reference, "domain": domain,
                    "stock_bytes": stock.stat().st_size, "ours_bytes": ours.stat().st_size}
