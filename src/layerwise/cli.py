@@ -162,7 +162,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                        statistics_tokens=args.statistics_tokens, estimator=args.sensitivity, refine=args.refine,
                        generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
-                       dtype=args.dtype, device=args.device, progress=not args.quiet)
+                       dtype=args.dtype, device=args.device, streaming=args.streaming, progress=not args.quiet)
     report = outcome.report
     used = {}
     for label in report["options"].values():
@@ -494,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
+    _add_streaming_option(p)
     p.set_defaults(run=_cmd_plan)
 
     p = commands.add_parser("pareto", help="size against predicted KL for a range of budgets, from one table")

@@ -251,6 +251,7 @@ def run_plan(
     imatrix: str | Path | None = None,
     dtype: str = "auto",
     device: str = "cpu",
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> PlanOutcome:
     """Allocate options to units under a budget (average bits per weight of the block linears,
@@ -280,7 +281,10 @@ def run_plan(
     default) of slots of their own, so that the table, the search and the check judge GPTQ on text
     it was not fitted on, as the user's will be. `imatrix` (a llama-imatrix or `layerwise imatrix`
     file) weights the GGUF options' rounding in the table, the search and the check; the plan
-    records it, and `quantize`/`export` of the plan use it."""
+    records it, and `quantize`/`export` of the plan use it. `streaming` reads one block at a time
+    from disk (`layerwise.measure.streamed`; None: only when the model would not fit in memory):
+    the measured table and the check of the default allocator, not yet searches, estimates or
+    `budget_like`."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     estimator_named(estimator)
@@ -295,11 +299,16 @@ def run_plan(
                              "larger than (--budget, --budget-bytes, --budget-like)")
     if out is not None:
         check_output(out, overwrite)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    loaded.require_in_memory("plan")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
+                                                                      streaming=streaming)
+    searching = allocator in SEARCHING
+    if loaded.streamed is not None:
+        from layerwise.measure.streamed import refuse_what_streaming_lacks
+
+        refuse_what_streaming_lacks(allocator=allocator, searching=searching, estimator=estimator_named(estimator).name,
+                                    edges=budget_like is not None)
     edges = budget_like is not None
     reference = _reference(loaded, budget_like) if edges else None  # refused before any measuring
-    searching = allocator in SEARCHING
     slots = domain_slots(loaded.tokenizer, calib,
                          seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
     new_table = table is None or not Path(table).exists()
@@ -312,6 +321,8 @@ def run_plan(
         statistics = statistics_windows(
             loaded, slots, existing.calibration if existing is not None else table_windows.describe(),
             existing.meta.get("statistics") if existing is not None else None, statistics_tokens, seed)
+    if loaded.streamed is not None:
+        loaded.set_tokenizer_aside()  # the text is tokenized (read again if a reused table is re-cut)
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
                                windows=table_windows, importance=importance, edges=edges, statistics=statistics,
                                estimator=estimator, progress=progress)
@@ -340,15 +351,20 @@ def run_plan(
     jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching,
                             statistics=statistics)
 
-    from layerwise.measure.fitness import KLFitness  # torch-heavy; only the plan command needs it
-
     fitness_windows = jobs["search"] if searching else jobs["check"]
-    # The bank of stored quantized weights pays off only when a search revisits (unit, option)
-    # pairs; the check alone measures each plan once, so it quantizes on the way (0.25x the
-    # float32 model less at the peak of `plan` on SmolLM2).
-    with KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
-                   statistics=statistics, bank_bytes=None if searching else 0) as fitness, \
-            progress_bars(progress) as bars:
+    if loaded.streamed is not None:
+        from layerwise.measure.streamed import StreamedFitness
+
+        fitness = StreamedFitness(loaded, sensitivity, fitness_windows, importance=importance, statistics=statistics)
+    else:
+        from layerwise.measure.fitness import KLFitness  # torch-heavy; only the plan command needs it
+
+        # The bank of stored quantized weights pays off only when a search revisits (unit, option)
+        # pairs; the check alone measures each plan once, so it quantizes on the way (0.25x the
+        # float32 model less at the peak of `plan` on SmolLM2).
+        fitness = KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
+                            statistics=statistics, bank_bytes=None if searching else 0)
+    with fitness, progress_bars(progress) as bars:
         settings = {}
         if searching:
             search_task = bars.add_task("plan search (whole plans measured)", total=None)

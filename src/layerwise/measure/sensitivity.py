@@ -5,7 +5,9 @@ option (measured, or estimated more cheaply: `layerwise.measure.estimators`).
 One base pass caches every block's input and call arguments (and, for GPTQ/AWQ options, every
 linear's input statistics). Quantizing unit u of block b changes nothing before block b, so each
 entry re-runs only blocks b..L-1 and the head. The table is saved with the model's fingerprint
-and the calibration text's hash, so allocations for many budgets reuse one measurement.
+and the calibration text's hash, so allocations for many budgets reuse one measurement. A streamed
+model (one block's weights in memory at a time) is measured by `layerwise.measure.streamed`: the
+same entries, all of a block's units at once.
 """
 from __future__ import annotations
 
@@ -292,7 +294,11 @@ def measure_sensitivity(
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
     names = [option_name(config) for config in configs]
-    loaded.require_in_memory("the sensitivity table")
+    streaming = loaded.streamed is not None
+    if streaming:
+        from layerwise.measure.streamed import refuse_what_streaming_lacks
+
+        refuse_what_streaming_lacks(estimator=method.name, edges=edges)
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:
@@ -308,7 +314,8 @@ def measure_sensitivity(
     _check_some_option_fits(units, configs, modules)
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
-    base = base_pass(loaded, calibration, block_modules(units), algorithms, batch_size, statistics)
+    base = None if streaming else base_pass(loaded, calibration, block_modules(units), algorithms, batch_size,
+                                            statistics)
     statistics_record = statistics.describe() if statistics is not None and algorithms else None
 
     domains = list(dict.fromkeys(calibration.window_domains))
@@ -320,7 +327,6 @@ def measure_sensitivity(
         return list(domain_means(window_kl, calibration.window_domains).values())  # in `domains` order
     skipped: dict[str, str] = {}
     n_blocks, head = loaded.n_blocks, head_cost_in_blocks(loaded)
-    context = EstimateContext(loaded, base, modules, head, _kl_from, tuple(calibration.window_domains))
     block_runs = earlier_seconds = 0.0
     done = 0
     key = {"model": loaded.fingerprint, "calibration": calibration.describe(), "options": names,
@@ -330,45 +336,70 @@ def measure_sensitivity(
     if checkpoint is not None and Path(checkpoint).exists():
         done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
 
-    entry_of = _entry_evaluator(context, units, configs, importance)
-
-    def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float]:
-        values, runs, bits = entry_of(u, o, entry)
-        if bits is not None:
-            cost[u, o] = bits
-        return np.array(by_domain(values)), runs
-
     with progress_bars(progress) as bars:
-        task = bars.add_task(f"sensitivity ({method.name})", total=len(units) * len(configs),
-                             completed=done * len(configs))
-        block_runs += method.prepare(context)
-        for u, unit in enumerate(units):
-            if u < done:
-                continue
-            entry = measured_entry if unit.kind in EDGE_KINDS else method.entry
-            for o, config in enumerate(configs):
-                if config == DROP and unit.kind in EDGE_KINDS:
-                    skipped[f"{unit.name} {names[o]}"] = "the embedding and head cannot be dropped"
-                    bars.advance(task)
-                    continue
-                if config == DROP:
-                    cost[u, o] = 0.0
-                try:
-                    kl[u, o], runs = evaluate(u, o, entry)
-                except LayerwiseError as error:
-                    skipped[f"{unit.name} {names[o]}"] = str(error)
-                    bars.advance(task)
-                    continue
-                block_runs += runs
+        task = bars.add_task(f"sensitivity ({method.name}{', streamed' if streaming else ''})",
+                             total=len(units) * len(configs), completed=done * len(configs))
+        if streaming:
+            from layerwise.measure.streamed import measure_entries
+
+            def record(u: int, o: int, values: np.ndarray | None, bits: float | None, why: str | None,
+                       runs: float) -> None:
+                nonlocal block_runs
+                if why is not None:
+                    skipped[f"{units[u].name} {names[o]}"] = why
+                else:
+                    kl[u, o] = by_domain(values)
+                    cost[u, o] = 0.0 if bits is None else bits
+                    block_runs += runs
                 bars.advance(task)
-            if checkpoint is not None:
-                _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,
-                               earlier_seconds + time.perf_counter() - started)
-        if method.finishes:
-            gains = bars.add_task(f"sensitivity ({method.name}): gains measured downstream", total=None)
-            context.advance = lambda: bars.advance(gains)
-        block_runs += method.finish(context, units, kl, evaluate)
-    batches = len(base.calls)
+
+            def block_done(units_done: int) -> None:
+                if checkpoint is not None:
+                    _save_progress(checkpoint, key, units_done, cost, kl_rows, skipped, block_runs,
+                                   earlier_seconds + time.perf_counter() - started)
+
+            run = measure_entries(loaded, calibration, units, configs, modules, importance=importance,
+                                  statistics=statistics, batch_size=batch_size, head=head, record=record,
+                                  first_unit=done, block_done=block_done)
+            forward_seconds, positions, batches = run.seconds, run.positions, run.batches
+        else:
+            forward_seconds, positions, batches = base.seconds, base.positions, len(base.calls)
+            context = EstimateContext(loaded, base, modules, head, _kl_from, tuple(calibration.window_domains))
+            entry_of = _entry_evaluator(context, units, configs, importance)
+
+            def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float]:
+                values, runs, bits = entry_of(u, o, entry)
+                if bits is not None:
+                    cost[u, o] = bits
+                return np.array(by_domain(values)), runs
+
+            block_runs += method.prepare(context)
+            for u, unit in enumerate(units):
+                if u < done:
+                    continue
+                entry = measured_entry if unit.kind in EDGE_KINDS else method.entry
+                for o, config in enumerate(configs):
+                    if config == DROP and unit.kind in EDGE_KINDS:
+                        skipped[f"{unit.name} {names[o]}"] = "the embedding and head cannot be dropped"
+                        bars.advance(task)
+                        continue
+                    if config == DROP:
+                        cost[u, o] = 0.0
+                    try:
+                        kl[u, o], runs = evaluate(u, o, entry)
+                    except LayerwiseError as error:
+                        skipped[f"{unit.name} {names[o]}"] = str(error)
+                        bars.advance(task)
+                        continue
+                    block_runs += runs
+                    bars.advance(task)
+                if checkpoint is not None:
+                    _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,
+                                   earlier_seconds + time.perf_counter() - started)
+            if method.finishes:
+                gains = bars.add_task(f"sensitivity ({method.name}): gains measured downstream", total=None)
+                context.advance = lambda: bars.advance(gains)
+            block_runs += method.finish(context, units, kl, evaluate)
     forward_equivalents = 1.0 + block_runs / ((n_blocks + head) * batches)
     other_bits = 8 * size_report(loaded, {})["total_bytes"] - 16 * sum(
         linear_weight(module).numel() for module in modules.values())
@@ -378,8 +409,8 @@ def measure_sensitivity(
         loaded.fingerprint, granularity, units, names, cost, kl.mean(axis=2),
         np.array([sum(linear_weight(modules[n]).numel() for n in unit.modules) for unit in units]),
         int(other_bits), calibration.describe(),
-        {"seconds": earlier_seconds + time.perf_counter() - started, "forward_seconds": base.seconds,
-         "forward_equivalents": forward_equivalents, "positions": base.positions, "estimator": method.name},
+        {"seconds": earlier_seconds + time.perf_counter() - started, "forward_seconds": forward_seconds,
+         "forward_equivalents": forward_equivalents, "positions": positions, "estimator": method.name},
         skipped, run_metadata() | {"model": loaded.describe(),
                                    "importance_sha256": importance_digest(importance) if importance else None,
                                    "statistics": statistics_record, "estimator": method.name},

@@ -233,23 +233,35 @@ def _head_in_slices(streamed: StreamedWeights, path: str, module: nn.Module) -> 
                 return forward(hidden)
         placeholder = module._parameters["weight"]
         vocab, width = placeholder.shape
-        step = max(1, HEAD_SLICE_ELEMENTS // width)
+        step = head_step(width)
         logits = torch.empty(*hidden.shape[:-1], vocab, dtype=hidden.dtype, device=hidden.device)
         for start in range(0, vocab, step):
             stop = min(vocab, start + step)
-            rows = streamed.source.read_rows(key, list(range(start, stop)))
-            weight = rows.to(device=streamed.device, dtype=placeholder.dtype)
-            if (key, start, stop) not in streamed.checked:
-                if not bool(torch.isfinite(weight).all()):
-                    raise LayerwiseError(f"{path}: weight rows {start}..{stop} have NaN or Inf values; the "
-                                         "checkpoint is corrupt")
-                streamed.checked.add((key, start, stop))
+            weight = head_rows(streamed, path, start, stop, placeholder.dtype)
             logits[..., start:stop] = nn.functional.linear(hidden, weight)
-            del rows, weight
+            del weight
         trim_freed_memory()  # the slices' pieces, or the next call's logits stack on their fragments
         return logits
 
     module.forward = forward_in_slices
+
+
+def head_step(width: int) -> int:
+    """Vocabulary rows of a head `width` wide read and applied at once."""
+    return max(1, HEAD_SLICE_ELEMENTS // width)
+
+
+def head_rows(streamed: StreamedWeights, path: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows start..stop of the streamed head at `path`, as the checkpoint has them, in `dtype` on
+    the model's device; checked for NaN/Inf the first time they are read."""
+    key = streamed.checkpoint_names[f"{path}.weight"]
+    weight = streamed.source.read_rows(key, list(range(start, stop))).to(device=streamed.device, dtype=dtype)
+    if (key, start, stop) not in streamed.checked:
+        if not bool(torch.isfinite(weight).all()):
+            raise LayerwiseError(f"{path}: weight rows {start}..{stop} have NaN or Inf values; the checkpoint is "
+                                 "corrupt")
+        streamed.checked.add((key, start, stop))
+    return weight
 
 
 def _load_around_calls(streamed: StreamedWeights, path: str, module: nn.Module) -> None:

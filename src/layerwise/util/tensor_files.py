@@ -79,6 +79,46 @@ class TensorSpill:
         self._file.close()
 
 
+class TensorSlots:
+    """Numbered slots in an unnamed scratch file, each holding tensors of the same shapes and
+    dtype (say, a batch list of hidden states), written over in place: the states of many
+    variants of a model wait here between blocks instead of in memory."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, directory: str | Path | None = None) -> None:
+        self.shapes, self.dtype = [tuple(shape) for shape in shapes], dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self._sizes = [int(np.prod(shape)) * itemsize for shape in self.shapes]
+        self._starts = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
+        self._slot_bytes = sum(self._sizes)
+        self._file = tempfile.TemporaryFile(dir=directory)
+
+    def write(self, slot: int, tensors: list[torch.Tensor]) -> None:
+        if [tuple(t.shape) for t in tensors] != self.shapes or any(t.dtype != self.dtype for t in tensors):
+            raise LayerwiseError("tensors of other shapes or dtype than the slots were made for")
+        self._file.seek(slot * self._slot_bytes)
+        for tensor in tensors:
+            self._file.write(memoryview(_as_bytes(tensor)))
+
+    def read(self, slot: int) -> list[torch.Tensor]:
+        return [self.read_rows(slot, part, 0, self.shapes[part][0] if self.shapes[part] else 1)
+                .reshape(self.shapes[part]) for part in range(len(self.shapes))]
+
+    def read_rows(self, slot: int, part: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of tensor `part` of `slot` along its first axis."""
+        shape = self.shapes[part]
+        row_bytes = self._sizes[part] // max(shape[0], 1) if shape else self._sizes[part]
+        size = (stop - start) * row_bytes
+        raw = bytearray(size)
+        self._file.seek(slot * self._slot_bytes + self._starts[part] + start * row_bytes)
+        if self._file.readinto(raw) != size:
+            raise LayerwiseError(f"the scratch file has no slot {slot} written")
+        rows = torch.frombuffer(raw, dtype=torch.uint8).view(self.dtype) if size else torch.empty(0, dtype=self.dtype)
+        return rows.reshape(stop - start, *shape[1:])
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _header(entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]], metadata: dict[str, str] | None) -> bytes:
     """The header for tensors (key -> dtype, shape, bytes) whose data follow in this order."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}

@@ -1,0 +1,432 @@
+"""The sensitivity table and whole-plan KLs of a streamed model (issue 17): one block's weights in
+memory at a time, and no vocabulary-wide distributions kept.
+
+In memory, every entry of the table re-runs blocks b..L-1 from block b's cached input, and every
+plan of the never-worse check runs all blocks, each block's weights at hand. Streamed, that
+would read a block from the checkpoint for every entry and batch. Here the entries whose unit
+lies in block b run together instead: block b is read once for all of its units' options, each
+later block once for all of their outputs, which wait in a scratch file between blocks
+(`TensorSlots`). Only the base model's current block input is kept (no input of every block), and
+GPTQ/AWQ statistics are gathered for one block at a time.
+
+The head is read a slice of vocabulary rows at a time, once per round of entries, and KL is
+summed over the slices: KL = sum p log p - sum p z + logsumexp(z) * sum p, with z the variant's
+logits, p the base model's probabilities (rounded as the in-memory reference stores them) and a
+running log-sum-exp, so no position's full distribution is ever in memory. The numbers are the
+in-memory ones up to float rounding (the same batches run through the same blocks; only the sums
+over the vocabulary are ordered otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerwise.data.windows import TokenWindows
+from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
+from layerwise.engine.replay import call_arguments, removed_unit
+from layerwise.errors import LayerwiseError
+from layerwise.measure.estimators import blocks_to_head
+from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
+from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import has_overrides, head_rows, head_step, held
+from layerwise.plan.options import DROP
+from layerwise.plan.table import edge_config
+from layerwise.plan.units import EDGE_KINDS, Unit
+from layerwise.quant.linear import InputStats, gather_inputs, quantize_linear
+from layerwise.quant.config import QuantConfig
+from layerwise.util.memory import trim_freed_memory
+from layerwise.util.tensor_files import TensorSlots, TensorSpill
+
+# Logits made at once while KL is summed over vocabulary slices (float32; a few temporaries of
+# this size and twice it in float64).
+_LOGIT_ELEMENTS = 1 << 20
+
+
+def refuse_what_streaming_lacks(*, allocator: str = "exact", searching: bool = False, estimator: str = "measured",
+                                edges: bool = False) -> None:
+    """What a plan of a streamed model cannot do yet, refused before any work."""
+    if searching:
+        raise LayerwiseError(f"the {allocator!r} allocator measures many whole plans and does not run on a streamed "
+                             "model yet; use the default allocator (exact) or load the model without --streaming")
+    if estimator != "measured":
+        raise LayerwiseError(f"the {estimator!r} estimator does not run on a streamed model yet; use the measured "
+                             "table (--sensitivity measured) or load the model without --streaming")
+    if edges:
+        raise LayerwiseError("plans that choose the embedding's and head's types (--budget-like) do not run on a "
+                             "streamed model yet; load it without --streaming, or give --budget or --budget-bytes")
+
+
+def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
+    """What the streamed table and check cannot do yet, refused before any work."""
+    head = loaded.model.get_submodule(loaded.adapter.lm_head)
+    if type(head) is not nn.Linear:
+        raise LayerwiseError(f"{what} on a streamed model needs a plain linear head; load it without --streaming")
+
+
+def calls_of(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
+    """Per batch, every block's call arguments and the first block's input (no block is loaded)."""
+    return [call_arguments(loaded.model, loaded.adapter, batch.to(loaded.input_device))
+            for batch in windows.batches(batch_size)]
+
+
+def _part(loaded: LoadedModel, index: int) -> str:
+    return f"{loaded.adapter.blocks}.{index}"
+
+
+@torch.no_grad()
+def last_block_outputs(loaded: LoadedModel, calls: list[list[BlockCall]]) -> list[torch.Tensor]:
+    """The base model's last block output per batch, each block read once for all batches."""
+    hidden = [batch[0].h_in for batch in calls]
+    for index, block in enumerate(blocks_of(loaded.model, loaded.adapter)):
+        with held(loaded.streamed, _part(loaded, index)):
+            hidden = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+    return hidden
+
+
+class SlicedKL:
+    """Per window, the mean KL(base || variant) over its next-token positions, for many variants
+    at once, the head read a slice of vocabulary rows at a time (once per call for all variants).
+
+    `finals` are the base model's last block outputs per batch; the base distributions are
+    stored in `store` precision as the in-memory references are (float16 for the table, float32
+    for the check) and recomputed from `finals` slice by slice, never kept whole. Variants' states
+    are given through the final norm (`normed`), once, not for every slice."""
+
+    def __init__(self, loaded: LoadedModel, finals: list[torch.Tensor], store: torch.dtype) -> None:
+        model, adapter = loaded.model, loaded.adapter
+        self.loaded, self.store = loaded, store
+        self.norm = model.get_submodule(adapter.final_norm)
+        self.finals = [self.normed(final) for final in finals]
+        self.head = model.get_submodule(adapter.lm_head)
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.vocab, width = self.head.weight.shape
+        self.step = head_step(width)
+        self.rows = max(1, _LOGIT_ELEMENTS // self.step)
+        self.positions = finals[0].shape[1] - 1
+        # (batch, window, first position, end position, offset among all positions)
+        self.chunks, offset = [], 0
+        for part, final in enumerate(finals):
+            for window in range(final.shape[0]):
+                for start in range(0, self.positions, self.rows):
+                    stop = min(self.positions, start + self.rows)
+                    self.chunks.append((part, window, start, stop, offset))
+                    offset += stop - start
+        self.total = offset
+        self.lse, self.neg_entropy, self.mass = self._base_terms()
+
+    def _slices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight rows, bias rows) of the head, a slice at a time: read from the checkpoint, or
+        from the head held whole where it is not read in slices (a GGUF output tensor, a bias)."""
+        streamed, path = self.loaded.streamed, self.loaded.adapter.lm_head
+        if path in streamed.sliced and self.head.bias is None and not has_overrides(streamed, path):
+            for start in range(0, self.vocab, self.step):
+                yield head_rows(streamed, path, start, min(self.vocab, start + self.step), self.head.weight.dtype), None
+            return
+        with held(streamed, path):
+            for start in range(0, self.vocab, self.step):
+                stop = min(self.vocab, start + self.step)
+                yield self.head.weight[start:stop], None if self.head.bias is None else self.head.bias[start:stop]
+
+    def normed(self, states: torch.Tensor) -> torch.Tensor:
+        """A last block's output as the head receives it."""
+        return self.norm(states)
+
+    def _logits(self, normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        logits = nn.functional.linear(normed, weight, bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+    @torch.no_grad()
+    def _base_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per position: the base logits' log-sum-exp (float32, as log_softmax rounds it), sum p
+        log p and sum p over the stored probabilities (float64)."""
+        peak = torch.full((self.total,), -torch.inf, dtype=torch.float64)
+        summed = torch.zeros(self.total, dtype=torch.float64)
+        for weight, bias in self._slices():
+            for part, window, start, stop, offset in self.chunks:
+                _running_lse(peak, summed, offset, self._logits(self.finals[part][window, start:stop], weight, bias))
+        lse = (peak + summed.log()).float()
+        neg_entropy = torch.zeros(self.total, dtype=torch.float64)
+        mass = torch.zeros(self.total, dtype=torch.float64)
+        for weight, bias in self._slices():
+            for part, window, start, stop, offset in self.chunks:
+                logprobs = self._logits(self.finals[part][window, start:stop], weight, bias) - lse[offset:offset + stop - start, None]
+                probs = logprobs.exp().to(self.store).double()
+                neg_entropy[offset:offset + stop - start] += (probs * logprobs.double()).sum(dim=-1)
+                mass[offset:offset + stop - start] += probs.sum(dim=-1)
+        return lse, neg_entropy, mass
+
+    @torch.no_grad()
+    def window_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor]) -> np.ndarray:
+        """[variants, windows] mean KL per window; `rows_of(variant, batch, window, start, stop)`
+        gives a variant's last block output at those positions, through the final norm (`normed`)."""
+        peak = torch.full((variants, self.total), -torch.inf, dtype=torch.float64)
+        summed = torch.zeros((variants, self.total), dtype=torch.float64)
+        cross = torch.zeros((variants, self.total), dtype=torch.float64)  # sum p z
+        for weight, bias in self._slices():
+            for part, window, start, stop, offset in self.chunks:
+                count = stop - start
+                logprobs = self._logits(self.finals[part][window, start:stop], weight, bias) - self.lse[offset:offset + count, None]
+                probs = logprobs.exp().to(self.store).float()
+                del logprobs
+                for variant in range(variants):
+                    logits = self._logits(rows_of(variant, part, window, start, stop), weight, bias)
+                    _running_lse(peak[variant], summed[variant], offset, logits)
+                    cross[variant, offset:offset + count] += (probs * logits).sum(dim=-1, dtype=torch.float64)
+                    del logits
+            trim_freed_memory()
+        lse = peak + summed.log()
+        kl = (self.neg_entropy - (cross - lse * self.mass)).clamp_min(0.0)
+        windows = kl.reshape(variants, -1, self.positions)  # chunks run window by window, in order
+        return (windows.sum(dim=-1) / self.positions).numpy()
+
+
+def _running_lse(peak: torch.Tensor, summed: torch.Tensor, offset: int, logits: torch.Tensor) -> None:
+    """Fold a slice of float32 logits [positions, rows] into a running log-sum-exp (float64 peak,
+    and sum of exp below it) of positions offset.. ; the exponentials in float32, summed in float64."""
+    span = slice(offset, offset + logits.shape[0])
+    top = torch.maximum(peak[span], logits.max(dim=-1).values.double())  # float32 values, exactly
+    summed[span] = (summed[span] * torch.exp(peak[span] - top)
+                    + torch.exp(logits - top.float()[:, None]).sum(dim=-1, dtype=torch.float64))
+    peak[span] = top
+
+
+def _statistics(block: nn.Module, modules: dict[str, nn.Module], names: list[str], algorithms: set[str],
+                calls: list[list[BlockCall]], hidden: list[torch.Tensor], index: int) -> dict:
+    """(module, algorithm) -> GPTQ/AWQ input statistics of `names` (linears of `block`, block
+    `index`), from running the block on `hidden` with the base weights."""
+    stats = {(name, algorithm): InputStats() for name in names for algorithm in algorithms}
+    probe = {algorithm: QuantConfig(algorithm=algorithm, group_size=None) for algorithm in algorithms}
+
+    def gather(name: str):
+        def hook(module, args) -> None:
+            for algorithm in algorithms:
+                gather_inputs(stats[name, algorithm], args[0], probe[algorithm])
+        return hook
+
+    def register(handles: list) -> None:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(gather(name)))
+
+    if stats:
+        with scoped_hooks(register):
+            for batch, state in zip(calls, hidden):
+                run_block(block, batch[index], state)
+    return stats
+
+
+@contextlib.contextmanager
+def _weights_as(modules: dict[str, nn.Module], decoded: dict[str, torch.Tensor | None]) -> Iterator[None]:
+    """Modules (of a held block) with other weights for the duration (None: zero weights and
+    biases, a dropped unit as `KLFitness` drops it), then their own again."""
+    own = {name: linear_weight(modules[name]).detach().clone() for name in decoded}
+    biases = {name: modules[name].bias.detach().clone() for name, weight in decoded.items()
+              if weight is None and getattr(modules[name], "bias", None) is not None}
+    try:
+        for name, weight in decoded.items():
+            set_linear_weight(modules[name], torch.zeros_like(own[name]) if weight is None else weight)
+        for name in biases:
+            modules[name].bias.data.zero_()
+        yield
+    finally:
+        for name, weight in own.items():
+            set_linear_weight(modules[name], weight)
+        for name, bias in biases.items():
+            modules[name].bias.data.copy_(bias)
+
+
+@dataclass
+class StreamedEntries:
+    """`measure_entries`' base pass: its seconds, positions and batches."""
+    seconds: float
+    positions: int
+    batches: int
+
+
+@torch.no_grad()
+def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[Unit], configs: list,
+                    modules: dict[str, nn.Module], *, importance: dict, statistics: TokenWindows | None,
+                    batch_size: int, head: float,
+                    record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
+                    first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None) -> StreamedEntries:
+    """Every entry (unit u >= `first_unit`, option o) of the measured table of a streamed model:
+    `record(u, o, per-window KL, stored bits, why skipped, block evaluations)` for each (counted
+    as the in-memory table counts them), a block's entries at a time, then `block_done(units done)`."""
+    refuse_unless_streamable(loaded, "the sensitivity table")
+    model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
+    blocks = blocks_of(model, adapter)
+    algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
+    started = time.perf_counter()
+    calls = calls_of(loaded, calibration, batch_size)
+    stat_calls = calls_of(loaded, statistics, batch_size) if statistics is not None and algorithms else None
+    kl = SlicedKL(loaded, last_block_outputs(loaded, calls), torch.float16)
+    base_seconds = time.perf_counter() - started
+    positions = sum(batch[0].h_in.shape[0] * (batch[0].h_in.shape[1] - 1) for batch in calls)
+    by_block: dict[int, list[int]] = {}
+    for u, unit in enumerate(units):
+        if u >= first_unit:
+            by_block.setdefault(unit.block, []).append(u)
+    hidden = [batch[0].h_in for batch in calls]
+    stat_hidden = [batch[0].h_in for batch in stat_calls] if stat_calls is not None else None
+    shapes = [state.shape for state in hidden]
+    slots = TensorSlots([(shape[0] * shape[1], shape[2]) for shape in shapes], hidden[0].dtype)
+
+    def put(slot: int, states: list[torch.Tensor]) -> None:
+        slots.write(slot, [state.reshape(-1, state.shape[-1]) for state in states])
+
+    def states_of(slot: int) -> list[torch.Tensor]:
+        return [state.reshape(shape) for state, shape in zip(slots.read(slot), shapes)]
+
+    def rows_of(slot: int, part: int, window: int, start: int, stop: int) -> torch.Tensor:
+        first = window * shapes[part][1]
+        return slots.read_rows(slot, part, first + start, first + stop)
+
+    try:
+        for index, block in enumerate(blocks):
+            if not by_block.keys() - set(range(index)):
+                break  # no entries left
+            entries: list[tuple[int, int, float | None]] = []
+            todo = by_block.get(index, [])
+            with held(streamed, _part(loaded, index)):
+                if todo:
+                    names = [name for u in todo for name in units[u].modules]
+                    stats = _statistics(block, modules, names, algorithms, stat_calls or calls,
+                                        stat_hidden if stat_hidden is not None else hidden, index)
+                    for u in todo:
+                        for o, config in enumerate(configs):
+                            outputs, bits = _entry_outputs(block, adapter, modules, units[u], config, stats,
+                                                           importance, calls, hidden, index, record, u, o)
+                            if outputs is not None:
+                                put(len(entries), outputs)
+                                entries.append((u, o, bits))
+                    del stats
+                hidden = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+                if stat_hidden is not None:
+                    stat_hidden = [run_block(block, batch[index], state) for batch, state in zip(stat_calls, stat_hidden)]
+            if entries:
+                for later in range(index + 1, len(blocks)):
+                    with held(streamed, _part(loaded, later)):
+                        for slot in range(len(entries)):
+                            put(slot, [run_block(blocks[later], batch[later], state)
+                                       for batch, state in zip(calls, states_of(slot))])
+                for slot in range(len(entries)):
+                    put(slot, [kl.normed(state) for state in states_of(slot)])
+                values = kl.window_kl(len(entries), rows_of)
+                runs = blocks_to_head(loaded.n_blocks, index, head) * len(calls)
+                for slot, (u, o, bits) in enumerate(entries):
+                    record(u, o, values[slot], bits, None, runs)
+            if todo:
+                block_done(max(todo) + 1)
+    finally:
+        slots.close()
+    return StreamedEntries(base_seconds, positions, len(calls))
+
+
+def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importance, calls, hidden, index, record,
+                   u: int, o: int) -> tuple[list[torch.Tensor] | None, float | None]:
+    """Block `index`'s outputs with `unit` quantized under `config` (or dropped), and its stored
+    bits (None when dropped); (None, None) when the option does not apply (recorded as skipped)."""
+    if config == DROP:
+        if unit.kind == "block":
+            return [state.clone() for state in hidden], None
+        with removed_unit(block, adapter, unit.kind):
+            return [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)], None
+    used = edge_config(unit, config)
+    try:
+        stored = {name: quantize_linear(name, modules[name], used, stats.get((name, used.algorithm)),
+                                        importance.get(name)) for name in unit.modules}
+    except LayerwiseError as error:
+        record(u, o, None, None, str(error), 0.0)
+        return None, None
+    with _weights_as(modules, {name: qtensor.dequantize() for name, qtensor in stored.items()}):
+        outputs = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+    return outputs, float(sum(qtensor.n_bits for qtensor in stored.values()))
+
+
+class StreamedFitness:
+    """The never-worse check's KL of whole plans on a streamed model (`KLFitness.window_kl`'s
+    numbers): a plan runs block by block, each block read once for all batches with its units
+    quantized as the plan says; GPTQ/AWQ statistics are gathered once, a block at a time, and
+    their Hessians wait in a scratch file."""
+
+    def __init__(self, loaded: LoadedModel, table, windows: TokenWindows, *, batch_size: int = 2,
+                 importance: dict | None = None, statistics: TokenWindows | None = None) -> None:
+        refuse_unless_streamable(loaded, "the never-worse check")
+        refuse_what_streaming_lacks(edges=any(unit.kind in EDGE_KINDS for unit in table.units))
+        table.check_model(loaded)
+        self.loaded, self.table = loaded, table
+        self.importance = importance or {}
+        self.configs = table.configs
+        self.modules = {name: loaded.model.get_submodule(name) for unit in table.units for name in unit.modules}
+        self.block_units: dict[int, list[int]] = {}
+        for u, unit in enumerate(table.units):
+            self.block_units.setdefault(unit.block, []).append(u)
+        self._calls = calls_of(loaded, windows, batch_size)
+        self.kl = SlicedKL(loaded, last_block_outputs(loaded, self._calls), torch.float32)
+        algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
+        self._stats = self._gather(algorithms, calls_of(loaded, statistics, batch_size)
+                                   if statistics is not None else self._calls)
+        # As `KLFitness` reports a search's compute: the check alone measures no search.
+        self.base, self.calls, self.seconds = None, 0, 0.0
+
+    def _gather(self, algorithms: set[str], calls: list[list[BlockCall]]):
+        """GPTQ Hessians into a scratch file (AWQ samples, small, in memory), a block at a time."""
+        spill, kept = TensorSpill(), {}
+        if not algorithms:
+            return spill, kept
+        hidden = [batch[0].h_in for batch in calls]
+        for index, block in enumerate(blocks_of(self.loaded.model, self.loaded.adapter)):
+            names = [name for u in self.block_units.get(index, []) for name in self.table.units[u].modules]
+            with held(self.loaded.streamed, _part(self.loaded, index)):
+                for (name, algorithm), stats in _statistics(block, self.modules, names, algorithms, calls, hidden,
+                                                            index).items():
+                    if stats.hessian is not None:
+                        spill.add(f"{name}|{algorithm}", stats.hessian)
+                    kept[name, algorithm] = (stats.rows, stats.sample)
+                hidden = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+        return spill, kept
+
+    def _stats_of(self, name: str, algorithm: str) -> InputStats | None:
+        spill, kept = self._stats
+        if (name, algorithm) not in kept:
+            return None
+        rows, sample = kept[name, algorithm]
+        hessian = spill.read(f"{name}|{algorithm}") if algorithm == "gptq" else None
+        return InputStats(hessian=hessian, rows=rows, sample=sample)
+
+    def forward_equivalents(self) -> float:
+        return 0.0
+
+    @torch.no_grad()
+    def window_kl(self, choice: Sequence[int], base=None) -> np.ndarray:
+        """Mean KL(base || model under `choice`) of every fitness window."""
+        model, adapter, streamed = self.loaded.model, self.loaded.adapter, self.loaded.streamed
+        hidden = [batch[0].h_in for batch in self._calls]
+        for index, block in enumerate(blocks_of(model, adapter)):
+            with held(streamed, _part(self.loaded, index)):
+                decoded: dict[str, torch.Tensor | None] = {}
+                for u in self.block_units.get(index, []):
+                    unit, config = self.table.units[u], self.configs[int(choice[u])]
+                    used = config if config == DROP else edge_config(unit, config)
+                    for name in unit.modules:
+                        decoded[name] = None if used == DROP else quantize_linear(
+                            name, self.modules[name], used, self._stats_of(name, used.algorithm),
+                            self.importance.get(name)).compact().dequantize()
+                with _weights_as(self.modules, decoded):
+                    hidden = [run_block(block, batch[index], state) for batch, state in zip(self._calls, hidden)]
+                del decoded
+        normed = [self.kl.normed(state) for state in hidden]
+        return self.kl.window_kl(1, lambda _, part, window, start, stop: normed[part][window, start:stop])[0]
+
+    def __enter__(self) -> "StreamedFitness":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stats[0].close()

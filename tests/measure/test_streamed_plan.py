@@ -1,0 +1,138 @@
+"""The sensitivity table and the plan of a streamed model (one block's weights in memory at a
+time) against the same measured with the whole model in memory, on stories260K."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CALIBRATION_TEXT, STORIES
+from layerwise import load_model, token_windows
+from layerwise.errors import LayerwiseError
+from layerwise.measure import streamed as streamed_measure
+from layerwise.measure.run import run_plan
+from layerwise.measure.sensitivity import measure_sensitivity
+from layerwise.models.layout import blocks_of
+from layerwise.models.streaming import StreamedWeights
+from layerwise.util.tensor_files import TensorSlots
+
+# Rounding, GPTQ (statistics from windows of their own), a GGUF type that fits only the attention's
+# rows (the MLP's 172 columns split into no block of 32: skipped there) and dropping a sublayer.
+OPTIONS = "int2pc,int4pc,gptq:int4pc,q4_0,drop"
+
+
+@pytest.fixture(scope="module")
+def in_memory():
+    return load_model(STORIES)
+
+
+@pytest.fixture(scope="module")
+def windows(in_memory):
+    return token_windows(in_memory.tokenizer, CALIBRATION_TEXT, tokens=768, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def statistics(in_memory):
+    return token_windows(in_memory.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=128, seed=7)
+
+
+@pytest.fixture(scope="module")
+def whole_table(in_memory, windows, statistics):
+    return measure_sensitivity(in_memory, windows, OPTIONS, "sublayer", statistics=statistics, progress=False)
+
+
+def _streamed_table(windows, statistics, **kwargs):
+    return measure_sensitivity(load_model(STORIES, streaming=True), windows, OPTIONS, "sublayer",
+                               statistics=statistics, progress=False, **kwargs)
+
+
+def test_a_streamed_table_is_the_in_memory_table_and_holds_one_block_at_a_time(in_memory, windows, statistics,
+                                                                              whole_table, monkeypatch):
+    block = sum(p.numel() for p in blocks_of(in_memory.model, in_memory.adapter)[0].parameters())
+    resident = []
+    real_load = StreamedWeights._load
+
+    def counting_load(self, part, only=None):
+        real_load(self, part, only)
+        resident.append(self.resident_parameters())
+
+    monkeypatch.setattr(StreamedWeights, "_load", counting_load)
+    table = _streamed_table(windows, statistics)
+    assert resident and max(resident) == block  # never two blocks (nor the head) at once
+    assert np.array_equal(np.isnan(table.kl), np.isnan(whole_table.kl))
+    np.testing.assert_allclose(table.kl, whole_table.kl, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(table.cost_bits, whole_table.cost_bits)
+    assert table.skipped == whole_table.skipped and any("q4_0" in key for key in table.skipped)
+    assert table.cost["forward_equivalents"] == pytest.approx(whole_table.cost["forward_equivalents"])
+    assert table.cost["positions"] == whole_table.cost["positions"]
+
+
+def test_an_interrupted_streamed_table_resumes_to_the_same_table(windows, statistics, tmp_path, monkeypatch):
+    whole = _streamed_table(windows, statistics)
+    rounds = 0
+    real = streamed_measure.SlicedKL.window_kl
+
+    def interrupted(self, *args, **kwargs):
+        nonlocal rounds
+        rounds += 1
+        if rounds > 2:  # the third block's round of entries
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    checkpoint = tmp_path / "table.progress"
+    monkeypatch.setattr(streamed_measure.SlicedKL, "window_kl", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _streamed_table(windows, statistics, checkpoint=checkpoint)
+    assert json.loads(checkpoint.read_text())["units_done"] == 4  # two blocks of two sublayers
+    monkeypatch.setattr(streamed_measure.SlicedKL, "window_kl", real)
+    resumed = _streamed_table(windows, statistics, checkpoint=checkpoint)
+    np.testing.assert_array_equal(resumed.kl, whole.kl)
+    np.testing.assert_array_equal(resumed.cost_bits, whole.cost_bits)
+    assert resumed.cost["forward_equivalents"] == pytest.approx(whole.cost["forward_equivalents"])
+
+
+def test_a_streamed_plan_chooses_and_checks_as_in_memory():
+    settings = dict(bits_per_weight=4.0, options="int2pc,int4pc,gptq:int3pc,int8pc,drop", granularity="sublayer",
+                    tokens=512, check_tokens=512, statistics_tokens=512, seq_len=128, progress=False)
+    whole = run_plan(STORIES, **settings)
+    streamed = run_plan(STORIES, streaming=True, **settings)
+    assert streamed.report["options"] == whole.report["options"]
+    assert streamed.report["returned"] == whole.report["returned"]
+    np.testing.assert_allclose(streamed.table.kl, whole.table.kl, rtol=0, atol=1e-6)
+    ours, theirs = streamed.report["check"], whole.report["check"]
+    assert ours["plan_kl"] == pytest.approx(theirs["plan_kl"], abs=1e-6)
+    assert ours["uniform"].keys() == theirs["uniform"].keys()
+    for option, measured in theirs["uniform"].items():
+        assert ours["uniform"][option]["kl"] == pytest.approx(measured["kl"], abs=1e-6), option
+        for domain, value in measured["domains"].items():
+            assert ours["uniform"][option]["domains"][domain] == pytest.approx(value, abs=1e-6), (option, domain)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(allocator="evolutionary"), "does not run on a streamed model yet"),
+    (dict(estimator="weights"), "estimator does not run on a streamed model yet"),
+    (dict(budget_like="model.gguf"), "embedding's and head's types"),
+])
+def test_what_a_streamed_plan_cannot_do_yet_is_refused_before_any_work(settings, message, monkeypatch):
+    monkeypatch.setattr(streamed_measure, "measure_entries", None)  # never reached
+    budget = {} if "budget_like" in settings else {"bits_per_weight": 4.0}
+    with pytest.raises(LayerwiseError, match=message):
+        run_plan(STORIES, streaming=True, options="int4pc,int8pc", progress=False, **budget, **settings)
+
+
+def test_slots_are_written_over_in_place_and_read_by_rows(tmp_path):
+    shapes = [(6, 4), (2, 4)]
+    slots = TensorSlots(shapes, torch.bfloat16, directory=tmp_path)
+    first = [torch.arange(24.0).reshape(6, 4).bfloat16(), -torch.ones(2, 4).bfloat16()]
+    second = [torch.full((6, 4), 3.0).bfloat16(), torch.zeros(2, 4).bfloat16()]
+    slots.write(1, second)
+    slots.write(0, first)
+    slots.write(1, [t + 1 for t in second])
+    assert all(torch.equal(a, b) for a, b in zip(slots.read(0), first))
+    assert all(torch.equal(a, b + 1) for a, b in zip(slots.read(1), second))
+    assert torch.equal(slots.read_rows(0, 0, 2, 5), first[0][2:5])
+    with pytest.raises(LayerwiseError, match="other shapes"):
+        slots.write(0, [torch.zeros(6, 4), torch.zeros(2, 4)])
+    with pytest.raises(LayerwiseError, match="no slot 5"):
+        slots.read(5)
+    slots.close()
