@@ -13,7 +13,7 @@ against issue 17's target (`target_bytes`, `meets_target`): above the floor at m
 float32 model plus the hidden states of the command's tokens at one block (float32).
 
     python bench/memory.py                     # both models, about 2 hours on 2 cores
-    python bench/memory.py --models SmolLM2-135M --skip plan    # the rest, three runs each: about 20 minutes
+    python bench/memory.py --models SmolLM2-135M --skip "plan,plan (table reused)"    # the rest: about 20 minutes
     python bench/memory.py --models stories260K    # 4 minutes
 """
 from __future__ import annotations
@@ -38,9 +38,10 @@ MODELS = {"stories260K": STORIES, "SmolLM2-135M": DITHERED_SMOLLM2}
 # search and never-worse check are measured without the table's 40 minutes.
 REUSED_TABLE = {"SmolLM2-135M": RESULTS / "robust_sensitivity.json"}
 # stories260K's MLP rows (172 columns) split into no group of 64: its plan takes whole-row options.
-# SmolLM2's fresh plan takes three options: with the six defaults its table takes about an hour here
-# in memory (the same work streamed), too long to repeat.
-PLAN_OPTIONS = {"stories260K": "int2pc,int3pc,int4pc,int6pc,int8pc", "SmolLM2-135M": "int3g64,int4g64,int8g64"}
+# SmolLM2's fresh plan measures a small table (whole blocks, two options): with the defaults (sublayers,
+# six options) the table takes about an hour here, in memory or streamed, too long to repeat.
+PLAN_SETTINGS = {"stories260K": ["--options", "int2pc,int3pc,int4pc,int6pc,int8pc"],
+                 "SmolLM2-135M": ["--options", "int4g64,int8g64", "--granularity", "block"]}
 LAYERWISE = [sys.executable, "-m", "layerwise.cli"]
 
 
@@ -67,7 +68,7 @@ def commands(name: str, work: Path) -> dict[str, list[str]]:
     """The commands measured, in order (later ones read what earlier ones wrote)."""
     model = MODELS[name]
     quiet = ["--quiet", "--overwrite"]
-    options = ["--options", PLAN_OPTIONS[name]] if name in PLAN_OPTIONS else []
+    options = PLAN_SETTINGS.get(name, [])
     exported = "plan-reused.json" if name in REUSED_TABLE else "plan.json"
     return {
         "floor": [sys.executable, "-c", "import torch, layerwise.cli; from layerwise.models.checkpoint import skeleton; "
@@ -81,7 +82,7 @@ def commands(name: str, work: Path) -> dict[str, list[str]]:
                                     str(work / "table.json"), "--out", str(work / "plan-reused.json"), *quiet]}
            if name in REUSED_TABLE else {}),
         "quantize (gptq)": [*LAYERWISE, "quantize", str(model), "--method", "gptq", "--bits", "4", "--group-size",
-                            "64" if name not in PLAN_OPTIONS else "none", "--tokens", "4096", "--out", str(work / "gptq"), *quiet],
+                            "64" if name == "SmolLM2-135M" else "none", "--tokens", "4096", "--out", str(work / "gptq"), *quiet],
         "eval": [*LAYERWISE, "eval", str(model), "--quantized", str(work / "gptq"), "--data", str(EVALUATION_TEXT),
                  "--tokens", "4096", *quiet],
         # The plan's int options are not GGUF types: compressed-tensors stores them as they are.
@@ -120,8 +121,9 @@ def fp32_bytes(model: Path) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--skip", default="", help="commands not to run, comma-separated (e.g. plan: 40 min on "
-                                                   "SmolLM2; export then needs a plan.json left by an earlier run)")
+    parser.add_argument("--skip", default="", help="commands not to run, comma-separated (e.g. plan: about 40 min "
+                                                   "on SmolLM2 in both modes; export then needs a plan.json left by "
+                                                   "an earlier run)")
     parser.add_argument("--modes", default="memory,streaming", help="memory, streaming or both")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each command: a row keeps the highest peak (peaks vary between runs of the "
@@ -182,7 +184,8 @@ def main() -> None:
                       f"model ({size / 2**20:.0f} MiB; runs {spread})  {row['seconds']:6.0f} s{ratio}", flush=True)
                 recorded = {other: {c: " ".join(a) for c, a in commands(other, OUT / other).items()}
                             for other in MODELS}
-                write_results("memory", {"commands": recorded, "floor": FLOOR, "repeats": args.repeats,
+                write_results("memory", {"commands": recorded, "floor": FLOOR,
+                                         "repeats": "each row's `peaks` has one entry per run (--repeats of that run)",
                                          "target": f"streaming: above the floor at most {TARGET_X_FP32}x the float32 "
                                                    "model plus one block's hidden states for the command's tokens "
                                                    "(float32)",

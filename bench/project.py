@@ -19,7 +19,8 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 - bank: none for the measured `plan` (the default allocator measures each plan once); a searching
   allocator (`hybrid`, `evolutionary`) adds 1.25 bytes per planned weight (`measure.fitness`);
 - base: eval's base next-token distributions, float16, tokens x V (in memory only);
-- activations: a block's inputs and outputs for every calibration token (tokens x h, twice);
+- activations: a block's inputs and outputs for every calibration token (tokens x h, twice; a
+  streamed plan's check: the plan's states and the base model's last ones);
 - hessians: GPTQ's input statistics of one block, float32, one per linear: q, k, v, o, gate and
   up read an h-wide input (h x h each), down an i-wide one (i x i); and, while the widest is
   factored, two float64 copies of it (i x i x 8 each).
@@ -103,7 +104,7 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
         held["model"] = shape.params * dtype_bytes
     else:
         held["block"] = shape.block_params * dtype_bytes
-        if command in ("profile", "eval"):
+        if command in ("profile", "eval", "plan (table reused)"):
             held["head slice"] = min(shape.edge_params, HEAD_SLICE_ELEMENTS) * dtype_bytes
     if command in ("profile", "eval", "plan (table reused)"):
         held["head work"] = HEAD_WORK
@@ -113,7 +114,7 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
         held["packed output"] = shape.planned * 0.5  # int4 codes packed into int32
     if command == "eval" and mode == "memory":
         held["base"] = tokens * shape.vocab * 2
-    if command in ("profile", "quantize (gptq)", "eval"):
+    if command in ("profile", "quantize (gptq)", "eval") or (command == "plan (table reused)" and mode == "streaming"):
         held["activations"] = 2 * tokens * shape.hidden * dtype_bytes
     if command == "quantize (gptq)":
         held["hessians"] = 4 * (6 * shape.hidden ** 2 + shape.intermediate ** 2) + 2 * 8 * shape.intermediate ** 2

@@ -136,3 +136,22 @@ def test_slots_are_written_over_in_place_and_read_by_rows(tmp_path):
     with pytest.raises(LayerwiseError, match="no slot 5"):
         slots.read(5)
     slots.close()
+
+
+def test_a_streamed_gpt2_table_with_transposed_linears_and_a_tied_head_is_the_in_memory_table(tmp_path):
+    """GPT-2 keeps its linears transposed (Conv1D) and ties its head to the embedding (a random
+    model: shapes and layout only)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from layerwise.models.loading import load_tokenizer
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128, vocab_size=512)  # stories260K's tokenizer
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer = load_tokenizer(STORIES)
+    windows = token_windows(tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=64)
+    tables = [measure_sensitivity(load_model(tmp_path / "gpt2", tokenizer=tokenizer, streaming=streaming), windows,
+                                  "int3g32,gptq:int4g32,drop", "sublayer", progress=False)
+              for streaming in (False, True)]
+    np.testing.assert_allclose(tables[1].kl, tables[0].kl, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(tables[1].cost_bits, tables[0].cost_bits)

@@ -32,7 +32,7 @@ from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
 from layerwise.engine.replay import call_arguments, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
-from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight
+from layerwise.models.layout import blocks_of, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import has_overrides, head_rows, head_step, held
 from layerwise.plan.options import DROP
@@ -224,20 +224,23 @@ def _statistics(block: nn.Module, modules: dict[str, nn.Module], names: list[str
 
 @contextlib.contextmanager
 def _weights_as(modules: dict[str, nn.Module], decoded: dict[str, torch.Tensor | None]) -> Iterator[None]:
-    """Modules (of a held block) with other weights for the duration (None: zero weights and
-    biases, a dropped unit as `KLFitness` drops it), then their own again."""
-    own = {name: linear_weight(modules[name]).detach().clone() for name in decoded}
+    """Modules (of a held block) with other [out, in] weights for the duration (None: zero weights
+    and biases, a dropped unit as `KLFitness` drops it), then their own again: the own tensors are
+    set aside, not copied (a block's worth of memory)."""
+    own = {name: modules[name].weight.data for name in decoded}
     biases = {name: modules[name].bias.detach().clone() for name, weight in decoded.items()
               if weight is None and getattr(modules[name], "bias", None) is not None}
     try:
         for name, weight in decoded.items():
-            set_linear_weight(modules[name], torch.zeros_like(own[name]) if weight is None else weight)
+            values = torch.zeros_like(own[name]) if weight is None else weight.t() if stored_transposed(
+                modules[name]) else weight
+            modules[name].weight.data = values.to(own[name].dtype).contiguous()
         for name in biases:
             modules[name].bias.data.zero_()
         yield
     finally:
         for name, weight in own.items():
-            set_linear_weight(modules[name], weight)
+            modules[name].weight.data = weight
         for name, bias in biases.items():
             modules[name].bias.data.copy_(bias)
 
@@ -423,6 +426,7 @@ class StreamedFitness:
                     hidden = [run_block(block, batch[index], state) for batch, state in zip(self._calls, hidden)]
                 del decoded
         normed = [self.kl.normed(state) for state in hidden]
+        del hidden
         return self.kl.window_kl(1, lambda _, part, window, start, stop: normed[part][window, start:stop])[0]
 
     def __enter__(self) -> "StreamedFitness":

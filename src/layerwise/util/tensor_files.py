@@ -86,6 +86,8 @@ class TensorSlots:
 
     def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, directory: str | Path | None = None) -> None:
         self.shapes, self.dtype = [tuple(shape) for shape in shapes], dtype
+        if any(not shape for shape in self.shapes):
+            raise LayerwiseError("slots hold tensors of one dimension or more")
         itemsize = torch.empty((), dtype=dtype).element_size()
         self._sizes = [int(np.prod(shape)) * itemsize for shape in self.shapes]
         self._starts = [sum(self._sizes[:i]) for i in range(len(self._sizes))]
@@ -100,13 +102,12 @@ class TensorSlots:
             self._file.write(memoryview(_as_bytes(tensor)))
 
     def read(self, slot: int) -> list[torch.Tensor]:
-        return [self.read_rows(slot, part, 0, self.shapes[part][0] if self.shapes[part] else 1)
-                .reshape(self.shapes[part]) for part in range(len(self.shapes))]
+        return [self.read_rows(slot, part, 0, shape[0]) for part, shape in enumerate(self.shapes)]
 
     def read_rows(self, slot: int, part: int, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop of tensor `part` of `slot` along its first axis."""
         shape = self.shapes[part]
-        row_bytes = self._sizes[part] // max(shape[0], 1) if shape else self._sizes[part]
+        row_bytes = self._sizes[part] // max(shape[0], 1)
         size = (stop - start) * row_bytes
         raw = bytearray(size)
         self._file.seek(slot * self._slot_bytes + self._starts[part] + start * row_bytes)
