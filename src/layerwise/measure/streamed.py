@@ -32,14 +32,14 @@ from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
 from layerwise.engine.replay import call_arguments, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
+from layerwise.measure.sensitivity import _statistics_hooks
 from layerwise.models.layout import blocks_of, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import has_overrides, head_rows, head_step, held
 from layerwise.plan.options import DROP
 from layerwise.plan.table import edge_config
 from layerwise.plan.units import EDGE_KINDS, Unit
-from layerwise.quant.linear import InputStats, gather_inputs, quantize_linear
-from layerwise.quant.config import QuantConfig
+from layerwise.quant.linear import InputStats, quantize_linear
 from layerwise.util.memory import trim_freed_memory
 from layerwise.util.tensor_files import TensorSlots, TensorSpill
 
@@ -198,23 +198,11 @@ def _running_lse(peak: torch.Tensor, summed: torch.Tensor, offset: int, logits: 
     peak[span] = top
 
 
-def _statistics(block: nn.Module, modules: dict[str, nn.Module], names: list[str], algorithms: set[str],
+def _statistics(model: nn.Module, block: nn.Module, names: list[str], algorithms: set[str],
                 calls: list[list[BlockCall]], hidden: list[torch.Tensor], index: int) -> dict:
     """(module, algorithm) -> GPTQ/AWQ input statistics of `names` (linears of `block`, block
     `index`), from running the block on `hidden` with the base weights."""
-    stats = {(name, algorithm): InputStats() for name in names for algorithm in algorithms}
-    probe = {algorithm: QuantConfig(algorithm=algorithm, group_size=None) for algorithm in algorithms}
-
-    def gather(name: str):
-        def hook(module, args) -> None:
-            for algorithm in algorithms:
-                gather_inputs(stats[name, algorithm], args[0], probe[algorithm])
-        return hook
-
-    def register(handles: list) -> None:
-        for name in names:
-            handles.append(modules[name].register_forward_pre_hook(gather(name)))
-
+    stats, register = _statistics_hooks(model, names, algorithms)
     if stats:
         with scoped_hooks(register):
             for batch, state in zip(calls, hidden):
@@ -300,7 +288,7 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
             with held(streamed, _part(loaded, index)):
                 if todo:
                     names = [name for u in todo for name in units[u].modules]
-                    stats = _statistics(block, modules, names, algorithms, stat_calls or calls,
+                    stats = _statistics(model, block, names, algorithms, stat_calls or calls,
                                         stat_hidden if stat_hidden is not None else hidden, index)
                     for u in todo:
                         for o, config in enumerate(configs):
@@ -388,8 +376,8 @@ class StreamedFitness:
         for index, block in enumerate(blocks_of(self.loaded.model, self.loaded.adapter)):
             names = [name for u in self.block_units.get(index, []) for name in self.table.units[u].modules]
             with held(self.loaded.streamed, _part(self.loaded, index)):
-                for (name, algorithm), stats in _statistics(block, self.modules, names, algorithms, calls, hidden,
-                                                            index).items():
+                for (name, algorithm), stats in _statistics(self.loaded.model, block, names, algorithms, calls,
+                                                            hidden, index).items():
                     if stats.hessian is not None:
                         spill.add(f"{name}|{algorithm}", stats.hessian)
                     kept[name, algorithm] = (stats.rows, stats.sample)
