@@ -15,7 +15,7 @@ import torch
 
 from layerwise.apply.storage import StoredModules
 from layerwise.data.windows import TokenWindows
-from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
+from layerwise.engine.hooks import BlockCall, run_batches, run_block, scoped_hooks
 from layerwise.engine.replay import call_arguments
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import block_linears, blocks_of, has_experts, linear_weight
@@ -153,7 +153,7 @@ def quantize_(
                         result[name] = _quantize_module(loaded, name, targets[name], stats.pop(name, None),
                                                         importance.get(name))
                         bars.advance(task)
-                    hidden = [run_block(block, calls[index], h) for calls, h in zip(per_batch, hidden)]
+                    hidden = run_batches(block, per_batch, hidden, index)
                 spill(names)
         done = set(result) | set(spilled or ())
         for part, names in by_part(streamed, [name for name in targets if name not in done]):

@@ -150,6 +150,13 @@ def run_block(block: nn.Module, call: BlockCall, hidden: torch.Tensor) -> torch.
     return first_tensor(block(hidden, *call.args, **call.kwargs))
 
 
+def run_batches(block: nn.Module, calls: list[list[BlockCall]], hidden: list[torch.Tensor],
+                index: int) -> list[torch.Tensor]:
+    """Block `index`'s outputs for every batch: `calls[b]` holds batch b's call arguments of every
+    block, `hidden[b]` its input here (batches beyond `hidden` are not run)."""
+    return [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+
+
 @contextlib.contextmanager
 def zero_output(*modules: nn.Module) -> Iterator[None]:
     """Make the modules contribute nothing: each one's output (or first output) is replaced by zeros."""

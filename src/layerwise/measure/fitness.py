@@ -24,7 +24,7 @@ import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference
-from layerwise.engine.hooks import BlockCall, run_block
+from layerwise.engine.hooks import BlockCall, run_batches
 from layerwise.engine.replay import block_calls, first_block_input, head_kl
 from layerwise.measure.sensitivity import _statistics_hooks, head_cost_in_blocks, input_statistics
 from layerwise.models.layout import blocks_of, hidden_to_logits, stored_transposed
@@ -296,7 +296,7 @@ class KLFitness:
                 hidden = [base.calls[b][0].h_in for b in range(count)]
             for index, block in enumerate(blocks_of(model, adapter)):
                 with self._units_as(choice, self.block_units.get(index, ())):
-                    hidden = [run_block(block, base.calls[b][index], state) for b, state in enumerate(hidden)]
+                    hidden = run_batches(block, base.calls, hidden, index)
             for b, state in enumerate(hidden):
                 values.extend(self._batch_kl(base.finals[b], state))
         trim_freed_memory()  # the head's pieces would otherwise leave the heap a little larger each plan

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from layerwise.data.windows import TokenWindows
-from layerwise.engine.hooks import BlockCall, run_block, scoped_hooks
+from layerwise.engine.hooks import BlockCall, run_batches, run_block, scoped_hooks
 from layerwise.engine.replay import call_arguments, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
@@ -85,7 +85,7 @@ def last_block_outputs(loaded: LoadedModel, calls: list[list[BlockCall]]) -> lis
     hidden = [batch[0].h_in for batch in calls]
     for index, block in enumerate(blocks_of(loaded.model, loaded.adapter)):
         with held(loaded.streamed, _part(loaded, index)):
-            hidden = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+            hidden = run_batches(block, calls, hidden, index)
     return hidden
 
 
@@ -143,6 +143,19 @@ class SlicedKL:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
 
+    def _base_logits(self, chunk: tuple[int, int, int, int, int], weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        part, window, start, stop, _ = chunk
+        return self._logits(self.finals[part][window, start:stop], weight, bias)
+
+    def _base_distribution(self, chunk: tuple[int, int, int, int, int], weight: torch.Tensor,
+                           bias: torch.Tensor | None, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's base log-probabilities over a head slice (float32, as log_softmax gives them)
+        and its probabilities as the in-memory reference stores them (`store`)."""
+        offset, count = chunk[4], chunk[3] - chunk[2]
+        logprobs = self._base_logits(chunk, weight, bias) - lse[offset:offset + count, None]
+        return logprobs, logprobs.exp().to(self.store)
+
     @torch.no_grad()
     def _base_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per position: the base logits' log-sum-exp (float32, as log_softmax rounds it), sum p
@@ -150,17 +163,17 @@ class SlicedKL:
         peak = torch.full((self.total,), -torch.inf, dtype=torch.float64)
         summed = torch.zeros(self.total, dtype=torch.float64)
         for weight, bias in self._slices():
-            for part, window, start, stop, offset in self.chunks:
-                _running_lse(peak, summed, offset, self._logits(self.finals[part][window, start:stop], weight, bias))
+            for chunk in self.chunks:
+                _running_lse(peak, summed, chunk[4], self._base_logits(chunk, weight, bias))
         lse = (peak + summed.log()).float()
         neg_entropy = torch.zeros(self.total, dtype=torch.float64)
         mass = torch.zeros(self.total, dtype=torch.float64)
         for weight, bias in self._slices():
-            for part, window, start, stop, offset in self.chunks:
-                logprobs = self._logits(self.finals[part][window, start:stop], weight, bias) - lse[offset:offset + stop - start, None]
-                probs = logprobs.exp().to(self.store).double()
-                neg_entropy[offset:offset + stop - start] += (probs * logprobs.double()).sum(dim=-1)
-                mass[offset:offset + stop - start] += probs.sum(dim=-1)
+            for chunk in self.chunks:
+                logprobs, probs = self._base_distribution(chunk, weight, bias, lse)
+                span = slice(chunk[4], chunk[4] + chunk[3] - chunk[2])
+                neg_entropy[span] += (probs.double() * logprobs.double()).sum(dim=-1)
+                mass[span] += probs.double().sum(dim=-1)
         return lse, neg_entropy, mass
 
     @torch.no_grad()
@@ -171,10 +184,11 @@ class SlicedKL:
         summed = torch.zeros((variants, self.total), dtype=torch.float64)
         cross = torch.zeros((variants, self.total), dtype=torch.float64)  # sum p z
         for weight, bias in self._slices():
-            for part, window, start, stop, offset in self.chunks:
+            for chunk in self.chunks:
+                part, window, start, stop, offset = chunk
                 count = stop - start
-                logprobs = self._logits(self.finals[part][window, start:stop], weight, bias) - self.lse[offset:offset + count, None]
-                probs = logprobs.exp().to(self.store).float()
+                logprobs, probs = self._base_distribution(chunk, weight, bias, self.lse)
+                probs = probs.float()
                 del logprobs
                 for variant in range(variants):
                     logits = self._logits(rows_of(variant, part, window, start, stop), weight, bias)
@@ -298,15 +312,14 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                                 put(len(entries), outputs)
                                 entries.append((u, o, bits))
                     del stats
-                hidden = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+                hidden = run_batches(block, calls, hidden, index)
                 if stat_hidden is not None:
-                    stat_hidden = [run_block(block, batch[index], state) for batch, state in zip(stat_calls, stat_hidden)]
+                    stat_hidden = run_batches(block, stat_calls, stat_hidden, index)
             if entries:
                 for later in range(index + 1, len(blocks)):
                     with held(streamed, _part(loaded, later)):
                         for slot in range(len(entries)):
-                            put(slot, [run_block(blocks[later], batch[later], state)
-                                       for batch, state in zip(calls, states_of(slot))])
+                            put(slot, run_batches(blocks[later], calls, states_of(slot), later))
                 for slot in range(len(entries)):
                     put(slot, [kl.normed(state) for state in states_of(slot)])
                 values = kl.window_kl(len(entries), rows_of)
@@ -328,7 +341,7 @@ def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importanc
         if unit.kind == "block":
             return [state.clone() for state in hidden], None
         with removed_unit(block, adapter, unit.kind):
-            return [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)], None
+            return run_batches(block, calls, hidden, index), None
     used = edge_config(unit, config)
     try:
         stored = {name: quantize_linear(name, modules[name], used, stats.get((name, used.algorithm)),
@@ -337,7 +350,7 @@ def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importanc
         record(u, o, None, None, str(error), 0.0)
         return None, None
     with _weights_as(modules, {name: qtensor.dequantize() for name, qtensor in stored.items()}):
-        outputs = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+        outputs = run_batches(block, calls, hidden, index)
     return outputs, float(sum(qtensor.n_bits for qtensor in stored.values()))
 
 
@@ -381,7 +394,7 @@ class StreamedFitness:
                     if stats.hessian is not None:
                         spill.add(f"{name}|{algorithm}", stats.hessian)
                     kept[name, algorithm] = (stats.rows, stats.sample)
-                hidden = [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
+                hidden = run_batches(block, calls, hidden, index)
         return spill, kept
 
     def _stats_of(self, name: str, algorithm: str) -> InputStats | None:
@@ -411,7 +424,7 @@ class StreamedFitness:
                             name, self.modules[name], used, self._stats_of(name, used.algorithm),
                             self.importance.get(name)).compact().dequantize()
                 with _weights_as(self.modules, decoded):
-                    hidden = [run_block(block, batch[index], state) for batch, state in zip(self._calls, hidden)]
+                    hidden = run_batches(block, self._calls, hidden, index)
                 del decoded
         normed = [self.kl.normed(state) for state in hidden]
         del hidden
