@@ -21,9 +21,9 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 - base: eval's base next-token distributions, float16, tokens x V (in memory only);
 - activations: a block's inputs and outputs for every calibration token (tokens x h, twice; a
   streamed plan's check: the plan's states and the base model's last ones);
-- hessians: GPTQ's input statistics of one block, float32, one per linear: q, k, v, o, gate and
-  up read an h-wide input (h x h each), down an i-wide one (i x i); and, while the widest is
-  factored, two float64 copies of it (i x i x 8 each).
+- hessians: GPTQ's input statistics of one block, float32, one per distinct input (linears handed
+  the same tensor share one): q/k/v's, o's and gate/up's are h-wide (h x h each), down's i-wide
+  (i x i); and, while the widest is factored, two float64 copies of it (i x i x 8 each).
 
 The same sums for SmolLM2 are printed beside its measured peaks (bench/results/memory.json), so
 the model's error is visible; then the projection for Llama 3.2 1B and Llama 3.1 8B and 70B shapes
@@ -117,7 +117,7 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
     if command in ("profile", "quantize (gptq)", "eval") or (command == "plan (table reused)" and mode == "streaming"):
         held["activations"] = 2 * tokens * shape.hidden * dtype_bytes
     if command == "quantize (gptq)":
-        held["hessians"] = 4 * (6 * shape.hidden ** 2 + shape.intermediate ** 2) + 2 * 8 * shape.intermediate ** 2
+        held["hessians"] = 4 * (3 * shape.hidden ** 2 + shape.intermediate ** 2) + 2 * 8 * shape.intermediate ** 2
     return held
 
 

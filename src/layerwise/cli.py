@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the shipped mix)")
     p.add_argument("--tokens", type=_positive_int, default=40 * 512, help="evaluation tokens (default 40 x 512)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--batch-size", type=_positive_int, default=4,
+                   help="windows run at once in memory (streamed, each block runs one window at a time)")
     p.add_argument("--schedule", type=_indices, default=None,
                    help="run the blocks in this order, e.g. 0,1,2,2,3 (skips and repeats; no weights written)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")

@@ -17,6 +17,11 @@ from layerwise.plan.table import SensitivityTable
 
 OPTIONS = "int2pc,int3pc,int4pc,int5pc,int6pc,int8pc"
 SETTINGS = dict(options=OPTIONS, tokens=2048, check_tokens=2048, progress=False)
+# A measured table sums each entry's KL over slices of the head, a block's entries at a time; a
+# refined entry is measured alone, replayed from cached block inputs against stored base
+# distributions: the same quantity, its sums ordered otherwise (measured: up to 1.1e-7 nats apart,
+# 4e-6 of a 0.03 entry).
+REPLAYED = dict(rel=1e-5, abs=2e-7)
 
 
 def test_hinges_put_the_next_moves_up_and_down_first():
@@ -83,9 +88,9 @@ def test_refined_entries_are_the_measured_tables(refined):
     for entry in entries:
         unit, option = entry.split(" ")
         u, o = names.index(unit), fisher.options.index(option)
-        assert fisher.kl[u, o] == pytest.approx(measured.kl[u, o], rel=1e-6)
+        assert fisher.kl[u, o] == pytest.approx(measured.kl[u, o], **REPLAYED)
         for domain in measured.domains:
-            assert fisher.domain_kl[domain][u, o] == pytest.approx(measured.domain_kl[domain][u, o], rel=1e-6)
+            assert fisher.domain_kl[domain][u, o] == pytest.approx(measured.domain_kl[domain][u, o], **REPLAYED)
     # Entries not refined keep the estimate (which is not the measurement).
     untouched = [(u, o) for u in range(len(names)) for o in range(len(fisher.options))
                  if (u, o) not in measured_entries(fisher)]
@@ -141,9 +146,9 @@ def test_a_plan_on_fewer_options_refines_the_saved_table_in_place(refined, stori
     assert changed == {(names.index(e.split(" ")[0]), after.options.index(e.split(" ")[1])) for e in entries}
     for u, o in changed:
         assert after.options[o] in fewer.split(",")
-        assert after.kl[u, o] == pytest.approx(measured.kl[u, o], rel=1e-6)
+        assert after.kl[u, o] == pytest.approx(measured.kl[u, o], **REPLAYED)
         for domain in after.domains:
-            assert after.domain_kl[domain][u, o] == pytest.approx(measured.domain_kl[domain][u, o], rel=1e-6)
+            assert after.domain_kl[domain][u, o] == pytest.approx(measured.domain_kl[domain][u, o], **REPLAYED)
 
 
 def test_a_share_outside_zero_to_one_is_refused(stories):

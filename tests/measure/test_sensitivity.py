@@ -134,25 +134,36 @@ def test_options_that_fit_no_row_of_a_unit_fail_before_any_pass(loaded, windows,
         measure_sensitivity(loaded, windows, "int3g64,int4g64", progress=False)
 
 
-def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, table, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["block-major", "replay"])
+def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, table, tmp_path, monkeypatch, path):
+    """Both ways of measuring a table save their progress and resume from it: a block's entries at
+    a time (the measured table in memory, as streamed), and an entry at a time from cached block
+    inputs (estimated tables, the embedding and head as units)."""
     import layerwise.measure.sensitivity as sensitivity
+    import layerwise.measure.streamed as streamed
 
-    measured = 0
-    real_kl_from = sensitivity._kl_from
+    if path == "replay":
+        monkeypatch.setattr(sensitivity, "runs_block_major", lambda *args: False)
+        table = measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False)
+    owner, name = (sensitivity, "_kl_from") if path == "replay" else (streamed.SlicedKL, "window_kl")
+    # Partway through the fourth unit (an entry at a time), or at the third block's round.
+    calls_before_stop = 3 * len(table.options) + 2 if path == "replay" else 2
+    real = getattr(owner, name)
+    calls = 0
 
     def interrupted(*args, **kwargs):
-        nonlocal measured
-        measured += 1
-        if measured > 3 * len(table.options) + 2:  # partway through the fourth unit
+        nonlocal calls
+        calls += 1
+        if calls > calls_before_stop:
             raise KeyboardInterrupt
-        return real_kl_from(*args, **kwargs)
+        return real(*args, **kwargs)
 
     checkpoint = tmp_path / "table.progress"
-    monkeypatch.setattr(sensitivity, "_kl_from", interrupted)
+    monkeypatch.setattr(owner, name, interrupted)
     with pytest.raises(KeyboardInterrupt):
         measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False, checkpoint=checkpoint)
-    assert json.loads(checkpoint.read_text())["units_done"] == 3
-    monkeypatch.setattr(sensitivity, "_kl_from", real_kl_from)
+    assert json.loads(checkpoint.read_text())["units_done"] == (3 if path == "replay" else 4)
+    monkeypatch.setattr(owner, name, real)
     resumed = measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False, checkpoint=checkpoint)
     np.testing.assert_array_equal(resumed.kl, table.kl)
     np.testing.assert_array_equal(resumed.cost_bits, table.cost_bits)
@@ -160,3 +171,18 @@ def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, t
     assert resumed.cost["forward_equivalents"] == pytest.approx(table.cost["forward_equivalents"])
     with pytest.raises(LayerwiseError, match="checkpoint of another measurement"):
         measure_sensitivity(loaded, windows, "int2pc,int8pc", "sublayer", progress=False, checkpoint=checkpoint)
+
+
+def test_block_major_and_replayed_tables_agree(loaded, windows, table, monkeypatch):
+    """The measured table in memory runs a block's entries together and sums KL over head slices;
+    replaying each entry from cached block inputs against stored base distributions (the way of
+    estimated tables) measures the same quantity, its sums ordered otherwise."""
+    import layerwise.measure.sensitivity as sensitivity
+
+    monkeypatch.setattr(sensitivity, "runs_block_major", lambda *args: False)
+    replayed = measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False)
+    assert np.isfinite(table.kl).sum() > 20 and np.nanmax(table.kl) > 0.1
+    np.testing.assert_allclose(table.kl, replayed.kl, rtol=1e-5, atol=2e-7)
+    np.testing.assert_array_equal(table.cost_bits, replayed.cost_bits)
+    assert table.skipped == replayed.skipped
+    assert table.cost["forward_equivalents"] == pytest.approx(replayed.cost["forward_equivalents"])

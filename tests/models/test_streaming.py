@@ -281,6 +281,20 @@ def test_checkpoint_saved_without_the_base_model_prefix(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, parts.model(input_ids=ids).logits)
 
 
+def test_streamed_eval_of_a_schedule_matches_in_memory():
+    """Streamed, the blocks run in the schedule's order a block at a time for all windows, each
+    with its own call arguments: the same numbers as the in-memory model running that order."""
+    order = [0, 1, 1, 3, 4]  # block 1 twice, block 2 skipped
+    whole = run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, schedule=order, progress=False)
+    parts = run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, schedule=order, streaming=True, progress=False)
+    assert whole["quantized"]["kl"] > 0.01
+    for key in ("base", "quantized"):
+        assert parts[key]["perplexity"] == pytest.approx(whole[key]["perplexity"], rel=1e-6)
+        assert max(abs(a - b) for a, b in zip(parts[key]["window_kl"], whole[key]["window_kl"])) < 1e-6
+    with pytest.raises(LayerwiseError, match="schedule names block 9"):
+        run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, schedule=[0, 9], streaming=True, progress=False)
+
+
 def test_streamed_eval_of_the_base_alone():
     whole = run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, progress=False)
     parts = run_eval(STORIES, data=EVALUATION_TEXT, tokens=1024, streaming=True, progress=False)

@@ -48,3 +48,40 @@ def test_awq_is_never_worse_than_rounding_on_its_inputs():
     assert output_error(weight, awq.dequantize(), inputs) <= output_error(weight, rtn, inputs)
     assert awq.channel_scale.shape == (64,)
     assert awq.n_bits == quantize_weight(weight, config).n_bits + 16 * 64
+
+
+def test_linears_that_read_the_same_input_share_their_statistics(stories):
+    """q/k/v and gate/up are handed one tensor each: one Hessian (and AWQ sample) per group, equal
+    to the bit to what each linear gathers alone; o and down keep their own."""
+    from layerwise.engine.hooks import scoped_hooks
+    from layerwise.quant.linear import gather_inputs, input_statistics_hooks
+
+    model = stories.model
+    names = [f"model.layers.1.{role}" for role in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                   "mlp.down_proj")]
+    stats, register = input_statistics_hooks(model, {name: {"gptq", "awq"} for name in names})
+    alone = {(name, algorithm): [] for name in names for algorithm in ("gptq", "awq")}
+
+    def register_alone(handles: list) -> None:  # each linear for itself, as before the sharing
+        from layerwise.quant.linear import InputStats
+
+        for key in alone:
+            alone[key] = InputStats()
+            handles.append(model.get_submodule(key[0]).register_forward_pre_hook(
+                lambda module, args, key=key: gather_inputs(alone[key], args[0], key[1])))
+
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), scoped_hooks(register), scoped_hooks(register_alone):
+        for batch in ids.split(2):  # two batches: shared sums stay shared
+            model(input_ids=batch, use_cache=False)
+    gptq = {name: stats[name, "gptq"] for name in names}
+    assert gptq[names[0]] is gptq[names[1]] is gptq[names[2]] and gptq[names[4]] is gptq[names[5]]
+    assert len({id(value) for value in gptq.values()}) == 4
+    for (name, algorithm), own in alone.items():
+        shared = stats[name, algorithm]
+        assert shared.rows == own.rows == 4 * 64
+        if algorithm == "gptq":
+            assert torch.equal(shared.hessian, own.hessian), name
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(shared.sample, own.sample)), name

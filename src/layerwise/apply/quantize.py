@@ -15,7 +15,7 @@ import torch
 
 from layerwise.apply.storage import StoredModules
 from layerwise.data.windows import TokenWindows
-from layerwise.engine.hooks import BlockCall, run_batches, run_block, scoped_hooks
+from layerwise.engine.hooks import BlockCall, advance_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import call_arguments
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import block_linears, blocks_of, has_experts, linear_weight
@@ -24,7 +24,7 @@ from layerwise.models.streaming import by_part, held, write_linear
 from layerwise.plan.plan import Plan
 from layerwise.prune.depth import dropped_modules, drop_units_, parse_unit
 from layerwise.quant.config import QuantConfig
-from layerwise.quant.linear import InputStats, gather_inputs, quantize_linear
+from layerwise.quant.linear import InputStats, input_statistics_hooks, quantize_linear
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.memory import trim_freed_memory
 from layerwise.util.progress import progress_bars
@@ -114,7 +114,6 @@ def quantize_(
     if needs_data and calibration is None:
         raise LayerwiseError("GPTQ and AWQ need calibration text (--calib)")
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
-    modules = {name: model.get_submodule(name) for name in targets}
     result: dict[str, QTensor] = {}
     spilled = StoredModules(directory=spill_to) if streamed is not None else None
 
@@ -128,17 +127,13 @@ def quantize_(
         task = bars.add_task("quantizing", total=len(targets))
         if needs_data:
             per_batch = block_inputs(loaded, calibration, batch_size)
-            hidden = [calls[0].h_in for calls in per_batch]
+            hidden = take_first_inputs(per_batch)
             for index, block in enumerate(blocks_of(model, adapter)):
                 prefix = f"{adapter.blocks}.{index}."
                 names = [name for name in targets if name.startswith(prefix)]
                 data_names = [name for name in names if targets[name].algorithm != "rtn"]
-                stats = {name: InputStats() for name in data_names}
-
-                def register(handles: list) -> None:
-                    for name in data_names:
-                        handles.append(modules[name].register_forward_pre_hook(
-                            lambda mod, args, name=name: gather_inputs(stats[name], args[0], targets[name])))
+                stats, register = input_statistics_hooks(model, {name: {targets[name].algorithm}
+                                                                 for name in data_names})
 
                 with held(streamed, prefix[:-1]):
                     if data_names:
@@ -150,10 +145,11 @@ def quantize_(
                             # The statistics pass's activations, or the last linear's column loop,
                             # left pieces in the heap: returned before GPTQ's float64 factorization.
                             trim_freed_memory()
-                        result[name] = _quantize_module(loaded, name, targets[name], stats.pop(name, None),
+                        result[name] = _quantize_module(loaded, name, targets[name],
+                                                        stats.pop((name, targets[name].algorithm), None),
                                                         importance.get(name))
                         bars.advance(task)
-                    hidden = run_batches(block, per_batch, hidden, index)
+                    hidden = advance_batches(block, per_batch, hidden, index)
                 spill(names)
         done = set(result) | set(spilled or ())
         for part, names in by_part(streamed, [name for name in targets if name not in done]):

@@ -157,6 +157,23 @@ def run_batches(block: nn.Module, calls: list[list[BlockCall]], hidden: list[tor
     return [run_block(block, batch[index], state) for batch, state in zip(calls, hidden)]
 
 
+def advance_batches(block: nn.Module, calls: list[list[BlockCall]], hidden: list[torch.Tensor],
+                    index: int) -> list[torch.Tensor]:
+    """`run_batches` for a caller done with the inputs: each batch's output takes its input's place
+    in `hidden` (returned) as soon as it is made, so inputs and outputs are never all in memory."""
+    for b, batch in enumerate(calls[:len(hidden)]):
+        hidden[b] = run_block(block, batch[index], hidden[b])
+    return hidden
+
+
+def take_first_inputs(calls: list[list[BlockCall]]) -> list[torch.Tensor]:
+    """The first block's input of every batch, taken out of `calls` (which then no longer hold it)."""
+    hidden = [batch[0].h_in for batch in calls]
+    for batch in calls:
+        batch[0].h_in = None
+    return hidden
+
+
 @contextlib.contextmanager
 def zero_output(*modules: nn.Module) -> Iterator[None]:
     """Make the modules contribute nothing: each one's output (or first output) is replaced by zeros."""

@@ -7,16 +7,18 @@ input and call arguments (masks, rotary embeddings), and a variant runs only fro
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from layerwise.engine.divergence import Reference, kl_per_token
-from layerwise.engine.hooks import BlockCall, hidden_arg, run_block, scoped_hooks, zero_output
+from layerwise.engine.hooks import BlockCall, advance_batches, hidden_arg, run_block, scoped_hooks, zero_output
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import block_layout, blocks_of, delta_modules, first_tensor, hidden_to_logits
+from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import held
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")
@@ -170,6 +172,25 @@ def passed_through(blocks: nn.ModuleList):
                 del block.forward
             else:
                 block.forward = forward
+
+
+@torch.no_grad()
+def last_block_outputs(loaded: LoadedModel, calls: list[list[BlockCall]], order: Sequence[int] | None = None, *,
+                       hidden: list[torch.Tensor] | None = None,
+                       after_block: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """The last block's output per batch (`calls` from `call_arguments`; the first block's inputs
+    `hidden`, else those `calls` hold), each block held once for all batches (read once when
+    streamed), the blocks run in `order` (indices may repeat or be left out; default: the
+    model's own). A block keeps the call arguments it has in the model's order wherever it runs
+    (its attention type, its mask). A list given as `hidden` is consumed (outputs replace it)."""
+    blocks = blocks_of(loaded.model, loaded.adapter)
+    hidden = [batch[0].h_in for batch in calls] if hidden is None else hidden
+    for index in range(len(blocks)) if order is None else order:
+        with held(loaded.streamed, f"{loaded.adapter.blocks}.{index}"):
+            hidden = advance_batches(blocks[index], calls, hidden, index)
+        if after_block is not None:
+            after_block()
+    return hidden
 
 
 @torch.no_grad()

@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
-from layerwise.engine.replay import HEAD_CHUNK_ELEMENTS, final_hidden, head_chunks
+from layerwise.engine.hooks import take_first_inputs
+from layerwise.engine.replay import (HEAD_CHUNK_ELEMENTS, call_arguments, final_hidden, head_chunks,
+                                    last_block_outputs)
 from layerwise.models.layout import hidden_to_logits
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import has_overrides, held, held_unless_sliced
@@ -118,15 +120,16 @@ def evaluate(loaded: LoadedModel, base: BaseOutputs, *, progress: bool = True) -
 
 
 @torch.no_grad()
-def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: int = 4,
-                     variant: Callable[[], contextlib.AbstractContextManager] | None = contextlib.nullcontext,
-                     progress: bool = True) -> tuple[Quality, Quality | None]:
+def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, compare: bool = True,
+                     order: Sequence[int] | None = None, progress: bool = True) -> tuple[Quality, Quality | None]:
     """For a streamed model (`load_model(streaming=True)`): the quality of the base model (its
-    checkpoint as it is) and of the model with its overrides (quantized weights), run inside
-    `variant()`, against it, as `base_outputs` and `evaluate` measure them. Both run a batch at a
-    time to the last block; the head is applied a window and a chunk of positions at a time, so
-    no distribution outlives its window (no stored references, no second model). With
-    `variant=None`, only the base model runs (and None stands for the other quality)."""
+    checkpoint as it is) and of the model with its overrides (quantized weights) and its blocks
+    run in `order` (as `prune.depth.schedule` runs them; default: the model's own), against it,
+    as `base_outputs` and `evaluate` measure them. Each runs block by block, a block read once
+    for all windows and run on one window at a time (a batch of windows would only add
+    activations); the head is then applied a window and a chunk of positions at a time, so no
+    distribution outlives its chunk (no stored references, no second model). With
+    `compare=False`, only the base model runs (and None stands for the other quality)."""
     streamed, model, adapter = loaded.streamed, loaded.model, loaded.adapter
     base_nll, nll, window_kl, token_kl, agree_total = [], [], [], [], 0.0
     positions = windows.input_ids.shape[1] - 1
@@ -136,51 +139,59 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, batch_size: 
     # Unless the variant quantized the head (an override), base and variant run through the
     # checkpoint's head together: held for a window, or read a slice at a time for each chunk.
     head_as_stored = not has_overrides(streamed, adapter.lm_head)
+    passes = [None, (order or range(loaded.n_blocks))] if compare else [None]
     with progress_bars(progress) as bars:
-        task = bars.add_task("base and quantized", total=len(windows.input_ids))
-        for batch in windows.batches(batch_size):
-            batch = batch.to(loaded.input_device)
-            with streamed.original():
-                base_final = final_hidden(model, adapter, batch)
-            if variant is not None:
-                with variant():
-                    final = final_hidden(model, adapter, batch)
-            for window in range(len(batch)):
-                targets = batch[window, 1:]
-                base_total = total_nll = total_kl = 0.0
-                # Base and variant a chunk of positions at a time, side by side: the head and one
-                # chunk's distributions are all that exist beside the blocks' outputs.
-                with held_unless_sliced(streamed, adapter.lm_head) if head_as_stored else contextlib.nullcontext():
-                    for start, stop in chunks:
-                        if head_as_stored:  # one application (one read of a sliced head) for both
-                            states = base_final[window, start:stop]
-                            if variant is not None:
-                                states = torch.cat([states, final[window, start:stop]])
-                            both = hidden_to_logits(model, adapter, states)
-                            base_logits, logits = both[:stop - start], both[stop - start:]
-                        else:
-                            with streamed.original():
-                                base_logits = hidden_to_logits(model, adapter, base_final[window, start:stop])
-                        base_total += _nll_sum(base_logits, targets[start:stop])
-                        if variant is None:
-                            continue
-                        reference = Reference.from_logits(base_logits, store=torch.float16)
-                        if not head_as_stored:  # the quantized head, decoded for this chunk
-                            with held(streamed, adapter.lm_head):
-                                logits = hidden_to_logits(model, adapter, final[window, start:stop])
-                        total_nll += _nll_sum(logits, targets[start:stop])
-                        token_kl.append(kl_per_token(reference, logits).float().cpu())
-                        total_kl += token_kl[-1].double().sum().item()
-                        agree_total += top1_agreement(reference, logits).double().sum().item()
-                base_nll.append(base_total)
-                bars.advance(task)
-                if variant is not None:
-                    nll.append(total_nll)
-                    window_kl.append(total_kl / positions)
+        task = bars.add_task("base and quantized", total=sum(len(p or range(loaded.n_blocks)) for p in passes)
+                             + len(windows.input_ids))
+
+        def one_pass(blocks: Sequence[int] | None) -> list[torch.Tensor]:
+            # Call arguments are made afresh for each pass (the embedding alone runs: the base's or
+            # the variant's), so that no first block's input is kept beside the outputs.
+            calls = [call_arguments(model, adapter, window.to(loaded.input_device)) for window in windows.batches(1)]
+            return last_block_outputs(loaded, calls, blocks, hidden=take_first_inputs(calls),
+                                      after_block=lambda: bars.advance(task))
+
+        with streamed.original():
+            base_final = one_pass(None)
+        if compare:
+            final = one_pass(order)
+        for window, (base_state, state) in enumerate(zip(base_final, final if compare else base_final)):
+            base_state, state = base_state[0], state[0]
+            targets = windows.input_ids[window, 1:].to(base_state.device)
+            base_total = total_nll = total_kl = 0.0
+            # Base and variant a chunk of positions at a time, side by side: the head and one
+            # chunk's distributions are all that exist beside the blocks' outputs.
+            with held_unless_sliced(streamed, adapter.lm_head) if head_as_stored else contextlib.nullcontext():
+                for start, stop in chunks:
+                    if head_as_stored:  # one application (one read of a sliced head) for both
+                        states = base_state[start:stop]
+                        if compare:
+                            states = torch.cat([states, state[start:stop]])
+                        both = hidden_to_logits(model, adapter, states)
+                        base_logits, logits = both[:stop - start], both[stop - start:]
+                    else:
+                        with streamed.original():
+                            base_logits = hidden_to_logits(model, adapter, base_state[start:stop])
+                    base_total += _nll_sum(base_logits, targets[start:stop])
+                    if not compare:
+                        continue
+                    reference = Reference.from_logits(base_logits, store=torch.float16)
+                    if not head_as_stored:  # the quantized head, decoded for this chunk
+                        with held(streamed, adapter.lm_head):
+                            logits = hidden_to_logits(model, adapter, state[start:stop])
+                    total_nll += _nll_sum(logits, targets[start:stop])
+                    token_kl.append(kl_per_token(reference, logits).float().cpu())
+                    total_kl += token_kl[-1].double().sum().item()
+                    agree_total += top1_agreement(reference, logits).double().sum().item()
+            base_nll.append(base_total)
+            bars.advance(task)
+            if compare:
+                nll.append(total_nll)
+                window_kl.append(total_kl / positions)
     count = positions * len(base_nll)
     base = Quality(math.exp(sum(base_nll) / count), 0.0, 1.0, count, (0.0,) * len(base_nll), tuple(base_nll),
                    (positions,) * len(base_nll))
-    if variant is None:
+    if not compare:
         return base, None
     return base, Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
                          tuple(window_kl), tuple(nll), (positions,) * len(nll), *_tail(token_kl))

@@ -40,9 +40,10 @@ def run_eval(
     Evaluation uses the first `tokens` of `data` in non-overlapping windows; text used for
     calibration is refused. With `schedule` (block indices, skips and repeats allowed), the
     model runs its blocks in that order instead (no weights written), and is judged against
-    the model as it is. With `streaming`, one block at a time is read from disk, and the base
-    and quantized models run side by side a batch at a time (`compare_streamed`); None streams
-    only a model that would not fit in memory."""
+    the model as it is. With `streaming`, one block at a time is read from disk: the base and
+    quantized models each run block by block over all windows, one window at a time
+    (`batch_size` applies in memory only), then side by side at the head (`compare_streamed`);
+    None streams only a model that would not fit in memory."""
     if quantized is not None and plan is not None:
         raise LayerwiseError("pass either --quantized or --plan, not both")
     loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
@@ -70,7 +71,7 @@ def run_eval(
             print(f"warning: {warning}", file=sys.stderr)
     if loaded.streamed is not None:
         loaded.set_tokenizer_aside()  # the text is tokenized; streamed, every MB left counts
-    from layerwise.prune.depth import schedule as run_in_order
+    from layerwise.prune.depth import check_schedule, schedule as run_in_order
 
     def variant() -> contextlib.AbstractContextManager:
         return run_in_order(loaded, schedule) if schedule is not None else contextlib.nullcontext()
@@ -90,8 +91,8 @@ def run_eval(
         report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
     compared = stored is not None or plan is not None or schedule is not None
     if streaming:
-        base_quality, quality = compare_streamed(loaded, windows, batch_size=batch_size,
-                                                 variant=variant if compared else None, progress=progress)
+        order = None if schedule is None else check_schedule(schedule, loaded.n_blocks)
+        base_quality, quality = compare_streamed(loaded, windows, compare=compared, order=order, progress=progress)
     else:
         base_quality = base.quality
         if compared:

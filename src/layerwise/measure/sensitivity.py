@@ -35,7 +35,7 @@ from layerwise.plan.table import SensitivityTable, domain_means, edge_config, ta
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.imatrix import importance_digest
-from layerwise.quant.linear import InputStats, gather_inputs, quantize_linear
+from layerwise.quant.linear import InputStats, input_statistics_hooks, quantize_linear
 from layerwise.quant.qtensor import storage_bits
 from layerwise.quant.size import size_report
 from layerwise.util.files import read_artifact, write_text_atomic
@@ -54,21 +54,9 @@ class _BaseRun:
 
 
 def _statistics_hooks(model, modules: list[str], algorithms: set[str]):
-    """Empty GPTQ/AWQ input statistics of `modules`, and the hook registration that fills them."""
-    stats = {(name, algorithm): InputStats() for name in modules for algorithm in algorithms}
-    probe = {algorithm: QuantConfig(algorithm=algorithm, group_size=None) for algorithm in algorithms}
-
-    def gather(name: str):
-        def hook(module, args) -> None:
-            for algorithm in algorithms:
-                gather_inputs(stats[name, algorithm], args[0], probe[algorithm])
-        return hook
-
-    def register(handles: list) -> None:
-        for name in modules if algorithms else ():
-            handles.append(model.get_submodule(name).register_forward_pre_hook(gather(name)))
-
-    return stats, register
+    """Empty GPTQ/AWQ input statistics of `modules` ((module, algorithm) -> statistics, shared
+    by linears that read the same input), and the hook registration that fills them."""
+    return input_statistics_hooks(model, {name: set(algorithms) for name in modules} if algorithms else {})
 
 
 @torch.no_grad()
@@ -260,6 +248,17 @@ def entry_passes(loaded: LoadedModel, unit: Unit) -> float:
     return blocks_to_head(loaded.n_blocks, unit.block, head) / (loaded.n_blocks + head)
 
 
+def runs_block_major(loaded: LoadedModel, estimator: str, edges: bool) -> bool:
+    """Whether a table runs a block's entries together and sums KL over head slices
+    (`measure.streamed`): always when streamed, and in memory for a measured table, which then
+    keeps no input of every block and no base distributions (those take 2 GB for 4096 positions of
+    a 128k vocabulary). Tables with the embedding and head as units (`edges`), estimated tables and
+    heads other than a plain linear replay each entry from every block's cached inputs instead."""
+    from layerwise.measure.streamed import plain_head
+
+    return loaded.streamed is not None or (estimator == "measured" and not edges and plain_head(loaded))
+
+
 @torch.no_grad()
 def measure_sensitivity(
     loaded: LoadedModel,
@@ -299,6 +298,7 @@ def measure_sensitivity(
         from layerwise.measure.streamed import refuse_what_streaming_lacks
 
         refuse_what_streaming_lacks(estimator=method.name, edges=edges)
+    block_major = runs_block_major(loaded, method.name, edges)
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:
@@ -314,7 +314,7 @@ def measure_sensitivity(
     _check_some_option_fits(units, configs, modules)
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
-    base = None if streaming else base_pass(loaded, calibration, block_modules(units), algorithms, batch_size,
+    base = None if block_major else base_pass(loaded, calibration, block_modules(units), algorithms, batch_size,
                                             statistics)
     statistics_record = statistics.describe() if statistics is not None and algorithms else None
 
@@ -339,7 +339,7 @@ def measure_sensitivity(
     with progress_bars(progress) as bars:
         task = bars.add_task(f"sensitivity ({method.name}{', streamed' if streaming else ''})",
                              total=len(units) * len(configs), completed=done * len(configs))
-        if streaming:
+        if block_major:
             from layerwise.measure.streamed import measure_entries
 
             def record(u: int, o: int, values: np.ndarray | None, bits: float | None, why: str | None,

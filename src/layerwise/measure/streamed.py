@@ -1,20 +1,22 @@
-"""The sensitivity table and whole-plan KLs of a streamed model (issue 17): one block's weights in
-memory at a time, and no vocabulary-wide distributions kept.
+"""The measured sensitivity table (streamed or in memory) and the whole-plan KLs of a streamed
+model (issue 17): one block's weights in memory at a time when streamed, and no input of every
+block and no vocabulary-wide distributions kept either way.
 
-In memory, every entry of the table re-runs blocks b..L-1 from block b's cached input, and every
-plan of the never-worse check runs all blocks, each block's weights at hand. Streamed, that
-would read a block from the checkpoint for every entry and batch. Here the entries whose unit
-lies in block b run together instead: block b is read once for all of its units' options, each
-later block once for all of their outputs, which wait in a scratch file between blocks
-(`TensorSlots`). Only the base model's current block input is kept (no input of every block), and
-GPTQ/AWQ statistics are gathered for one block at a time.
+Replayed (`measure.sensitivity`'s way for estimated tables), every entry re-runs blocks b..L-1
+from block b's cached input against stored base distributions: every block's inputs and a
+distribution per position stay in memory, and streamed, a block would be read from the
+checkpoint for every entry and batch. Here the entries whose unit lies in block b run together
+instead: block b is read once for all of its units' options, each later block once for all of
+their outputs, which wait in a scratch file between blocks (`TensorSlots`). Only the base
+model's current block input is kept, and GPTQ/AWQ statistics are gathered for one block at a
+time.
 
 The head is read a slice of vocabulary rows at a time, once per round of entries, and KL is
 summed over the slices: KL = sum p log p - sum p z + logsumexp(z) * sum p, with z the variant's
 logits, p the base model's probabilities (rounded as the in-memory reference stores them) and a
 running log-sum-exp, so no position's full distribution is ever in memory. The numbers are the
-in-memory ones up to float rounding (the same batches run through the same blocks; only the sums
-over the vocabulary are ordered otherwise).
+replayed ones up to float rounding (the same windows run through the same blocks; only the sums
+over the vocabulary are ordered otherwise: measured within 2e-7 nats on stories260K).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import torch
 from torch import nn
 
 from layerwise.data.windows import TokenWindows
-from layerwise.engine.hooks import BlockCall, run_batches, run_block, scoped_hooks
-from layerwise.engine.replay import call_arguments, removed_unit
+from layerwise.engine.hooks import BlockCall, advance_batches, run_batches, run_block, scoped_hooks, take_first_inputs
+from layerwise.engine.replay import call_arguments, last_block_outputs, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
 from layerwise.measure.sensitivity import _statistics_hooks
@@ -64,29 +66,26 @@ def refuse_what_streaming_lacks(*, allocator: str = "exact", searching: bool = F
 
 def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
     """What the streamed table and check cannot do yet, refused before any work."""
-    head = loaded.model.get_submodule(loaded.adapter.lm_head)
-    if type(head) is not nn.Linear:
+    if not plain_head(loaded):
         raise LayerwiseError(f"{what} on a streamed model needs a plain linear head; load it without --streaming")
 
 
-def calls_of(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
-    """Per batch, every block's call arguments and the first block's input (no block is loaded)."""
+def plain_head(loaded: LoadedModel) -> bool:
+    """Whether the head is a plain linear, which `SlicedKL` applies a slice of rows at a time."""
+    return type(loaded.model.get_submodule(loaded.adapter.lm_head)) is nn.Linear
+
+
+def calls_of(loaded: LoadedModel, windows: TokenWindows, batch_size: int = 1) -> list[list[BlockCall]]:
+    """Per batch, every block's call arguments and the first block's input (no block is loaded).
+    KL runs take a window per batch: each block is read once for all batches either way, so a
+    larger batch would only add activations. GPTQ/AWQ statistics take the in-memory run's batches
+    (`batch_size`), which sum to the same Hessians to the bit."""
     return [call_arguments(loaded.model, loaded.adapter, batch.to(loaded.input_device))
             for batch in windows.batches(batch_size)]
 
 
 def _part(loaded: LoadedModel, index: int) -> str:
     return f"{loaded.adapter.blocks}.{index}"
-
-
-@torch.no_grad()
-def last_block_outputs(loaded: LoadedModel, calls: list[list[BlockCall]]) -> list[torch.Tensor]:
-    """The base model's last block output per batch, each block read once for all batches."""
-    hidden = [batch[0].h_in for batch in calls]
-    for index, block in enumerate(blocks_of(loaded.model, loaded.adapter)):
-        with held(loaded.streamed, _part(loaded, index)):
-            hidden = run_batches(block, calls, hidden, index)
-    return hidden
 
 
 class SlicedKL:
@@ -124,7 +123,8 @@ class SlicedKL:
         """(weight rows, bias rows) of the head, a slice at a time: read from the checkpoint, or
         from the head held whole where it is not read in slices (a GGUF output tensor, a bias)."""
         streamed, path = self.loaded.streamed, self.loaded.adapter.lm_head
-        if path in streamed.sliced and self.head.bias is None and not has_overrides(streamed, path):
+        if streamed is not None and path in streamed.sliced and self.head.bias is None and \
+                not has_overrides(streamed, path):
             for start in range(0, self.vocab, self.step):
                 yield head_rows(streamed, path, start, min(self.vocab, start + self.step), self.head.weight.dtype), None
             return
@@ -261,7 +261,8 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                     batch_size: int, head: float,
                     record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
                     first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None) -> StreamedEntries:
-    """Every entry (unit u >= `first_unit`, option o) of the measured table of a streamed model:
+    """Every entry (unit u >= `first_unit`, option o) of the measured table (of a streamed model, or
+    of one in memory, whose blocks are then at hand):
     `record(u, o, per-window KL, stored bits, why skipped, block evaluations)` for each (counted
     as the in-memory table counts them), a block's entries at a time, then `block_done(units done)`."""
     refuse_unless_streamable(loaded, "the sensitivity table")
@@ -269,8 +270,8 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     blocks = blocks_of(model, adapter)
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
-    calls = calls_of(loaded, calibration, batch_size)
-    stat_calls = calls_of(loaded, statistics, batch_size) if statistics is not None and algorithms else None
+    calls = calls_of(loaded, calibration)
+    stat_calls = calls_of(loaded, statistics or calibration, batch_size) if algorithms else []
     kl = SlicedKL(loaded, last_block_outputs(loaded, calls), torch.float16)
     base_seconds = time.perf_counter() - started
     positions = sum(batch[0].h_in.shape[0] * (batch[0].h_in.shape[1] - 1) for batch in calls)
@@ -278,20 +279,19 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     for u, unit in enumerate(units):
         if u >= first_unit:
             by_block.setdefault(unit.block, []).append(u)
-    hidden = [batch[0].h_in for batch in calls]
-    stat_hidden = [batch[0].h_in for batch in stat_calls] if stat_calls is not None else None
-    shapes = [state.shape for state in hidden]
+    hidden, stat_hidden = take_first_inputs(calls), take_first_inputs(stat_calls)
+    shapes, device = [state.shape for state in hidden], hidden[0].device
     slots = TensorSlots([(shape[0] * shape[1], shape[2]) for shape in shapes], hidden[0].dtype)
 
     def put(slot: int, states: list[torch.Tensor]) -> None:
         slots.write(slot, [state.reshape(-1, state.shape[-1]) for state in states])
 
     def states_of(slot: int) -> list[torch.Tensor]:
-        return [state.reshape(shape) for state, shape in zip(slots.read(slot), shapes)]
+        return [state.reshape(shape).to(device) for state, shape in zip(slots.read(slot), shapes)]
 
     def rows_of(slot: int, part: int, window: int, start: int, stop: int) -> torch.Tensor:
         first = window * shapes[part][1]
-        return slots.read_rows(slot, part, first + start, first + stop)
+        return slots.read_rows(slot, part, first + start, first + stop).to(device)
 
     try:
         for index, block in enumerate(blocks):
@@ -302,8 +302,7 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
             with held(streamed, _part(loaded, index)):
                 if todo:
                     names = [name for u in todo for name in units[u].modules]
-                    stats = _statistics(model, block, names, algorithms, stat_calls or calls,
-                                        stat_hidden if stat_hidden is not None else hidden, index)
+                    stats = _statistics(model, block, names, algorithms, stat_calls, stat_hidden, index)
                     for u in todo:
                         for o, config in enumerate(configs):
                             outputs, bits = _entry_outputs(block, adapter, modules, units[u], config, stats,
@@ -312,9 +311,8 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                                 put(len(entries), outputs)
                                 entries.append((u, o, bits))
                     del stats
-                hidden = run_batches(block, calls, hidden, index)
-                if stat_hidden is not None:
-                    stat_hidden = run_batches(block, stat_calls, stat_hidden, index)
+                hidden = advance_batches(block, calls, hidden, index)
+                stat_hidden = advance_batches(block, stat_calls, stat_hidden, index)
             if entries:
                 for later in range(index + 1, len(blocks)):
                     with held(streamed, _part(loaded, later)):
@@ -372,11 +370,15 @@ class StreamedFitness:
         self.block_units: dict[int, list[int]] = {}
         for u, unit in enumerate(table.units):
             self.block_units.setdefault(unit.block, []).append(u)
-        self._calls = calls_of(loaded, windows, batch_size)
-        self.kl = SlicedKL(loaded, last_block_outputs(loaded, self._calls), torch.float32)
+        self._calls = calls_of(loaded, windows)
+        # The first block's inputs, read again for every plan checked, wait in a scratch file.
+        first = take_first_inputs(self._calls)
+        self._first = TensorSlots([tuple(state.shape) for state in first], first[0].dtype)
+        self._first.write(0, first)
+        self._device = first[0].device
+        self.kl = SlicedKL(loaded, last_block_outputs(loaded, self._calls, hidden=first), torch.float32)
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
-        self._stats = self._gather(algorithms, calls_of(loaded, statistics, batch_size)
-                                   if statistics is not None else self._calls)
+        self._stats = self._gather(algorithms, calls_of(loaded, statistics or windows, batch_size) if algorithms else [])
         # As `KLFitness` reports a search's compute: the check alone measures no search.
         self.base, self.calls, self.seconds = None, 0, 0.0
 
@@ -385,24 +387,26 @@ class StreamedFitness:
         spill, kept = TensorSpill(), {}
         if not algorithms:
             return spill, kept
-        hidden = [batch[0].h_in for batch in calls]
+        hidden = take_first_inputs(calls)
         for index, block in enumerate(blocks_of(self.loaded.model, self.loaded.adapter)):
             names = [name for u in self.block_units.get(index, []) for name in self.table.units[u].modules]
             with held(self.loaded.streamed, _part(self.loaded, index)):
+                spilled: dict[int, str] = {}  # linears that read the same input share statistics: one copy
                 for (name, algorithm), stats in _statistics(self.loaded.model, block, names, algorithms, calls,
                                                             hidden, index).items():
-                    if stats.hessian is not None:
-                        spill.add(f"{name}|{algorithm}", stats.hessian)
-                    kept[name, algorithm] = (stats.rows, stats.sample)
-                hidden = run_batches(block, calls, hidden, index)
+                    if stats.hessian is not None and id(stats) not in spilled:
+                        spilled[id(stats)] = f"{name}|{algorithm}"
+                        spill.add(spilled[id(stats)], stats.hessian)
+                    kept[name, algorithm] = (stats.rows, stats.sample, spilled.get(id(stats)))
+                hidden = advance_batches(block, calls, hidden, index)
         return spill, kept
 
     def _stats_of(self, name: str, algorithm: str) -> InputStats | None:
         spill, kept = self._stats
         if (name, algorithm) not in kept:
             return None
-        rows, sample = kept[name, algorithm]
-        hessian = spill.read(f"{name}|{algorithm}") if algorithm == "gptq" else None
+        rows, sample, key = kept[name, algorithm]
+        hessian = spill.read(key) if key is not None else None
         return InputStats(hessian=hessian, rows=rows, sample=sample)
 
     def forward_equivalents(self) -> float:
@@ -412,7 +416,7 @@ class StreamedFitness:
     def window_kl(self, choice: Sequence[int], base=None) -> np.ndarray:
         """Mean KL(base || model under `choice`) of every fitness window."""
         model, adapter, streamed = self.loaded.model, self.loaded.adapter, self.loaded.streamed
-        hidden = [batch[0].h_in for batch in self._calls]
+        hidden = [state.to(self._device) for state in self._first.read(0)]
         for index, block in enumerate(blocks_of(model, adapter)):
             with held(streamed, _part(self.loaded, index)):
                 decoded: dict[str, torch.Tensor | None] = {}
@@ -424,7 +428,7 @@ class StreamedFitness:
                             name, self.modules[name], used, self._stats_of(name, used.algorithm),
                             self.importance.get(name)).compact().dequantize()
                 with _weights_as(self.modules, decoded):
-                    hidden = run_batches(block, self._calls, hidden, index)
+                    hidden = advance_batches(block, self._calls, hidden, index)
                 del decoded
         normed = [self.kl.normed(state) for state in hidden]
         del hidden
@@ -435,3 +439,4 @@ class StreamedFitness:
 
     def __exit__(self, *exc) -> None:
         self._stats[0].close()
+        self._first.close()

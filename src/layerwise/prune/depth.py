@@ -108,6 +108,18 @@ def _set_depth(model: nn.Module, adapter: Adapter, blocks: list[nn.Module], laye
             pass
 
 
+def check_schedule(order: Sequence[int], n_blocks: int) -> list[int]:
+    """`order` as a list, refused unless it names at least one block and only blocks there are."""
+    order = list(order)
+    if not order:
+        raise LayerwiseError("a schedule needs at least one block index")
+    for index in order:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_blocks:
+            raise LayerwiseError(f"schedule names block {index!r}, which this model does not have "
+                                 f"(blocks 0..{n_blocks - 1})")
+    return order
+
+
 @contextlib.contextmanager
 def schedule(loaded: LoadedModel, order: Sequence[int]) -> Iterator[None]:
     """Inside the block, the model runs its blocks in `order` (indices may repeat or be left out,
@@ -115,13 +127,7 @@ def schedule(loaded: LoadedModel, order: Sequence[int]) -> Iterator[None]:
     position keeps its block's attention type (sliding or global) where the config has them."""
     model, adapter = loaded.model, loaded.adapter
     blocks = list(blocks_of(model, adapter))
-    order = list(order)
-    if not order:
-        raise LayerwiseError("a schedule needs at least one block index")
-    for index in order:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks):
-            raise LayerwiseError(f"schedule names block {index!r}, which this model does not have "
-                                 f"(blocks 0..{len(blocks) - 1})")
+    order = check_schedule(order, len(blocks))
     layer_types = getattr(model.config, "layer_types", None)
     use_cache = getattr(model.config, "use_cache", None)
     _set_depth(model, adapter, [blocks[i] for i in order], [layer_types[i] for i in order] if layer_types else None)
