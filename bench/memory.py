@@ -12,8 +12,8 @@ also given as a ratio to the in-memory run of the same command (`seconds_x_memor
 against issue 17's target (`target_bytes`, `meets_target`): above the floor at most 0.3x the
 float32 model plus the hidden states of the command's tokens at one block (float32).
 
-    python bench/memory.py                     # both models, about 2 hours on 2 cores
-    python bench/memory.py --models SmolLM2-135M --skip "plan,plan (table reused)"    # the rest: about 20 minutes
+    python bench/memory.py                     # both models, about 50 minutes on 2 cores
+    python bench/memory.py --models SmolLM2-135M --skip "plan,plan (table reused)"    # the rest: about 10 minutes
     python bench/memory.py --models stories260K    # 4 minutes
 """
 from __future__ import annotations

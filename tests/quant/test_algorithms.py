@@ -1,6 +1,7 @@
 """GPTQ and AWQ on synthetic layers with correlated inputs, where the answer is known to improve."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from layerwise.quant import QuantConfig, gptq_quantize, quantize_weight
@@ -85,3 +86,10 @@ def test_linears_that_read_the_same_input_share_their_statistics(stories):
             assert torch.equal(shared.hessian, own.hessian), name
         else:
             assert all(torch.equal(a, b) for a, b in zip(shared.sample, own.sample)), name
+    # A linear that shared its input and is then handed another tensor is refused, not mixed in.
+    from layerwise import LayerwiseError
+
+    with torch.no_grad(), scoped_hooks(register):
+        model.get_submodule(names[0])(torch.randn(1, 4, 64))
+        with pytest.raises(LayerwiseError, match="shared its input"):
+            model.get_submodule(names[1])(torch.randn(1, 4, 64))

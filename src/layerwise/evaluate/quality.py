@@ -139,10 +139,9 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, compare: boo
     # Unless the variant quantized the head (an override), base and variant run through the
     # checkpoint's head together: held for a window, or read a slice at a time for each chunk.
     head_as_stored = not has_overrides(streamed, adapter.lm_head)
-    passes = [None, (order or range(loaded.n_blocks))] if compare else [None]
+    block_runs = loaded.n_blocks + ((loaded.n_blocks if order is None else len(order)) if compare else 0)
     with progress_bars(progress) as bars:
-        task = bars.add_task("base and quantized", total=sum(len(p or range(loaded.n_blocks)) for p in passes)
-                             + len(windows.input_ids))
+        task = bars.add_task("base and quantized", total=block_runs + len(windows.input_ids))
 
         def one_pass(blocks: Sequence[int] | None) -> list[torch.Tensor]:
             # Call arguments are made afresh for each pass (the embedding alone runs: the base's or

@@ -378,7 +378,8 @@ class StreamedFitness:
         self._device = first[0].device
         self.kl = SlicedKL(loaded, last_block_outputs(loaded, self._calls, hidden=first), torch.float32)
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
-        self._stats = self._gather(algorithms, calls_of(loaded, statistics or windows, batch_size) if algorithms else [])
+        stat_calls = calls_of(loaded, statistics or windows, batch_size) if algorithms else []
+        self._stats = self._gather(algorithms, stat_calls)
         # As `KLFitness` reports a search's compute: the check alone measures no search.
         self.base, self.calls, self.seconds = None, 0, 0.0
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from layerwise.errors import LayerwiseError
 from layerwise.models.layout import linear_weight
 from layerwise.quant.awq import awq_quantize
 from layerwise.quant.config import QuantConfig
@@ -43,7 +45,8 @@ def gather_inputs(stats: InputStats, x: torch.Tensor, algorithm: str) -> None:
     stats.rows += len(x)
 
 
-def input_statistics_hooks(model: nn.Module, wanted: dict[str, set[str]]):
+def input_statistics_hooks(model: nn.Module, wanted: dict[str, set[str]]
+                           ) -> tuple[dict[tuple[str, str], InputStats], Callable[[list], None]]:
     """Empty input statistics for each (linear, algorithm) of `wanted` (linear name -> "gptq" and
     or "awq"), and the hook registration (for `scoped_hooks`) that fills them on forward passes.
     Linears that are handed the very same input tensor one after another (q/k/v, gate/up) share one
@@ -51,6 +54,7 @@ def input_statistics_hooks(model: nn.Module, wanted: dict[str, set[str]]):
     instead of 7), the numbers those linears would each have gathered to the bit."""
     stats = {(name, algorithm): InputStats() for name, algorithms in wanted.items() for algorithm in algorithms}
     last: dict = {"input": None, "name": None}  # the previous hooked linear's input (a weak reference)
+    shares: set[tuple[str, str]] = set()  # (linear, algorithm) whose statistics are another's
 
     def gather(name: str):
         def hook(module, args) -> None:
@@ -61,8 +65,12 @@ def input_statistics_hooks(model: nn.Module, wanted: dict[str, set[str]]):
                 mine, theirs = stats[name, algorithm], stats.get((owner, algorithm))
                 if theirs is mine:
                     continue  # shared since an earlier batch
+                if (name, algorithm) in shares:
+                    raise LayerwiseError(f"{name} shared its input with the linear before it in an earlier batch, "
+                                         "not in this one: its statistics cannot be told apart")
                 if theirs is not None and mine.rows == 0:
                     stats[name, algorithm] = theirs  # the same input as the linear before: its sums
+                    shares.add((name, algorithm))
                     continue
                 gather_inputs(mine, x, algorithm)
             last["input"], last["name"] = weakref.ref(x), name
