@@ -7,7 +7,7 @@ model bench/robust.py's saved table belongs to), with settings a new user would 
 transformers and the model family's code (its config read and its modules built on the meta device,
 no weights) take a few hundred MB before any weight is read; the `floor` row measures that in the
 same way, and `above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
-that streams (load, profile, plan, quantize, eval: `--streaming`) runs again in mode "streaming", its time
+that streams (load, profile, plan, quantize, eval, export: `--streaming`) runs again in mode "streaming", its time
 also given as a ratio to the in-memory run of the same command (`seconds_x_memory`), and set
 against issue 17's target (`target_bytes`, `meets_target`): above the floor at most 0.3x the
 float32 model plus the hidden states of the command's tokens at one block (float32).
@@ -49,12 +49,13 @@ FLOOR = ("peak of a process that imports torch, transformers and layerwise, read
          "builds its modules on the meta device (no weights): code and fixed costs, which do not grow with the model")
 
 # Commands that take --streaming (the rest refuse a streamed model).
-STREAMING = ("load", "profile", "plan", "plan (table reused)", "quantize (gptq)", "eval")
+STREAMING = ("load", "profile", "plan", "plan (table reused)", "quantize (gptq)", "eval", "export (compressed-tensors)")
 # Tokens each command runs at once (as in `commands`; a plan's never-worse check runs 4096 by
 # default, more than its table's 1024): the issue's streaming target allows 0.3x the float32 model
 # plus "the calibration activations of one block", read here strictly as those tokens' hidden
 # states at one block's input, in float32 (not the block's working memory on a batch).
-TOKENS = {"profile": 1024, "plan": 4096, "plan (table reused)": 4096, "quantize (gptq)": 4096, "eval": 4096}
+TOKENS = {"profile": 1024, "plan": 4096, "plan (table reused)": 4096, "quantize (gptq)": 4096, "eval": 4096,
+          "export (compressed-tensors)": 0}  # the plan rounds to nearest: no calibration text
 TARGET_X_FP32 = 0.3
 
 

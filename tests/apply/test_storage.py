@@ -215,3 +215,16 @@ def test_the_whole_file_matches_the_predicted_size_on_a_bigger_layer(config, tmp
     file_bytes = (tmp_path / "qweights.safetensors").stat().st_size
     assert file_bytes == pytest.approx(q.n_bits / 8, rel=0.02)
     assert file_bytes < 0.3 * weight.numel() * 2  # int16 codes alone would be 2 bytes a weight
+
+
+def test_a_tensor_given_in_pieces_of_rows_is_stored_as_a_whole_one():
+    weight = torch.arange(35, dtype=torch.float32).reshape(7, 5)
+    spill = TensorSpill()
+    spill.add("whole", weight)
+    spill.add_rows("rows", weight.dtype, tuple(weight.shape), iter(weight.split(3)))
+    assert torch.equal(spill.read("rows"), weight) and torch.equal(spill.read("whole"), weight)
+    with pytest.raises(LayerwiseError, match="pieces of 6 rows for a tensor of 7"):
+        spill.add_rows("short", weight.dtype, tuple(weight.shape), iter(weight[:6].split(3)))
+    with pytest.raises(LayerwiseError, match="another dtype or width"):
+        spill.add_rows("wide", weight.dtype, (7, 4), iter(weight.split(3)))
+    spill.close()

@@ -16,10 +16,14 @@ fused (gpt-oss) are refused.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -29,9 +33,10 @@ from layerwise.models.adapters import expert_of
 from layerwise.models.experts import fused_experts
 from layerwise.models.layout import block_linears
 from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import head_rows, head_step, held
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder
-from layerwise.util.tensor_files import save_safetensors
+from layerwise.util.tensor_files import TensorSpill
 
 
 def check_plan_representable(targets: dict) -> None:
@@ -132,33 +137,104 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
         _check_representable(name, q)
         groups[(q.config.bits, q.config.group_size, expert_of(name) >= 0)].append(name)
 
-    from transformers.core_model_loading import revert_weight_conversion
-
     names = checkpoint_names(loaded, list(stored))
     stored_as = {names[name] for name in stored}
-    tensors: dict[str, torch.Tensor] = {}
-    with fused_experts(loaded.model, loaded.adapter):
-        state = revert_weight_conversion(loaded.model, loaded.model.state_dict())
-    for key, value in state.items():
-        module = key.rsplit(".", 1)[0]
-        if module in stored_as and key.endswith(".weight"):
-            continue
-        tensors[key] = value.detach().contiguous().cpu()
-    planned_bytes = 0
-    for name, q in stored.items():
-        codes = q.codes.to(torch.int8).cpu()
-        scale = q.params["scale"].reshape(q.shape[0], -1).to(torch.float16).cpu()
-        target = names[name]
-        tensors[f"{target}.weight_packed"] = pack_to_int32(codes, q.config.bits).contiguous()
-        tensors[f"{target}.weight_scale"] = scale.contiguous()
-        tensors[f"{target}.weight_shape"] = torch.tensor(q.shape, dtype=torch.int64)
-        planned_bytes += tensors[f"{target}.weight_packed"].numel() * 4 + scale.numel() * 2
     # Shared tensors (a tied LM head) are written once, as transformers does.
-    tied = [key for key in tensors if key.endswith("lm_head.weight")]
-    if tied and getattr(loaded.model.config, "tie_word_embeddings", False):
-        for key in tied:
-            del tensors[key]
+    tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
+    # Every tensor goes to a scratch file as it is made and the file is copied into place at the
+    # end: neither the unquantized tensors nor the packed codes are all in memory at once.
+    tensors = TensorSpill(directory=Path(out).resolve().parent)
+    planned_bytes = 0
+    try:
+        for key, value in _unquantized_tensors(loaded, tied):
+            if key.rsplit(".", 1)[0] in stored_as and key.endswith(".weight"):
+                continue
+            if isinstance(value, _Rows):
+                tensors.add_rows(key, value.dtype, value.shape, (piece.cpu() for piece in value.pieces()))
+            else:
+                tensors.add(key, value.detach().contiguous().cpu())
+        for name in stored:
+            q = stored[name]
+            codes = q.codes.to(torch.int8).cpu()
+            scale = q.params["scale"].reshape(q.shape[0], -1).to(torch.float16).cpu()
+            target = names[name]
+            packed = pack_to_int32(codes, q.config.bits).contiguous()
+            tensors.add(f"{target}.weight_packed", packed)
+            tensors.add(f"{target}.weight_scale", scale.contiguous())
+            tensors.add(f"{target}.weight_shape", torch.tensor(q.shape, dtype=torch.int64))
+            planned_bytes += packed.numel() * 4 + scale.numel() * 2
+            del q, codes, packed
+        config = _quantized_config(loaded, names, groups, compressed_tensors.__version__)
+        out = Path(out)
+        with atomic_folder(out) as scratch:
+            tensors.write_safetensors(scratch / "model.safetensors", metadata={"format": "pt"})
+            (scratch / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            loaded.tokenizer.save_pretrained(scratch)
+    finally:
+        tensors.close()
+    return {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir()),
+            "planned_tensor_bytes": planned_bytes, "config_groups": len(groups)}
 
+
+@dataclass(frozen=True)
+class _Rows:
+    """A streamed tensor given a slice of rows at a time (the embedding, the head): never whole."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: Callable[[], Iterator[torch.Tensor]]
+
+
+def _unquantized_tensors(loaded: LoadedModel, tied: bool) -> Iterator[tuple[str, torch.Tensor | _Rows]]:
+    """(checkpoint name, tensor) of every tensor of the model as it now is, in its state dict's
+    order (a tied head left out). Streamed, a part is held, its overrides (a dropped unit's
+    silenced projection) applied, while its tensors are taken, then let go; the embedding and an
+    untied head, as the checkpoint has them, come a slice of rows at a time."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model, streamed, adapter = loaded.model, loaded.streamed, loaded.adapter
+    head = f"{adapter.lm_head}.weight"
+    if streamed is None:
+        with fused_experts(model, adapter):
+            state = model.state_dict()
+            yield from revert_weight_conversion(model, {key: value for key, value in state.items()
+                                                        if not (tied and key == head)}).items()
+        return
+
+    def part_of(key: str) -> str | None:
+        return streamed.part_of(key.rsplit(".", 1)[0])
+
+    for part, group in itertools.groupby(model.state_dict(keep_vars=True), key=part_of):
+        keys = [key for key in group if not (tied and key == head)]
+        if not keys:
+            continue
+        if _in_rows(loaded, part, keys):
+            (key,) = keys
+            placeholder = model.get_parameter(key)
+            (name,) = revert_weight_conversion(model, {key: torch.zeros(1)})  # its name in the checkpoint
+            rows, dtype, step = placeholder.shape[0], placeholder.dtype, head_step(placeholder.shape[1])
+            yield name, _Rows(dtype, tuple(placeholder.shape), lambda part=part, rows=rows, dtype=dtype, step=step: (
+                head_rows(streamed, part, start, min(rows, start + step), dtype) for start in range(0, rows, step)))
+            continue
+        with held(streamed, part) if part is not None else contextlib.nullcontext():
+            current = model.state_dict(keep_vars=True) if part is None else \
+                streamed.parts[part].state_dict(prefix=f"{part}.", keep_vars=True)
+            yield from revert_weight_conversion(model, {key: current[key].detach() for key in keys}).items()
+
+
+def _in_rows(loaded: LoadedModel, part: str | None, keys: list[str]) -> bool:
+    """Whether a streamed part is the embedding or a head whose one weight the checkpoint gives
+    row by row as the model holds it (no override; the head: where a streamed head is sliced)."""
+    streamed = loaded.streamed
+    if part not in (loaded.adapter.embed, loaded.adapter.lm_head) or keys != [f"{part}.weight"]:
+        return False
+    if streamed.checkpoint_names[keys[0]] in streamed.overrides:
+        return False
+    return part == loaded.adapter.embed or part in streamed.sliced
+
+
+def _quantized_config(loaded: LoadedModel, names: dict[str, str], groups: dict[tuple[int, int | None, bool], list[str]],
+                      version: str) -> dict:
+    """config.json with its quantization_config: a config group per (bits, group size, experts)."""
     config = loaded.model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = {
@@ -171,18 +247,12 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
                           for index, ((bits, group, experts), members) in enumerate(sorted(groups.items(),
                                                                                key=lambda item: str(item[0])))},
         "ignore": [], "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
-        "global_compression_ratio": None, "version": compressed_tensors.__version__,
+        "global_compression_ratio": None, "version": version,
     }
-    out = Path(out)
-    with atomic_folder(out) as scratch:
-        save_safetensors(tensors, scratch / "model.safetensors", metadata={"format": "pt"})
-        (scratch / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        loaded.tokenizer.save_pretrained(scratch)
-    return {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir()),
-            "planned_tensor_bytes": planned_bytes, "config_groups": len(groups)}
+    return config
 
 
-@register_exporter("compressed-tensors", folder=True, check_targets=check_plan_representable,
+@register_exporter("compressed-tensors", folder=True, streams=True, check_targets=check_plan_representable,
                    description="packed int codes and fp16 scales per module (llm-compressor's pack-quantized), which "
                                "transformers and vLLM load")
 def write_compressed_tensors(job: ExportJob) -> dict:

@@ -45,9 +45,10 @@ def run_export(
     --imatrix` does (for --quantized, the importance matrix was given to `quantize`).
 
     `device` is where quantization runs (GGUF's byte packing runs in numpy on the CPU).
-    `streaming` quantizes one block at a time from disk (`load_model(streaming=True)`); GGUF only,
-    whose file is written from the stored codes and the source file's other tensors (None: a GGUF
-    export streams when the model would not fit in memory)."""
+    `streaming` quantizes one block at a time from disk (`load_model(streaming=True)`), for the
+    formats whose exporter writes from the stored codes and one part of the model at a time (GGUF:
+    with the source file's other tensors; compressed-tensors); None: such an export streams when
+    the model would not fit in memory."""
     exporter = exporter_named(format)
     if streaming and not exporter.streams:
         raise LayerwiseError(f"--streaming export writes {', '.join(n for n, e in EXPORTERS.items() if e.streams)} "

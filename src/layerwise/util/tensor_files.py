@@ -13,7 +13,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -55,6 +55,24 @@ class TensorSpill:
         self._file.write(memoryview(data))
         self._entries[key] = (tensor.dtype, tuple(tensor.shape), self._end, data.nbytes)
         self._end += data.nbytes
+
+    def add_rows(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: Iterable[torch.Tensor]) -> None:
+        """A tensor of `shape` given as consecutive pieces of its rows, none of them kept."""
+        if key in self._entries:
+            raise LayerwiseError(f"tensor {key} is already stored")
+        _dtype_name(key, dtype)
+        self._file.seek(self._end)
+        rows = 0
+        for piece in pieces:
+            if piece.dtype != dtype or tuple(piece.shape[1:]) != tuple(shape[1:]):
+                raise LayerwiseError(f"tensor {key}: a piece of another dtype or width than {dtype}, {shape}")
+            self._file.write(memoryview(_as_bytes(piece)))
+            rows += piece.shape[0]
+        if rows != shape[0]:
+            raise LayerwiseError(f"tensor {key}: pieces of {rows} rows for a tensor of {shape[0]}")
+        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        self._entries[key] = (dtype, tuple(shape), self._end, size)
+        self._end += size
 
     def read(self, key: str) -> torch.Tensor:
         dtype, shape, offset, size = self._entries[key]
