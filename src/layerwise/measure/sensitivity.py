@@ -250,13 +250,15 @@ def entry_passes(loaded: LoadedModel, unit: Unit) -> float:
 
 def runs_block_major(loaded: LoadedModel, estimator: str, edges: bool) -> bool:
     """Whether a table runs a block's entries together and sums KL over head slices
-    (`measure.streamed`): always when streamed, and in memory for a measured table, which then
-    keeps no input of every block and no base distributions (those take 2 GB for 4096 positions of
-    a 128k vocabulary). Tables with the embedding and head as units (`edges`), estimated tables and
-    heads other than a plain linear replay each entry from every block's cached inputs instead."""
+    (`measure.streamed`): always when streamed, and in memory for a measured table on the CPU,
+    which then keeps no input of every block and no base distributions (those take 2 GB for 4096
+    positions of a 128k vocabulary). Tables with the embedding and head as units (`edges`),
+    estimated tables, heads other than a plain linear and models on a GPU (where this way has not
+    been run yet) replay each entry from every block's cached inputs instead."""
     from layerwise.measure.streamed import plain_head
 
-    return loaded.streamed is not None or (estimator == "measured" and not edges and plain_head(loaded))
+    in_memory_ok = estimator == "measured" and not edges and plain_head(loaded) and loaded.input_device.type == "cpu"
+    return loaded.streamed is not None or in_memory_ok
 
 
 @torch.no_grad()

@@ -102,6 +102,7 @@ class SlicedKL:
         self.loaded, self.store = loaded, store
         self.norm = model.get_submodule(adapter.final_norm)
         self.finals = [self.normed(final) for final in finals]
+        self.device = finals[0].device  # where the sums run: beside the states and the head
         self.head = model.get_submodule(adapter.lm_head)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.vocab, width = self.head.weight.shape
@@ -160,14 +161,14 @@ class SlicedKL:
     def _base_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per position: the base logits' log-sum-exp (float32, as log_softmax rounds it), sum p
         log p and sum p over the stored probabilities (float64)."""
-        peak = torch.full((self.total,), -torch.inf, dtype=torch.float64)
-        summed = torch.zeros(self.total, dtype=torch.float64)
+        peak = torch.full((self.total,), -torch.inf, dtype=torch.float64, device=self.device)
+        summed = torch.zeros(self.total, dtype=torch.float64, device=self.device)
         for weight, bias in self._slices():
             for chunk in self.chunks:
                 _running_lse(peak, summed, chunk[4], self._base_logits(chunk, weight, bias))
         lse = (peak + summed.log()).float()
-        neg_entropy = torch.zeros(self.total, dtype=torch.float64)
-        mass = torch.zeros(self.total, dtype=torch.float64)
+        neg_entropy = torch.zeros(self.total, dtype=torch.float64, device=self.device)
+        mass = torch.zeros(self.total, dtype=torch.float64, device=self.device)
         for weight, bias in self._slices():
             for chunk in self.chunks:
                 logprobs, probs = self._base_distribution(chunk, weight, bias, lse)
@@ -180,9 +181,9 @@ class SlicedKL:
     def window_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor]) -> np.ndarray:
         """[variants, windows] mean KL per window; `rows_of(variant, batch, window, start, stop)`
         gives a variant's last block output at those positions, through the final norm (`normed`)."""
-        peak = torch.full((variants, self.total), -torch.inf, dtype=torch.float64)
-        summed = torch.zeros((variants, self.total), dtype=torch.float64)
-        cross = torch.zeros((variants, self.total), dtype=torch.float64)  # sum p z
+        peak = torch.full((variants, self.total), -torch.inf, dtype=torch.float64, device=self.device)
+        summed = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)
+        cross = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)  # sum p z
         for weight, bias in self._slices():
             for chunk in self.chunks:
                 part, window, start, stop, offset = chunk
@@ -199,7 +200,7 @@ class SlicedKL:
         lse = peak + summed.log()
         kl = (self.neg_entropy - (cross - lse * self.mass)).clamp_min(0.0)
         windows = kl.reshape(variants, -1, self.positions)  # chunks run window by window, in order
-        return (windows.sum(dim=-1) / self.positions).numpy()
+        return (windows.sum(dim=-1) / self.positions).cpu().numpy()
 
 
 def _running_lse(peak: torch.Tensor, summed: torch.Tensor, offset: int, logits: torch.Tensor) -> None:
