@@ -15,8 +15,8 @@ import torch
 
 from layerwise.apply.storage import StoredModules
 from layerwise.data.windows import TokenWindows
-from layerwise.engine.hooks import BlockCall, advance_batches, run_block, scoped_hooks, take_first_inputs
-from layerwise.engine.replay import call_arguments
+from layerwise.engine.hooks import advance_batches, run_block, scoped_hooks, take_first_inputs
+from layerwise.engine.replay import calls_of
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import block_linears, blocks_of, has_experts, linear_weight
 from layerwise.models.loading import LoadedModel
@@ -82,12 +82,6 @@ def _quantize_module(loaded: LoadedModel, name: str, config: QuantConfig, stats:
     return qtensor
 
 
-def block_inputs(loaded: LoadedModel, windows: TokenWindows, batch_size: int) -> list[list[BlockCall]]:
-    """For each batch: the first block's input, and every block's call arguments."""
-    device = loaded.input_device
-    return [call_arguments(loaded.model, loaded.adapter, batch.to(device)) for batch in windows.batches(batch_size)]
-
-
 @torch.no_grad()
 def quantize_(
     loaded: LoadedModel,
@@ -126,7 +120,7 @@ def quantize_(
     with progress_bars(progress) as bars:
         task = bars.add_task("quantizing", total=len(targets))
         if needs_data:
-            per_batch = block_inputs(loaded, calibration, batch_size)
+            per_batch = calls_of(loaded, calibration, batch_size)
             hidden = take_first_inputs(per_batch)
             for index, block in enumerate(blocks_of(model, adapter)):
                 prefix = f"{adapter.blocks}.{index}."

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.engine.hooks import BlockCall, advance_batches, hidden_arg, run_block, scoped_hooks, zero_output
 from layerwise.errors import LayerwiseError
@@ -172,6 +173,13 @@ def passed_through(blocks: nn.ModuleList):
                 del block.forward
             else:
                 block.forward = forward
+
+
+def calls_of(loaded: LoadedModel, windows: TokenWindows, batch_size: int = 1) -> list[list[BlockCall]]:
+    """Per batch of `windows`, every block's call arguments and the first block's input
+    (`call_arguments`: no block runs, and a streamed model loads none of them)."""
+    return [call_arguments(loaded.model, loaded.adapter, batch.to(loaded.input_device))
+            for batch in windows.batches(batch_size)]
 
 
 @torch.no_grad()

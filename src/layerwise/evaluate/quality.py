@@ -17,8 +17,7 @@ import torch
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
 from layerwise.engine.hooks import take_first_inputs
-from layerwise.engine.replay import (HEAD_CHUNK_ELEMENTS, call_arguments, final_hidden, head_chunks,
-                                    last_block_outputs)
+from layerwise.engine.replay import HEAD_CHUNK_ELEMENTS, calls_of, final_hidden, head_chunks, last_block_outputs
 from layerwise.models.layout import hidden_to_logits
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import has_overrides, held, held_unless_sliced
@@ -146,7 +145,7 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, compare: boo
         def one_pass(blocks: Sequence[int] | None) -> list[torch.Tensor]:
             # Call arguments are made afresh for each pass (the embedding alone runs: the base's or
             # the variant's), so that no first block's input is kept beside the outputs.
-            calls = [call_arguments(model, adapter, window.to(loaded.input_device)) for window in windows.batches(1)]
+            calls = calls_of(loaded, windows)
             return last_block_outputs(loaded, calls, blocks, hidden=take_first_inputs(calls),
                                       after_block=lambda: bars.advance(task))
 

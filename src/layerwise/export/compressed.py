@@ -100,15 +100,14 @@ def _check_config(name: str, config) -> None:
                              "GPTQ or round-to-nearest plans")
 
 
-def _check_representable(name: str, q: QTensor) -> None:
-    config = q.config
+def _check_representable(name: str, config, shape: tuple[int, ...], channel_scaled: bool) -> None:
     _check_config(name, config)
-    if q.channel_scale is not None:
+    if channel_scaled:
         raise LayerwiseError(f"{name}: AWQ's per-channel input scales have no place in pack-quantized; export "
                              "GPTQ or round-to-nearest plans")
-    if config.group_size is not None and q.shape[1] % config.group_size:
+    if config.group_size is not None and shape[1] % config.group_size:
         raise LayerwiseError(f"{name}: groups of {config.group_size} leave a shorter last group over "
-                             f"{q.shape[1]} columns, which compressed-tensors does not store")
+                             f"{shape[1]} columns, which compressed-tensors does not store")
 
 
 def _weights_args(bits: int, group_size: int | None) -> dict:
@@ -129,13 +128,16 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
     if outside:
         raise LayerwiseError(f"{outside[0]}: pack-quantized covers the block linears only; keep embeddings, "
                              "the LM head and routers unquantized in the plan")
-    check_plan_representable({name: q.config for name, q in stored.items()})
+    # What the checks need of each module, taken in one pass: streamed, every pass over `stored`
+    # decodes each module from disk, and the packing below is the only other one.
+    described = {name: (q.config, tuple(q.shape), q.channel_scale is not None) for name, q in stored.items()}
+    check_plan_representable({name: config for name, (config, _, _) in described.items()})
     # Routed experts get a group of their own, named by "re:" targets that mention "experts": how
     # transformers finds the group to read the experts with.
     groups: dict[tuple[int, int | None, bool], list[str]] = defaultdict(list)
-    for name, q in stored.items():
-        _check_representable(name, q)
-        groups[(q.config.bits, q.config.group_size, expert_of(name) >= 0)].append(name)
+    for name, (config, shape, channel_scaled) in described.items():
+        _check_representable(name, config, shape, channel_scaled)
+        groups[(config.bits, config.group_size, expert_of(name) >= 0)].append(name)
 
     names = checkpoint_names(loaded, list(stored))
     stored_as = {names[name] for name in stored}

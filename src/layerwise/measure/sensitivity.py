@@ -317,7 +317,7 @@ def measure_sensitivity(
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
     base = None if block_major else base_pass(loaded, calibration, block_modules(units), algorithms, batch_size,
-                                            statistics)
+                                              statistics)
     statistics_record = statistics.describe() if statistics is not None and algorithms else None
 
     domains = list(dict.fromkeys(calibration.window_domains))

@@ -31,7 +31,7 @@ from torch import nn
 
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_batches, run_block, scoped_hooks, take_first_inputs
-from layerwise.engine.replay import call_arguments, last_block_outputs, removed_unit
+from layerwise.engine.replay import calls_of, last_block_outputs, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
 from layerwise.measure.sensitivity import _statistics_hooks
@@ -73,15 +73,6 @@ def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
 def plain_head(loaded: LoadedModel) -> bool:
     """Whether the head is a plain linear, which `SlicedKL` applies a slice of rows at a time."""
     return type(loaded.model.get_submodule(loaded.adapter.lm_head)) is nn.Linear
-
-
-def calls_of(loaded: LoadedModel, windows: TokenWindows, batch_size: int = 1) -> list[list[BlockCall]]:
-    """Per batch, every block's call arguments and the first block's input (no block is loaded).
-    KL runs take a window per batch: each block is read once for all batches either way, so a
-    larger batch would only add activations. GPTQ/AWQ statistics take the in-memory run's batches
-    (`batch_size`), which sum to the same Hessians to the bit."""
-    return [call_arguments(loaded.model, loaded.adapter, batch.to(loaded.input_device))
-            for batch in windows.batches(batch_size)]
 
 
 def _part(loaded: LoadedModel, index: int) -> str:
@@ -271,6 +262,9 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     blocks = blocks_of(model, adapter)
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
     started = time.perf_counter()
+    # KL runs take a window per batch: each block is read once for all batches either way, so a
+    # larger batch would only add activations. GPTQ/AWQ statistics take the in-memory run's
+    # batches (`batch_size`), which sum to the same Hessians to the bit.
     calls = calls_of(loaded, calibration)
     stat_calls = calls_of(loaded, statistics or calibration, batch_size) if algorithms else []
     kl = SlicedKL(loaded, last_block_outputs(loaded, calls), torch.float16)
@@ -371,7 +365,7 @@ class StreamedFitness:
         self.block_units: dict[int, list[int]] = {}
         for u, unit in enumerate(table.units):
             self.block_units.setdefault(unit.block, []).append(u)
-        self._calls = calls_of(loaded, windows)
+        self._calls = calls_of(loaded, windows)  # a window per batch, statistics in batches: as the table
         # The first block's inputs, read again for every plan checked, wait in a scratch file.
         first = take_first_inputs(self._calls)
         self._first = TensorSlots([tuple(state.shape) for state in first], first[0].dtype)
