@@ -8,7 +8,9 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 - block: one block's parameters (streamed: only the current block is read);
 - head slice: streamed, the head is read and applied `models.streaming.HEAD_SLICE_ELEMENTS` rows x h
   at a time for each application (the embedding reads only its tokens' rows), so commands that
-  apply it hold one slice, 4M entries, instead of the V x h matrix;
+  apply it hold one slice, 4M entries, instead of the V x h matrix; the compressed-tensors export
+  writes the embedding and an untied head a slice at a time too (its packed output goes to a
+  scratch file a module at a time, in memory or streamed);
 - tokenizer: its resident vocabulary, 13.5 MiB for SmolLM2's 49k entries (what loading it adds
   to a process that has the floor's imports; the 73 MiB counted before included transformers'
   tokenizer code, which the floor imports), scaled by V;
@@ -104,14 +106,12 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
         held["model"] = shape.params * dtype_bytes
     else:
         held["block"] = shape.block_params * dtype_bytes
-        if command in ("profile", "eval", "plan (table reused)"):
+        if command in ("profile", "eval", "plan (table reused)", "export (compressed-tensors)"):
             held["head slice"] = min(shape.edge_params, HEAD_SLICE_ELEMENTS) * dtype_bytes
     if command in ("profile", "eval", "plan (table reused)"):
         held["head work"] = HEAD_WORK
     if command in ("quantize (gptq)", "eval", "export (compressed-tensors)"):
         held["codes"] = shape.planned * 1.0 if mode == "memory" else shape.planned / shape.layers
-    if command == "export (compressed-tensors)":
-        held["packed output"] = shape.planned * 0.5  # int4 codes packed into int32
     if command == "eval" and mode == "memory":
         held["base"] = tokens * shape.vocab * 2
     if command in ("profile", "quantize (gptq)", "eval") or (command == "plan (table reused)" and mode == "streaming"):
