@@ -17,7 +17,7 @@ from test_cli import assert_one_line_error, layerwise
 def test_the_three_formats_are_registered_with_what_they_write():
     assert list(EXPORTERS) == ["gguf", "compressed-tensors", "hf"]
     assert [EXPORTERS[name].folder for name in EXPORTERS] == [False, True, True]
-    assert [name for name, exporter in EXPORTERS.items() if exporter.streams] == ["gguf", "compressed-tensors"]
+    assert [name for name, exporter in EXPORTERS.items() if exporter.streams] == ["gguf", "compressed-tensors", "hf"]
     with pytest.raises(LayerwiseError, match="unknown export format 'onnx'; choose from gguf, compressed-tensors, hf"):
         exporter_named("onnx")
 
@@ -52,7 +52,7 @@ def test_a_registered_exporter_gets_the_quantized_model(recording_exporter, tmp_
 
 
 def test_a_format_that_cannot_stream_is_refused_before_loading(recording_exporter, tmp_path):
-    with pytest.raises(LayerwiseError, match="--streaming export writes gguf, compressed-tensors only; recording is written"):
+    with pytest.raises(LayerwiseError, match="--streaming export writes gguf, compressed-tensors, hf only; recording is written"):
         run_export(STORIES, format="recording", plan=Plan(QuantConfig("int", 8, None)), out=tmp_path / "x",
                    streaming=True, progress=False)
     assert recording_exporter[0] == []

@@ -145,3 +145,43 @@ def test_budget_like_refusals(tiny, planned, tmp_path):
     # A table measured with the embedding and head as units serves only plans that plan them.
     with pytest.raises(LayerwiseError, match="with the embedding and head as units"):
         sensitivity_for(loaded, table=out.with_name("table.json"), options=OPTIONS)
+
+
+def test_a_streamed_plan_like_a_gguf_file_is_the_in_memory_plan(tiny, planned, reference):
+    """Streamed, the embedding's entries run every block from its quantized rows and the untied
+    head's take the base outputs, each head quantized a slice of rows at a time: the in-memory
+    table and plan."""
+    _, whole = planned
+    streamed = run_plan(tiny, budget_like=reference, options=OPTIONS, calib=CALIBRATION_TEXT, tokens=1024,
+                        check_tokens=1024, seq_len=128, streaming=True, progress=False)
+    np.testing.assert_allclose(streamed.table.kl, whole.table.kl, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(streamed.table.cost_bits, whole.table.cost_bits)
+    assert streamed.table.skipped == whole.table.skipped
+    assert streamed.report["options"] == whole.report["options"] and streamed.report["budget_like"] == \
+        whole.report["budget_like"]
+    assert streamed.report["check"]["plan_kl"] == pytest.approx(whole.report["check"]["plan_kl"], abs=1e-6)
+    for option, measured in whole.report["check"]["uniform"].items():
+        assert streamed.report["check"]["uniform"][option]["kl"] == pytest.approx(measured["kl"], abs=1e-6), option
+
+
+def test_a_streamed_table_with_a_tied_embedding_is_the_in_memory_table(monkeypatch):
+    """stories260K ties its head to the embedding: quantizing the one quantizes the other, and the
+    streamed table never holds the matrix whole (its rows are read for the tokens, its slices for
+    the head)."""
+    from layerwise.models.streaming import StreamedWeights
+
+    loads = []
+    real_load = StreamedWeights._load
+    monkeypatch.setattr(StreamedWeights, "_load", lambda self, part, only=None: (loads.append(part),
+                                                                                 real_load(self, part, only)))
+    options = "q4_0,q8_0,int4pc,drop"
+    windows = token_windows(load_model(STORIES).tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=128)
+    tables = [measure_sensitivity(load_model(STORIES, streaming=streaming), windows, options, "sublayer", edges=True,
+                                  progress=False) for streaming in (False, True)]
+    assert loads and not {"model.embed_tokens", "lm_head"} & set(loads)
+    assert [unit.name for unit in tables[1].units][0] == "model.embed_tokens" and tables[1].units[1].kind != "head"
+    np.testing.assert_allclose(tables[1].kl, tables[0].kl, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(tables[1].cost_bits, tables[0].cost_bits)
+    assert tables[1].skipped == tables[0].skipped and "model.embed_tokens drop" in tables[1].skipped
+    assert tables[1].cost["forward_equivalents"] == pytest.approx(tables[0].cost["forward_equivalents"])
+    assert np.all(tables[1].kl[0, :2] > 0)

@@ -108,16 +108,28 @@ def test_a_streamed_plan_chooses_and_checks_as_in_memory():
             assert ours["uniform"][option]["domains"][domain] == pytest.approx(value, abs=1e-6), (option, domain)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(allocator="evolutionary"), "does not run on a streamed model yet"),
-    (dict(estimator="weights"), "estimator does not run on a streamed model yet"),
-    (dict(budget_like="model.gguf"), "embedding's and head's types"),
-])
-def test_what_a_streamed_plan_cannot_do_yet_is_refused_before_any_work(settings, message, monkeypatch):
+@pytest.mark.slow  # two searches each
+@pytest.mark.parametrize("allocator", ["evolutionary", "hybrid"])
+def test_a_streamed_search_measures_plans_as_in_memory(allocator):
+    """A search's fitness (the table's prediction, the first windows, all of them) and the check
+    of what it returns: KLFitness's numbers, block by block from disk."""
+    settings = dict(bits_per_weight=4.0, options="int2pc,int4pc,gptq:int3pc,int8pc", granularity="sublayer",
+                    allocator=allocator, generations=2, offspring=4, tokens=512, fitness_tokens=512,
+                    check_tokens=512, statistics_tokens=512, seq_len=128, progress=False)
+    whole = run_plan(STORIES, **settings)
+    streamed = run_plan(STORIES, streaming=True, **settings)
+    assert streamed.report["options"] == whole.report["options"]
+    assert streamed.report["search_kl"] == pytest.approx(whole.report["search_kl"], abs=1e-6)
+    assert streamed.report["search"]["fitness_calls"] == whole.report["search"]["fitness_calls"] > 0
+    assert streamed.report["search"]["forward_equivalents"] > 0
+    assert streamed.report["check"]["plan_kl"] == pytest.approx(whole.report["check"]["plan_kl"], abs=1e-6)
+
+
+def test_what_a_streamed_plan_cannot_do_yet_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(streamed_measure, "measure_entries", None)  # never reached
-    budget = {} if "budget_like" in settings else {"bits_per_weight": 4.0}
-    with pytest.raises(LayerwiseError, match=message):
-        run_plan(STORIES, streaming=True, options="int4pc,int8pc", progress=False, **budget, **settings)
+    with pytest.raises(LayerwiseError, match="estimator does not run on a streamed model yet"):
+        run_plan(STORIES, streaming=True, options="int4pc,int8pc", bits_per_weight=4.0, estimator="weights",
+                 progress=False)
 
 
 def test_slots_are_written_over_in_place_and_read_by_rows(tmp_path):

@@ -16,24 +16,19 @@ fused (gpt-oss) are refused.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from layerwise.errors import LayerwiseError
 from layerwise.export.registry import ExportJob, register_exporter
 from layerwise.models.adapters import expert_of
-from layerwise.models.experts import fused_experts
 from layerwise.models.layout import block_linears
 from layerwise.models.loading import LoadedModel
-from layerwise.models.streaming import head_rows, head_step, held
+from layerwise.models.saving import spill_checkpoint_tensors
 from layerwise.quant.qtensor import QTensor
 from layerwise.util.files import atomic_folder
 from layerwise.util.tensor_files import TensorSpill
@@ -141,20 +136,15 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
 
     names = checkpoint_names(loaded, list(stored))
     stored_as = {names[name] for name in stored}
-    # Shared tensors (a tied LM head) are written once, as transformers does.
-    tied = bool(getattr(loaded.model.config, "tie_word_embeddings", False))
     # Every tensor goes to a scratch file as it is made and the file is copied into place at the
     # end: neither the unquantized tensors nor the packed codes are all in memory at once.
     tensors = TensorSpill(directory=Path(out).resolve().parent)
     planned_bytes = 0
     try:
-        for key, value in _unquantized_tensors(loaded, tied):
-            if key.rsplit(".", 1)[0] in stored_as and key.endswith(".weight"):
-                continue
-            if isinstance(value, _Rows):
-                tensors.add_rows(key, value.dtype, value.shape, (piece.cpu() for piece in value.pieces()))
-            else:
-                tensors.add(key, value.detach().contiguous().cpu())
+        # The unquantized tensors (a tied head written once, as transformers does); the packed
+        # modules' weights come below.
+        spill_checkpoint_tensors(tensors, loaded,
+                                 skip=lambda key: key.endswith(".weight") and key.rsplit(".", 1)[0] in stored_as)
         for name in stored:
             q = stored[name]
             codes = q.codes.to(torch.int8).cpu()
@@ -176,62 +166,6 @@ def export_compressed_tensors(loaded: LoadedModel, stored: dict[str, QTensor], o
         tensors.close()
     return {"path": str(out), "file_bytes": sum(p.stat().st_size for p in out.iterdir()),
             "planned_tensor_bytes": planned_bytes, "config_groups": len(groups)}
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """A streamed tensor given a slice of rows at a time (the embedding, the head): never whole."""
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    pieces: Callable[[], Iterator[torch.Tensor]]
-
-
-def _unquantized_tensors(loaded: LoadedModel, tied: bool) -> Iterator[tuple[str, torch.Tensor | _Rows]]:
-    """(checkpoint name, tensor) of every tensor of the model as it now is, in its state dict's
-    order (a tied head left out). Streamed, a part is held, its overrides (a dropped unit's
-    silenced projection) applied, while its tensors are taken, then let go; the embedding and an
-    untied head, as the checkpoint has them, come a slice of rows at a time."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    model, streamed, adapter = loaded.model, loaded.streamed, loaded.adapter
-    head = f"{adapter.lm_head}.weight"
-    if streamed is None:
-        with fused_experts(model, adapter):
-            state = model.state_dict()
-            yield from revert_weight_conversion(model, {key: value for key, value in state.items()
-                                                        if not (tied and key == head)}).items()
-        return
-
-    def part_of(key: str) -> str | None:
-        return streamed.part_of(key.rsplit(".", 1)[0])
-
-    for part, group in itertools.groupby(model.state_dict(keep_vars=True), key=part_of):
-        keys = [key for key in group if not (tied and key == head)]
-        if not keys:
-            continue
-        if _in_rows(loaded, part, keys):
-            (key,) = keys
-            placeholder = model.get_parameter(key)
-            (name,) = revert_weight_conversion(model, {key: torch.zeros(1)})  # its name in the checkpoint
-            rows, dtype, step = placeholder.shape[0], placeholder.dtype, head_step(placeholder.shape[1])
-            yield name, _Rows(dtype, tuple(placeholder.shape), lambda part=part, rows=rows, dtype=dtype, step=step: (
-                head_rows(streamed, part, start, min(rows, start + step), dtype) for start in range(0, rows, step)))
-            continue
-        with held(streamed, part) if part is not None else contextlib.nullcontext():
-            current = model.state_dict(keep_vars=True) if part is None else \
-                streamed.parts[part].state_dict(prefix=f"{part}.", keep_vars=True)
-            yield from revert_weight_conversion(model, {key: current[key].detach() for key in keys}).items()
-
-
-def _in_rows(loaded: LoadedModel, part: str | None, keys: list[str]) -> bool:
-    """Whether a streamed part is the embedding or a head whose one weight the checkpoint gives
-    row by row as the model holds it (no override; the head: where a streamed head is sliced)."""
-    streamed = loaded.streamed
-    if part not in (loaded.adapter.embed, loaded.adapter.lm_head) or keys != [f"{part}.weight"]:
-        return False
-    if streamed.checkpoint_names[keys[0]] in streamed.overrides:
-        return False
-    return part == loaded.adapter.embed or part in streamed.sliced
 
 
 def _quantized_config(loaded: LoadedModel, names: dict[str, str], groups: dict[tuple[int, int | None, bool], list[str]],

@@ -46,9 +46,9 @@ def run_export(
 
     `device` is where quantization runs (GGUF's byte packing runs in numpy on the CPU).
     `streaming` quantizes one block at a time from disk (`load_model(streaming=True)`), for the
-    formats whose exporter writes from the stored codes and one part of the model at a time (GGUF:
-    with the source file's other tensors; compressed-tensors); None: such an export streams when
-    the model would not fit in memory."""
+    formats whose exporter writes one part of the model at a time (all three: GGUF with the source
+    file's other tensors, compressed-tensors and hf with each part held in turn); None: such an
+    export streams when the model would not fit in memory."""
     exporter = exporter_named(format)
     if streaming and not exporter.streams:
         raise LayerwiseError(f"--streaming export writes {', '.join(n for n, e in EXPORTERS.items() if e.streams)} "

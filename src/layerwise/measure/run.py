@@ -283,8 +283,7 @@ def run_plan(
     file) weights the GGUF options' rounding in the table, the search and the check; the plan
     records it, and `quantize`/`export` of the plan use it. `streaming` reads one block at a time
     from disk (`layerwise.measure.streamed`; None: only when the model would not fit in memory):
-    the measured table and the check of the default allocator, not yet searches, estimates or
-    `budget_like`."""
+    the measured table (`budget_like` too), the searches and the check; not yet estimated tables."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     estimator_named(estimator)
@@ -305,8 +304,7 @@ def run_plan(
     if loaded.streamed is not None:
         from layerwise.measure.streamed import refuse_what_streaming_lacks
 
-        refuse_what_streaming_lacks(allocator=allocator, searching=searching, estimator=estimator_named(estimator).name,
-                                    edges=budget_like is not None)
+        refuse_what_streaming_lacks(estimator=estimator_named(estimator).name)
     edges = budget_like is not None
     reference = _reference(loaded, budget_like) if edges else None  # refused before any measuring
     slots = domain_slots(loaded.tokenizer, calib,
@@ -355,7 +353,8 @@ def run_plan(
     if loaded.streamed is not None:
         from layerwise.measure.streamed import StreamedFitness
 
-        fitness = StreamedFitness(loaded, sensitivity, fitness_windows, importance=importance, statistics=statistics)
+        fitness = StreamedFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
+                                  statistics=statistics)
     else:
         from layerwise.measure.fitness import KLFitness  # torch-heavy; only the plan command needs it
 

@@ -299,7 +299,7 @@ def measure_sensitivity(
     if streaming:
         from layerwise.measure.streamed import refuse_what_streaming_lacks
 
-        refuse_what_streaming_lacks(estimator=method.name, edges=edges)
+        refuse_what_streaming_lacks(estimator=method.name)
     block_major = runs_block_major(loaded, method.name, edges)
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)

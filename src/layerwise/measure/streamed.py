@@ -17,6 +17,11 @@ logits, p the base model's probabilities (rounded as the in-memory reference sto
 running log-sum-exp, so no position's full distribution is ever in memory. The numbers are the
 replayed ones up to float rounding (the same windows run through the same blocks; only the sums
 over the vocabulary are ordered otherwise: measured within 2e-7 nats on stories260K).
+
+The embedding and head as units (plans like a GGUF file) are measured streamed too: a quantized
+embedding is read only at the rows of the calibration's tokens (`StreamedWeights.rows_transformed`)
+and a quantized head a slice of rows at a time, both rounded to nearest, whose groups lie within a
+row, so the values are those of the whole matrix quantized. In memory such tables replay.
 """
 from __future__ import annotations
 
@@ -31,37 +36,35 @@ from torch import nn
 
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_batches, run_block, scoped_hooks, take_first_inputs
-from layerwise.engine.replay import calls_of, last_block_outputs, removed_unit
+from layerwise.engine.replay import calls_of, first_block_input, last_block_outputs, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
-from layerwise.measure.sensitivity import _statistics_hooks
-from layerwise.models.layout import blocks_of, stored_transposed
+from layerwise.measure.sensitivity import _statistics_hooks, head_cost_in_blocks
+from layerwise.models.layout import blocks_of, head_is_tied, linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import has_overrides, head_rows, head_step, held
 from layerwise.plan.options import DROP
-from layerwise.plan.table import edge_config
+from layerwise.plan.objectives import objective_named
+from layerwise.plan.table import domain_means, edge_config
 from layerwise.plan.units import EDGE_KINDS, Unit
 from layerwise.quant.linear import InputStats, quantize_linear
+from layerwise.quant.qtensor import group_spans, storage_bits
+from layerwise.quant.rtn import quantize_weight
 from layerwise.util.memory import trim_freed_memory
 from layerwise.util.tensor_files import TensorSlots, TensorSpill
 
 # Logits made at once while KL is summed over vocabulary slices (float32; a few temporaries of
 # this size and twice it in float64).
 _LOGIT_ELEMENTS = 1 << 20
+# Weights of the embedding or head quantized at once by a plan's edge options.
+_QUANTIZED_ELEMENTS = 1 << 19
 
 
-def refuse_what_streaming_lacks(*, allocator: str = "exact", searching: bool = False, estimator: str = "measured",
-                                edges: bool = False) -> None:
+def refuse_what_streaming_lacks(*, estimator: str = "measured") -> None:
     """What a plan of a streamed model cannot do yet, refused before any work."""
-    if searching:
-        raise LayerwiseError(f"the {allocator!r} allocator measures many whole plans and does not run on a streamed "
-                             "model yet; use the default allocator (exact) or load the model without --streaming")
     if estimator != "measured":
         raise LayerwiseError(f"the {estimator!r} estimator does not run on a streamed model yet; use the measured "
                              "table (--sensitivity measured) or load the model without --streaming")
-    if edges:
-        raise LayerwiseError("plans that choose the embedding's and head's types (--budget-like) do not run on a "
-                             "streamed model yet; load it without --streaming, or give --budget or --budget-bytes")
 
 
 def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
@@ -169,24 +172,34 @@ class SlicedKL:
         return lse, neg_entropy, mass
 
     @torch.no_grad()
-    def window_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor]) -> np.ndarray:
+    def window_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor],
+                  heads: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None) -> np.ndarray:
         """[variants, windows] mean KL per window; `rows_of(variant, batch, window, start, stop)`
-        gives a variant's last block output at those positions, through the final norm (`normed`)."""
+        gives a variant's last block output at those positions, through the final norm (`normed`).
+        `heads[variant]`, where given, makes that variant's head rows of the base head's (a
+        quantized head: rows are quantized independently, so a slice at a time is the whole)."""
+        heads = list(heads) if heads is not None else [None] * variants
+        groups: dict[int, tuple[Callable | None, list[int]]] = {}  # variants that share a head
+        for variant, head in enumerate(heads):
+            groups.setdefault(id(head), (head, []))[1].append(variant)
         peak = torch.full((variants, self.total), -torch.inf, dtype=torch.float64, device=self.device)
         summed = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)
         cross = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)  # sum p z
         for weight, bias in self._slices():
-            for chunk in self.chunks:
-                part, window, start, stop, offset = chunk
-                count = stop - start
-                logprobs, probs = self._base_distribution(chunk, weight, bias, self.lse)
-                probs = probs.float()
-                del logprobs
-                for variant in range(variants):
-                    logits = self._logits(rows_of(variant, part, window, start, stop), weight, bias)
-                    _running_lse(peak[variant], summed[variant], offset, logits)
-                    cross[variant, offset:offset + count] += (probs * logits).sum(dim=-1, dtype=torch.float64)
-                    del logits
+            for head, members in groups.values():
+                variant_weight = weight if head is None else head(weight)
+                for chunk in self.chunks:
+                    part, window, start, stop, offset = chunk
+                    count = stop - start
+                    logprobs, probs = self._base_distribution(chunk, weight, bias, self.lse)
+                    probs = probs.float()
+                    del logprobs
+                    for variant in members:
+                        logits = self._logits(rows_of(variant, part, window, start, stop), variant_weight, bias)
+                        _running_lse(peak[variant], summed[variant], offset, logits)
+                        cross[variant, offset:offset + count] += (probs * logits).sum(dim=-1, dtype=torch.float64)
+                        del logits
+                del variant_weight
             trim_freed_memory()
         lse = peak + summed.log()
         kl = (self.neg_entropy - (cross - lse * self.mass)).clamp_min(0.0)
@@ -271,8 +284,9 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     base_seconds = time.perf_counter() - started
     positions = sum(batch[0].h_in.shape[0] * (batch[0].h_in.shape[1] - 1) for batch in calls)
     by_block: dict[int, list[int]] = {}
+    edges = [u for u, unit in enumerate(units) if u >= first_unit and unit.kind in EDGE_KINDS]
     for u, unit in enumerate(units):
-        if u >= first_unit:
+        if u >= first_unit and unit.kind not in EDGE_KINDS:
             by_block.setdefault(unit.block, []).append(u)
     hidden, stat_hidden = take_first_inputs(calls), take_first_inputs(stat_calls)
     shapes, device = [state.shape for state in hidden], hidden[0].device
@@ -289,6 +303,10 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
         return slots.read_rows(slot, part, first + start, first + stop).to(device)
 
     try:
+        if edges:
+            _measure_edges(loaded, calibration, [(u, units[u]) for u in edges], configs, modules, importance, calls,
+                           kl, put, states_of, rows_of, head, record)
+            block_done(max(edges) + 1)
         for index, block in enumerate(blocks):
             if not by_block.keys() - set(range(index)):
                 break  # no entries left
@@ -326,6 +344,68 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     return StreamedEntries(base_seconds, positions, len(calls))
 
 
+def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[tuple[int, Unit]], configs: list,
+                   modules: dict[str, nn.Module], importance: dict, calls: list[list[BlockCall]], kl: SlicedKL,
+                   put, states_of, rows_of, head: float, record) -> None:
+    """The entries of the embedding and an untied head (units of plans like a GGUF file), rounded
+    to nearest: an embedding's variant runs every block from its first inputs (the rows of the
+    calibration's tokens, quantized), a head's takes the base model's last block outputs; the head
+    of each (a tied one is the embedding) is quantized a slice of rows at a time."""
+    if loaded.streamed is None:
+        raise LayerwiseError("the block-major table measures the embedding and head of a streamed model only")
+    model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
+    tied = head_is_tied(model, adapter)  # quantizing the embedding then quantizes the head
+    entries: list[tuple[int, int, float, Unit]] = []
+    heads: list[Callable | None] = []
+    for u, unit in edges:
+        (name,) = unit.modules
+        shape = tuple(linear_weight(modules[name]).shape)
+        for o, config in enumerate(configs):
+            if config == DROP:
+                record(u, o, None, None, "the embedding and head cannot be dropped", 0.0)
+                continue
+            used = edge_config(unit, config)
+            try:
+                group_spans(shape[1], used, name)  # quantize_linear's own refusal, before any work
+            except LayerwiseError as error:
+                record(u, o, None, None, str(error), 0.0)
+                continue
+            quantized = rows_quantized(used, name, importance.get(name))
+            if unit.kind == "embed":
+                with streamed.rows_transformed(adapter.embed, quantized):
+                    put(len(entries), [first_block_input(model, adapter, ids.to(loaded.input_device))
+                                       for ids in calibration.batches(1)])
+            else:
+                put(len(entries), kl.finals)  # already through the final norm
+            entries.append((u, o, float(storage_bits(used, shape)), unit))
+            heads.append(quantized if unit.kind == "head" or tied else None)
+    embeds = [slot for slot, entry in enumerate(entries) if entry[3].kind == "embed"]
+    if embeds:
+        for index, block in enumerate(blocks_of(model, adapter)):
+            with held(streamed, _part(loaded, index)):
+                for slot in embeds:
+                    put(slot, run_batches(block, calls, states_of(slot), index))
+        for slot in embeds:
+            put(slot, [kl.normed(state) for state in states_of(slot)])
+    values = kl.window_kl(len(entries), rows_of, heads)
+    for slot, (u, o, bits, unit) in enumerate(entries):
+        record(u, o, values[slot], bits, None, blocks_to_head(loaded.n_blocks, unit.block, head) * len(calls))
+
+
+def rows_quantized(config, name: str, importance: np.ndarray | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """rows -> the rows rounded to nearest under `config` and decoded, in their dtype (GGUF types
+    and groups lie within a row, so rows quantize alike alone or in the whole matrix). A few rows
+    at a time: the quantizers' temporaries are several times their input."""
+    def quantize(rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(rows)
+        step = max(1, _QUANTIZED_ELEMENTS // rows.shape[1])
+        for start in range(0, rows.shape[0], step):
+            part = rows[start:start + step].float()
+            out[start:start + step] = quantize_weight(part, config, name, importance).dequantize().to(out.device)
+        return out
+    return quantize
+
+
 def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importance, calls, hidden, index, record,
                    u: int, o: int) -> tuple[list[torch.Tensor] | None, float | None]:
     """Block `index`'s outputs with `unit` quantized under `config` (or dropped), and its stored
@@ -347,36 +427,102 @@ def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importanc
     return outputs, float(sum(qtensor.n_bits for qtensor in stored.values()))
 
 
+@dataclass
+class _FitnessWindows:
+    """What measuring whole plans on some windows keeps of the base model: every block's call
+    arguments (a window per batch), the first block's inputs in a scratch file (read again for
+    every plan), and the base distributions' sums for all windows and for the first few
+    (`prefix`, the cheaper fidelity of a search)."""
+    inputs: list[torch.Tensor]  # token ids per window: a planned embedding's first inputs start there
+    calls: list[list[BlockCall]]
+    first: TensorSlots
+    kl: SlicedKL
+    prefix: SlicedKL | None
+    window_domains: np.ndarray
+    device: torch.device
+
+    def close(self) -> None:
+        self.first.close()
+
+
 class StreamedFitness:
-    """The never-worse check's KL of whole plans on a streamed model (`KLFitness.window_kl`'s
-    numbers): a plan runs block by block, each block read once for all batches with its units
-    quantized as the plan says; GPTQ/AWQ statistics are gathered once, a block at a time, and
-    their Hessians wait in a scratch file."""
+    """KL of whole plans on a streamed model (`KLFitness`'s numbers): for the never-worse check
+    (`window_kl`) and the searches (`fitness(choice, stage)`: stage 0 the table's prediction, 1 the
+    KL on the first `batch_size` windows, 2 on all of them). A plan runs block by block, each block
+    read once for all windows with its units quantized as the plan says; quantized weights are
+    made again for every plan (nothing kept between plans: memory is what streaming saves), and
+    GPTQ/AWQ statistics are gathered once, a block at a time, their Hessians waiting in a scratch
+    file. A planned embedding quantizes the rows of the windows' tokens, and the head (the same
+    matrix when tied) is quantized a slice of rows at a time."""
 
     def __init__(self, loaded: LoadedModel, table, windows: TokenWindows, *, batch_size: int = 2,
-                 importance: dict | None = None, statistics: TokenWindows | None = None) -> None:
-        refuse_unless_streamable(loaded, "the never-worse check")
-        refuse_what_streaming_lacks(edges=any(unit.kind in EDGE_KINDS for unit in table.units))
+                 problem=None, importance: dict | None = None, statistics: TokenWindows | None = None) -> None:
+        refuse_unless_streamable(loaded, "measuring whole plans")
         table.check_model(loaded)
-        self.loaded, self.table = loaded, table
+        self.loaded, self.table, self.problem = loaded, table, problem
+        self.score = objective_named(problem.objective if problem is not None else "mean").plan_score
         self.importance = importance or {}
         self.configs = table.configs
         self.modules = {name: loaded.model.get_submodule(name) for unit in table.units for name in unit.modules}
         self.block_units: dict[int, list[int]] = {}
+        self.edge_units = [u for u, unit in enumerate(table.units) if unit.kind in EDGE_KINDS]
+        self.tied = head_is_tied(loaded.model, loaded.adapter)
         for u, unit in enumerate(table.units):
-            self.block_units.setdefault(unit.block, []).append(u)
-        self._calls = calls_of(loaded, windows)  # a window per batch, statistics in batches: as the table
-        # The first block's inputs, read again for every plan checked, wait in a scratch file.
-        first = take_first_inputs(self._calls)
-        self._first = TensorSlots([tuple(state.shape) for state in first], first[0].dtype)
-        self._first.write(0, first)
-        self._device = first[0].device
-        self.kl = SlicedKL(loaded, last_block_outputs(loaded, self._calls, hidden=first), torch.float32)
+            if unit.kind not in EDGE_KINDS:
+                self.block_units.setdefault(unit.block, []).append(u)
+        self.prefix_windows = batch_size  # the first fidelity's windows: KLFitness's first batch
+        self._held: list[_FitnessWindows] = []
+        self.base = self._windows(windows, self.prefix_windows)
         algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
         stat_calls = calls_of(loaded, statistics or windows, batch_size) if algorithms else []
         self._stats = self._gather(algorithms, stat_calls)
-        # As `KLFitness` reports a search's compute: the check alone measures no search.
-        self.base, self.calls, self.seconds = None, 0, 0.0
+        self.calls, self.seconds, self.block_runs = 0, 0.0, 0.0
+        self._head = head_cost_in_blocks(loaded)
+
+    def _windows(self, windows: TokenWindows, prefix: int | None = None) -> _FitnessWindows:
+        """One base pass over `windows` (a window per batch, statistics in batches: as the table)."""
+        calls = calls_of(self.loaded, windows)
+        first = take_first_inputs(calls)
+        device = first[0].device
+        slots = TensorSlots([tuple(state.shape) for state in first], first[0].dtype)
+        slots.write(0, first)
+        finals = last_block_outputs(self.loaded, calls, hidden=first)  # `first` is consumed
+        partial = prefix is not None and prefix < len(finals)
+        held = _FitnessWindows(windows.batches(1), calls, slots, SlicedKL(self.loaded, finals, torch.float32),
+                               SlicedKL(self.loaded, finals[:prefix], torch.float32) if partial else None,
+                               np.asarray(windows.window_domains), device)
+        self._held.append(held)
+        return held
+
+    @property
+    def stages(self) -> int:
+        return 3
+
+    def held_out(self, windows: TokenWindows) -> _FitnessWindows:
+        """The base pass over other windows (the never-worse check's), for `window_kl`; quantized
+        weights stay those of the fitness (GPTQ/AWQ statistics from its `statistics` windows)."""
+        return self._windows(windows)
+
+    def forward_equivalents(self) -> float:
+        """Compute spent on the search, in forward passes over all fitness windows (the base
+        distributions, summed once per window set, not counted)."""
+        return self.block_runs / ((self.loaded.n_blocks + self._head) * len(self.base.calls))
+
+    @torch.no_grad()
+    def __call__(self, choice: Sequence[int], stage: int | None = None) -> float:
+        stage = self.stages - 1 if stage is None else stage
+        if stage == 0:
+            if self.problem is not None:
+                return self.problem.total_loss(choice)
+            return float(np.sum(self.table.kl[np.arange(len(choice)), list(choice)]))
+        started = time.perf_counter()
+        count = len(self.base.calls) if stage == self.stages - 1 or self.base.prefix is None else self.prefix_windows
+        values = self._window_kl(choice, self.base, count)
+        self.calls += 1
+        self.block_runs += count * (self.loaded.n_blocks + self._head)
+        self.seconds += time.perf_counter() - started
+        # Windows are of equal length, so a domain's mean over windows is its mean over tokens.
+        return self.score(np.array(list(domain_means(values, self.base.window_domains[:count]).values())))
 
     def _gather(self, algorithms: set[str], calls: list[list[BlockCall]]):
         """GPTQ Hessians into a scratch file (AWQ samples, small, in memory), a block at a time."""
@@ -405,14 +551,25 @@ class StreamedFitness:
         hessian = spill.read(key) if key is not None else None
         return InputStats(hessian=hessian, rows=rows, sample=sample)
 
-    def forward_equivalents(self) -> float:
-        return 0.0
+    def window_kl(self, choice: Sequence[int], base: _FitnessWindows | None = None) -> np.ndarray:
+        """Mean KL(base || model under `choice`) of every window of `base` (from `held_out`;
+        default the fitness windows); not counted as search compute."""
+        base = base if base is not None else self.base
+        return self._window_kl(choice, base, len(base.calls))
 
     @torch.no_grad()
-    def window_kl(self, choice: Sequence[int], base=None) -> np.ndarray:
-        """Mean KL(base || model under `choice`) of every fitness window."""
+    def _window_kl(self, choice: Sequence[int], base: _FitnessWindows, count: int) -> np.ndarray:
+        """The first `count` windows of `base` under `choice`, block by block."""
         model, adapter, streamed = self.loaded.model, self.loaded.adapter, self.loaded.streamed
-        hidden = [state.to(self._device) for state in self._first.read(0)]
+        calls = base.calls[:count]
+        edges = self._edge_transforms(choice)
+        if "embed" in edges:
+            with streamed.rows_transformed(adapter.embed, edges["embed"]):
+                hidden = [first_block_input(model, adapter, ids.to(self.loaded.input_device))
+                          for ids in base.inputs[:count]]
+        else:
+            hidden = [base.first.read_rows(0, part, 0, base.first.shapes[part][0]).to(base.device)
+                      for part in range(count)]
         for index, block in enumerate(blocks_of(model, adapter)):
             with held(streamed, _part(self.loaded, index)):
                 decoded: dict[str, torch.Tensor | None] = {}
@@ -424,15 +581,32 @@ class StreamedFitness:
                             name, self.modules[name], used, self._stats_of(name, used.algorithm),
                             self.importance.get(name)).compact().dequantize()
                 with _weights_as(self.modules, decoded):
-                    hidden = advance_batches(block, self._calls, hidden, index)
+                    hidden = advance_batches(block, calls, hidden, index)
                 del decoded
-        normed = [self.kl.normed(state) for state in hidden]
+        normed = [self.kl_of(base, count).normed(state) for state in hidden]
         del hidden
-        return self.kl.window_kl(1, lambda _, part, window, start, stop: normed[part][window, start:stop])[0]
+        head = edges.get("head", edges.get("embed") if self.tied else None)
+        return self.kl_of(base, count).window_kl(1, lambda _, part, window, start, stop:
+                                                 normed[part][window, start:stop], [head])[0]
+
+    def _edge_transforms(self, choice: Sequence[int]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Unit kind ("embed", "head") -> its rows as `choice` quantizes them."""
+        transforms = {}
+        for u in self.edge_units:
+            unit = self.table.units[u]
+            (name,) = unit.modules
+            transforms[unit.kind] = rows_quantized(edge_config(unit, self.configs[int(choice[u])]), name,
+                                                   self.importance.get(name))
+        return transforms
+
+    @staticmethod
+    def kl_of(base: _FitnessWindows, count: int) -> SlicedKL:
+        return base.kl if count == len(base.calls) else base.prefix
 
     def __enter__(self) -> "StreamedFitness":
         return self
 
     def __exit__(self, *exc) -> None:
         self._stats[0].close()
-        self._first.close()
+        for held_windows in self._held:
+            held_windows.close()

@@ -54,6 +54,9 @@ class StreamedWeights:
     # row, end row) slices of a sliced head. The same bytes read again need no second look (the
     # check was 15% of a streamed eval's time); a new override unchecks every part as overridden.
     checked: set = field(default_factory=set)
+    # part path -> f(rows) -> rows: what a part read a few rows at a time (the embedding) makes of
+    # them for the duration of `rows_transformed` (a plan's quantized embedding, never held whole).
+    row_transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     _placeholders: dict[str, nn.Parameter] = field(default_factory=dict)  # meta stand-ins, by checkpoint name
 
     def part_of(self, name: str) -> str | None:
@@ -89,6 +92,17 @@ class StreamedWeights:
             yield
         finally:
             self.use_overrides = True
+
+    @contextlib.contextmanager
+    def rows_transformed(self, part: str, transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """The rows `part` reads for each call (the embedding's) pass through `transform` meanwhile."""
+        if part in self.row_transforms or self.holds[part]:
+            raise LayerwiseError(f"{part}: its rows are transformed already, or it is held whole")
+        self.row_transforms[part] = transform
+        try:
+            yield
+        finally:
+            del self.row_transforms[part]
 
     def override(self, parameter: str, produce: Producer) -> None:
         """From now on, parameter `parameter` loads as `produce()` (tied parameters alike)."""
@@ -176,7 +190,8 @@ def stream_model(config: Any, adapter: Adapter, weights_at: Path, gguf_file: str
 def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) -> None:
     """Make the embedding read, for each call, only the rows of the tokens it is given: its
     forward runs on those rows with the ids renumbered into them (subclasses that scale the
-    output work unchanged). Held (e.g. as a tied head) or overridden, it loads whole instead."""
+    output work unchanged), after `rows_transformed`'s transform if one is set. Held (e.g. as a
+    tied head) or overridden, it loads whole instead."""
     forward = module.forward
     name = f"{path}.weight"
 
@@ -187,9 +202,10 @@ def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) ->
                 return forward(input_ids, *args, **kwargs)
         unique, renumbered = torch.unique(input_ids, return_inverse=True)
         placeholder, padding_idx = module._parameters["weight"], getattr(module, "padding_idx", None)
-        rows = streamed.source.read_rows(key, unique.tolist())
-        module._parameters["weight"] = nn.Parameter(rows.to(device=streamed.device, dtype=placeholder.dtype),
-                                                    requires_grad=False)
+        rows = streamed.source.read_rows(key, unique.tolist()).to(device=streamed.device, dtype=placeholder.dtype)
+        if path in streamed.row_transforms:
+            rows = streamed.row_transforms[path](rows).to(dtype=placeholder.dtype)
+        module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
         # padding_idx only masks gradients; it would be checked against the rows read, not the vocabulary.
         if padding_idx is not None:
             module.padding_idx = None
