@@ -7,7 +7,7 @@ model bench/robust.py's saved table belongs to), with settings a new user would 
 transformers and the model family's code (its config read and its modules built on the meta device,
 no weights) take a few hundred MB before any weight is read; the `floor` row measures that in the
 same way, and `above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
-that streams (load, profile, plan, quantize, eval, export: `--streaming`) runs again in mode "streaming", its time
+that streams (load, profile, plan, quantize, eval, both exports: `--streaming`) runs again in mode "streaming", its time
 also given as a ratio to the in-memory run of the same command (`seconds_x_memory`), and set
 against issue 17's target (`target_bytes`, `meets_target`): above the floor at most 0.3x the
 float32 model plus the hidden states of the command's tokens at one block (float32).
@@ -49,13 +49,18 @@ FLOOR = ("peak of a process that imports torch, transformers and layerwise, read
          "builds its modules on the meta device (no weights): code and fixed costs, which do not grow with the model")
 
 # Commands that take --streaming (the rest refuse a streamed model).
-STREAMING = ("load", "profile", "plan", "plan (table reused)", "quantize (gptq)", "eval", "export (compressed-tensors)")
+STREAMING = ("load", "profile", "plan", "plan (table reused)", "plan (like a GGUF file)", "quantize (gptq)", "eval",
+             "export (compressed-tensors)", "export (hf)")
 # Tokens each command runs at once (as in `commands`; a plan's never-worse check runs 4096 by
 # default, more than its table's 1024): the issue's streaming target allows 0.3x the float32 model
 # plus "the calibration activations of one block", read here strictly as those tokens' hidden
 # states at one block's input, in float32 (not the block's working memory on a batch).
-TOKENS = {"profile": 1024, "plan": 4096, "plan (table reused)": 4096, "quantize (gptq)": 4096, "eval": 4096,
-          "export (compressed-tensors)": 0}  # the plan rounds to nearest: no calibration text
+TOKENS = {"profile": 1024, "plan": 4096, "plan (table reused)": 4096, "plan (like a GGUF file)": 4096,
+          "quantize (gptq)": 4096, "eval": 4096,
+          "export (compressed-tensors)": 0, "export (hf)": 0}  # the plan rounds to nearest: no calibration text
+# The GGUF file SmolLM2's plan is made no larger than (--budget-like, which makes the embedding a unit
+# too): our export of it at Q5_0 with the embedding at Q8_0, as llama-quantize's files keep it.
+LIKE_A_FILE = {"SmolLM2-135M": ["--options", "q4_0,q5_0,q8_0", "--granularity", "block"]}
 TARGET_X_FP32 = 0.3
 
 
@@ -86,10 +91,29 @@ def commands(name: str, work: Path) -> dict[str, list[str]]:
                             "64" if name == "SmolLM2-135M" else "none", "--tokens", "4096", "--out", str(work / "gptq"), *quiet],
         "eval": [*LAYERWISE, "eval", str(model), "--quantized", str(work / "gptq"), "--data", str(EVALUATION_TEXT),
                  "--tokens", "4096", *quiet],
+        **({"plan (like a GGUF file)": [*LAYERWISE, "plan", str(model), "--budget-like", str(work / "reference.gguf"),
+                                        "--tokens", "1024", *LIKE_A_FILE[name], "--out", str(work / "plan-like.json"),
+                                        *quiet]}
+           if name in LIKE_A_FILE else {}),
         # The plan's int options are not GGUF types: compressed-tensors stores them as they are.
         "export (compressed-tensors)": [*LAYERWISE, "export", str(model), "--plan", str(work / exported),
                                         "--format", "compressed-tensors", "--out", str(work / "export"), *quiet],
+        "export (hf)": [*LAYERWISE, "export", str(model), "--plan", str(work / exported), "--format", "hf",
+                        "--out", str(work / "export-hf"), *quiet],
     }
+
+
+def reference_file(model: Path, out: Path) -> None:
+    """The GGUF file a plan "like a GGUF file" is made no larger than (llama.cpp's converter:
+    LAYERWISE_CONVERT_HF_TO_GGUF, as for bench/vs_llama_cpp.py)."""
+    if out.exists():
+        return
+    from layerwise.export.run import run_export
+    from layerwise.plan import Plan
+    from layerwise.quant import QuantConfig
+
+    run_export(model, plan=Plan(QuantConfig("q5_0")).override("model.embed_tokens", QuantConfig("q8_0")), out=out,
+               progress=False)
 
 
 def child(argv: list[str]) -> None:
@@ -148,6 +172,8 @@ def main() -> None:
             dithered_smollm2()  # written once by ../shared/models/dither_smollm2.py
         if name in REUSED_TABLE:
             shutil.copyfile(REUSED_TABLE[name], work / "table.json")
+        if name in LIKE_A_FILE and "plan (like a GGUF file)" not in args.skip.split(","):
+            reference_file(model, work / "reference.gguf")
         size, hidden_size = fp32_bytes(model)
         floor = None
         for command, argv in commands(name, work).items():

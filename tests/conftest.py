@@ -87,3 +87,19 @@ def smollm2():
     from layerwise import load_model
 
     return load_model(SMOLLM2)
+
+
+@pytest.fixture
+def resident_parameters(monkeypatch):
+    """Filled as a streamed model loads parts: the parameters in memory after each load."""
+    from layerwise.models.streaming import StreamedWeights
+
+    counts = []
+    real_load = StreamedWeights._load
+
+    def counting_load(self, part, only=None):
+        real_load(self, part, only)
+        counts.append(self.resident_parameters())
+
+    monkeypatch.setattr(StreamedWeights, "_load", counting_load)
+    return counts

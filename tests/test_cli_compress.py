@@ -60,3 +60,22 @@ def test_compress_bad_input(args, pattern, tmp_path):
     done = layerwise("compress", STORIES, *args, "--out", tmp_path / "run")
     assert_one_line_error(done, pattern)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_streamed_compress_writes_what_one_in_memory_writes(tmp_path):
+    """Every step streamed (the profile, fisher's table and the entries the plan refines, the
+    plan's check, the export and the evaluation): the same plan, model and evaluation."""
+    from layerwise.compress import run_compress
+
+    settings = dict(bits_per_weight=4.5, format="hf", options="int2pc,int4pc,int8pc", eval_data=EVALUATION_TEXT,
+                    eval_tokens=2048, tokens=1024, check_tokens=1024, refine=1.0, progress=False)
+    runs = {streaming: run_compress(STORIES, out=tmp_path / str(streaming), streaming=streaming, **settings)
+            for streaming in (False, True)}
+    whole, streamed = (json.loads((tmp_path / name / "plan.json").read_text()) for name in ("False", "True"))
+    assert streamed["rules"] == whole["rules"] and streamed["drop"] == whole["drop"]
+    assert whole["meta"]["allocation"]["refinement"]["entries"]
+    assert (tmp_path / "True" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "False" / "model" / "model.safetensors").read_bytes()
+    evaluated = [json.loads((tmp_path / name / "eval.json").read_text())["quantized"] for name in ("False", "True")]
+    assert evaluated[1]["kl"] == pytest.approx(evaluated[0]["kl"], abs=1e-6)
+    assert set(runs[True].artifacts) == set(runs[False].artifacts)

@@ -302,7 +302,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     outcome = run_compress(args.model, out=args.out, bits_per_weight=args.budget, budget_like=args.budget_like,
                            format=args.format, options=args.options, estimator=args.sensitivity, refine=args.refine,
                            calib=_calibration(args.calib), eval_data=args.eval_data, tokens=args.tokens,
-                           overwrite=args.overwrite, dtype=args.dtype, device=args.device, progress=not args.quiet)
+                           overwrite=args.overwrite, dtype=args.dtype, device=args.device, streaming=args.streaming,
+                           progress=not args.quiet)
     for step, path in outcome.artifacts.items():
         how = "kept from an earlier run" if step in outcome.reused else f"{outcome.seconds.get(step, 0):.0f} s"
         print(f"{step:8s} {path} ({how})")
@@ -560,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder for every artifact")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds another run")
     p.add_argument("--quiet", action="store_true")
+    _add_streaming_option(p)
     p.set_defaults(run=_cmd_compress)
 
     p = commands.add_parser("export", help="write a GGUF with a type per tensor, or a plain Hugging Face folder")

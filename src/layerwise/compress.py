@@ -98,6 +98,7 @@ def run_compress(
     overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> CompressOutcome:
     """Compress `model` to a budget (`bits_per_weight` of the block linears, or no larger than the
@@ -106,7 +107,8 @@ def run_compress(
     eval.json (with `eval_data`, which must not be calibration text) and report.html. Options
     default to llama.cpp's types for GGUF and to `plan`'s for the other formats. `refine`: the share
     of the measured table's passes an estimated table may cost (`run_plan`; None: COMPRESS_REFINE
-    with the "auto" estimator, else 0)."""
+    with the "auto" estimator, else 0). `streaming` reads one block at a time from disk for every
+    step (None: when the model would not fit in memory); the results are those of a run in memory."""
     from layerwise.export import exporter_named
     from layerwise.export.run import run_export
     from layerwise.measure.estimators import estimator_named
@@ -136,7 +138,8 @@ def run_compress(
 
     from layerwise.models.loading import load_model
 
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
+    streaming = loaded.streamed is not None  # the steps that load the model again load it the same way
 
     redone = []
 
@@ -174,13 +177,13 @@ def run_compress(
         granularity="linear" if format == "gguf" else None, table=out / "sensitivity.json", calib=calib,
         tokens=tokens, check_tokens=check_tokens, imatrix=paths.get("imatrix"), out=path, progress=progress))
     step("export", lambda path: run_export(model, format=format, plan=paths["plan"], out=path, calib=calib,
-                                           dtype=dtype, device=device, progress=progress))
+                                           dtype=dtype, device=device, streaming=streaming, progress=progress))
     if "eval" in paths:
         from layerwise.evaluate.run import run_eval
 
         def evaluate(path: Path) -> None:
-            report = run_eval(model, data=eval_data, plan=paths["plan"], calib=calib,
-                              tokens=eval_tokens, dtype=dtype, device=device, progress=progress)
+            report = run_eval(model, data=eval_data, plan=paths["plan"], calib=calib, tokens=eval_tokens,
+                              dtype=dtype, device=device, streaming=streaming, progress=progress)
             write_text_atomic(path, json.dumps(report, indent=1) + "\n")
         step("eval", evaluate)
     from layerwise.report.run import run_report

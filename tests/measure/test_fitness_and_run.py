@@ -350,3 +350,27 @@ def test_a_plan_on_several_domains_keeps_each_domain_apart(loaded, tmp_path):
     with pytest.raises(LayerwiseError, match=r"shares text with calibration window \d+ of .*code.txt \(used for the "
                                              r"plan's (sensitivity|check) \(code domain\)"):
         run_eval(STORIES, data=copy, plan=tmp_path / "plan.json", tokens=20 * 512, progress=False)
+
+
+@torch.no_grad()
+def test_the_checks_block_by_block_fitness_measures_what_klfitness_measures(loaded):
+    """The never-worse check in memory on the CPU runs plans block by block a window at a time
+    (`StreamedFitness`, a planned tied embedding looked up row by row and its head applied a slice
+    at a time, never decoded whole): KLFitness's per-window KL, with GPTQ fitted on its own windows."""
+    from layerwise.measure.streamed import StreamedFitness
+
+    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=128, seed=3)
+    statistics = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=128, seed=4)
+    table = measure_sensitivity(loaded, windows, "q4_0,q8_0,int3pc,gptq:int4pc", "sublayer", edges=True,
+                                statistics=statistics, progress=False)
+    assert table.units[0].kind == "embed"
+    choices = [allocate(table.problem(table.budget_bits(bits)), "exact").choice for bits in (3.5, 5.0)]
+    choices.append((0, *choices[0][1:]))  # the embedding at q4_0
+    assert len({choice[0] for choice in choices}) == 3
+    check = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=512, seq_len=128, seed=5)
+    original = _weights(loaded)
+    with KLFitness(loaded, table, check, statistics=statistics) as theirs, \
+            StreamedFitness(loaded, table, check, statistics=statistics) as ours:
+        for choice in choices:
+            np.testing.assert_allclose(ours.window_kl(choice), theirs.window_kl(choice), rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(original[name], weight) for name, weight in _weights(loaded).items())

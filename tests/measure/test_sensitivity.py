@@ -186,3 +186,22 @@ def test_block_major_and_replayed_tables_agree(loaded, windows, table, monkeypat
     np.testing.assert_array_equal(table.cost_bits, replayed.cost_bits)
     assert table.skipped == replayed.skipped
     assert table.cost["forward_equivalents"] == pytest.approx(replayed.cost["forward_equivalents"])
+
+
+def test_block_major_and_replayed_tables_with_the_embedding_agree(loaded, windows, monkeypatch):
+    """The embedding as a unit (tied to the head, as in plans like a GGUF file): block-major, its
+    entries look up quantized rows of the calibration's tokens and apply the head quantized a slice
+    of rows at a time; replayed, the whole matrix is quantized. The module is left as it was."""
+    import layerwise.measure.sensitivity as sensitivity
+
+    options = "q4_0,q8_0,int4pc"
+    block_major = measure_sensitivity(loaded, windows, options, "sublayer", edges=True, progress=False)
+    embedding = loaded.model.get_submodule(loaded.adapter.embed)
+    assert "forward" not in vars(embedding)  # its own forward again
+    monkeypatch.setattr(sensitivity, "runs_block_major", lambda *args: False)
+    replayed = measure_sensitivity(loaded, windows, options, "sublayer", edges=True, progress=False)
+    assert block_major.units[0].kind == "embed" and np.all(block_major.kl[0] > 0)
+    np.testing.assert_allclose(block_major.kl, replayed.kl, rtol=1e-5, atol=2e-7)
+    np.testing.assert_array_equal(block_major.cost_bits, replayed.cost_bits)
+    assert block_major.skipped == replayed.skipped
+    assert block_major.cost["forward_equivalents"] == pytest.approx(replayed.cost["forward_equivalents"])

@@ -13,7 +13,6 @@ from layerwise.measure import streamed as streamed_measure
 from layerwise.measure.run import run_plan
 from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.layout import blocks_of
-from layerwise.models.streaming import StreamedWeights
 from layerwise.util.tensor_files import TensorSlots
 
 # Rounding, GPTQ (statistics from windows of their own), a GGUF type that fits only the attention's
@@ -47,18 +46,10 @@ def _streamed_table(windows, statistics, **kwargs):
 
 
 def test_a_streamed_table_is_the_in_memory_table_and_holds_one_block_at_a_time(in_memory, windows, statistics,
-                                                                              whole_table, monkeypatch):
+                                                                              whole_table, resident_parameters):
     block = sum(p.numel() for p in blocks_of(in_memory.model, in_memory.adapter)[0].parameters())
-    resident = []
-    real_load = StreamedWeights._load
-
-    def counting_load(self, part, only=None):
-        real_load(self, part, only)
-        resident.append(self.resident_parameters())
-
-    monkeypatch.setattr(StreamedWeights, "_load", counting_load)
     table = _streamed_table(windows, statistics)
-    assert resident and max(resident) == block  # never two blocks (nor the head) at once
+    assert resident_parameters and max(resident_parameters) == block  # never two blocks (nor the head) at once
     assert np.array_equal(np.isnan(table.kl), np.isnan(whole_table.kl))
     np.testing.assert_allclose(table.kl, whole_table.kl, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(table.cost_bits, whole_table.cost_bits)
@@ -128,7 +119,7 @@ def test_a_streamed_search_measures_plans_as_in_memory(allocator):
 def test_what_a_streamed_plan_cannot_do_yet_is_refused_before_any_work(monkeypatch):
     monkeypatch.setattr(streamed_measure, "measure_entries", None)  # never reached
     with pytest.raises(LayerwiseError, match="estimator does not run on a streamed model yet"):
-        run_plan(STORIES, streaming=True, options="int4pc,int8pc", bits_per_weight=4.0, estimator="weights",
+        run_plan(STORIES, streaming=True, options="int4pc,int8pc", bits_per_weight=4.0, estimator="noise",
                  progress=False)
 
 

@@ -329,7 +329,7 @@ def test_streaming_refuses_what_it_cannot_do(streamed, tmp_path):
     from layerwise.measure.run import run_plan
 
     with pytest.raises(LayerwiseError, match="streamed model"):  # an estimated table (the measured one streams)
-        run_plan(streamed, bits_per_weight=4.0, tokens=512, estimator="fisher", progress=False)
+        run_plan(streamed, bits_per_weight=4.0, tokens=512, estimator="noise", progress=False)
     folder = tmp_path / "bin-only"
     folder.mkdir()
     (folder / "config.json").write_text((STORIES / "config.json").read_text())

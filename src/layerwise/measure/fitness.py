@@ -253,9 +253,7 @@ class KLFitness:
     def __call__(self, choice: Sequence[int], stage: int | None = None) -> float:
         stage = self.stages - 1 if stage is None else stage
         if stage == 0:
-            if self.problem is not None:
-                return self.problem.total_loss(choice)
-            return float(np.sum(self.table.kl[np.arange(len(choice)), list(choice)]))
+            return table_prediction(self.table, self.problem, choice)
         started = time.perf_counter()
         batches = self.stage_batches[stage - 1]
         values = self._window_kl(choice, self.base, batches)
@@ -312,6 +310,14 @@ class KLFitness:
                 return Reference.from_logits(hidden_to_logits(model, adapter, final[window, start:stop]))
 
         return head_kl(model, adapter, hidden, reference_of)
+
+
+def table_prediction(table: SensitivityTable, problem: AllocationProblem | None, choice: Sequence[int]) -> float:
+    """A search's free fidelity: the problem's loss of `choice` (its objective over domains), or
+    without a problem the table's summed KL."""
+    if problem is not None:
+        return problem.total_loss(choice)
+    return float(np.sum(table.kl[np.arange(len(choice)), list(choice)]))
 
 
 def _stored_bytes(qtensor: QTensor) -> int:

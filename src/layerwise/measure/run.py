@@ -350,7 +350,12 @@ def run_plan(
                             statistics=statistics)
 
     fitness_windows = jobs["search"] if searching else jobs["check"]
-    if loaded.streamed is not None:
+    from layerwise.measure.streamed import plain_head
+
+    # Block by block a window at a time, each plan quantized on the way: streamed, and in memory for
+    # the check alone on the CPU, where a planned embedding is then never decoded whole (0.2x of
+    # SmolLM2 at the peak of a plan like a GGUF file).
+    if loaded.streamed is not None or (not searching and plain_head(loaded) and loaded.input_device.type == "cpu"):
         from layerwise.measure.streamed import StreamedFitness
 
         fitness = StreamedFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
@@ -359,8 +364,7 @@ def run_plan(
         from layerwise.measure.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
         # The bank of stored quantized weights pays off only when a search revisits (unit, option)
-        # pairs; the check alone measures each plan once, so it quantizes on the way (0.25x the
-        # float32 model less at the peak of `plan` on SmolLM2).
+        # pairs; the check alone measures each plan once, so it quantizes on the way.
         fitness = KLFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
                             statistics=statistics, bank_bytes=None if searching else 0)
     with fitness, progress_bars(progress) as bars:

@@ -211,7 +211,11 @@ def entry_measurer(loaded: LoadedModel, table: SensitivityTable, calibration: To
     would on its windows `calibration` (re-cut), returning the KL per domain (in `table.domains`
     order; one value for a table of one text) and the forward passes spent; the base pass it needs
     is run once, here, and counted in the first entry's passes."""
-    loaded.require_in_memory("measuring sensitivity entries")
+    if loaded.streamed is not None:
+        from layerwise.measure.estimated import StreamedEntryMeasurer
+
+        return StreamedEntryMeasurer(loaded, table, calibration, importance=importance, statistics=statistics,
+                                     batch_size=batch_size)
     model = loaded.model
     modules = {name: model.get_submodule(name) for unit in table.units for name in unit.modules}
     configs = table.configs
@@ -248,16 +252,16 @@ def entry_passes(loaded: LoadedModel, unit: Unit) -> float:
     return blocks_to_head(loaded.n_blocks, unit.block, head) / (loaded.n_blocks + head)
 
 
-def runs_block_major(loaded: LoadedModel, estimator: str, edges: bool) -> bool:
+def runs_block_major(loaded: LoadedModel, estimator: str) -> bool:
     """Whether a table runs a block's entries together and sums KL over head slices
-    (`measure.streamed`): always when streamed, and in memory for a measured table on the CPU,
-    which then keeps no input of every block and no base distributions (those take 2 GB for 4096
-    positions of a 128k vocabulary). Tables with the embedding and head as units (`edges`),
-    estimated tables, heads other than a plain linear and models on a GPU (where this way has not
+    (`measure.streamed`): always when streamed, and in memory for a measured table on the CPU
+    (the embedding and head as units or not), which then keeps no input of every
+    block and no base distributions (those take 2 GB for 4096 positions of a 128k vocabulary).
+    Estimated tables, heads other than a plain linear and models on a GPU (where this way has not
     been run yet) replay each entry from every block's cached inputs instead."""
     from layerwise.measure.streamed import plain_head
 
-    in_memory_ok = estimator == "measured" and not edges and plain_head(loaded) and loaded.input_device.type == "cpu"
+    in_memory_ok = estimator == "measured" and plain_head(loaded) and loaded.input_device.type == "cpu"
     return loaded.streamed is not None or in_memory_ok
 
 
@@ -300,7 +304,7 @@ def measure_sensitivity(
         from layerwise.measure.streamed import refuse_what_streaming_lacks
 
         refuse_what_streaming_lacks(estimator=method.name)
-    block_major = runs_block_major(loaded, method.name, edges)
+    block_major = runs_block_major(loaded, method.name)
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:
@@ -360,9 +364,17 @@ def measure_sensitivity(
                     _save_progress(checkpoint, key, units_done, cost, kl_rows, skipped, block_runs,
                                    earlier_seconds + time.perf_counter() - started)
 
-            run = measure_entries(loaded, calibration, units, configs, modules, importance=importance,
-                                  statistics=statistics, batch_size=batch_size, head=head, record=record,
-                                  first_unit=done, block_done=block_done)
+            if method.name == "measured":
+                run = measure_entries(loaded, calibration, units, configs, modules, importance=importance,
+                                      statistics=statistics, batch_size=batch_size, head=head, record=record,
+                                      first_unit=done, block_done=block_done)
+            else:  # an estimate of a streamed model
+                from layerwise.measure.estimated import estimate_entries
+
+                run, prepared = estimate_entries(loaded, calibration, units, configs, modules, method=method,
+                                                 importance=importance, statistics=statistics, batch_size=batch_size,
+                                                 head=head, record=record, first_unit=done, block_done=block_done)
+                block_runs += prepared
             forward_seconds, positions, batches = run.seconds, run.positions, run.batches
         else:
             forward_seconds, positions, batches = base.seconds, base.positions, len(base.calls)

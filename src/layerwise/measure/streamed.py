@@ -1,6 +1,6 @@
-"""The measured sensitivity table (streamed or in memory) and the whole-plan KLs of a streamed
-model (issue 17): one block's weights in memory at a time when streamed, and no input of every
-block and no vocabulary-wide distributions kept either way.
+"""The measured sensitivity table (streamed or in memory) and the KLs of whole plans (streamed, or
+the check in memory) (issue 17): one block's weights in memory at a time when streamed, and no
+input of every block and no vocabulary-wide distributions kept either way.
 
 Replayed (`measure.sensitivity`'s way for estimated tables), every entry re-runs blocks b..L-1
 from block b's cached input against stored base distributions: every block's inputs and a
@@ -18,10 +18,10 @@ running log-sum-exp, so no position's full distribution is ever in memory. The n
 replayed ones up to float rounding (the same windows run through the same blocks; only the sums
 over the vocabulary are ordered otherwise: measured within 2e-7 nats on stories260K).
 
-The embedding and head as units (plans like a GGUF file) are measured streamed too: a quantized
-embedding is read only at the rows of the calibration's tokens (`StreamedWeights.rows_transformed`)
-and a quantized head a slice of rows at a time, both rounded to nearest, whose groups lie within a
-row, so the values are those of the whole matrix quantized. In memory such tables replay.
+The embedding and head as units (plans like a GGUF file) are measured this way too: a quantized
+embedding only at the rows of the calibration's tokens (`embedding_rows_transformed`) and a
+quantized head a slice of rows at a time, both rounded to nearest, whose groups lie within a row,
+so the values are those of the whole matrix quantized, and no quantized copy of either is made.
 """
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ from layerwise.engine.hooks import BlockCall, advance_batches, run_batches, run_
 from layerwise.engine.replay import calls_of, first_block_input, last_block_outputs, removed_unit
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import blocks_to_head
+from layerwise.measure.fitness import table_prediction
 from layerwise.measure.sensitivity import _statistics_hooks, head_cost_in_blocks
 from layerwise.models.layout import blocks_of, head_is_tied, linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
-from layerwise.models.streaming import has_overrides, head_rows, head_step, held
+from layerwise.models.streaming import embedding_rows_transformed, has_overrides, head_rows, head_step, held
 from layerwise.plan.options import DROP
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.table import domain_means, edge_config
@@ -56,15 +57,21 @@ from layerwise.util.tensor_files import TensorSlots, TensorSpill
 # Logits made at once while KL is summed over vocabulary slices (float32; a few temporaries of
 # this size and twice it in float64).
 _LOGIT_ELEMENTS = 1 << 20
-# Weights of the embedding or head quantized at once by a plan's edge options.
-_QUANTIZED_ELEMENTS = 1 << 19
+# Weights of the embedding or head quantized at once by a plan's edge options, and the pieces a
+# head slice is cut into when a variant applies its own head.
+_QUANTIZED_ELEMENTS = 1 << 18
+_HEAD_PIECES = 4
+
+
+# The estimators a streamed model's table runs (`layerwise.measure.estimated` for the estimates).
+STREAMED_ESTIMATORS = ("measured", "weights", "fisher")
 
 
 def refuse_what_streaming_lacks(*, estimator: str = "measured") -> None:
     """What a plan of a streamed model cannot do yet, refused before any work."""
-    if estimator != "measured":
-        raise LayerwiseError(f"the {estimator!r} estimator does not run on a streamed model yet; use the measured "
-                             "table (--sensitivity measured) or load the model without --streaming")
+    if estimator not in STREAMED_ESTIMATORS:
+        raise LayerwiseError(f"the {estimator!r} estimator does not run on a streamed model yet; use "
+                             f"{', '.join(STREAMED_ESTIMATORS)} or auto, or load the model without --streaming")
 
 
 def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
@@ -76,6 +83,25 @@ def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
 def plain_head(loaded: LoadedModel) -> bool:
     """Whether the head is a plain linear, which `SlicedKL` applies a slice of rows at a time."""
     return type(loaded.model.get_submodule(loaded.adapter.lm_head)) is nn.Linear
+
+
+def head_slices(loaded: LoadedModel) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """(first row, end row, weight rows, bias rows) of the head, a slice of vocabulary rows at a
+    time: read from the checkpoint, or from the head held whole where it is not read in slices (a
+    GGUF output tensor, a bias, an overridden head)."""
+    streamed, path = loaded.streamed, loaded.adapter.lm_head
+    head = loaded.model.get_submodule(path)
+    vocab, width = head.weight.shape
+    step = head_step(width)
+    if streamed is not None and path in streamed.sliced and head.bias is None and not has_overrides(streamed, path):
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            yield start, stop, head_rows(streamed, path, start, stop, head.weight.dtype), None
+        return
+    with held(streamed, path):
+        for start in range(0, vocab, step):
+            stop = min(vocab, start + step)
+            yield start, stop, head.weight[start:stop], None if head.bias is None else head.bias[start:stop]
 
 
 def _part(loaded: LoadedModel, index: int) -> str:
@@ -115,18 +141,8 @@ class SlicedKL:
         self.lse, self.neg_entropy, self.mass = self._base_terms()
 
     def _slices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight rows, bias rows) of the head, a slice at a time: read from the checkpoint, or
-        from the head held whole where it is not read in slices (a GGUF output tensor, a bias)."""
-        streamed, path = self.loaded.streamed, self.loaded.adapter.lm_head
-        if streamed is not None and path in streamed.sliced and self.head.bias is None and \
-                not has_overrides(streamed, path):
-            for start in range(0, self.vocab, self.step):
-                yield head_rows(streamed, path, start, min(self.vocab, start + self.step), self.head.weight.dtype), None
-            return
-        with held(streamed, path):
-            for start in range(0, self.vocab, self.step):
-                stop = min(self.vocab, start + self.step)
-                yield self.head.weight[start:stop], None if self.head.bias is None else self.head.bias[start:stop]
+        for _, _, weight, bias in head_slices(self.loaded):
+            yield weight, bias
 
     def normed(self, states: torch.Tensor) -> torch.Tensor:
         """A last block's output as the head receives it."""
@@ -185,21 +201,30 @@ class SlicedKL:
         peak = torch.full((variants, self.total), -torch.inf, dtype=torch.float64, device=self.device)
         summed = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)
         cross = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)  # sum p z
-        for weight, bias in self._slices():
-            for head, members in groups.values():
-                variant_weight = weight if head is None else head(weight)
-                for chunk in self.chunks:
-                    part, window, start, stop, offset = chunk
-                    count = stop - start
-                    logprobs, probs = self._base_distribution(chunk, weight, bias, self.lse)
-                    probs = probs.float()
-                    del logprobs
-                    for variant in members:
-                        logits = self._logits(rows_of(variant, part, window, start, stop), variant_weight, bias)
-                        _running_lse(peak[variant], summed[variant], offset, logits)
-                        cross[variant, offset:offset + count] += (probs * logits).sum(dim=-1, dtype=torch.float64)
-                        del logits
-                del variant_weight
+        # A variant's head is made a quarter of a slice at a time: its copy and the quantizer's
+        # temporaries stay a few MB beside the slice.
+        pieces = _HEAD_PIECES if any(head is not None for head in heads) else 1
+        for whole_weight, whole_bias in self._slices():
+            step = -(-whole_weight.shape[0] // pieces)
+            for first in range(0, whole_weight.shape[0], step):
+                weight = whole_weight[first:first + step]
+                bias = None if whole_bias is None else whole_bias[first:first + step]
+                for head, members in groups.values():
+                    variant_weight = weight if head is None else head(weight)
+                    for chunk in self.chunks:
+                        part, window, start, stop, offset = chunk
+                        count = stop - start
+                        logprobs, probs = self._base_distribution(chunk, weight, bias, self.lse)
+                        probs = probs.float()
+                        del logprobs
+                        for variant in members:
+                            logits = self._logits(rows_of(variant, part, window, start, stop), variant_weight, bias)
+                            _running_lse(peak[variant], summed[variant], offset, logits)
+                            cross[variant, offset:offset + count] += (probs * logits).sum(dim=-1,
+                                                                                          dtype=torch.float64)
+                            del logits
+                    del variant_weight
+            del whole_weight, weight
             trim_freed_memory()
         lse = peak + summed.log()
         kl = (self.neg_entropy - (cross - lse * self.mass)).clamp_min(0.0)
@@ -265,9 +290,10 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                     modules: dict[str, nn.Module], *, importance: dict, statistics: TokenWindows | None,
                     batch_size: int, head: float,
                     record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
-                    first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None) -> StreamedEntries:
-    """Every entry (unit u >= `first_unit`, option o) of the measured table (of a streamed model, or
-    of one in memory, whose blocks are then at hand):
+                    first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None,
+                    wanted: set[int] | None = None) -> StreamedEntries:
+    """Every entry (unit u >= `first_unit`, and in `wanted` if given; option o) of the measured
+    table (of a streamed model, or of one in memory, whose blocks are then at hand):
     `record(u, o, per-window KL, stored bits, why skipped, block evaluations)` for each (counted
     as the in-memory table counts them), a block's entries at a time, then `block_done(units done)`."""
     refuse_unless_streamable(loaded, "the sensitivity table")
@@ -284,10 +310,11 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     base_seconds = time.perf_counter() - started
     positions = sum(batch[0].h_in.shape[0] * (batch[0].h_in.shape[1] - 1) for batch in calls)
     by_block: dict[int, list[int]] = {}
-    edges = [u for u, unit in enumerate(units) if u >= first_unit and unit.kind in EDGE_KINDS]
-    for u, unit in enumerate(units):
-        if u >= first_unit and unit.kind not in EDGE_KINDS:
-            by_block.setdefault(unit.block, []).append(u)
+    measured = [u for u in range(first_unit, len(units)) if wanted is None or u in wanted]
+    edges = [u for u in measured if units[u].kind in EDGE_KINDS]
+    for u in measured:
+        if units[u].kind not in EDGE_KINDS:
+            by_block.setdefault(units[u].block, []).append(u)
     hidden, stat_hidden = take_first_inputs(calls), take_first_inputs(stat_calls)
     shapes, device = [state.shape for state in hidden], hidden[0].device
     slots = TensorSlots([(shape[0] * shape[1], shape[2]) for shape in shapes], hidden[0].dtype)
@@ -351,8 +378,6 @@ def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[t
     to nearest: an embedding's variant runs every block from its first inputs (the rows of the
     calibration's tokens, quantized), a head's takes the base model's last block outputs; the head
     of each (a tied one is the embedding) is quantized a slice of rows at a time."""
-    if loaded.streamed is None:
-        raise LayerwiseError("the block-major table measures the embedding and head of a streamed model only")
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     tied = head_is_tied(model, adapter)  # quantizing the embedding then quantizes the head
     entries: list[tuple[int, int, float, Unit]] = []
@@ -372,7 +397,7 @@ def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[t
                 continue
             quantized = rows_quantized(used, name, importance.get(name))
             if unit.kind == "embed":
-                with streamed.rows_transformed(adapter.embed, quantized):
+                with embedding_rows_transformed(loaded, quantized):
                     put(len(entries), [first_block_input(model, adapter, ids.to(loaded.input_device))
                                        for ids in calibration.batches(1)])
             else:
@@ -431,22 +456,35 @@ def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importanc
 class _FitnessWindows:
     """What measuring whole plans on some windows keeps of the base model: every block's call
     arguments (a window per batch), the first block's inputs in a scratch file (read again for
-    every plan), and the base distributions' sums for all windows and for the first few
-    (`prefix`, the cheaper fidelity of a search)."""
+    every plan), and the base distributions' sums for all windows; for the first few windows too
+    (the cheaper fidelity of a search), made when first asked for."""
     inputs: list[torch.Tensor]  # token ids per window: a planned embedding's first inputs start there
     calls: list[list[BlockCall]]
     first: TensorSlots
     kl: SlicedKL
-    prefix: SlicedKL | None
+    prefix_finals: list[torch.Tensor]  # the last block's outputs of the first few windows
     window_domains: np.ndarray
     device: torch.device
+    prefix: SlicedKL | None = None
+
+    def kl_for(self, loaded: LoadedModel, count: int) -> SlicedKL:
+        """The base sums of the first `count` windows: all of them, or the first few."""
+        if count == len(self.calls):
+            return self.kl
+        if count != len(self.prefix_finals):
+            raise LayerwiseError(f"whole plans are measured on all {len(self.calls)} windows or the first "
+                                 f"{len(self.prefix_finals)}, not {count}")
+        if self.prefix is None:
+            self.prefix = SlicedKL(loaded, self.prefix_finals, torch.float32)
+        return self.prefix
 
     def close(self) -> None:
         self.first.close()
 
 
 class StreamedFitness:
-    """KL of whole plans on a streamed model (`KLFitness`'s numbers): for the never-worse check
+    """KL of whole plans on a streamed model, or for the check on one in memory on the CPU
+    (`KLFitness`'s numbers): for the never-worse check
     (`window_kl`) and the searches (`fitness(choice, stage)`: stage 0 the table's prediction, 1 the
     KL on the first `batch_size` windows, 2 on all of them). A plan runs block by block, each block
     read once for all windows with its units quantized as the plan says; quantized weights are
@@ -487,10 +525,9 @@ class StreamedFitness:
         slots = TensorSlots([tuple(state.shape) for state in first], first[0].dtype)
         slots.write(0, first)
         finals = last_block_outputs(self.loaded, calls, hidden=first)  # `first` is consumed
-        partial = prefix is not None and prefix < len(finals)
         held = _FitnessWindows(windows.batches(1), calls, slots, SlicedKL(self.loaded, finals, torch.float32),
-                               SlicedKL(self.loaded, finals[:prefix], torch.float32) if partial else None,
-                               np.asarray(windows.window_domains), device)
+                               finals[:prefix] if prefix is not None else [], np.asarray(windows.window_domains),
+                               device)
         self._held.append(held)
         return held
 
@@ -512,11 +549,9 @@ class StreamedFitness:
     def __call__(self, choice: Sequence[int], stage: int | None = None) -> float:
         stage = self.stages - 1 if stage is None else stage
         if stage == 0:
-            if self.problem is not None:
-                return self.problem.total_loss(choice)
-            return float(np.sum(self.table.kl[np.arange(len(choice)), list(choice)]))
+            return table_prediction(self.table, self.problem, choice)
         started = time.perf_counter()
-        count = len(self.base.calls) if stage == self.stages - 1 or self.base.prefix is None else self.prefix_windows
+        count = len(self.base.calls) if stage == self.stages - 1 else min(self.prefix_windows, len(self.base.calls))
         values = self._window_kl(choice, self.base, count)
         self.calls += 1
         self.block_runs += count * (self.loaded.n_blocks + self._head)
@@ -564,7 +599,7 @@ class StreamedFitness:
         calls = base.calls[:count]
         edges = self._edge_transforms(choice)
         if "embed" in edges:
-            with streamed.rows_transformed(adapter.embed, edges["embed"]):
+            with embedding_rows_transformed(self.loaded, edges["embed"]):
                 hidden = [first_block_input(model, adapter, ids.to(self.loaded.input_device))
                           for ids in base.inputs[:count]]
         else:
@@ -583,11 +618,11 @@ class StreamedFitness:
                 with _weights_as(self.modules, decoded):
                     hidden = advance_batches(block, calls, hidden, index)
                 del decoded
-        normed = [self.kl_of(base, count).normed(state) for state in hidden]
+        kl = base.kl_for(self.loaded, count)
+        normed = [kl.normed(state) for state in hidden]
         del hidden
         head = edges.get("head", edges.get("embed") if self.tied else None)
-        return self.kl_of(base, count).window_kl(1, lambda _, part, window, start, stop:
-                                                 normed[part][window, start:stop], [head])[0]
+        return kl.window_kl(1, lambda _, part, window, start, stop: normed[part][window, start:stop], [head])[0]
 
     def _edge_transforms(self, choice: Sequence[int]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Unit kind ("embed", "head") -> its rows as `choice` quantizes them."""
@@ -598,10 +633,6 @@ class StreamedFitness:
             transforms[unit.kind] = rows_quantized(edge_config(unit, self.configs[int(choice[u])]), name,
                                                    self.importance.get(name))
         return transforms
-
-    @staticmethod
-    def kl_of(base: _FitnessWindows, count: int) -> SlicedKL:
-        return base.kl if count == len(base.calls) else base.prefix
 
     def __enter__(self) -> "StreamedFitness":
         return self

@@ -201,22 +201,30 @@ def _embed_rows_only(streamed: StreamedWeights, path: str, module: nn.Module) ->
             with streamed.held(path):
                 return forward(input_ids, *args, **kwargs)
         unique, renumbered = torch.unique(input_ids, return_inverse=True)
-        placeholder, padding_idx = module._parameters["weight"], getattr(module, "padding_idx", None)
-        rows = streamed.source.read_rows(key, unique.tolist()).to(device=streamed.device, dtype=placeholder.dtype)
+        dtype = module._parameters["weight"].dtype
+        rows = streamed.source.read_rows(key, unique.tolist()).to(device=streamed.device, dtype=dtype)
         if path in streamed.row_transforms:
-            rows = streamed.row_transforms[path](rows).to(dtype=placeholder.dtype)
-        module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
-        # padding_idx only masks gradients; it would be checked against the rows read, not the vocabulary.
-        if padding_idx is not None:
-            module.padding_idx = None
-        try:
-            return forward(renumbered, *args, **kwargs)
-        finally:
-            module._parameters["weight"] = placeholder
-            if padding_idx is not None:
-                module.padding_idx = padding_idx
+            rows = streamed.row_transforms[path](rows).to(dtype=dtype)
+        return _forward_on_rows(module, forward, rows, renumbered, args, kwargs)
 
     module.forward = forward_with_rows
+
+
+def _forward_on_rows(module: nn.Module, forward: Callable, rows: torch.Tensor, renumbered: torch.Tensor,
+                     args: tuple, kwargs: dict) -> torch.Tensor:
+    """An embedding's own forward (subclasses that scale the output too) with only `rows` as its
+    weight, the ids renumbered into them; its weight and padding index as they were after."""
+    own, padding_idx = module._parameters["weight"], getattr(module, "padding_idx", None)
+    module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+    # padding_idx only masks gradients; it would be checked against the rows, not the vocabulary.
+    if padding_idx is not None:
+        module.padding_idx = None
+    try:
+        return forward(renumbered, *args, **kwargs)
+    finally:
+        module._parameters["weight"] = own
+        if padding_idx is not None:
+            module.padding_idx = padding_idx
 
 
 # Vocabulary rows of a streamed head read and applied at once: 16 MB of float32 weights (SmolLM2's
@@ -289,6 +297,32 @@ def _load_around_calls(streamed: StreamedWeights, path: str, module: nn.Module) 
             return forward(*args, **kwargs)
 
     module.forward = forward_with_weights
+
+
+@contextlib.contextmanager
+def embedding_rows_transformed(loaded: Any, transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """For the duration, the embedding of `loaded` (a LoadedModel) looks up the rows of the tokens
+    it is given as `transform` makes them (a quantized embedding, never made whole): streamed, as
+    it reads them; in memory, from its weight, the module's own forward run on those rows with the
+    ids renumbered into them, as a streamed embedding runs."""
+    path = loaded.adapter.embed
+    if loaded.streamed is not None:
+        with loaded.streamed.rows_transformed(path, transform):
+            yield
+        return
+    module = loaded.model.get_submodule(path)
+    forward, weight = module.forward, module.weight
+
+    def forward_with_rows(input_ids, *args, **kwargs):
+        unique, renumbered = torch.unique(input_ids, return_inverse=True)
+        rows = transform(weight.detach()[unique]).to(weight.dtype)
+        return _forward_on_rows(module, forward, rows, renumbered, args, kwargs)
+
+    module.forward = forward_with_rows
+    try:
+        yield
+    finally:
+        del module.forward  # the class's own again
 
 
 def held(streamed: StreamedWeights | None, name: str) -> contextlib.AbstractContextManager:

@@ -1,0 +1,336 @@
+"""Estimated sensitivity tables of a streamed model (issue 17): the `weights` and `fisher`
+estimators, one block's weights in memory at a time, and the measurements with which a plan
+refines them (`auto`).
+
+The estimators' own entry functions (`layerwise.measure.estimators`) give every entry, called
+while the unit's block is held with the unit quantized; only what they are given is gathered
+otherwise:
+- `weights`: the mean square of every unit linear's input columns per window, taken as each block
+  runs on the calibration windows;
+- `fisher`: the squared gradient of the log-likelihood of tokens sampled from the model, by a
+  backward pass a block at a time: the forward pass keeps every block's inputs in a scratch file,
+  the head gives the gradient at the last block's output (its logits made for a few positions at a
+  time, from head slices: never a whole distribution of every position), and each block, read
+  again in reverse order, is run forward with gradients from its kept input and backward from its
+  output's gradient. The tokens are drawn from the same generator in the same order as in memory,
+  so the table is the in-memory one up to float rounding.
+The embedding and head, when they are units, are measured (`measure_entries`), as in memory.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerwise.data.windows import TokenWindows
+from layerwise.engine.hooks import BlockCall, advance_batches, run_block, scoped_hooks, take_first_inputs
+from layerwise.engine.replay import calls_of
+from layerwise.errors import LayerwiseError
+from layerwise.measure.estimators import FISHER_SAMPLES, EstimateContext, Estimator
+from layerwise.measure.streamed import (SlicedKL, StreamedEntries, _entry_outputs, _part, _statistics, head_slices,
+                                        measure_entries)
+from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight, stored_transposed
+from layerwise.models.loading import LoadedModel
+from layerwise.models.streaming import held
+from layerwise.plan.options import DROP
+from layerwise.plan.table import domain_means, edge_config
+from layerwise.plan.units import EDGE_KINDS, Unit
+from layerwise.quant.linear import quantize_linear
+from layerwise.util.tensor_files import TensorSlots
+
+# Logits of the head made at once (positions x vocabulary, float32) while the sampled tokens'
+# gradient is taken: a few copies of 16 MB.
+_GRADIENT_LOGITS = 1 << 22
+
+
+@torch.no_grad()
+def estimate_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[Unit], configs: list,
+                     modules: dict[str, nn.Module], *, method: Estimator, importance: dict,
+                     statistics: TokenWindows | None, batch_size: int, head: float,
+                     record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
+                     first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None
+                     ) -> tuple[StreamedEntries, float]:
+    """Every entry (unit u >= `first_unit`, option o) of a streamed model's table estimated by
+    `method` (weights or fisher): `record(u, o, per-window values, stored bits, why skipped, 0)`,
+    a block at a time, then `block_done(units done)`; the embedding's and head's entries measured.
+    Returns the base pass, and the block evaluations the estimate's preparation spent (a window
+    counted as a batch, as the base pass counts them)."""
+    if method.name not in ("weights", "fisher"):
+        raise LayerwiseError(f"the {method.name!r} estimator does not run on a streamed model yet")
+    model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
+    windows, seq_len = calibration.input_ids.shape
+    edges = [u for u, unit in enumerate(units) if u >= first_unit and unit.kind in EDGE_KINDS]
+    if edges:
+        run = measure_entries(loaded, calibration, units, configs, modules, importance=importance,
+                              statistics=statistics, batch_size=batch_size, head=head, record=record,
+                              first_unit=first_unit, block_done=block_done, wanted=set(edges))
+    else:
+        run = StreamedEntries(0.0, windows * (seq_len - 1), windows)
+    started = time.perf_counter()
+    block_names = [name for unit in units if unit.kind not in EDGE_KINDS for name in unit.modules]
+    context = EstimateContext(loaded, None, modules, head, None, tuple(calibration.window_domains))
+    # Block evaluations, counted a window at a time as `run` counts them (the passes come out as in memory).
+    if method.name == "fisher":
+        context.cache["fisher"] = streamed_fisher(loaded, calibration, block_names, samples=FISHER_SAMPLES)
+        prepared = (1.0 + 2.0 * FISHER_SAMPLES) * (loaded.n_blocks + head) * windows  # a backward ~ two forwards
+    else:
+        context.cache["squares"] = {}
+        prepared = (loaded.n_blocks + head) * windows
+    by_block: dict[int, list[int]] = {}
+    for u, unit in enumerate(units):
+        if u >= first_unit and unit.kind not in EDGE_KINDS:
+            by_block.setdefault(unit.block, []).append(u)
+    algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
+    calls = calls_of(loaded, calibration) if method.name == "weights" else []
+    stat_calls = calls_of(loaded, statistics or calibration, batch_size) if algorithms else []
+    hidden, stat_hidden = take_first_inputs(calls), take_first_inputs(stat_calls)
+    for index, block in enumerate(blocks_of(model, adapter)):
+        if not by_block.keys() - set(range(index)):
+            break  # no entries left
+        todo = by_block.get(index, [])
+        names = [name for u in todo for name in units[u].modules]
+        with held(streamed, _part(loaded, index)):
+            if calls:
+                with scoped_hooks(_squares_hooks(modules, names, context.cache["squares"])):
+                    hidden = advance_batches(block, calls, hidden, index)
+            stats = _statistics(model, block, names, algorithms, stat_calls, stat_hidden, index) if todo else {}
+            for u in todo:
+                for o, config in enumerate(configs):
+                    values, bits, why = _estimate(context, method, units[u], config, stats, importance)
+                    record(u, o, values, bits, why, 0.0)
+            del stats
+            stat_hidden = advance_batches(block, stat_calls, stat_hidden, index)
+        if todo:
+            block_done(max(todo) + 1)
+    if not edges:
+        run.seconds = time.perf_counter() - started  # the estimate's own passes: its base pass
+    return run, prepared
+
+
+def _squares_hooks(modules: dict[str, nn.Module], names: list[str], squares: dict[str, torch.Tensor]):
+    """Hooks keeping, per window, the mean square of each input column of `names` (as `weights`
+    gathers them in memory), appended a window at a time."""
+    def gather(name: str):
+        def hook(module, args) -> None:
+            x = args[0].detach().float()
+            value = x[:, :-1].pow(2).mean(dim=1).cpu().double()  # [windows in batch, in features]
+            squares[name] = value if name not in squares else torch.cat([squares[name], value])
+        return hook
+
+    def register(handles: list) -> None:
+        for name in names:
+            handles.append(modules[name].register_forward_pre_hook(gather(name)))
+    return register
+
+
+def _estimate(context: EstimateContext, method: Estimator, unit: Unit, config, stats: dict,
+              importance: dict) -> tuple[np.ndarray | None, float | None, str | None]:
+    """One entry by the estimator's own function, the unit (of a held block) quantized, or dropped,
+    meanwhile: (per-window values, stored bits or None when dropped, why skipped)."""
+    modules = context.modules
+    context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
+    if config == DROP:
+        return method.entry(context, unit, unit.kind)[0], None, None
+    used = edge_config(unit, config)
+    try:
+        stored = {name: quantize_linear(name, modules[name], used, stats.get((name, used.algorithm)),
+                                        importance.get(name)) for name in unit.modules}
+    except LayerwiseError as error:
+        return None, None, str(error)
+    try:
+        for name, qtensor in stored.items():
+            set_linear_weight(modules[name], qtensor.dequantize())
+        values, _ = method.entry(context, unit, None)
+    finally:
+        for name, weight in context.originals.items():
+            set_linear_weight(modules[name], weight)
+    return values, float(sum(q.n_bits for q in stored.values())), None
+
+
+def streamed_fisher(loaded: LoadedModel, calibration: TokenWindows, names: list[str], *,
+                    samples: int = FISHER_SAMPLES) -> dict[str, dict[str, torch.Tensor]]:
+    """Per domain, the diagonal Fisher information per token of the weights of `names` (block
+    linears), as `estimators._prepare_fisher` computes it in memory, a block at a time."""
+    model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
+    blocks = blocks_of(model, adapter)
+    calls = calls_of(loaded, calibration)
+    hidden = take_first_inputs(calls)
+    inputs = TensorSlots([tuple(state.shape) for state in hidden], hidden[0].dtype)  # slot b: block b's inputs
+    try:
+        for index, block in enumerate(blocks):
+            inputs.write(index, hidden)
+            with held(streamed, _part(loaded, index)):
+                hidden = advance_batches(block, calls, hidden, index)
+        generator = torch.Generator().manual_seed(0)  # as in memory: the same draws in the same order
+        # gradients[window][sample]: d(sampled tokens' log-likelihood) / d(the block output reached)
+        gradients = [_head_gradients(loaded, final, samples, generator) for final in hidden]
+        del hidden
+        domains = calibration.window_domains
+        positions: dict[str, int] = {}
+        for window, ids in enumerate(calibration.input_ids):
+            positions[domains[window]] = positions.get(domains[window], 0) + samples * (ids.shape[0] - 1)
+        fisher: dict[str, dict[str, torch.Tensor]] = {domain: {} for domain in positions}
+        for index in reversed(range(len(blocks))):
+            owned = [name for name in names if _block_of(loaded, name) == index]
+            with held(streamed, _part(loaded, index)):
+                for window, state in enumerate(inputs.read(index)):
+                    squares = _block_backward(model, blocks[index], calls[window][index], state, gradients[window],
+                                              {name: model.get_submodule(name) for name in owned})
+                    totals = fisher[domains[window]]
+                    for name, square in squares.items():
+                        if name in totals:
+                            totals[name] += square
+                        else:
+                            totals[name] = square
+    finally:
+        inputs.close()
+    return {domain: {name: total / positions[domain] for name, total in totals.items()}
+            for domain, totals in fisher.items()}
+
+
+def _block_of(loaded: LoadedModel, name: str) -> int:
+    prefix = loaded.adapter.blocks + "."
+    return int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else -1
+
+
+def _block_backward(model: nn.Module, block: nn.Module, call: BlockCall, state: torch.Tensor,
+                    gradients: list[torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The block run forward from its kept input with gradients; per sample, backward from its
+    output's gradient: the squared gradients of `modules`' weights ([out, in], summed over the
+    samples), and each sample's gradient at the block's input (written over `gradients`)."""
+    parameters = [module.weight for module in modules.values()]
+    trainable = {parameter: parameter.requires_grad for parameter in block.parameters()}
+    squares: dict[str, torch.Tensor] = {}
+    try:
+        for parameter in block.parameters():
+            parameter.requires_grad_(False)
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        with torch.enable_grad():
+            x = state.detach().requires_grad_(True)
+            output = run_block(block, call, x)
+            for sample, gradient in enumerate(gradients):
+                got = torch.autograd.grad(output, [x, *parameters], grad_outputs=gradient.to(output.dtype),
+                                          retain_graph=sample + 1 < len(gradients), allow_unused=True,
+                                          materialize_grads=True)
+                gradients[sample] = got[0].detach()
+                for (name, module), grad in zip(modules.items(), got[1:]):
+                    square = (grad.t() if stored_transposed(module) else grad).detach().float().pow(2)
+                    squares[name] = square if name not in squares else squares[name] + square
+    finally:
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+    return squares
+
+
+def _head_gradients(loaded: LoadedModel, final: torch.Tensor, samples: int,
+                    generator: torch.Generator) -> list[torch.Tensor]:
+    """For one window's last block output [1, positions, hidden]: per draw of tokens from the
+    model's own next-token distributions, the gradient of their summed cross-entropy at that
+    output. The logits are made for a few positions at a time from head slices; their gradient,
+    softmax less the drawn token (through the soft cap, if any), goes back through the slices,
+    then through the final norm by autograd."""
+    model, adapter = loaded.model, loaded.adapter
+    norm = model.get_submodule(adapter.final_norm)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
+    with torch.enable_grad():
+        states = final.detach().requires_grad_(True)
+        normed = norm(states)
+    predicting = normed[0, :-1].detach()  # the positions whose next token is scored
+    rows = max(1, _GRADIENT_LOGITS // vocab)
+    gradients = []
+    for sample in range(samples):
+        at_normed = torch.zeros_like(predicting)
+        for start in range(0, predicting.shape[0], rows):
+            part = predicting[start:start + rows]
+            logits = torch.empty(part.shape[0], vocab, dtype=torch.float32, device=part.device)
+            for first, end, weight, bias in head_slices(loaded):
+                pre = nn.functional.linear(part, weight, bias)
+                logits[:, first:end] = (torch.tanh(pre / softcap) * softcap if softcap else pre).float()
+            probabilities = logits.softmax(-1)
+            drawn = torch.multinomial(probabilities.cpu(), 1, generator=generator)[:, 0].to(part.device)
+            upstream = probabilities  # d(sum of cross-entropies) / d logits: softmax less the drawn token
+            upstream[torch.arange(part.shape[0], device=part.device), drawn] -= 1.0
+            if softcap:
+                upstream = upstream * (1.0 - (logits / softcap).pow(2))
+            del logits
+            for first, end, weight, _ in head_slices(loaded):
+                at_normed[start:start + part.shape[0]] += upstream[:, first:end].to(weight.dtype) @ weight
+            del upstream, probabilities
+        full = torch.zeros_like(normed)
+        full[0, :-1] = at_normed
+        gradients.append(torch.autograd.grad(normed, states, grad_outputs=full, retain_graph=sample + 1 < samples)[0])
+    return gradients
+
+
+class StreamedEntryMeasurer:
+    """`measurer(u, o)` -> (the KL per domain of entry (u, o), passes spent), as
+    `sensitivity.entry_measurer` measures it in memory, for the entries a plan refines on a
+    streamed model: one base pass keeps every block's inputs (and the GPTQ/AWQ statistics
+    windows' inputs) in unnamed scratch files (gone with the measurer), so an entry of block b
+    reads blocks b..L-1 only."""
+
+    def __init__(self, loaded: LoadedModel, table, calibration: TokenWindows, *, importance: dict | None = None,
+                 statistics: TokenWindows | None = None, batch_size: int = 4) -> None:
+        self.loaded, self.table, self.importance = loaded, table, importance or {}
+        self.configs = table.configs
+        self.modules = {name: loaded.model.get_submodule(name) for unit in table.units for name in unit.modules}
+        self.algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
+        self.window_domains = calibration.window_domains
+        self.domains = table.domains or list(dict.fromkeys(calibration.window_domains))
+        self.calls = calls_of(loaded, calibration)
+        self.stat_calls = calls_of(loaded, statistics or calibration, batch_size) if self.algorithms else []
+        self.inputs = self._keep_inputs(self.calls)
+        self.stat_inputs = self._keep_inputs(self.stat_calls) if self.stat_calls else None
+        finals = [state.to(self.device) for state in self.inputs.read(loaded.n_blocks)]
+        self.kl = SlicedKL(loaded, finals, torch.float16)
+        self.first = True
+
+    def _keep_inputs(self, calls: list[list[BlockCall]]) -> TensorSlots:
+        """Every block's inputs for `calls` (slot b; slot L: the last block's outputs)."""
+        hidden = take_first_inputs(calls)
+        self.device = hidden[0].device
+        slots = TensorSlots([tuple(state.shape) for state in hidden], hidden[0].dtype)
+        for index, block in enumerate(blocks_of(self.loaded.model, self.loaded.adapter)):
+            slots.write(index, hidden)
+            with held(self.loaded.streamed, _part(self.loaded, index)):
+                hidden = advance_batches(block, calls, hidden, index)
+        slots.write(self.loaded.n_blocks, hidden)
+        return slots
+
+    def __call__(self, u: int, o: int) -> tuple[np.ndarray, float]:
+        from layerwise.measure.sensitivity import entry_passes
+
+        unit, config = self.table.units[u], self.configs[o]
+        if unit.kind in EDGE_KINDS:
+            raise LayerwiseError(f"{unit.name}: the embedding's and head's entries are measured with the table")
+        model, adapter, streamed = self.loaded.model, self.loaded.adapter, self.loaded.streamed
+        blocks = blocks_of(model, adapter)
+        index = unit.block
+        hidden = [state.to(self.device) for state in self.inputs.read(index)]
+
+        def refuse(_u, _o, _values, _bits, why, _runs) -> None:
+            raise LayerwiseError(why)
+
+        with torch.no_grad():
+            with held(streamed, _part(self.loaded, index)):
+                stats = {}
+                if self.stat_inputs is not None:
+                    stat_hidden = [state.to(self.device) for state in self.stat_inputs.read(index)]
+                    stats = _statistics(model, blocks[index], list(unit.modules), self.algorithms, self.stat_calls,
+                                        stat_hidden, index)
+                hidden, _ = _entry_outputs(blocks[index], adapter, self.modules, unit, config, stats,
+                                           self.importance, self.calls, hidden, index, refuse, u, o)
+            for later in range(index + 1, len(blocks)):
+                with held(streamed, _part(self.loaded, later)):
+                    hidden = advance_batches(blocks[later], self.calls, hidden, later)
+            normed = [self.kl.normed(state) for state in hidden]
+            values = self.kl.window_kl(1, lambda _, part, window, start, stop: normed[part][window, start:stop])[0]
+        means = domain_means(values, self.window_domains)
+        spent = entry_passes(self.loaded, unit) + (1.0 if self.first else 0.0)  # the base pass, once
+        self.first = False
+        return np.array([means[name] for name in self.domains]), spent
