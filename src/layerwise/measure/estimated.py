@@ -29,16 +29,15 @@ from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import calls_of
 from layerwise.errors import LayerwiseError
-from layerwise.measure.estimators import FISHER_SAMPLES, EstimateContext, Estimator
+from layerwise.measure.estimators import FISHER_SAMPLES, EstimateContext, Estimator, column_squares
 from layerwise.measure.streamed import (SlicedKL, StreamedEntries, _entry_outputs, _part, _statistics, head_slices,
                                         measure_entries)
-from layerwise.models.layout import blocks_of, linear_weight, set_linear_weight, stored_transposed
+from layerwise.models.layout import blocks_of, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import held
 from layerwise.plan.options import DROP
-from layerwise.plan.table import domain_means, edge_config
+from layerwise.plan.table import domain_means
 from layerwise.plan.units import EDGE_KINDS, Unit
-from layerwise.quant.linear import quantize_linear
 from layerwise.util.tensor_files import TensorSlots
 
 # Logits of the head made at once (positions x vocabulary, float32) while the sampled tokens'
@@ -70,11 +69,14 @@ def estimate_entries(loaded: LoadedModel, calibration: TokenWindows, units: list
     else:
         run = StreamedEntries(0.0, windows * (seq_len - 1), windows)
     started = time.perf_counter()
-    block_names = [name for unit in units if unit.kind not in EDGE_KINDS for name in unit.modules]
+    block_linears: dict[int, list[str]] = {}
+    for unit in units:
+        if unit.kind not in EDGE_KINDS:
+            block_linears.setdefault(unit.block, []).extend(unit.modules)
     context = EstimateContext(loaded, None, modules, head, None, tuple(calibration.window_domains))
     # Block evaluations, counted a window at a time as `run` counts them (the passes come out as in memory).
     if method.name == "fisher":
-        context.cache["fisher"] = streamed_fisher(loaded, calibration, block_names, samples=FISHER_SAMPLES)
+        context.cache["fisher"] = streamed_fisher(loaded, calibration, block_linears, samples=FISHER_SAMPLES)
         prepared = (1.0 + 2.0 * FISHER_SAMPLES) * (loaded.n_blocks + head) * windows  # a backward ~ two forwards
     else:
         context.cache["squares"] = {}
@@ -115,8 +117,7 @@ def _squares_hooks(modules: dict[str, nn.Module], names: list[str], squares: dic
     gathers them in memory), appended a window at a time."""
     def gather(name: str):
         def hook(module, args) -> None:
-            x = args[0].detach().float()
-            value = x[:, :-1].pow(2).mean(dim=1).cpu().double()  # [windows in batch, in features]
+            value = column_squares(args[0]).double()
             squares[name] = value if name not in squares else torch.cat([squares[name], value])
         return hook
 
@@ -128,42 +129,39 @@ def _squares_hooks(modules: dict[str, nn.Module], names: list[str], squares: dic
 
 def _estimate(context: EstimateContext, method: Estimator, unit: Unit, config, stats: dict,
               importance: dict) -> tuple[np.ndarray | None, float | None, str | None]:
-    """One entry by the estimator's own function, the unit (of a held block) quantized, or dropped,
-    meanwhile: (per-window values, stored bits or None when dropped, why skipped)."""
-    modules = context.modules
-    context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
-    if config == DROP:
-        return method.entry(context, unit, unit.kind)[0], None, None
-    used = edge_config(unit, config)
+    """One entry by the estimator's own function (`sensitivity.evaluate_entry`, a held block's
+    unit): (per-window values, stored bits or None when dropped, why skipped)."""
+    from layerwise.measure.sensitivity import evaluate_entry
+
     try:
-        stored = {name: quantize_linear(name, modules[name], used, stats.get((name, used.algorithm)),
-                                        importance.get(name)) for name in unit.modules}
+        values, _, bits = evaluate_entry(context, unit, config, stats, importance, method.entry)
     except LayerwiseError as error:
         return None, None, str(error)
-    try:
-        for name, qtensor in stored.items():
-            set_linear_weight(modules[name], qtensor.dequantize())
-        values, _ = method.entry(context, unit, None)
-    finally:
-        for name, weight in context.originals.items():
-            set_linear_weight(modules[name], weight)
-    return values, float(sum(q.n_bits for q in stored.values())), None
+    return values, bits, None
 
 
-def streamed_fisher(loaded: LoadedModel, calibration: TokenWindows, names: list[str], *,
+def kept_block_inputs(loaded: LoadedModel, calls: list[list[BlockCall]]) -> tuple[TensorSlots, list[torch.Tensor]]:
+    """One pass over `calls` (each block held once for all batches) keeping every block's inputs
+    in an unnamed scratch file (slot b: block b's), and the last block's outputs."""
+    hidden = take_first_inputs(calls)
+    inputs = TensorSlots([tuple(state.shape) for state in hidden], hidden[0].dtype)
+    for index, block in enumerate(blocks_of(loaded.model, loaded.adapter)):
+        inputs.write(index, hidden)
+        with held(loaded.streamed, _part(loaded, index)):
+            hidden = advance_batches(block, calls, hidden, index)
+    return inputs, hidden
+
+
+def streamed_fisher(loaded: LoadedModel, calibration: TokenWindows, linears: dict[int, list[str]], *,
                     samples: int = FISHER_SAMPLES) -> dict[str, dict[str, torch.Tensor]]:
-    """Per domain, the diagonal Fisher information per token of the weights of `names` (block
-    linears), as `estimators._prepare_fisher` computes it in memory, a block at a time."""
+    """Per domain, the diagonal Fisher information per token of the weights of `linears` (block
+    index -> its unit linears), as `estimators._prepare_fisher` computes it in memory, a block at a
+    time."""
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     blocks = blocks_of(model, adapter)
     calls = calls_of(loaded, calibration)
-    hidden = take_first_inputs(calls)
-    inputs = TensorSlots([tuple(state.shape) for state in hidden], hidden[0].dtype)  # slot b: block b's inputs
+    inputs, hidden = kept_block_inputs(loaded, calls)
     try:
-        for index, block in enumerate(blocks):
-            inputs.write(index, hidden)
-            with held(streamed, _part(loaded, index)):
-                hidden = advance_batches(block, calls, hidden, index)
         generator = torch.Generator().manual_seed(0)  # as in memory: the same draws in the same order
         # gradients[window][sample]: d(sampled tokens' log-likelihood) / d(the block output reached)
         gradients = [_head_gradients(loaded, final, samples, generator) for final in hidden]
@@ -174,7 +172,7 @@ def streamed_fisher(loaded: LoadedModel, calibration: TokenWindows, names: list[
             positions[domains[window]] = positions.get(domains[window], 0) + samples * (ids.shape[0] - 1)
         fisher: dict[str, dict[str, torch.Tensor]] = {domain: {} for domain in positions}
         for index in reversed(range(len(blocks))):
-            owned = [name for name in names if _block_of(loaded, name) == index]
+            owned = linears.get(index, [])
             with held(streamed, _part(loaded, index)):
                 for window, state in enumerate(inputs.read(index)):
                     squares = _block_backward(model, blocks[index], calls[window][index], state, gradients[window],
@@ -189,11 +187,6 @@ def streamed_fisher(loaded: LoadedModel, calibration: TokenWindows, names: list[
         inputs.close()
     return {domain: {name: total / positions[domain] for name, total in totals.items()}
             for domain, totals in fisher.items()}
-
-
-def _block_of(loaded: LoadedModel, name: str) -> int:
-    prefix = loaded.adapter.blocks + "."
-    return int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else -1
 
 
 def _block_backward(model: nn.Module, block: nn.Module, call: BlockCall, state: torch.Tensor,
@@ -284,23 +277,11 @@ class StreamedEntryMeasurer:
         self.domains = table.domains or list(dict.fromkeys(calibration.window_domains))
         self.calls = calls_of(loaded, calibration)
         self.stat_calls = calls_of(loaded, statistics or calibration, batch_size) if self.algorithms else []
-        self.inputs = self._keep_inputs(self.calls)
-        self.stat_inputs = self._keep_inputs(self.stat_calls) if self.stat_calls else None
-        finals = [state.to(self.device) for state in self.inputs.read(loaded.n_blocks)]
+        self.inputs, finals = kept_block_inputs(loaded, self.calls)
+        self.stat_inputs = kept_block_inputs(loaded, self.stat_calls)[0] if self.stat_calls else None
+        self.device = finals[0].device
         self.kl = SlicedKL(loaded, finals, torch.float16)
         self.first = True
-
-    def _keep_inputs(self, calls: list[list[BlockCall]]) -> TensorSlots:
-        """Every block's inputs for `calls` (slot b; slot L: the last block's outputs)."""
-        hidden = take_first_inputs(calls)
-        self.device = hidden[0].device
-        slots = TensorSlots([tuple(state.shape) for state in hidden], hidden[0].dtype)
-        for index, block in enumerate(blocks_of(self.loaded.model, self.loaded.adapter)):
-            slots.write(index, hidden)
-            with held(self.loaded.streamed, _part(self.loaded, index)):
-                hidden = advance_batches(block, calls, hidden, index)
-        slots.write(self.loaded.n_blocks, hidden)
-        return slots
 
     def __call__(self, u: int, o: int) -> tuple[np.ndarray, float]:
         from layerwise.measure.sensitivity import entry_passes

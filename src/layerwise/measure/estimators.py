@@ -167,6 +167,12 @@ def _finish_local(context: EstimateContext, units: list[Unit], losses: np.ndarra
 
 # --- weights ---------------------------------------------------------------------------------
 
+def column_squares(x: torch.Tensor) -> torch.Tensor:
+    """Per window of a linear's input [windows, positions, in], the mean square of each column
+    over the positions KL is taken at: [windows, in features], float32 on the CPU."""
+    return x.detach().float()[:, :-1].pow(2).mean(dim=1).cpu()
+
+
 def _prepare_weights(context: EstimateContext) -> float:
     """Per window, the mean square of every input column of every unit linear (one forward pass)."""
     model = context.loaded.model
@@ -174,8 +180,7 @@ def _prepare_weights(context: EstimateContext) -> float:
 
     def gather(name: str):
         def hook(module, args) -> None:
-            x = args[0].detach().float()
-            squares[name].append(x[:, :-1].pow(2).mean(dim=1).cpu())  # [windows in batch, in features]
+            squares[name].append(column_squares(args[0]))
         return hook
 
     def register(handles: list) -> None:

@@ -177,29 +177,34 @@ def _check_some_option_fits(units: list[Unit], configs: list, modules: dict) -> 
                                  "divides its rows")
 
 
-def _entry_evaluator(context: EstimateContext, units: list[Unit], configs: list, importance: dict):
-    """(u, o, entry) -> entry (u, o)'s per-window values by `entry` (an `estimators.Entry`), the block
-    evaluations spent and the unit's stored bits under the option (None for "drop"), with the unit
-    quantized (or dropped) only meanwhile."""
-    modules, base = context.modules, context.base
+def evaluate_entry(context: EstimateContext, unit: Unit, config, stats: dict, importance: dict,
+                   entry) -> tuple[np.ndarray, float, float | None]:
+    """Entry (unit, option) by `entry` (an `estimators.Entry`): its per-window values, the block
+    evaluations spent and the unit's stored bits under the option (None for "drop"), the unit
+    quantized (GPTQ/AWQ from `stats`) or dropped only meanwhile; an option that does not apply
+    raises LayerwiseError before any weight changes."""
+    modules = context.modules
+    context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
+    if config == DROP:
+        values, runs = entry(context, unit, unit.kind)
+        return values, runs, None
+    used = edge_config(unit, config)
+    stored = {name: quantize_linear(name, modules[name], used, stats.get((name, used.algorithm)),
+                                    importance.get(name)) for name in unit.modules}
+    try:
+        for name, qtensor in stored.items():
+            set_linear_weight(modules[name], qtensor.dequantize())
+        values, runs = entry(context, unit, None)
+    finally:  # an interruption must not leave the caller's model quantized
+        for name, weight in context.originals.items():
+            set_linear_weight(modules[name], weight)
+    return values, runs, float(sum(q.n_bits for q in stored.values()))
 
+
+def _entry_evaluator(context: EstimateContext, units: list[Unit], configs: list, importance: dict):
+    """(u, o, entry) -> `evaluate_entry` of entry (u, o), with the base pass's statistics."""
     def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float, float | None]:
-        unit, config = units[u], configs[o]
-        context.originals = {name: linear_weight(modules[name]).detach().clone() for name in unit.modules}
-        if config == DROP:
-            values, runs = entry(context, unit, unit.kind)
-            return values, runs, None
-        used = edge_config(unit, config)
-        stored = {name: quantize_linear(name, modules[name], used, base.stats.get((name, used.algorithm)),
-                                        importance.get(name)) for name in unit.modules}
-        try:
-            for name, qtensor in stored.items():
-                set_linear_weight(modules[name], qtensor.dequantize())
-            values, runs = entry(context, unit, None)
-        finally:  # an interruption must not leave the caller's model quantized
-            for name, weight in context.originals.items():
-                set_linear_weight(modules[name], weight)
-        return values, runs, float(sum(q.n_bits for q in stored.values()))
+        return evaluate_entry(context, units[u], configs[o], context.base.stats, importance, entry)
 
     return evaluate
 
