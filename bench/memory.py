@@ -7,7 +7,7 @@ model bench/robust.py's saved table belongs to), with settings a new user would 
 transformers and the model family's code (its config read and its modules built on the meta device,
 no weights) take a few hundred MB before any weight is read; the `floor` row measures that in the
 same way, and `above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
-that streams (load, profile, plan, quantize, eval, both exports: `--streaming`) runs again in mode "streaming", its time
+that streams (every one: `--streaming`) runs again in mode "streaming", its time
 also given as a ratio to the in-memory run of the same command (`seconds_x_memory`), and set
 against issue 17's target (`target_bytes`, `meets_target`): above the floor at most 0.3x the
 float32 model plus the hidden states of the command's tokens at one block (float32).
@@ -43,21 +43,23 @@ REUSED_TABLE = {"SmolLM2-135M": RESULTS / "robust_sensitivity.json"}
 PLAN_SETTINGS = {"stories260K": ["--options", "int2pc,int3pc,int4pc,int6pc,int8pc"],
                  "SmolLM2-135M": ["--options", "int4g64,int8g64", "--granularity", "block"]}
 LAYERWISE = [sys.executable, "-m", "layerwise.cli"]
+PROMPTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "story_prompts.txt"
 
 
 FLOOR = ("peak of a process that imports torch, transformers and layerwise, reads the model's config and "
          "builds its modules on the meta device (no weights): code and fixed costs, which do not grow with the model")
 
-# Commands that take --streaming (the rest refuse a streamed model).
+# Commands that take --streaming (all of them now).
 STREAMING = ("load", "profile", "plan", "plan (table reused)", "plan (like a GGUF file)", "quantize (gptq)", "eval",
-             "export (compressed-tensors)", "export (hf)")
+             "export (compressed-tensors)", "export (hf)", "drop", "diverge")
 # Tokens each command runs at once (as in `commands`; a plan's never-worse check runs 4096 by
 # default, more than its table's 1024): the issue's streaming target allows 0.3x the float32 model
 # plus "the calibration activations of one block", read here strictly as those tokens' hidden
 # states at one block's input, in float32 (not the block's working memory on a batch).
 TOKENS = {"profile": 1024, "plan": 4096, "plan (table reused)": 4096, "plan (like a GGUF file)": 4096,
           "quantize (gptq)": 4096, "eval": 4096,
-          "export (compressed-tensors)": 0, "export (hf)": 0}  # the plan rounds to nearest: no calibration text
+          "export (compressed-tensors)": 0, "export (hf)": 0,  # the plan rounds to nearest: no calibration text
+          "drop": 1024, "diverge": 0}  # diverge: a few short prompts
 # The GGUF file SmolLM2's plan is made no larger than (--budget-like, which makes the embedding a unit
 # too): our export of it at Q5_0 with the embedding at Q8_0, as llama-quantize's files keep it.
 LIKE_A_FILE = {"SmolLM2-135M": ["--options", "q4_0,q5_0,q8_0", "--granularity", "block"]}
@@ -100,6 +102,10 @@ def commands(name: str, work: Path) -> dict[str, list[str]]:
                                         "--format", "compressed-tensors", "--out", str(work / "export"), *quiet],
         "export (hf)": [*LAYERWISE, "export", str(model), "--plan", str(work / exported), "--format", "hf",
                         "--out", str(work / "export-hf"), *quiet],
+        # The KL of the model without each block, measured (not the one-pass block influence).
+        "drop": [*LAYERWISE, "drop", str(model), "--blocks", "2", "--by", "ablation", "--tokens", "1024",
+                 "--out", str(work / "drop"), *quiet],
+        "diverge": [*LAYERWISE, "diverge", str(model), str(work / "gptq"), "--prompts", str(PROMPTS), "--quiet"],
     }
 
 

@@ -22,14 +22,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_options(parser: argparse.ArgumentParser, device_map: bool = False) -> None:
-    parser.add_argument("model", help="a Hugging Face model folder, a .gguf file, or a hub id")
+def _add_model_options(parser: argparse.ArgumentParser, model: str = "model",
+                       what: str = "a Hugging Face model folder, a .gguf file, or a hub id") -> None:
+    parser.add_argument(model, help=what)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    if device_map:  # only where the command's work runs through accelerate's placement
-        parser.add_argument("--device-map", default=None,
-                            help="'auto' to spread a large model over GPUs with accelerate")
+    parser.add_argument("--device-map", default=None,
+                        help="'auto' to spread a large model over GPUs with accelerate (instead of --device)")
 
 
 def _add_streaming_option(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +78,8 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     loaded, quantized, sizes = run_quantize(args.model, plan, calib=_calibration(args.calib), tokens=args.tokens,
                                             seed=args.seed,
                                             out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
-                                            dtype=args.dtype, device=args.device, streaming=args.streaming,
-                                            progress=not args.quiet)
+                                            dtype=args.dtype, device=args.device, device_map=args.device_map,
+                                            streaming=args.streaming, progress=not args.quiet)
     _print_sizes(sizes)
     from layerwise.apply.quantize import plan_fallbacks
 
@@ -120,7 +120,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     report = run_eval(args.model, data=args.data, quantized=args.quantized, plan=args.plan,
                       calib=_calibration(args.calib),
                       tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
-                      batch_size=args.batch_size, schedule=args.schedule, streaming=args.streaming,
+                      device_map=args.device_map, batch_size=args.batch_size, schedule=args.schedule, streaming=args.streaming,
                       progress=not args.quiet)
     base = report["base"]
     print(f"base:      perplexity {base['perplexity']:.3f} on {base['tokens']:,} predicted tokens of {args.data}")
@@ -162,7 +162,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                        statistics_tokens=args.statistics_tokens, estimator=args.sensitivity, refine=args.refine,
                        generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
-                       dtype=args.dtype, device=args.device, streaming=args.streaming, progress=not args.quiet)
+                       dtype=args.dtype, device=args.device, device_map=args.device_map, streaming=args.streaming,
+                       progress=not args.quiet)
     report = outcome.report
     used = {}
     for label in report["options"].values():
@@ -241,7 +242,8 @@ def _cmd_drop(args: argparse.Namespace) -> None:
     kind = {"blocks": "block", "experts": "expert"}.get(next(iter(counts), ""), next(iter(counts), args.kind))
     loaded, choice = run_drop(args.model, kind=kind, count=next(iter(counts.values()), None), indices=args.indices,
                               by=args.by, data=args.data, tokens=args.tokens, seed=args.seed, out=args.out,
-                              overwrite=args.overwrite, dtype=args.dtype, device=args.device, progress=not args.quiet)
+                              overwrite=args.overwrite, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                              streaming=args.streaming, progress=not args.quiet)
     if kind == "expert":
         print(f"dropped {len(choice.dropped[0])} experts from each block by {choice.criterion} "
               f"({loaded.adapter.n_experts} remain per block): "
@@ -260,7 +262,8 @@ def _cmd_diverge(args: argparse.Namespace) -> None:
 
     _check_json_output(args)
     rows = run_diverge(args.base, args.quantized, args.prompts, threshold=args.threshold, dtype=args.dtype,
-                       device=args.device)
+                       device=args.device, device_map=args.device_map, streaming=args.streaming,
+                       progress=not args.quiet)
     print(f"{'#':>3} {'tokens':>6} {'KL':>9} {'max KL':>9} {'top-1':>6} {'robust z':>9}  prompt")
     for number, row in enumerate(rows, 1):
         mark = "  <-- outlier" if row.flagged else ""
@@ -278,7 +281,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     report = run_export(args.model, format=args.format, out=args.out, plan=args.plan, quantized=args.quantized,
                         calib=_calibration(args.calib), tokens=args.tokens, dtype=args.dtype, device=args.device,
-                        overwrite=args.overwrite, converter=args.converter, imatrix=args.imatrix, streaming=args.streaming,
+                        device_map=args.device_map, overwrite=args.overwrite, converter=args.converter, imatrix=args.imatrix, streaming=args.streaming,
                         progress=not args.quiet)
     if report.get("converted_by"):
         print(f"converted the Hugging Face model with {report['converted_by']}")
@@ -302,8 +305,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     outcome = run_compress(args.model, out=args.out, bits_per_weight=args.budget, budget_like=args.budget_like,
                            format=args.format, options=args.options, estimator=args.sensitivity, refine=args.refine,
                            calib=_calibration(args.calib), eval_data=args.eval_data, tokens=args.tokens,
-                           overwrite=args.overwrite, dtype=args.dtype, device=args.device, streaming=args.streaming,
-                           progress=not args.quiet)
+                           overwrite=args.overwrite, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                           streaming=args.streaming, progress=not args.quiet)
     for step, path in outcome.artifacts.items():
         how = "kept from an earlier run" if step in outcome.reused else f"{outcome.seconds.get(step, 0):.0f} s"
         print(f"{step:8s} {path} ({how})")
@@ -318,7 +321,7 @@ def _cmd_imatrix(args: argparse.Namespace) -> None:
 
     found = run_imatrix(args.model, data=args.data, out=args.out, ctx=args.ctx, chunks=args.chunks,
                         include_output=args.process_output, overwrite=args.overwrite, dtype=args.dtype,
-                        device=args.device, streaming=args.streaming, progress=not args.quiet)
+                        device=args.device, device_map=args.device_map, streaming=args.streaming, progress=not args.quiet)
     print(f"wrote {args.out}: {len(found.sums)} entries from {found.chunk_count} chunks of {found.chunk_size} tokens")
 
 
@@ -381,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("profile", help="per-layer statistics from one calibration pass")
-    _add_model_options(p, device_map=True)
+    _add_model_options(p)
     _add_streaming_option(p)
     p.add_argument("--data", default=None, help="calibration text file (default: a WikiText-2 valid excerpt shipped with layerwise)")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="calibration tokens (default 4096)")
@@ -526,18 +529,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
+    _add_streaming_option(p)
     p.set_defaults(run=_cmd_drop)
 
     p = commands.add_parser("diverge", help="per-prompt KL of a quantized model against its base; flags outliers")
-    p.add_argument("base", help="the unquantized model (folder, .gguf or hub id)")
+    _add_model_options(p, "base", "the unquantized model (folder, .gguf or hub id)")
     p.add_argument("quantized", help="a directory written by `layerwise quantize`")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--threshold", type=_positive_float, default=5.0,
                    help="flag prompts this many robust standard deviations above the median KL (default 5)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--quiet", action="store_true")
+    _add_streaming_option(p)
     p.set_defaults(run=_cmd_diverge)
 
     p = commands.add_parser("compress", help="the whole job: profile, imatrix, sensitivity, plan, quantize, export, "

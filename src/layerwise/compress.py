@@ -98,6 +98,7 @@ def run_compress(
     overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
     streaming: bool | None = False,
     progress: bool = True,
 ) -> CompressOutcome:
@@ -138,7 +139,7 @@ def run_compress(
 
     from layerwise.models.loading import load_model
 
-    loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, streaming=streaming)
     streaming = loaded.streamed is not None  # the steps that load the model again load it the same way
 
     redone = []

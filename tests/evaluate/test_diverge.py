@@ -61,3 +61,17 @@ def test_diverge_cli(tmp_path):
 def test_prompts_file_errors(tmp_path):
     with pytest.raises(LayerwiseError, match="does not exist"):
         read_prompts(tmp_path / "none.txt")
+
+
+def test_streamed_diverge_measures_what_in_memory_measures(tmp_path):
+    from layerwise.evaluate.diverge import run_diverge
+
+    run_quantize(STORIES, Plan.uniform(bits=4, group_size=None), out=tmp_path / "q", progress=False)
+    whole = run_diverge(STORIES, tmp_path / "q", PROMPTS, progress=False)
+    streamed = run_diverge(STORIES, tmp_path / "q", PROMPTS, streaming=True, progress=False)
+    assert len(streamed) == len(whole)
+    for ours, theirs in zip(streamed, whole):
+        assert (ours.prompt, ours.tokens, ours.flagged) == (theirs.prompt, theirs.tokens, theirs.flagged)
+        assert ours.kl == pytest.approx(theirs.kl, rel=1e-6, abs=1e-9)
+        assert ours.max_kl == pytest.approx(theirs.max_kl, rel=1e-6, abs=1e-9)
+        assert ours.top1 == pytest.approx(theirs.top1, rel=1e-6)

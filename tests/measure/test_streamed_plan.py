@@ -116,13 +116,6 @@ def test_a_streamed_search_measures_plans_as_in_memory(allocator):
     assert streamed.report["check"]["plan_kl"] == pytest.approx(whole.report["check"]["plan_kl"], abs=1e-6)
 
 
-def test_what_a_streamed_plan_cannot_do_yet_is_refused_before_any_work(monkeypatch):
-    monkeypatch.setattr(streamed_measure, "measure_entries", None)  # never reached
-    with pytest.raises(LayerwiseError, match="estimator does not run on a streamed model yet"):
-        run_plan(STORIES, streaming=True, options="int4pc,int8pc", bits_per_weight=4.0, estimator="noise",
-                 progress=False)
-
-
 def test_slots_are_written_over_in_place_and_read_by_rows(tmp_path):
     shapes = [(6, 4), (2, 4)]
     slots = TensorSlots(shapes, torch.bfloat16, directory=tmp_path)

@@ -131,3 +131,30 @@ def test_drop_smollm2_gguf_and_reload_with_plain_transformers(tmp_path):
     assert loaded.n_blocks == 28 and 0 not in choice.order
     ids = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128).input_ids
     _assert_plain_reload_matches(loaded, ids, tmp_path, layers=28, tolerance=1e-4)
+
+
+@pytest.mark.parametrize("kind, by, count", [("block", "bi", 2), ("attn", "ablation", 2), ("block", "search", 2)])
+def test_a_streamed_drop_writes_what_one_in_memory_writes(kind, by, count, tmp_path, resident_parameters):
+    """The same choice (and scores) and the same checkpoint bytes, with one block in memory at most."""
+    runs = {}
+    for name, streaming in (("whole", False), ("streamed", True)):
+        loaded, choice = run_drop(STORIES, kind=kind, count=count, by=by, data=CALIBRATION_TEXT, tokens=1024,
+                                  out=tmp_path / name, streaming=streaming, progress=False)
+        runs[name] = choice, (tmp_path / name / "model.safetensors").read_bytes()
+    (whole, whole_bytes), (streamed, streamed_bytes) = runs["whole"], runs["streamed"]
+    assert streamed.order == whole.order and len(whole.order) == count
+    if by != "bi":
+        assert streamed.scores == pytest.approx(whole.scores, rel=1e-6)
+    assert streamed_bytes == whole_bytes
+    block = sum(p.numel() for p in load_model(STORIES).model.model.layers[0].parameters())
+    assert resident_parameters and max(resident_parameters) <= block
+
+
+def test_a_streamed_model_with_deleted_blocks_runs_as_in_memory(windows):
+    """Deleting blocks renumbers the streamed parts: each kept block still reads its own weights."""
+    ids = windows.input_ids[:2]
+    whole, streamed = load_model(STORIES), load_model(STORIES, streaming=True)
+    for loaded in (whole, streamed):
+        assert delete_blocks_(loaded, [1, 3]) == [0, 2, 4]
+    assert [name for name in streamed.streamed.parts if ".layers." in name] == [f"model.layers.{i}" for i in range(3)]
+    torch.testing.assert_close(_logits(streamed, ids), _logits(whole, ids), rtol=1e-6, atol=1e-6)

@@ -33,6 +33,7 @@ def run_quantize(
     imatrix: str | Path | Imatrix | None = None,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
     streaming: bool | None = False,
     progress: bool = True,
 ) -> tuple[LoadedModel, Mapping[str, QTensor], dict]:
@@ -52,7 +53,7 @@ def run_quantize(
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
-                                                                      streaming=streaming)
+                                                                      device_map=device_map, streaming=streaming)
     if plan.model_fingerprint and plan.model_fingerprint != loaded.fingerprint:
         raise LayerwiseError(f"the plan was made for a model with fingerprint {plan.model_fingerprint[:16]}..., "
                              f"not {loaded.source.display}")

@@ -14,12 +14,13 @@ from torch import nn
 
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference, kl_per_token
-from layerwise.engine.hooks import BlockCall, advance_batches, hidden_arg, run_block, scoped_hooks, zero_output
+from layerwise.engine.hooks import (BlockCall, advance_batches, hidden_arg, run_block, scoped_hooks, take_first_inputs,
+                                    zero_output)
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import Adapter
 from layerwise.models.layout import block_layout, blocks_of, delta_modules, first_tensor, hidden_to_logits
 from layerwise.models.loading import LoadedModel
-from layerwise.models.streaming import held
+from layerwise.models.streaming import has_overrides, held, held_unless_sliced
 
 # What can be removed from a block: the whole block, or one of its two sublayers.
 UNIT_KINDS = ("block", "attn", "mlp")
@@ -247,3 +248,53 @@ def base_reference(model: nn.Module, adapter: Adapter, final: torch.Tensor,
     for window, start, stop, logits in head_chunks(model, adapter, final):
         reference.put(window, start, Reference.from_logits(logits, store=store))
     return reference
+
+
+@torch.no_grad()
+def final_states_streamed(loaded: LoadedModel, inputs: list[torch.Tensor], compare: bool = True,
+                          order: Sequence[int] | None = None,
+                          after_block: Callable[[], None] | None = None) -> tuple[list[torch.Tensor], list | None]:
+    """The last block's outputs of a streamed model's base (its checkpoint as it is) and, with
+    `compare`, of the model with its overrides and its blocks run in `order`, for each token
+    tensor of `inputs` ([1, length]; lengths may differ): each block read once per model for all
+    inputs and run on one at a time."""
+    def one_pass(blocks: Sequence[int] | None) -> list[torch.Tensor]:
+        # Call arguments are made afresh for each pass (the embedding alone runs: the base's or
+        # the variant's), so that no first block's input is kept beside the outputs.
+        calls = [call_arguments(loaded.model, loaded.adapter, ids.to(loaded.input_device)) for ids in inputs]
+        return last_block_outputs(loaded, calls, blocks, hidden=take_first_inputs(calls), after_block=after_block)
+
+    with loaded.streamed.original():
+        base_final = one_pass(None)
+    return base_final, one_pass(order) if compare else None
+
+
+def paired_head(loaded: LoadedModel, base_state: torch.Tensor,
+                state: torch.Tensor | None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    """(start, stop, base logits, logits) for every chunk of next-token positions (all but the
+    last) of one sequence, from the base's last-block output `base_state` and a variant's `state`
+    ([length, hidden]; None: base logits only). Unless the variant quantized a streamed head (an
+    override, then decoded for the variant and read as stored for the base), both run through
+    the head together: in memory, or streamed, held for the sequence or read a slice at a time
+    for each chunk; so the head and one chunk's logits are all that exist beside the blocks'
+    outputs."""
+    streamed, model, adapter = loaded.streamed, loaded.model, loaded.adapter
+    positions = base_state.shape[0] - 1
+    rows = max(1, HEAD_CHUNK_ELEMENTS // model.get_submodule(adapter.lm_head).weight.shape[0])
+    head_as_stored = not has_overrides(streamed, adapter.lm_head)
+    with held_unless_sliced(streamed, adapter.lm_head) if head_as_stored else contextlib.nullcontext():
+        for start in range(0, positions, rows):
+            stop = min(positions, start + rows)
+            if head_as_stored:  # one application (one read of a sliced head) for both
+                states = base_state[start:stop] if state is None else torch.cat([base_state[start:stop],
+                                                                                 state[start:stop]])
+                both = hidden_to_logits(model, adapter, states)
+                yield start, stop, both[:stop - start], None if state is None else both[stop - start:]
+                continue
+            with streamed.original():
+                base_logits = hidden_to_logits(model, adapter, base_state[start:stop])
+            logits = None
+            if state is not None:  # the quantized head, decoded for this chunk
+                with held(streamed, adapter.lm_head):
+                    logits = hidden_to_logits(model, adapter, state[start:stop])
+            yield start, stop, base_logits, logits

@@ -16,8 +16,10 @@ import torch
 
 from layerwise.data.windows import bos_policy
 from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
+from layerwise.engine.replay import final_states_streamed, paired_head
 from layerwise.errors import LayerwiseError
 from layerwise.models.loading import LoadedModel
+from layerwise.util.progress import progress_bars
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,49 @@ def flag_outliers(rows: list[PromptDivergence], threshold: float = 5.0, min_rati
     return flagged
 
 
+@torch.no_grad()
+def compare_streamed_prompts(loaded: LoadedModel, prompts: list[str], encoded: list[torch.Tensor],
+                             threshold: float = 5.0, min_ratio: float = 3.0,
+                             progress: bool = True) -> list[PromptDivergence]:
+    """`compare` for a streamed model whose overrides (quantized weights) are the other model: the
+    base (the checkpoint as it is) and the quantized model each run block by block over all
+    prompts, a block read once for each, then side by side at the head a chunk of positions at a
+    time (the distributions of one chunk at most, never a prompt's whole)."""
+    rows = []
+    with progress_bars(progress) as bars:
+        task = bars.add_task("base and quantized", total=2 * loaded.n_blocks + len(encoded))
+        base_final, final = final_states_streamed(loaded, encoded, after_block=lambda: bars.advance(task))
+        for prompt, base_state, state in zip(prompts, base_final, final):
+            kl, top1 = [], 0.0
+            for _, _, base_logits, logits in paired_head(loaded, base_state[0], state[0]):
+                reference = Reference.from_logits(base_logits)
+                kl.append(kl_per_token(reference, logits))
+                top1 += top1_agreement(reference, logits).double().sum().item()
+            kl = torch.cat(kl)
+            rows.append(PromptDivergence(prompt, kl.numel(), kl.mean().item(), kl.max().item(), top1 / kl.numel()))
+            bars.advance(task)
+    return flag_outliers(rows, threshold, min_ratio)
+
+
 def run_diverge(base: str | Path, quantized: str | Path, prompts: str | Path, *, threshold: float = 5.0,
-                min_ratio: float = 3.0, dtype: str = "auto", device: str = "cpu") -> list[PromptDivergence]:
-    """`layerwise diverge`: the base model against a directory written by `layerwise quantize`."""
+                min_ratio: float = 3.0, dtype: str = "auto", device: str = "cpu", device_map: str | None = None,
+                streaming: bool | None = False, progress: bool = True) -> list[PromptDivergence]:
+    """`layerwise diverge`: the base model against a directory written by `layerwise quantize`.
+
+    With `streaming`, one block at a time is read from disk (`compare_streamed_prompts`); None
+    streams only a model that would not fit in memory."""
     from layerwise.models.loading import load_model
     from layerwise.apply.storage import apply_quantized, load_quantized
 
     texts = read_prompts(prompts)
-    document, stored = load_quantized(quantized)  # a bad directory fails before the model loads
-    loaded = load_model(base, dtype=dtype, device=device)
+    # A bad directory fails before the model loads; the codes stay on disk until a block loads.
+    document, stored = load_quantized(quantized, lazy=True)
+    loaded = load_model(base, dtype=dtype, device=device, device_map=device_map, streaming=streaming)
     encoded = encode_prompts(loaded, texts)
+    if loaded.streamed is not None:
+        loaded.set_tokenizer_aside()  # the prompts are tokenized; streamed, every MB left counts
+        apply_quantized(loaded, document, stored)
+        return compare_streamed_prompts(loaded, texts, encoded, threshold, min_ratio, progress)
     references = base_references(loaded, encoded)
     apply_quantized(loaded, document, stored)
     return compare(loaded, texts, encoded, references, threshold, min_ratio)

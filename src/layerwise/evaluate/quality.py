@@ -6,7 +6,6 @@ block's output; the head is applied a chunk of positions at a time.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -16,11 +15,8 @@ import torch
 
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference, kl_per_token, top1_agreement
-from layerwise.engine.hooks import take_first_inputs
-from layerwise.engine.replay import HEAD_CHUNK_ELEMENTS, calls_of, final_hidden, head_chunks, last_block_outputs
-from layerwise.models.layout import hidden_to_logits
+from layerwise.engine.replay import final_hidden, final_states_streamed, head_chunks, paired_head
 from layerwise.models.loading import LoadedModel
-from layerwise.models.streaming import has_overrides, held, held_unless_sliced
 from layerwise.util.intervals import mean_ci, perplexity_ci
 from layerwise.util.progress import progress_bars
 
@@ -129,58 +125,24 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, compare: boo
     activations); the head is then applied a window and a chunk of positions at a time, so no
     distribution outlives its chunk (no stored references, no second model). With
     `compare=False`, only the base model runs (and None stands for the other quality)."""
-    streamed, model, adapter = loaded.streamed, loaded.model, loaded.adapter
     base_nll, nll, window_kl, token_kl, agree_total = [], [], [], [], 0.0
     positions = windows.input_ids.shape[1] - 1
-    vocab = model.get_submodule(adapter.lm_head).weight.shape[0]
-    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-    chunks = [(start, min(positions, start + rows)) for start in range(0, positions, rows)]
-    # Unless the variant quantized the head (an override), base and variant run through the
-    # checkpoint's head together: held for a window, or read a slice at a time for each chunk.
-    head_as_stored = not has_overrides(streamed, adapter.lm_head)
-    block_runs = loaded.n_blocks + ((loaded.n_blocks if order is None else len(order)) if compare else 0)
+    inputs = [batch for batch in windows.batches(1)]
     with progress_bars(progress) as bars:
-        task = bars.add_task("base and quantized", total=block_runs + len(windows.input_ids))
-
-        def one_pass(blocks: Sequence[int] | None) -> list[torch.Tensor]:
-            # Call arguments are made afresh for each pass (the embedding alone runs: the base's or
-            # the variant's), so that no first block's input is kept beside the outputs.
-            calls = calls_of(loaded, windows)
-            return last_block_outputs(loaded, calls, blocks, hidden=take_first_inputs(calls),
-                                      after_block=lambda: bars.advance(task))
-
-        with streamed.original():
-            base_final = one_pass(None)
-        if compare:
-            final = one_pass(order)
-        for window, (base_state, state) in enumerate(zip(base_final, final if compare else base_final)):
-            base_state, state = base_state[0], state[0]
+        task = bars.add_task("base and quantized", total=_block_runs(loaded, compare, order) + len(inputs))
+        base_final, final = final_states_streamed(loaded, inputs, compare, order, lambda: bars.advance(task))
+        for window, (base_state, state) in enumerate(zip(base_final, final or base_final)):
             targets = windows.input_ids[window, 1:].to(base_state.device)
             base_total = total_nll = total_kl = 0.0
-            # Base and variant a chunk of positions at a time, side by side: the head and one
-            # chunk's distributions are all that exist beside the blocks' outputs.
-            with held_unless_sliced(streamed, adapter.lm_head) if head_as_stored else contextlib.nullcontext():
-                for start, stop in chunks:
-                    if head_as_stored:  # one application (one read of a sliced head) for both
-                        states = base_state[start:stop]
-                        if compare:
-                            states = torch.cat([states, state[start:stop]])
-                        both = hidden_to_logits(model, adapter, states)
-                        base_logits, logits = both[:stop - start], both[stop - start:]
-                    else:
-                        with streamed.original():
-                            base_logits = hidden_to_logits(model, adapter, base_state[start:stop])
-                    base_total += _nll_sum(base_logits, targets[start:stop])
-                    if not compare:
-                        continue
-                    reference = Reference.from_logits(base_logits, store=torch.float16)
-                    if not head_as_stored:  # the quantized head, decoded for this chunk
-                        with held(streamed, adapter.lm_head):
-                            logits = hidden_to_logits(model, adapter, state[start:stop])
-                    total_nll += _nll_sum(logits, targets[start:stop])
-                    token_kl.append(kl_per_token(reference, logits).float().cpu())
-                    total_kl += token_kl[-1].double().sum().item()
-                    agree_total += top1_agreement(reference, logits).double().sum().item()
+            for start, stop, base_logits, logits in paired_head(loaded, base_state[0], state[0] if compare else None):
+                base_total += _nll_sum(base_logits, targets[start:stop])
+                if logits is None:
+                    continue
+                reference = Reference.from_logits(base_logits, store=torch.float16)
+                total_nll += _nll_sum(logits, targets[start:stop])
+                token_kl.append(kl_per_token(reference, logits).float().cpu())
+                total_kl += token_kl[-1].double().sum().item()
+                agree_total += top1_agreement(reference, logits).double().sum().item()
             base_nll.append(base_total)
             bars.advance(task)
             if compare:
@@ -193,6 +155,10 @@ def compare_streamed(loaded: LoadedModel, windows: TokenWindows, *, compare: boo
         return base, None
     return base, Quality(math.exp(sum(nll) / count), sum(window_kl) / len(window_kl), agree_total / count, count,
                          tuple(window_kl), tuple(nll), (positions,) * len(nll), *_tail(token_kl))
+
+
+def _block_runs(loaded: LoadedModel, compare: bool, order: Sequence[int] | None) -> int:
+    return loaded.n_blocks + ((loaded.n_blocks if order is None else len(order)) if compare else 0)
 
 
 def _tail(token_kl: list[torch.Tensor]) -> tuple[float, float]:

@@ -29,6 +29,7 @@ def run_eval(
     seq_len: int = 512,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
     batch_size: int = 4,
     schedule: Sequence[int] | None = None,
     streaming: bool | None = False,
@@ -46,7 +47,7 @@ def run_eval(
     None streams only a model that would not fit in memory."""
     if quantized is not None and plan is not None:
         raise LayerwiseError("pass either --quantized or --plan, not both")
-    loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
+    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, streaming=streaming)
     windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=None)
     # Streamed, the codes stay on disk until their block loads.
     document, stored = (load_quantized(quantized, lazy=loaded.streamed is not None) if quantized is not None

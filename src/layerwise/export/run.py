@@ -27,6 +27,7 @@ def run_export(
     tokens: int = 16384,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
     converter: str | Path | None = None,
     imatrix: str | Path | None = None,
     streaming: bool | None = False,
@@ -70,14 +71,14 @@ def run_export(
                              "already: pass the importance matrix to `layerwise quantize`")
     if quantized is not None:
         document, stored = load_quantized(quantized)
-        loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, streaming=streaming)
         apply_quantized(loaded, document, stored)
         plan = Plan.load(Path(quantized) / "plan.json")
         dropped = document["meta"].get("dropped_modules", [])
         sizes = document["meta"].get("sizes")
     else:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        loaded = load_model(model, dtype=dtype, device=device, streaming=streaming)
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, streaming=streaming)
         if exporter.check_targets is not None:
             exporter.check_targets(plan_targets(loaded, plan))  # before any quantization work
         loaded, stored, sizes = run_quantize(loaded, plan, calib=calib, tokens=tokens, imatrix=imatrix,

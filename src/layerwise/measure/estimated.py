@@ -1,12 +1,12 @@
-"""Estimated sensitivity tables of a streamed model (issue 17): the `weights` and `fisher`
-estimators, one block's weights in memory at a time, and the measurements with which a plan
-refines them (`auto`).
+"""Estimated sensitivity tables of a streamed model (issue 17): every estimator of
+`layerwise.measure.estimators`, one block's weights in memory at a time, and the measurements
+with which a plan refines them (`auto`).
 
-The estimators' own entry functions (`layerwise.measure.estimators`) give every entry, called
-while the unit's block is held with the unit quantized; only what they are given is gathered
-otherwise:
-- `weights`: the mean square of every unit linear's input columns per window, taken as each block
-  runs on the calibration windows;
+The estimators' own entry functions give every entry, called while the unit's block is held with
+the unit quantized; only what they are given is gathered otherwise:
+- `weights` (and `noise`): the mean square of every unit linear's input columns per window, taken
+  as each block runs on the calibration windows;
+- `local`: each block's inputs and base outputs, as the block runs;
 - `fisher`: the squared gradient of the log-likelihood of tokens sampled from the model, by a
   backward pass a block at a time: the forward pass keeps every block's inputs in a scratch file,
   the head gives the gradient at the last block's output (its logits made for a few positions at a
@@ -14,10 +14,13 @@ otherwise:
   again in reverse order, is run forward with gradients from its kept input and backward from its
   output's gradient. The tokens are drawn from the same generator in the same order as in memory,
   so the table is the in-memory one up to float rounding.
-The embedding and head, when they are units, are measured (`measure_entries`), as in memory.
+What `local` and `noise` then measure downstream (a block's median entry; a unit with rounding
+noise) is measured from every block's kept inputs (`finish_streamed`). The embedding and head,
+when they are units, are measured (`measure_entries`), as in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -29,10 +32,11 @@ from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import calls_of
 from layerwise.errors import LayerwiseError
-from layerwise.measure.estimators import FISHER_SAMPLES, EstimateContext, Estimator, column_squares
+from layerwise.measure.estimators import (FISHER_SAMPLES, EstimateContext, Estimator, RoundingNoise, column_squares,
+                                         noise_gains, weighted_error)
 from layerwise.measure.streamed import (SlicedKL, StreamedEntries, _entry_outputs, _part, _statistics, head_slices,
                                         measure_entries)
-from layerwise.models.layout import blocks_of, stored_transposed
+from layerwise.models.layout import blocks_of, linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import held
 from layerwise.plan.options import DROP
@@ -51,14 +55,13 @@ def estimate_entries(loaded: LoadedModel, calibration: TokenWindows, units: list
                      statistics: TokenWindows | None, batch_size: int, head: float,
                      record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
                      first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None
-                     ) -> tuple[StreamedEntries, float]:
+                     ) -> tuple[StreamedEntries, float, EstimateContext]:
     """Every entry (unit u >= `first_unit`, option o) of a streamed model's table estimated by
-    `method` (weights or fisher): `record(u, o, per-window values, stored bits, why skipped, 0)`,
-    a block at a time, then `block_done(units done)`; the embedding's and head's entries measured.
-    Returns the base pass, and the block evaluations the estimate's preparation spent (a window
-    counted as a batch, as the base pass counts them)."""
-    if method.name not in ("weights", "fisher"):
-        raise LayerwiseError(f"the {method.name!r} estimator does not run on a streamed model yet")
+    `method`: `record(u, o, per-window values, stored bits, why skipped, block evaluations)`, a
+    block at a time, then `block_done(units done)`; the embedding's and head's entries measured.
+    Returns the base pass, the block evaluations the estimate's preparation spent (a window
+    counted as a batch, as the base pass counts them), and the context `finish_streamed` takes
+    (for `noise`, every unit's noisy copy's weighted error, from first_unit 0 on)."""
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     windows, seq_len = calibration.input_ids.shape
     edges = [u for u, unit in enumerate(units) if u >= first_unit and unit.kind in EDGE_KINDS]
@@ -69,47 +72,98 @@ def estimate_entries(loaded: LoadedModel, calibration: TokenWindows, units: list
     else:
         run = StreamedEntries(0.0, windows * (seq_len - 1), windows)
     started = time.perf_counter()
-    block_linears: dict[int, list[str]] = {}
-    for unit in units:
+    # Units whose block is visited: those with entries left, and for `noise` every unit (its gain
+    # needs its noisy copy's weighted error, also after a resumed table).
+    by_block: dict[int, list[int]] = {}
+    noisy: dict[int, list[int]] = {}
+    for u, unit in enumerate(units):
         if unit.kind not in EDGE_KINDS:
-            block_linears.setdefault(unit.block, []).extend(unit.modules)
+            if u >= first_unit:
+                by_block.setdefault(unit.block, []).append(u)
+            if method.name == "noise":
+                noisy.setdefault(unit.block, []).append(u)
     context = EstimateContext(loaded, None, modules, head, None, tuple(calibration.window_domains))
+    squared = method.name in ("weights", "noise")  # the input columns' mean squares weigh the error
     # Block evaluations, counted a window at a time as `run` counts them (the passes come out as in memory).
     if method.name == "fisher":
-        context.cache["fisher"] = streamed_fisher(loaded, calibration, block_linears, samples=FISHER_SAMPLES)
+        linears: dict[int, list[str]] = {}
+        for unit in units:
+            if unit.kind not in EDGE_KINDS:
+                linears.setdefault(unit.block, []).extend(unit.modules)
+        context.cache["fisher"] = streamed_fisher(loaded, calibration, linears, samples=FISHER_SAMPLES)
         prepared = (1.0 + 2.0 * FISHER_SAMPLES) * (loaded.n_blocks + head) * windows  # a backward ~ two forwards
-    else:
+    elif squared:
         context.cache["squares"] = {}
         prepared = (loaded.n_blocks + head) * windows
-    by_block: dict[int, list[int]] = {}
-    for u, unit in enumerate(units):
-        if u >= first_unit and unit.kind not in EDGE_KINDS:
-            by_block.setdefault(unit.block, []).append(u)
+    else:  # local: in memory, the last block's base outputs
+        prepared = float(windows)
     algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
-    calls = calls_of(loaded, calibration) if method.name == "weights" else []
+    calls = calls_of(loaded, calibration) if method.name != "fisher" else []
     stat_calls = calls_of(loaded, statistics or calibration, batch_size) if algorithms else []
     hidden, stat_hidden = take_first_inputs(calls), take_first_inputs(stat_calls)
     for index, block in enumerate(blocks_of(model, adapter)):
-        if not by_block.keys() - set(range(index)):
+        if not (by_block.keys() | noisy.keys()) - set(range(index)):
             break  # no entries left
         todo = by_block.get(index, [])
         names = [name for u in todo for name in units[u].modules]
+        if squared:
+            seen = sorted(set(todo) | set(noisy.get(index, [])))
+            hooks = scoped_hooks(_squares_hooks(modules, [n for u in seen for n in units[u].modules],
+                                                context.cache["squares"]))
         with held(streamed, _part(loaded, index)):
-            if calls:
-                with scoped_hooks(_squares_hooks(modules, names, context.cache["squares"])):
-                    hidden = advance_batches(block, calls, hidden, index)
+            inputs = list(hidden)  # the block's inputs, which its outputs replace in `hidden`
+            with hooks if squared else contextlib.nullcontext():
+                hidden = advance_batches(block, calls, hidden, index)
+            if method.name == "local":
+                context.cache["block_io"] = [(batch[index], inputs[b], hidden[b]) for b, batch in enumerate(calls)]
+            del inputs
             stats = _statistics(model, block, names, algorithms, stat_calls, stat_hidden, index) if todo else {}
             for u in todo:
                 for o, config in enumerate(configs):
-                    values, bits, why = _estimate(context, method, units[u], config, stats, importance)
-                    record(u, o, values, bits, why, 0.0)
+                    values, bits, why, runs = _estimate(context, method, units[u], config, stats, importance)
+                    record(u, o, values, bits, why, runs)
+            for u in noisy.get(index, []):
+                originals = {name: linear_weight(modules[name]).detach().clone() for name in units[u].modules}
+                context.cache.setdefault("noise_errors", {})[u] = weighted_error(
+                    context.cache["squares"], originals, RoundingNoise(u).weights(originals))
+            context.cache.pop("block_io", None)
             del stats
             stat_hidden = advance_batches(block, stat_calls, stat_hidden, index)
         if todo:
             block_done(max(todo) + 1)
     if not edges:
         run.seconds = time.perf_counter() - started  # the estimate's own passes: its base pass
-    return run, prepared
+    return run, prepared, context
+
+
+def finish_streamed(context: EstimateContext, method: Estimator, units: list[Unit], configs: list,
+                    losses: np.ndarray, calibration: TokenWindows, domains: list[str], *, importance: dict,
+                    statistics: TokenWindows | None, batch_size: int) -> float:
+    """`method`'s finish on a streamed model, after `estimate_entries`: the entries it measures
+    downstream (`local`: each block's median entry; `noise`: each unit with its rounding noise)
+    measured from every block's kept inputs (`StreamedEntryMeasurer`), and `losses` ([unit,
+    option, domain]) scaled by the gains, as in memory. Returns the block evaluations spent."""
+    loaded = context.loaded
+    measurer = StreamedEntryMeasurer(loaded, units, configs, domains, calibration, importance=importance,
+                                     statistics=statistics, batch_size=batch_size)
+    per_pass = (loaded.n_blocks + context.head) * len(measurer.calls)
+
+    def evaluate(u: int, o: int, entry) -> tuple[np.ndarray, float]:
+        kl, passes = measurer(u, o)
+        return kl, passes * per_pass
+
+    if method.name != "noise":
+        return method.finish(context, units, losses, evaluate)
+    runs = 0.0
+    for u, unit in enumerate(units):
+        if unit.kind in EDGE_KINDS:
+            continue
+        kl, passes = measurer.measure(u, RoundingNoise(u))
+        runs += passes * per_pass
+        context.advance()
+        error = domain_means(context.cache["noise_errors"][u], calibration.window_domains)
+        losses[u] *= noise_gains(kl, np.array([error[name] for name in domains]))
+    return runs
 
 
 def _squares_hooks(modules: dict[str, nn.Module], names: list[str], squares: dict[str, torch.Tensor]):
@@ -128,16 +182,16 @@ def _squares_hooks(modules: dict[str, nn.Module], names: list[str], squares: dic
 
 
 def _estimate(context: EstimateContext, method: Estimator, unit: Unit, config, stats: dict,
-              importance: dict) -> tuple[np.ndarray | None, float | None, str | None]:
+              importance: dict) -> tuple[np.ndarray | None, float | None, str | None, float]:
     """One entry by the estimator's own function (`sensitivity.evaluate_entry`, a held block's
-    unit): (per-window values, stored bits or None when dropped, why skipped)."""
+    unit): (per-window values, stored bits or None when dropped, why skipped, block evaluations)."""
     from layerwise.measure.sensitivity import evaluate_entry
 
     try:
-        values, _, bits = evaluate_entry(context, unit, config, stats, importance, method.entry)
+        values, runs, bits = evaluate_entry(context, unit, config, stats, importance, method.entry)
     except LayerwiseError as error:
-        return None, None, str(error)
-    return values, bits, None
+        return None, None, str(error), 0.0
+    return values, bits, None, runs
 
 
 def kept_block_inputs(loaded: LoadedModel, calls: list[list[BlockCall]]) -> tuple[TensorSlots, list[torch.Tensor]]:
@@ -267,14 +321,14 @@ class StreamedEntryMeasurer:
     windows' inputs) in unnamed scratch files (gone with the measurer), so an entry of block b
     reads blocks b..L-1 only."""
 
-    def __init__(self, loaded: LoadedModel, table, calibration: TokenWindows, *, importance: dict | None = None,
-                 statistics: TokenWindows | None = None, batch_size: int = 4) -> None:
-        self.loaded, self.table, self.importance = loaded, table, importance or {}
-        self.configs = table.configs
-        self.modules = {name: loaded.model.get_submodule(name) for unit in table.units for name in unit.modules}
-        self.algorithms = {config.algorithm for config in self.configs if config != DROP} - {"rtn"}
+    def __init__(self, loaded: LoadedModel, units: list[Unit], configs: list, domains: list[str] | None,
+                 calibration: TokenWindows, *, importance: dict | None = None, statistics: TokenWindows | None = None,
+                 batch_size: int = 4) -> None:
+        self.loaded, self.units, self.configs, self.importance = loaded, units, configs, importance or {}
+        self.modules = {name: loaded.model.get_submodule(name) for unit in units for name in unit.modules}
+        self.algorithms = {config.algorithm for config in configs if config != DROP} - {"rtn"}
         self.window_domains = calibration.window_domains
-        self.domains = table.domains or list(dict.fromkeys(calibration.window_domains))
+        self.domains = domains or list(dict.fromkeys(calibration.window_domains))
         self.calls = calls_of(loaded, calibration)
         self.stat_calls = calls_of(loaded, statistics or calibration, batch_size) if self.algorithms else []
         self.inputs, finals = kept_block_inputs(loaded, self.calls)
@@ -284,9 +338,13 @@ class StreamedEntryMeasurer:
         self.first = True
 
     def __call__(self, u: int, o: int) -> tuple[np.ndarray, float]:
+        return self.measure(u, self.configs[o])
+
+    def measure(self, u: int, config) -> tuple[np.ndarray, float]:
+        """Unit u under `config` (an option, or `RoundingNoise`): the KL per domain, passes spent."""
         from layerwise.measure.sensitivity import entry_passes
 
-        unit, config = self.table.units[u], self.configs[o]
+        unit = self.units[u]
         if unit.kind in EDGE_KINDS:
             raise LayerwiseError(f"{unit.name}: the embedding's and head's entries are measured with the table")
         model, adapter, streamed = self.loaded.model, self.loaded.adapter, self.loaded.streamed
@@ -305,7 +363,7 @@ class StreamedEntryMeasurer:
                     stats = _statistics(model, blocks[index], list(unit.modules), self.algorithms, self.stat_calls,
                                         stat_hidden, index)
                 hidden, _ = _entry_outputs(blocks[index], adapter, self.modules, unit, config, stats,
-                                           self.importance, self.calls, hidden, index, refuse, u, o)
+                                           self.importance, self.calls, hidden, index, refuse, u, -1)
             for later in range(index + 1, len(blocks)):
                 with held(streamed, _part(self.loaded, later)):
                     hidden = advance_batches(blocks[later], self.calls, hidden, later)

@@ -123,17 +123,25 @@ def _base_output(context: EstimateContext, block: int, batch: int) -> torch.Tens
     return context.cache["last_outputs"][batch]
 
 
+def _block_io(context: EstimateContext, block: int) -> list[tuple]:
+    """Per batch, block `block`'s call, its input and the base model's output of it: from the base
+    pass in memory; streamed, as the block being estimated is held (`cache["block_io"]`)."""
+    if "block_io" in context.cache:
+        return context.cache["block_io"]
+    return [(calls[block], calls[block].h_in, _base_output(context, block, batch))
+            for batch, calls in enumerate(context.base.calls)]
+
+
 def local_entry(context: EstimateContext, unit: Unit, removed: str | None) -> tuple[np.ndarray, float]:
     model, adapter = context.loaded.model, context.loaded.adapter
     block = blocks_of(model, adapter)[unit.block]
     values = []
-    for batch, calls in enumerate(context.base.calls):
-        call = calls[unit.block]
+    for call, inputs, base in _block_io(context, unit.block):
         with removed_unit(block, adapter, removed) if removed else contextlib.nullcontext():
-            output = run_block(block, call, call.h_in)
-        error = (output.float() - _base_output(context, unit.block, batch).float()).pow(2).sum(dim=-1)
+            output = run_block(block, call, inputs)
+        error = (output.float() - base.float()).pow(2).sum(dim=-1)
         values.append(error[:, :-1].mean(dim=1).double().cpu().numpy())  # the positions KL is taken at
-    return np.concatenate(values), float(context.batches)
+    return np.concatenate(values), float(len(values))
 
 
 def _median_entry(losses: np.ndarray, entries: list[tuple[int, int]]) -> tuple[int, int] | None:
@@ -195,14 +203,22 @@ def _prepare_weights(context: EstimateContext) -> float:
 
 
 def weights_entry(context: EstimateContext, unit: Unit, removed: str | None) -> tuple[np.ndarray, float]:
+    originals = {name: context.originals[name] for name in unit.modules}
+    now = {name: torch.zeros_like(original) if removed else linear_weight(context.modules[name]).detach()
+           for name, original in originals.items()}
+    return weighted_error(context.cache["squares"], originals, now), 0.0
+
+
+def weighted_error(squares: dict[str, torch.Tensor], originals: dict[str, torch.Tensor],
+                   now: dict[str, torch.Tensor]) -> np.ndarray:
+    """Per window, the error of weights `now` against `originals` ([out, in] each), column by
+    column, weighted by the mean square of that input column (`squares`), summed over the linears."""
     total = None
-    for name in unit.modules:
-        original = context.originals[name].double()
-        now = torch.zeros_like(original) if removed else linear_weight(context.modules[name]).detach().double()
-        column_error = (original - now).pow(2).sum(dim=0)  # [in features]
-        value = context.cache["squares"][name] @ column_error.cpu()  # [windows]
+    for name, original in originals.items():
+        column_error = (original.double() - now[name].double()).pow(2).sum(dim=0)  # [in features]
+        value = squares[name] @ column_error.cpu()  # [windows]
         total = value if total is None else total + value
-    return total.numpy(), 0.0
+    return total.numpy()
 
 
 # --- fisher ----------------------------------------------------------------------------------
@@ -291,6 +307,24 @@ def rounding_noise(weight: torch.Tensor, generator: torch.Generator) -> torch.Te
     return (uniform * step).reshape(rows, columns).to(weight.dtype)
 
 
+@dataclass(frozen=True)
+class RoundingNoise:
+    """What `noise` measures a unit under, in place of an option: its weights plus `rounding_noise`
+    from a generator seeded with the unit's index (reproducible, and the same noise wherever the
+    unit is measured, in memory or streamed)."""
+    unit: int
+
+    def weights(self, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unit's noisy weights ([out, in] each), from its own `originals`, in their order."""
+        generator = torch.Generator().manual_seed(self.unit)
+        return {name: weight + rounding_noise(weight, generator) for name, weight in originals.items()}
+
+
+def noise_gains(kl: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Per domain, a unit's gain from its noisy copy's KL and weighted error (0 without error)."""
+    return np.divide(kl, error, out=np.zeros_like(kl, dtype=float), where=error > 0)
+
+
 def _finish_noise(context: EstimateContext, units: list[Unit], losses: np.ndarray, evaluate: Evaluate) -> float:
     """Per unit and domain, gain = KL / weighted error of one noisy copy of the unit's weights;
     every option's weighted error (the entries so far) times it."""
@@ -300,23 +334,20 @@ def _finish_noise(context: EstimateContext, units: list[Unit], losses: np.ndarra
     for u, unit in enumerate(units):
         if unit.kind in EDGE_KINDS:
             continue
-        generator = torch.Generator().manual_seed(u)  # reproducible, and different per unit
         context.originals = {name: linear_weight(context.modules[name]).detach().clone() for name in unit.modules}
+        noisy = RoundingNoise(u).weights(context.originals)
         try:
-            for name, weight in context.originals.items():
-                set_linear_weight(context.modules[name], weight + rounding_noise(weight, generator))
-            error, _ = weights_entry(context, unit, None)
+            for name, weight in noisy.items():
+                set_linear_weight(context.modules[name], weight)
             kl = context.kl_from(model, adapter, context.base, unit.block, None)
         finally:
             for name, weight in context.originals.items():
                 set_linear_weight(context.modules[name], weight)
+        error = weighted_error(context.cache["squares"], context.originals, noisy)
         runs += context.downstream_runs(unit.block)
         context.advance()
-        kl_by_domain = domain_means(kl, context.window_domains)
-        error_by_domain = domain_means(error, context.window_domains)
-        for d, domain in enumerate(kl_by_domain):
-            weighted = error_by_domain[domain]
-            losses[u, :, d] *= kl_by_domain[domain] / weighted if weighted > 0 else 0.0
+        losses[u] *= noise_gains(np.array(list(domain_means(kl, context.window_domains).values())),
+                                 np.array(list(domain_means(error, context.window_domains).values())))
     return runs
 
 

@@ -251,6 +251,7 @@ def run_plan(
     imatrix: str | Path | None = None,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
     streaming: bool | None = False,
     progress: bool = True,
 ) -> PlanOutcome:
@@ -299,12 +300,8 @@ def run_plan(
     if out is not None:
         check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
-                                                                      streaming=streaming)
+                                                                      device_map=device_map, streaming=streaming)
     searching = allocator in SEARCHING
-    if loaded.streamed is not None:
-        from layerwise.measure.streamed import refuse_what_streaming_lacks
-
-        refuse_what_streaming_lacks(estimator=estimator_named(estimator).name)
     edges = budget_like is not None
     reference = _reference(loaded, budget_like) if edges else None  # refused before any measuring
     slots = domain_slots(loaded.tokenizer, calib,

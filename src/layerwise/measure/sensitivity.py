@@ -219,8 +219,8 @@ def entry_measurer(loaded: LoadedModel, table: SensitivityTable, calibration: To
     if loaded.streamed is not None:
         from layerwise.measure.estimated import StreamedEntryMeasurer
 
-        return StreamedEntryMeasurer(loaded, table, calibration, importance=importance, statistics=statistics,
-                                     batch_size=batch_size)
+        return StreamedEntryMeasurer(loaded, table.units, table.configs, table.domains, calibration,
+                                     importance=importance, statistics=statistics, batch_size=batch_size)
     model = loaded.model
     modules = {name: model.get_submodule(name) for unit in table.units for name in unit.modules}
     configs = table.configs
@@ -305,10 +305,6 @@ def measure_sensitivity(
                else parse_options(options))
     names = [option_name(config) for config in configs]
     streaming = loaded.streamed is not None
-    if streaming:
-        from layerwise.measure.streamed import refuse_what_streaming_lacks
-
-        refuse_what_streaming_lacks(estimator=method.name)
     block_major = runs_block_major(loaded, method.name)
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
@@ -376,10 +372,19 @@ def measure_sensitivity(
             else:  # an estimate of a streamed model
                 from layerwise.measure.estimated import estimate_entries
 
-                run, prepared = estimate_entries(loaded, calibration, units, configs, modules, method=method,
-                                                 importance=importance, statistics=statistics, batch_size=batch_size,
-                                                 head=head, record=record, first_unit=done, block_done=block_done)
+                run, prepared, context = estimate_entries(
+                    loaded, calibration, units, configs, modules, method=method, importance=importance,
+                    statistics=statistics, batch_size=batch_size, head=head, record=record, first_unit=done,
+                    block_done=block_done)
                 block_runs += prepared
+                if method.finishes:
+                    from layerwise.measure.estimated import finish_streamed
+
+                    gains = bars.add_task(f"sensitivity ({method.name}): gains measured downstream", total=None)
+                    context.advance = lambda: bars.advance(gains)
+                    block_runs += finish_streamed(context, method, units, configs, kl, calibration, domains,
+                                                  importance=importance, statistics=statistics,
+                                                  batch_size=batch_size)
             forward_seconds, positions, batches = run.seconds, run.positions, run.batches
         else:
             forward_seconds, positions, batches = base.seconds, base.positions, len(base.calls)

@@ -38,7 +38,7 @@ from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import calls_of, first_block_input, last_block_outputs, removed_unit
 from layerwise.errors import LayerwiseError
-from layerwise.measure.estimators import blocks_to_head
+from layerwise.measure.estimators import RoundingNoise, blocks_to_head
 from layerwise.measure.fitness import table_prediction
 from layerwise.measure.sensitivity import _statistics_hooks, head_cost_in_blocks
 from layerwise.models.layout import blocks_of, head_is_tied, linear_weight, stored_transposed
@@ -61,17 +61,6 @@ _LOGIT_ELEMENTS = 1 << 20
 # head slice is cut into when a variant applies its own head.
 _QUANTIZED_ELEMENTS = 1 << 18
 _HEAD_PIECES = 4
-
-
-# The estimators a streamed model's table runs (`layerwise.measure.estimated` for the estimates).
-STREAMED_ESTIMATORS = ("measured", "weights", "fisher")
-
-
-def refuse_what_streaming_lacks(*, estimator: str = "measured") -> None:
-    """What a plan of a streamed model cannot do yet, refused before any work."""
-    if estimator not in STREAMED_ESTIMATORS:
-        raise LayerwiseError(f"the {estimator!r} estimator does not run on a streamed model yet; use "
-                             f"{', '.join(STREAMED_ESTIMATORS)} or auto, or load the model without --streaming")
 
 
 def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
@@ -439,6 +428,10 @@ def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importanc
         if unit.kind == "block":
             return [state.clone() for state in hidden], None
         with removed_unit(block, adapter, unit.kind):
+            return run_batches(block, calls, hidden, index), None
+    if isinstance(config, RoundingNoise):  # what `noise` measures a unit under: no stored form
+        originals = {name: linear_weight(modules[name]).detach() for name in unit.modules}
+        with _weights_as(modules, config.weights(originals)):
             return run_batches(block, calls, hidden, index), None
     used = edge_config(unit, config)
     try:

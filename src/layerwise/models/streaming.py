@@ -113,6 +113,40 @@ class StreamedWeights:
         if self.holds[part]:
             self._load(part, only=parameter)
 
+    @contextlib.contextmanager
+    def overrides_restored(self) -> Iterator[None]:
+        """Overrides made meanwhile (trial changes, such as silenced projections) are undone on exit."""
+        saved = dict(self.overrides)
+        try:
+            yield
+        finally:
+            self.overrides = saved
+
+    def renumber(self, paths: dict[str, str | None]) -> None:
+        """Move parts to new paths (None: gone), as when blocks are deleted and the rest renumbered:
+        a moved part's parameters, under their new names, still read their own checkpoint tensors."""
+        if any(self.holds.values()):
+            raise LayerwiseError("parts cannot be renumbered while one is held")
+        names = {}
+        for name, key in self.checkpoint_names.items():
+            part = self.part_of(name)
+            new = paths.get(part, part) if part is not None else None
+            if part is None:
+                names[name] = key
+            elif new is not None:
+                names[new + name[len(part):]] = key
+        parts = {}
+        for path, module in self.parts.items():
+            new = paths.get(path, path)
+            if new is None:
+                continue
+            parts[new] = module
+            if new != path:  # its forward loads the part by path: wrapped again under the new one
+                del module.forward
+                _load_around_calls(self, new, module)
+        self.parts, self.checkpoint_names = parts, names
+        self.checked = {entry for entry in self.checked if len(entry) != 2}  # paths now name other blocks
+
     def resident_parameters(self) -> int:
         """Elements of streamed parts' parameters that are in memory now (not meta)."""
         return sum(p.numel() for module in self.parts.values() for p in module.parameters() if not p.is_meta)

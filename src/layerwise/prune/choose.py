@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -17,11 +18,11 @@ import torch
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference, kl_per_token
 from layerwise.engine.hooks import BlockCall, capture_blocks
-from layerwise.engine.replay import logits_without
+from layerwise.engine.replay import StopForward, final_hidden, hidden_without, paired_head
 from layerwise.errors import LayerwiseError
 from layerwise.models.layout import blocks_of
 from layerwise.models.loading import LoadedModel
-from layerwise.prune.depth import DROP_KINDS, out_projections, silence_
+from layerwise.prune.depth import DROP_KINDS, projections_restored, silence_
 from layerwise.util.progress import progress_bars
 
 CRITERIA = ("bi", "ablation", "search")
@@ -40,8 +41,7 @@ class DropChoice:
 
 def choose_drops(loaded: LoadedModel, windows: TokenWindows, kind: str = "block", count: int = 1,
                  by: str = "bi", *, batch_size: int = 2, progress: bool = True) -> DropChoice:
-    """The `count` units of `kind` to drop first by criterion `by`."""
-    loaded.require_in_memory("choosing units to drop")
+    """The `count` units of `kind` to drop first by criterion `by` (in memory or streamed)."""
     if kind not in DROP_KINDS:
         raise LayerwiseError(f"unknown drop kind {kind!r}; choose from {', '.join(DROP_KINDS)}")
     if by not in CRITERIA:
@@ -66,51 +66,54 @@ def _by_kl(loaded: LoadedModel, windows: TokenWindows, kind: str, count: int, it
            progress: bool) -> DropChoice:
     model, adapter = loaded.model, loaded.adapter
     n_blocks = loaded.n_blocks
-    batches = [batch.to(loaded.input_device) for batch in windows.batches(batch_size)]
-    references = [Reference.from_logits(model(input_ids=b, use_cache=False).logits[:, :-1], store=torch.float16)
-                  for b in batches]
-    saved = out_projections(loaded)
+    # Streamed, a batch is one window: its blocks' inputs are what this holds beside one block.
+    batches = windows.batches(1 if loaded.streamed is not None else batch_size)
+    # The base is the intact model: its last block's outputs, from which its distributions are
+    # made again a chunk of positions at a time beside each variant's (none is ever stored).
+    base_final = [final_hidden(model, adapter, batch.to(loaded.input_device)) for batch in batches]
     chosen: list[int] = []
     scores: list[float] = []
     history: list[dict] = []
     forward_equivalents = 1.0
     steps = count if iterate else 1
-    try:
-        with progress_bars(progress) as bars:
-            task = bars.add_task(f"dropping {kind} units", total=steps * n_blocks)
-            for _ in range(steps):
-                silence_(loaded, kind, chosen)
-                calls = [_calls(loaded, batch) for batch in batches]
-                forward_equivalents += 1.0
-                measured = {}
-                for index in range(n_blocks):
-                    bars.advance(task)
-                    if index in chosen:
-                        continue
-                    total, positions = 0.0, 0
-                    for batch_calls, reference in zip(calls, references):
-                        logits = logits_without(model, adapter, batch_calls, index, kind)[:, :-1]
-                        total += kl_per_token(reference, logits).sum().item()
-                        positions += logits.shape[0] * logits.shape[1]
-                    measured[index] = total / positions
-                    forward_equivalents += (n_blocks - index) / n_blocks
-                history.append({"dropped": list(chosen), "kl": measured})
-                ranked = sorted(measured, key=lambda i: (measured[i], i))
-                take = ranked[:1] if iterate else ranked[:count]
-                chosen.extend(take)
-                scores.extend(measured[i] for i in take)
-    finally:
-        model.load_state_dict(saved, strict=False)
+    with projections_restored(loaded), progress_bars(progress) as bars:
+        task = bars.add_task(f"dropping {kind} units", total=steps * len(batches) * n_blocks)
+        for _ in range(steps):
+            silence_(loaded, kind, chosen)
+            forward_equivalents += 1.0
+            totals = {index: 0.0 for index in range(n_blocks) if index not in chosen}
+            positions = 0
+            # A batch at a time: every block's input for one batch, replayed from each unit on.
+            for batch, base in zip(batches, base_final):
+                calls = _calls(loaded, batch.to(loaded.input_device))
+                for index in totals:
+                    final = hidden_without(model, adapter, calls, index, kind)
+                    for window in range(len(batch)):
+                        for _, _, base_logits, logits in paired_head(loaded, base[window], final[window]):
+                            totals[index] += kl_per_token(Reference.from_logits(base_logits), logits).sum().item()
+                    bars.advance(task, n_blocks / len(totals))
+                positions += batch.shape[0] * (batch.shape[1] - 1)
+                del calls
+            measured = {index: total / positions for index, total in totals.items()}
+            forward_equivalents += sum((n_blocks - index) / n_blocks for index in measured)
+            history.append({"dropped": list(chosen), "kl": measured})
+            ranked = sorted(measured, key=lambda i: (measured[i], i))
+            take = ranked[:1] if iterate else ranked[:count]
+            chosen.extend(take)
+            scores.extend(measured[i] for i in take)
     return DropChoice(kind, "search" if iterate else "ablation", chosen, scores, forward_equivalents, history)
 
 
 def _calls(loaded: LoadedModel, batch: torch.Tensor) -> list[BlockCall]:
+    """Every block's input and call arguments for `batch`; the pass ends at the last block."""
     calls: list[BlockCall] = []
 
     def keep(call: BlockCall) -> None:
         calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
+        if call.index == loaded.n_blocks - 1:
+            raise StopForward  # the head, a vocabulary-wide tensor per position, is not wanted
 
-    with capture_blocks(loaded.model, loaded.adapter, keep, keep_call=True):
+    with capture_blocks(loaded.model, loaded.adapter, keep, keep_call=True), contextlib.suppress(StopForward):
         loaded.model(input_ids=batch, use_cache=False)
     assert len(calls) == len(blocks_of(loaded.model, loaded.adapter))
     return calls

@@ -67,6 +67,21 @@ def silence_(loaded: LoadedModel, kind: str, indices: Sequence[int]) -> None:
                         write_parameter(loaded.streamed, model, f"{adapter.blocks}.{index}.{path}.{parameter}", zeros)
 
 
+@contextlib.contextmanager
+def projections_restored(loaded: LoadedModel) -> Iterator[None]:
+    """Whatever `silence_` does inside is undone on exit (in memory, the projections are copied
+    first; streamed, the overrides it adds are dropped)."""
+    if loaded.streamed is not None:
+        with loaded.streamed.overrides_restored():
+            yield
+        return
+    saved = out_projections(loaded)
+    try:
+        yield
+    finally:
+        loaded.model.load_state_dict(saved, strict=False)
+
+
 def out_projections(loaded: LoadedModel) -> dict[str, torch.Tensor]:
     """Copies of every block's output-projection weights and biases (what `silence_` changes),
     keyed as in the state dict, to put back with `model.load_state_dict(saved, strict=False)`."""
@@ -152,6 +167,10 @@ def delete_blocks_(loaded: LoadedModel, indices: Sequence[int]) -> list[int]:
     blocks = list(blocks_of(model, adapter))
     layer_types = getattr(model.config, "layer_types", None)
     _set_depth(model, adapter, [blocks[i] for i in kept], [layer_types[i] for i in kept] if layer_types else None)
+    if loaded.streamed is not None:
+        position = {old: new for new, old in enumerate(kept)}
+        loaded.streamed.renumber({f"{adapter.blocks}.{i}": f"{adapter.blocks}.{position[i]}" if i in position else None
+                                  for i in range(n_blocks)})
     for new_index, block in enumerate(blocks_of(model, adapter)):
         for module in block.modules():
             if hasattr(module, "layer_idx"):

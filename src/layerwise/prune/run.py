@@ -33,6 +33,8 @@ def run_drop(
     overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
+    streaming: bool | None = False,
     progress: bool = True,
 ) -> tuple[LoadedModel, DropChoice | ExpertDrop]:
     """Drop `count` units of `kind` chosen by `by` (or the given block `indices`), in place.
@@ -42,13 +44,15 @@ def run_drop(
     Whole blocks are deleted and the rest renumbered, so the checkpoint written to `out` is a
     standard one with fewer layers. Attention or MLP sublayers are dropped by zeroing their output
     projections: the checkpoint keeps its shape (every loader reads it) and gives the pruned
-    model's outputs, but saves no memory or compute until an engine skips zero projections."""
+    model's outputs, but saves no memory or compute until an engine skips zero projections.
+    With `streaming`, one block at a time is read from disk, for the choice and for the writing
+    (None: only for a model that would not fit in memory); experts are dropped in memory only."""
     if (count is None) == (indices is None):
         raise LayerwiseError("give either a number of units to drop (--blocks/--attn/--mlp N) or --indices")
     if out is not None:
         check_output(out, overwrite, directory=True)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
-    loaded.require_in_memory("drop")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
+                                                                      device_map=device_map, streaming=streaming)
     if kind == "expert":
         return _drop_experts(loaded, count, indices, by or "ablation", data, tokens, seq_len, seed, out, progress)
     by = by or "bi"

@@ -316,6 +316,7 @@ def run_imatrix(
     overwrite: bool = False,
     dtype: str = "auto",
     device: str = "cpu",
+    device_map: str | None = None,
     streaming: bool | None = False,
     progress: bool = True,
 ) -> Imatrix:
@@ -325,7 +326,7 @@ def run_imatrix(
     the model would not fit in memory)."""
     check_output(out, overwrite)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device,
-                                                                      streaming=streaming)
+                                                                      device_map=device_map, streaming=streaming)
     windows = imatrix_windows(loaded.tokenizer, data, ctx=ctx, chunks=chunks)
     imatrix = collect_imatrix(loaded, windows, include_output=include_output, progress=progress)
     imatrix.datasets = [str(data)]
