@@ -136,8 +136,13 @@ def test_budget_like_refusals(tiny, planned, tmp_path):
         read_reference(loaded, SMOLLM2, modules)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(LayerwiseError, match="not a readable GGUF"):
+    with pytest.raises(LayerwiseError, match="not a GGUF file"):
         read_reference(loaded, junk, modules)
+    cut = tmp_path / "cut.gguf"
+    with open(SMOLLM2, "rb") as handle:
+        cut.write_bytes(handle.read(100_000))
+    with pytest.raises(LayerwiseError, match="truncated or corrupt"):
+        read_reference(loaded, cut, modules)
     with pytest.raises(LayerwiseError, match="not found"):
         read_reference(loaded, tmp_path / "missing.gguf", modules)
     with pytest.raises(LayerwiseError, match="exactly one budget"):

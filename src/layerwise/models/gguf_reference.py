@@ -14,6 +14,7 @@ from pathlib import Path
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.gguf_names import gguf_architecture, gguf_tensor_parts
+from layerwise.models.integrity import check_gguf
 from layerwise.models.loading import LoadedModel
 from layerwise.util.meta import file_fingerprint
 
@@ -52,16 +53,13 @@ def read_reference(loaded: LoadedModel, path: str | Path, modules: list[str]) ->
     path = Path(path)
     if not path.is_file():
         raise LayerwiseError(f"reference file {path} not found")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # bad magic, truncated file: one line
-        raise LayerwiseError(f"{path} is not a readable GGUF file ({type(error).__name__}: {error})") from None
-    arch = str(reader.fields["general.architecture"].contents()) if "general.architecture" in reader.fields else None
+    summary = check_gguf(path)  # bad magic, a truncated file: one line
+    arch = summary["architecture"]
     ours = gguf_architecture(loaded)
     if arch != ours:
         raise LayerwiseError(f"{path.name} is a GGUF of architecture {arch!r}, this model's is {ours!r}")
     parts = gguf_tensor_parts(loaded, modules, ours)
-    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    tensors = summary["tensor_table"]
     # Modules sharing a tensor (the routed experts of a block), or pieces of one module (a split).
     by_tensors: dict[tuple[str, ...], list[str]] = {}
     for module in modules:
@@ -71,15 +69,15 @@ def read_reference(loaded: LoadedModel, path: str | Path, modules: list[str]) ->
         found = [tensors.get(name) for name in names]
         counts = [loaded.model.get_submodule(module).weight.numel() for module in members]
         weights = sum(counts)
-        elements = sum(int(tensor.n_elements) for tensor in found if tensor is not None)
+        elements = sum(tensor[1] for tensor in found if tensor is not None)
         if None in found or elements != weights:
             what = "absent" if None in found else f"{elements} weights, not {weights}"
             raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {' + '.join(names)} is {what}")
-        total_bytes = sum(int(tensor.n_bytes) for tensor in found)
+        total_bytes = sum(nbytes for _, _, nbytes in found)
         # A split module's pieces may differ in type: the costlier per weight speaks for it.
-        widest = max(found, key=lambda tensor: int(tensor.n_bytes) / int(tensor.n_elements))
+        widest_type, _, _ = max(found, key=lambda tensor: tensor[2] / tensor[1])
         for module, count in zip(members, counts):
             # The routed experts of a block share one tensor: each is given its share of the bytes.
             sizes[module] = total_bytes * count // weights
-            types[module] = gguf.GGMLQuantizationType(int(widest.tensor_type)).name
+            types[module] = gguf.GGMLQuantizationType(widest_type).name
     return ReferenceFile(str(path.resolve()), file_fingerprint(path), path.stat().st_size, sizes, types)

@@ -109,10 +109,13 @@ def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> dict:
 
         cursor.where = f"GGUF metadata of {path}"
         alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        architecture = None
         for index in range(n_kv):
             key = cursor.string(f"metadata key {index}")
             (value_type,) = cursor.unpack("<I", f"the type of {key!r}")
             value = cursor.skip_value(value_type, repr(key))
+            if key == "general.architecture":
+                architecture = value
             if key == "general.alignment":
                 if not isinstance(value, int) or value <= 0 or value & (value - 1):
                     raise LayerwiseError(f"{path}: general.alignment is {value!r}, not a power of two (corrupt file)")
@@ -138,16 +141,20 @@ def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> dict:
             count = 1
             for d in dims:
                 count *= d
-            tensors.append((name, offset, count // block * type_size))
+            tensors.append((name, offset, count // block * type_size, int(tensor_type), count))
 
         data_start = -(-cursor.offset // alignment) * alignment
-        for name, offset, nbytes in tensors:
+        for name, offset, nbytes, _, _ in tensors:
             end = data_start + offset + nbytes
             if offset % alignment or end > size:
                 what = ("lies beyond the end" if end > size else f"is not aligned to {alignment} bytes")
                 raise LayerwiseError(f"GGUF data of {path}: tensor {name!r} (bytes {data_start + offset:,} to "
                                      f"{end:,}) {what} of the {size:,}-byte file (truncated or corrupt)")
-    return {"version": version, "tensors": len(tensors), "metadata": n_kv, "data_start": data_start}
+    return {"version": version, "tensors": len(tensors), "metadata": n_kv, "data_start": data_start,
+            "architecture": architecture,
+            # name -> (type, weights, bytes): what a plan sized like this file needs, read without
+            # gguf-py's reader, which parses every metadata array (SmolLM2's vocabulary: 150 MB).
+            "tensor_table": {name: (tensor_type, count, nbytes) for name, _, nbytes, tensor_type, count in tensors}}
 
 
 def check_safetensors(path: str | Path) -> None:
