@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import mmap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
-from layerwise.models.integrity import check_finite
+from layerwise.models.integrity import check_finite, check_gguf
 
 # Elements read and converted at once: a float16 embedding of 28M entries read as float32 would
 # otherwise also hold its float16 copy and the file's mapped pages (170 MB more, for SmolLM2).
@@ -104,16 +105,48 @@ class SafetensorsTensors:
             return torch.cat([whole[start:stop] for start, stop in _runs(rows)])
 
 
+@dataclass(frozen=True)
+class _GGUFTensor:
+    """A GGUF tensor's name, type and data (a view of the mapped file), as gguf-py's reader gives them."""
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    data: Any  # numpy: floats in the tensor's shape, or a quantized type's bytes per row
+
+
+def gguf_tensor_views(path: Path, data: Any) -> dict[str, _GGUFTensor]:
+    """Every tensor of the GGUF at `path` over `data` (the file mapped as uint8), laid out as
+    gguf-py's reader lays them out (its reader is not used: it parses every metadata array into
+    objects, 160 MB for SmolLM2's vocabulary, for the whole of a streamed run)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quant_shape_to_byte_shape
+
+    floats = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32,
+              gguf.GGMLQuantizationType.F64: np.float64}
+    views = {}
+    for name, info in check_gguf(path)["tensor_table"].items():
+        tensor_type = gguf.GGMLQuantizationType(info.tensor_type)
+        shape = tuple(reversed(info.dims))
+        raw = data[info.offset:info.offset + info.nbytes]
+        if tensor_type in floats:
+            values = raw.view(floats[tensor_type]).reshape(shape)
+        else:
+            values = raw.reshape(quant_shape_to_byte_shape(shape, tensor_type))
+        views[name] = _GGUFTensor(name, tensor_type, values)
+    return views
+
+
 class GGUFTensors:
     """Tensors of a GGUF file under their Hugging Face names, dequantized one at a time as
     transformers' GGUF loader does (the same per-tensor conversion, e.g. llama's q/k un-permute)."""
 
     def __init__(self, path: Path, skeleton: nn.Module, config: Any) -> None:
         import gguf
+        import numpy as np
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-        self.reader = gguf.GGUFReader(path)
-        architecture = str(self.reader.fields["general.architecture"].contents())
+        architecture = check_gguf(path)["architecture"]
+        self.data = np.memmap(path, dtype=np.uint8, mode="r")
         self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
         # transformers' get_gguf_hf_weights_map, once for the whole model (it rebuilds gguf-py's
         # name map for every submodule: seconds per load), with the file's own architecture.
@@ -127,7 +160,8 @@ class GGUFTensors:
             gguf_name = name_map.get_name(stem) if suffix in ("weight", "bias") else None
             if gguf_name is not None:
                 self.mapping[f"{gguf_name}.{suffix}"] = hf_name
-        self.tensors = {self.mapping[t.name]: t for t in self.reader.tensors if t.name in self.mapping}
+        self.tensors = {self.mapping[name]: tensor for name, tensor in gguf_tensor_views(path, self.data).items()
+                        if name in self.mapping}
 
     def names(self) -> set[str]:
         return set(self.tensors)
@@ -163,7 +197,7 @@ class GGUFTensors:
         # The file's pages just read stay mapped into the process (counted in its resident size)
         # until told otherwise; they are the page cache's to keep, not ours.
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            self.reader.data._mmap.madvise(mmap.MADV_DONTNEED)
+            self.data._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def owner_of(module: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import merged_expert_path
+from layerwise.models.integrity import check_gguf
 from layerwise.models.loading import LoadedModel
 
 # transformers' model_type -> llama.cpp's architecture, where the two names differ
@@ -25,8 +26,7 @@ def gguf_architecture(loaded: LoadedModel) -> str:
 
     source = loaded.source
     if source.kind == "gguf" and source.gguf_file:
-        reader = gguf.GGUFReader(Path(source.location) / source.gguf_file)
-        return str(reader.fields["general.architecture"].contents())
+        return check_gguf(Path(source.location) / source.gguf_file)["architecture"]
     arch = _ARCH_OF_MODEL_TYPE.get(loaded.model_type, loaded.model_type)
     if arch not in gguf.MODEL_ARCH_NAMES.values():
         raise LayerwiseError(f"gguf-py knows no GGUF architecture for model type {loaded.model_type!r}")

@@ -69,13 +69,13 @@ def read_reference(loaded: LoadedModel, path: str | Path, modules: list[str]) ->
         found = [tensors.get(name) for name in names]
         counts = [loaded.model.get_submodule(module).weight.numel() for module in members]
         weights = sum(counts)
-        elements = sum(tensor[1] for tensor in found if tensor is not None)
+        elements = sum(tensor.elements for tensor in found if tensor is not None)
         if None in found or elements != weights:
             what = "absent" if None in found else f"{elements} weights, not {weights}"
             raise LayerwiseError(f"{path.name} is not a GGUF of this model: its tensor {' + '.join(names)} is {what}")
-        total_bytes = sum(nbytes for _, _, nbytes in found)
+        total_bytes = sum(tensor.nbytes for tensor in found)
         # A split module's pieces may differ in type: the costlier per weight speaks for it.
-        widest_type, _, _ = max(found, key=lambda tensor: tensor[2] / tensor[1])
+        widest_type = max(found, key=lambda tensor: tensor.nbytes / tensor.elements).tensor_type
         for module, count in zip(members, counts):
             # The routed experts of a block share one tensor: each is given its share of the bytes.
             sizes[module] = total_bytes * count // weights

@@ -13,6 +13,7 @@ import mmap
 import pickle
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +25,15 @@ _FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
 _MAX_NESTING = 2
+
+
+class GGUFTensorInfo(NamedTuple):
+    """One entry of a GGUF tensor table, as `check_gguf` walks it."""
+    tensor_type: int  # gguf.GGMLQuantizationType
+    elements: int
+    nbytes: int
+    dims: tuple[int, ...]  # as the file gives them: fastest-varying first
+    offset: int  # of its data, from the start of the file
 
 
 class _Cursor:
@@ -141,10 +151,10 @@ def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> dict:
             count = 1
             for d in dims:
                 count *= d
-            tensors.append((name, offset, count // block * type_size, int(tensor_type), count))
+            tensors.append((name, offset, count // block * type_size, int(tensor_type), count, tuple(dims)))
 
         data_start = -(-cursor.offset // alignment) * alignment
-        for name, offset, nbytes, _, _ in tensors:
+        for name, offset, nbytes, _, _, _ in tensors:
             end = data_start + offset + nbytes
             if offset % alignment or end > size:
                 what = ("lies beyond the end" if end > size else f"is not aligned to {alignment} bytes")
@@ -152,9 +162,10 @@ def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> dict:
                                      f"{end:,}) {what} of the {size:,}-byte file (truncated or corrupt)")
     return {"version": version, "tensors": len(tensors), "metadata": n_kv, "data_start": data_start,
             "architecture": architecture,
-            # name -> (type, weights, bytes): what a plan sized like this file needs, read without
-            # gguf-py's reader, which parses every metadata array (SmolLM2's vocabulary: 150 MB).
-            "tensor_table": {name: (tensor_type, count, nbytes) for name, _, nbytes, tensor_type, count in tensors}}
+            # What streaming and plans sized like this file need, read without gguf-py's reader,
+            # which parses every metadata array into objects (SmolLM2's vocabulary: 160 MB).
+            "tensor_table": {name: GGUFTensorInfo(tensor_type, count, nbytes, dims, data_start + offset)
+                             for name, offset, nbytes, tensor_type, count, dims in tensors}}
 
 
 def check_safetensors(path: str | Path) -> None:

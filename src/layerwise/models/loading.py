@@ -310,10 +310,8 @@ def weights_bytes(source: ModelSource, dtype: torch.dtype) -> int | None:
     None for a hub id or pickled weights."""
     elements = 0
     if source.kind == "gguf":
-        import gguf
-
-        reader = gguf.GGUFReader(Path(source.location) / source.gguf_file)
-        elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
+        table = check_gguf(Path(source.location) / source.gguf_file)["tensor_table"]
+        elements = sum(tensor.elements for tensor in table.values())
     elif source.kind == "folder":
         folder = Path(source.location)
         if not any(folder.glob("*.safetensors")):
