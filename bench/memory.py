@@ -7,7 +7,7 @@ model bench/robust.py's saved table belongs to), with settings a new user would 
 transformers and the model family's code (its config read and its modules built on the meta device,
 no weights) take a few hundred MB before any weight is read; the `floor` row measures that in the
 same way, and `above_floor_bytes` is a command's peak less it, which is what scales with the model. Each command
-that streams (every one: `--streaming`) runs again in mode "streaming", its time
+but the floor (all of them stream: `--streaming`) runs again in mode "streaming", its time
 also given as a ratio to the in-memory run of the same command (`seconds_x_memory`), and set
 against issue 17's target (`target_bytes`, `meets_target`): above the floor at most 0.3x the
 float32 model plus the hidden states of the command's tokens at one block (float32).
