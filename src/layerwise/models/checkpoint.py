@@ -121,15 +121,18 @@ def gguf_tensor_views(path: Path, data: Any) -> dict[str, _GGUFTensor]:
     import numpy as np
     from gguf.quants import quant_shape_to_byte_shape
 
-    floats = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32,
-              gguf.GGMLQuantizationType.F64: np.float64}
+    types = gguf.GGMLQuantizationType
+    # Types stored as plain numbers, viewed as such (gguf-py's reader does the same); the rest are
+    # a quantized type's bytes per row.
+    plain = {types.F16: np.float16, types.F32: np.float32, types.F64: np.float64, types.I8: np.int8,
+             types.I16: np.int16, types.I32: np.int32, types.I64: np.int64}
     views = {}
     for name, info in check_gguf(path)["tensor_table"].items():
-        tensor_type = gguf.GGMLQuantizationType(info.tensor_type)
+        tensor_type = types(info.tensor_type)
         shape = tuple(reversed(info.dims))
         raw = data[info.offset:info.offset + info.nbytes]
-        if tensor_type in floats:
-            values = raw.view(floats[tensor_type]).reshape(shape)
+        if tensor_type in plain:
+            values = raw.view(plain[tensor_type]).reshape(shape)
         else:
             values = raw.reshape(quant_shape_to_byte_shape(shape, tensor_type))
         views[name] = _GGUFTensor(name, tensor_type, values)

@@ -108,8 +108,7 @@ class StreamedWeights:
         """From now on, parameter `parameter` loads as `produce()` (tied parameters alike)."""
         self.overrides[self.checkpoint_names[parameter]] = produce
         part = self.part_of(parameter)
-        # Tied parameters share the key: every part loaded with overrides is looked at again.
-        self.checked = {entry for entry in self.checked if not (len(entry) == 2 and entry[1])}
+        self._uncheck_overridden()
         if self.holds[part]:
             self._load(part, only=parameter)
 
@@ -121,6 +120,7 @@ class StreamedWeights:
             yield
         finally:
             self.overrides = saved
+            self._uncheck_overridden()
 
     def renumber(self, paths: dict[str, str | None]) -> None:
         """Move parts to new paths (None: gone), as when blocks are deleted and the rest renumbered:
@@ -146,6 +146,11 @@ class StreamedWeights:
                 _load_around_calls(self, new, module)
         self.parts, self.checkpoint_names = parts, names
         self.checked = {entry for entry in self.checked if len(entry) != 2}  # paths now name other blocks
+
+    def _uncheck_overridden(self) -> None:
+        """Overrides changed: every part loaded with overrides is looked at again (tied parameters
+        share a key, so not only the changed part)."""
+        self.checked = {entry for entry in self.checked if not (len(entry) == 2 and entry[1])}
 
     def resident_parameters(self) -> int:
         """Elements of streamed parts' parameters that are in memory now (not meta)."""
