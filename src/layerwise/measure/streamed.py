@@ -101,16 +101,22 @@ class SlicedKL:
     """Per window, the mean KL(base || variant) over its next-token positions, for many variants
     at once, the head read a slice of vocabulary rows at a time (once per call for all variants).
 
-    `finals` are the base model's last block outputs per batch; the base distributions are
-    stored in `store` precision as the in-memory references are (float16 for the table, float32
-    for the check) and recomputed from `finals` slice by slice, never kept whole. Variants' states
-    are given through the final norm (`normed`), once, not for every slice."""
+    `finals` are the base model's last block outputs per batch (replaced in the list by their
+    normed states, so the two are never held at once; `normed=True` where they already are); the
+    base distributions are stored in `store` precision as the in-memory references are (float16
+    for the table, float32 for the check) and recomputed from `finals` slice by slice, never kept
+    whole. Variants' states are given through the final norm (`normed`), once, not for every slice."""
 
-    def __init__(self, loaded: LoadedModel, finals: list[torch.Tensor], store: torch.dtype) -> None:
+    def __init__(self, loaded: LoadedModel, finals: list[torch.Tensor], store: torch.dtype, *,
+                 normed: bool = False) -> None:
         model, adapter = loaded.model, loaded.adapter
         self.loaded, self.store = loaded, store
         self.norm = model.get_submodule(adapter.final_norm)
-        self.finals = [self.normed(final) for final in finals]
+        if not normed:
+            for part, final in enumerate(finals):
+                finals[part] = self.normed(final)
+                del final
+        self.finals = finals
         self.device = finals[0].device  # where the sums run: beside the states and the head
         self.head = model.get_submodule(adapter.lm_head)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -172,8 +178,12 @@ class SlicedKL:
             for chunk in self.chunks:
                 logprobs, probs = self._base_distribution(chunk, weight, bias, lse)
                 span = slice(chunk[4], chunk[4] + chunk[3] - chunk[2])
-                neg_entropy[span] += (probs.double() * logprobs.double()).sum(dim=-1)
-                mass[span] += probs.double().sum(dim=-1)
+                # One float64 copy, multiplied in place: the products of float64 copies of both,
+                # without two more temporaries of 8 MB beside it.
+                probs = probs.double()
+                mass[span] += probs.sum(dim=-1)
+                neg_entropy[span] += probs.mul_(logprobs).sum(dim=-1)
+                del logprobs, probs
         return lse, neg_entropy, mass
 
     @torch.no_grad()
@@ -455,7 +465,7 @@ class _FitnessWindows:
     calls: list[list[BlockCall]]
     first: TensorSlots
     kl: SlicedKL
-    prefix_finals: list[torch.Tensor]  # the last block's outputs of the first few windows
+    prefix_finals: list[torch.Tensor]  # the last block's normed outputs of the first few windows
     window_domains: np.ndarray
     device: torch.device
     prefix: SlicedKL | None = None
@@ -468,7 +478,7 @@ class _FitnessWindows:
             raise LayerwiseError(f"whole plans are measured on all {len(self.calls)} windows or the first "
                                  f"{len(self.prefix_finals)}, not {count}")
         if self.prefix is None:
-            self.prefix = SlicedKL(loaded, self.prefix_finals, torch.float32)
+            self.prefix = SlicedKL(loaded, self.prefix_finals, torch.float32, normed=True)
         return self.prefix
 
     def close(self) -> None:
@@ -517,10 +527,10 @@ class StreamedFitness:
         device = first[0].device
         slots = TensorSlots([tuple(state.shape) for state in first], first[0].dtype)
         slots.write(0, first)
-        finals = last_block_outputs(self.loaded, calls, hidden=first)  # `first` is consumed
-        held = _FitnessWindows(windows.batches(1), calls, slots, SlicedKL(self.loaded, finals, torch.float32),
-                               finals[:prefix] if prefix is not None else [], np.asarray(windows.window_domains),
-                               device)
+        kl = SlicedKL(self.loaded, last_block_outputs(self.loaded, calls, hidden=first),  # `first` is consumed
+                      torch.float32)
+        held = _FitnessWindows(windows.batches(1), calls, slots, kl, kl.finals[:prefix] if prefix is not None else [],
+                               np.asarray(windows.window_domains), device)
         self._held.append(held)
         return held
 

@@ -100,9 +100,12 @@ class SafetensorsTensors:
         """Rows `rows` (sorted) of a 2-D tensor, each contiguous run read as one slice."""
         from safetensors import safe_open
 
+        runs = _runs(rows)
         with safe_open(self.files[name], framework="pt") as handle:
             whole = handle.get_slice(self.stored_as.get(name, name))
-            return torch.cat([whole[start:stop] for start, stop in _runs(rows)])
+            if len(runs) == 1:  # a head slice: no second copy to join
+                return whole[runs[0][0]:runs[0][1]]
+            return torch.cat([whole[start:stop] for start, stop in runs])
 
 
 @dataclass(frozen=True)
