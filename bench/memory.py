@@ -51,14 +51,13 @@ FLOOR = ("peak of a process that imports torch, transformers and layerwise, read
 
 # Commands that take --streaming (all of them now).
 STREAMING = ("load", "profile", "profile (ablation)", "plan", "plan (table reused)", "plan (like a GGUF file)",
-             "quantize (gptq)", "eval",
-             "export (compressed-tensors)", "export (hf)", "drop", "diverge")
+             "quantize (gptq)", "eval", "export (compressed-tensors)", "export (hf)", "drop", "diverge")
 # Tokens each command runs at once (as in `commands`; a plan's never-worse check runs 4096 by
 # default, more than its table's 1024): the issue's streaming target allows 0.3x the float32 model
 # plus "the calibration activations of one block", read here strictly as those tokens' hidden
 # states at one block's input, in float32 (not the block's working memory on a batch).
-TOKENS = {"profile": 1024, "profile (ablation)": 1024, "plan": 4096, "plan (table reused)": 4096, "plan (like a GGUF file)": 4096,
-          "quantize (gptq)": 4096, "eval": 4096,
+TOKENS = {"profile": 1024, "profile (ablation)": 1024, "plan": 4096, "plan (table reused)": 4096,
+          "plan (like a GGUF file)": 4096, "quantize (gptq)": 4096, "eval": 4096,
           "export (compressed-tensors)": 0, "export (hf)": 0,  # the plan rounds to nearest: no calibration text
           "drop": 1024, "diverge": 0}  # diverge: a few short prompts
 # The GGUF file SmolLM2's plan is made no larger than (--budget-like, which makes the embedding a unit

@@ -115,7 +115,7 @@ class SlicedKL:
         if not normed:
             for part, final in enumerate(finals):
                 finals[part] = self.normed(final)
-                del final
+                del final  # else the loop variable keeps the last raw state through the sums below
         self.finals = finals
         self.device = finals[0].device  # where the sums run: beside the states and the head
         self.head = model.get_submodule(adapter.lm_head)
