@@ -23,6 +23,8 @@ grow with the model) is the sum of the tensors it holds at once, counted from th
 - base: eval's base next-token distributions, float16, tokens x V (in memory only);
 - activations: a block's inputs and outputs for every calibration token (tokens x h, twice; a
   streamed plan's check: the plan's states and the base model's last ones);
+- ablation states: the profile's ablation carries a wave of eight ablations' states, the base
+  model's input and its last output (tokens x h each);
 - hessians: GPTQ's input statistics of one block, float32, one per distinct input (linears handed
   the same tensor share one): q/k/v's, o's and gate/up's are h-wide (h x h each), down's i-wide
   (i x i); and, while the widest is factored, two float64 copies of it (i x i x 8 each).
@@ -31,8 +33,9 @@ The same sums for SmolLM2 are printed beside its measured peaks (bench/results/m
 the model's error is visible; then the projection for Llama 3.2 1B and Llama 3.1 8B and 70B shapes
 in float32 (the CPU default) and bfloat16 (the GPU default), and whether the peak fits a 24 GB GPU
 (23 GB usable). Time: SmolLM2's measured seconds on this machine, less the floor's (imports),
-scaled by parameters (the work per token is proportional to them), so hours on 2 CPU cores; a GPU
-was not measured. `load` is left out (its streamed peak is the loader's bookkeeping alone).
+scaled by parameters (the work per token is proportional to them; for the ablation, which runs
+every block's ablations through the later blocks, by parameters times depth), so hours on 2 CPU
+cores; a GPU was not measured. `load` is left out (its streamed peak is the loader's bookkeeping alone).
 
     python bench/project.py
 """
@@ -53,8 +56,11 @@ TOKENIZER_BYTES_PER_ENTRY = 13.5 * 2**20 / 49152  # SmolLM2's tokenizer, measure
 HEAD_WORK = 50 * MB
 HEAD_SLICE_ELEMENTS = 1 << 22  # layerwise.models.streaming.HEAD_SLICE_ELEMENTS
 # Tokens each command of bench/memory.py runs on (profile 1024, quantize and eval 4096).
-TOKENS = {"profile": 1024, "quantize (gptq)": 4096, "eval": 4096, "plan (table reused)": 4096,
-          "export (compressed-tensors)": 0}
+TOKENS = {"profile": 1024, "profile (ablation)": 1024, "quantize (gptq)": 4096, "eval": 4096,
+          "plan (table reused)": 4096, "export (compressed-tensors)": 0}
+# States the profile's ablation holds beside the forward's: a wave of ablations
+# (`profile.ablation._VARIANTS_AT_ONCE`), the base model's carried input and its last output.
+ABLATION_STATES = 8 + 2
 
 
 @dataclass(frozen=True)
@@ -106,16 +112,19 @@ def components(shape: Shape, command: str, mode: str, dtype_bytes: int) -> dict[
         held["model"] = shape.params * dtype_bytes
     else:
         held["block"] = shape.block_params * dtype_bytes
-        if command in ("profile", "eval", "plan (table reused)", "export (compressed-tensors)"):
+        if command in ("profile", "profile (ablation)", "eval", "plan (table reused)", "export (compressed-tensors)"):
             held["head slice"] = min(shape.edge_params, HEAD_SLICE_ELEMENTS) * dtype_bytes
-    if command in ("profile", "eval", "plan (table reused)"):
+    if command in ("profile", "profile (ablation)", "eval", "plan (table reused)"):
         held["head work"] = HEAD_WORK
     if command in ("quantize (gptq)", "eval", "export (compressed-tensors)"):
         held["codes"] = shape.planned * 1.0 if mode == "memory" else shape.planned / shape.layers
     if command == "eval" and mode == "memory":
         held["base"] = tokens * shape.vocab * 2
-    if command in ("profile", "quantize (gptq)", "eval") or (command == "plan (table reused)" and mode == "streaming"):
+    if command in ("profile", "profile (ablation)", "quantize (gptq)", "eval") or (
+            command == "plan (table reused)" and mode == "streaming"):
         held["activations"] = 2 * tokens * shape.hidden * dtype_bytes
+    if command == "profile (ablation)":
+        held["ablation states"] = ABLATION_STATES * tokens * shape.hidden * dtype_bytes
     if command == "quantize (gptq)":
         held["hessians"] = 4 * (3 * shape.hidden ** 2 + shape.intermediate ** 2) + 2 * 8 * shape.intermediate ** 2
     return held
@@ -149,8 +158,10 @@ def main() -> None:
     for name, shape in SHAPES.items():
         if name == "SmolLM2-135M":
             continue
-        scale = shape.params / smol.params
         for (command, mode), row in measured.items():
+            # The ablation runs each block's variants through every later block: its work grows
+            # with depth as well as with the parameters.
+            scale = shape.params / smol.params * (shape.layers / smol.layers if command == "profile (ablation)" else 1)
             for dtype, size in (("float32", 4), ("bfloat16", 2)):
                 held = components(shape, command, mode, size)
                 peak = sum(held.values())

@@ -239,8 +239,20 @@ def test_streamed_eval_and_profile_match(tmp_path):
         assert parts[key]["top1"] == whole[key]["top1"]
         assert max(abs(a - b) for a, b in zip(parts[key]["window_kl"], whole[key]["window_kl"])) < 1e-6
     assert whole["quantized"]["kl"] > 0.01
-    profiled = [run_profile(STORIES, tokens=1024, ablation=True, streaming=streaming, progress=False)
-                for streaming in (False, True)]
+    # Streamed, the ablation's block runs hold one block's weights at a time as the forward does.
+    parts = load_model(STORIES, streaming=True)
+    held = []
+    handles = [block.self_attn.register_forward_pre_hook(
+        lambda module, args: held.append(parts.streamed.resident_parameters()))
+        for block in blocks_of(parts.model, parts.adapter)]
+    try:
+        profiled = [run_profile(STORIES, tokens=1024, ablation=True, progress=False),
+                    run_profile(parts, tokens=1024, ablation=True, progress=False)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    block_size = sum(p.numel() for p in blocks_of(parts.model, parts.adapter)[0].parameters())
+    assert len(held) > 4 * parts.n_blocks and set(held) == {block_size}
     for a, b in zip(profiled[0].blocks, profiled[1].blocks):
         assert a.keys() == b.keys()
         for key in a:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import CALIBRATION_TEXT
-from layerwise import ProfileResult, token_windows
+from conftest import CALIBRATION_TEXT, STORIES
+from layerwise import ProfileResult, load_model, token_windows
 from layerwise.evaluate import Reference, kl_per_token
 from layerwise.models.layout import blocks_of
 from layerwise.profile import METRICS, WEIGHT_METRICS, profile_model, run_profile
@@ -81,6 +81,38 @@ def test_block_ablation_equals_removing_the_block(stories, stories_windows, stor
     for block in (0, 2, 4):
         expected = kl_without_block(stories, stories_windows, block)
         assert stories_profile.blocks[block]["ablation_kl_block"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_ablation_through_a_head_that_is_not_a_plain_linear(stories, stories_windows, stories_profile, monkeypatch):
+    """A head module other than nn.Linear (a quantized one) is applied whole to fewer positions at
+    a time instead of a slice of rows at a time: the same KLs."""
+    import layerwise.engine.sliced_kl as sliced_kl
+
+    monkeypatch.setattr(sliced_kl, "plain_head", lambda loaded: False)
+    result = profile_model(stories, stories_windows, ablation=["block", "mlp"], weights=False, progress=False)
+    for row, expected in zip(result.blocks, stories_profile.blocks):
+        for kind in ("block", "mlp"):
+            assert row[f"ablation_kl_{kind}"] == pytest.approx(expected[f"ablation_kl_{kind}"], rel=1e-5)
+
+
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_ablation_in_waves_gives_the_same_numbers(stories, stories_windows, stories_profile, monkeypatch, at_once):
+    """Ablations run through the later blocks together (eight at a time in memory; streamed,
+    stories260K's one at a time: its states are large beside its blocks), here each alone (1) or
+    a block's three spread over two waves (2): the numbers do not depend on how they are grouped,
+    and the block runs counted are the ones announced."""
+    from layerwise.profile import ablation
+
+    assert ablation.wave_size(load_model(STORIES, streaming=True), torch.zeros(2, 256, 64)) == 1
+    monkeypatch.setattr(ablation, "wave_size", lambda loaded, state: at_once)
+    result = profile_model(stories, stories_windows, ablation=True, weights=False, progress=False)
+    for row, expected in zip(result.blocks, stories_profile.blocks):
+        for kind in ("block", "attn", "mlp"):
+            assert row[f"ablation_kl_{kind}"] == pytest.approx(expected[f"ablation_kl_{kind}"], rel=1e-6)
+    batches = len(stories_windows.batches(2))
+    assert result.meta["ablation_cost_forward_equivalents"] == pytest.approx(
+        batches * ablation.block_runs(stories, ("block", "attn", "mlp")) / stories.n_blocks)
+    assert stories_profile.meta["ablation_cost_forward_equivalents"] == result.meta["ablation_cost_forward_equivalents"]
 
 
 def test_ablations_are_positive_and_ordered(stories_profile):

@@ -91,7 +91,8 @@ def head_kl(model: nn.Module, adapter: Adapter, hidden: torch.Tensor,
 
 
 def blocks_run(n_blocks: int, index: int, kind: str) -> int:
-    """How many block evaluations `logits_without` costs (for forward-pass-equivalent accounting)."""
+    """How many block evaluations removing unit `kind` of block `index` costs, from the block's
+    input on (for forward-pass-equivalent accounting)."""
     return n_blocks - index - (kind == "block")
 
 

@@ -31,11 +31,11 @@ from torch import nn
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import calls_of
+from layerwise.engine.sliced_kl import SlicedKL, head_slices
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import (FISHER_SAMPLES, EstimateContext, Estimator, RoundingNoise, column_squares,
                                          noise_gains, weighted_error)
-from layerwise.measure.streamed import (SlicedKL, StreamedEntries, _entry_outputs, _part, _statistics, head_slices,
-                                        measure_entries)
+from layerwise.measure.streamed import StreamedEntries, _entry_outputs, _part, _statistics, measure_entries
 from layerwise.models.layout import blocks_of, linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import held

@@ -14,6 +14,7 @@ from layerwise.data.domains import Calibration, domain_slots, parts_of, take_fro
 from layerwise.data.overlap import rebuild_windows
 from layerwise.data.windows import (DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_PARENT, TextSlots, TokenWindows,
                                     token_windows)
+from layerwise.engine.sliced_kl import plain_head
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import DEFAULT_ESTIMATOR, estimator_named
 from layerwise.measure.refine import REFINE_SHARE, check_share, refine_table, save_refined
@@ -347,8 +348,6 @@ def run_plan(
                             statistics=statistics)
 
     fitness_windows = jobs["search"] if searching else jobs["check"]
-    from layerwise.measure.streamed import plain_head
-
     # Block by block a window at a time, each plan quantized on the way: streamed, and in memory for
     # the check alone on the CPU, where a planned embedding is then never decoded whole (0.2x of
     # SmolLM2 at the peak of a plan like a GGUF file).

@@ -25,6 +25,7 @@ from layerwise.data.windows import TokenWindows
 from layerwise.engine.divergence import Reference
 from layerwise.engine.hooks import BlockCall, capture_blocks, scoped_hooks
 from layerwise.engine.replay import StopForward, base_reference, block_calls, head_kl, hidden_without
+from layerwise.engine.sliced_kl import plain_head
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import (DEFAULT_ESTIMATOR, EstimateContext, blocks_to_head, estimator_named,
                                          measured_entry)
@@ -264,8 +265,6 @@ def runs_block_major(loaded: LoadedModel, estimator: str) -> bool:
     block and no base distributions (those take 2 GB for 4096 positions of a 128k vocabulary).
     Estimated tables, heads other than a plain linear and models on a GPU (where this way has not
     been run yet) replay each entry from every block's cached inputs instead."""
-    from layerwise.measure.streamed import plain_head
-
     in_memory_ok = estimator == "measured" and plain_head(loaded) and loaded.input_device.type == "cpu"
     return loaded.streamed is not None or in_memory_ok
 

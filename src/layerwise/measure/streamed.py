@@ -37,13 +37,14 @@ from torch import nn
 from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import BlockCall, advance_batches, run_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import calls_of, first_block_input, last_block_outputs, removed_unit
+from layerwise.engine.sliced_kl import SlicedKL, plain_head
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import RoundingNoise, blocks_to_head
 from layerwise.measure.fitness import table_prediction
 from layerwise.measure.sensitivity import _statistics_hooks, head_cost_in_blocks
 from layerwise.models.layout import blocks_of, head_is_tied, linear_weight, stored_transposed
 from layerwise.models.loading import LoadedModel
-from layerwise.models.streaming import embedding_rows_transformed, has_overrides, head_rows, head_step, held
+from layerwise.models.streaming import embedding_rows_transformed, held
 from layerwise.plan.options import DROP
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.table import domain_means, edge_config
@@ -51,16 +52,10 @@ from layerwise.plan.units import EDGE_KINDS, Unit
 from layerwise.quant.linear import InputStats, quantize_linear
 from layerwise.quant.qtensor import group_spans, storage_bits
 from layerwise.quant.rtn import quantize_weight
-from layerwise.util.memory import trim_freed_memory
 from layerwise.util.tensor_files import TensorSlots, TensorSpill
 
-# Logits made at once while KL is summed over vocabulary slices (float32; a few temporaries of
-# this size and twice it in float64).
-_LOGIT_ELEMENTS = 1 << 20
-# Weights of the embedding or head quantized at once by a plan's edge options, and the pieces a
-# head slice is cut into when a variant applies its own head.
+# Weights of the embedding or head quantized at once by a plan's edge options.
 _QUANTIZED_ELEMENTS = 1 << 18
-_HEAD_PIECES = 4
 
 
 def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
@@ -69,176 +64,8 @@ def refuse_unless_streamable(loaded: LoadedModel, what: str) -> None:
         raise LayerwiseError(f"{what} on a streamed model needs a plain linear head; load it without --streaming")
 
 
-def plain_head(loaded: LoadedModel) -> bool:
-    """Whether the head is a plain linear, which `SlicedKL` applies a slice of rows at a time."""
-    return type(loaded.model.get_submodule(loaded.adapter.lm_head)) is nn.Linear
-
-
-def head_slices(loaded: LoadedModel) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
-    """(first row, end row, weight rows, bias rows) of the head, a slice of vocabulary rows at a
-    time: read from the checkpoint, or from the head held whole where it is not read in slices (a
-    GGUF output tensor, a bias, an overridden head)."""
-    streamed, path = loaded.streamed, loaded.adapter.lm_head
-    head = loaded.model.get_submodule(path)
-    vocab, width = head.weight.shape
-    step = head_step(width)
-    if streamed is not None and path in streamed.sliced and head.bias is None and not has_overrides(streamed, path):
-        for start in range(0, vocab, step):
-            stop = min(vocab, start + step)
-            yield start, stop, head_rows(streamed, path, start, stop, head.weight.dtype), None
-        return
-    with held(streamed, path):
-        for start in range(0, vocab, step):
-            stop = min(vocab, start + step)
-            yield start, stop, head.weight[start:stop], None if head.bias is None else head.bias[start:stop]
-
-
 def _part(loaded: LoadedModel, index: int) -> str:
     return f"{loaded.adapter.blocks}.{index}"
-
-
-class SlicedKL:
-    """Per window, the mean KL(base || variant) over its next-token positions, for many variants
-    at once, the head read a slice of vocabulary rows at a time (once per call for all variants).
-
-    `finals` are the base model's last block outputs per batch (replaced in the list by their
-    normed states, so the two are never held at once; `normed=True` where they already are); the
-    base distributions are stored in `store` precision as the in-memory references are (float16
-    for the table, float32 for the check) and recomputed from `finals` slice by slice, never kept
-    whole. Variants' states are given through the final norm (`normed`), once, not for every slice."""
-
-    def __init__(self, loaded: LoadedModel, finals: list[torch.Tensor], store: torch.dtype, *,
-                 normed: bool = False) -> None:
-        model, adapter = loaded.model, loaded.adapter
-        self.loaded, self.store = loaded, store
-        self.norm = model.get_submodule(adapter.final_norm)
-        if not normed:
-            for part, final in enumerate(finals):
-                finals[part] = self.normed(final)
-                del final  # else the loop variable keeps the last raw state through the sums below
-        self.finals = finals
-        self.device = finals[0].device  # where the sums run: beside the states and the head
-        self.head = model.get_submodule(adapter.lm_head)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.vocab, width = self.head.weight.shape
-        self.step = head_step(width)
-        self.rows = max(1, _LOGIT_ELEMENTS // self.step)
-        self.positions = finals[0].shape[1] - 1
-        # (batch, window, first position, end position, offset among all positions)
-        self.chunks, offset = [], 0
-        for part, final in enumerate(finals):
-            for window in range(final.shape[0]):
-                for start in range(0, self.positions, self.rows):
-                    stop = min(self.positions, start + self.rows)
-                    self.chunks.append((part, window, start, stop, offset))
-                    offset += stop - start
-        self.total = offset
-        self.lse, self.neg_entropy, self.mass = self._base_terms()
-
-    def _slices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        for _, _, weight, bias in head_slices(self.loaded):
-            yield weight, bias
-
-    def normed(self, states: torch.Tensor) -> torch.Tensor:
-        """A last block's output as the head receives it."""
-        return self.norm(states)
-
-    def _logits(self, normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        logits = nn.functional.linear(normed, weight, bias)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
-
-    def _base_logits(self, chunk: tuple[int, int, int, int, int], weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-        part, window, start, stop, _ = chunk
-        return self._logits(self.finals[part][window, start:stop], weight, bias)
-
-    def _base_distribution(self, chunk: tuple[int, int, int, int, int], weight: torch.Tensor,
-                           bias: torch.Tensor | None, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A chunk's base log-probabilities over a head slice (float32, as log_softmax gives them)
-        and its probabilities as the in-memory reference stores them (`store`)."""
-        offset, count = chunk[4], chunk[3] - chunk[2]
-        logprobs = self._base_logits(chunk, weight, bias) - lse[offset:offset + count, None]
-        return logprobs, logprobs.exp().to(self.store)
-
-    @torch.no_grad()
-    def _base_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per position: the base logits' log-sum-exp (float32, as log_softmax rounds it), sum p
-        log p and sum p over the stored probabilities (float64)."""
-        peak = torch.full((self.total,), -torch.inf, dtype=torch.float64, device=self.device)
-        summed = torch.zeros(self.total, dtype=torch.float64, device=self.device)
-        for weight, bias in self._slices():
-            for chunk in self.chunks:
-                _running_lse(peak, summed, chunk[4], self._base_logits(chunk, weight, bias))
-        lse = (peak + summed.log()).float()
-        neg_entropy = torch.zeros(self.total, dtype=torch.float64, device=self.device)
-        mass = torch.zeros(self.total, dtype=torch.float64, device=self.device)
-        for weight, bias in self._slices():
-            for chunk in self.chunks:
-                logprobs, probs = self._base_distribution(chunk, weight, bias, lse)
-                span = slice(chunk[4], chunk[4] + chunk[3] - chunk[2])
-                # One float64 copy, multiplied in place: the products of float64 copies of both,
-                # without two more temporaries of 8 MB beside it.
-                probs = probs.double()
-                mass[span] += probs.sum(dim=-1)
-                neg_entropy[span] += probs.mul_(logprobs).sum(dim=-1)
-                del logprobs, probs
-        return lse, neg_entropy, mass
-
-    @torch.no_grad()
-    def window_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor],
-                  heads: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None) -> np.ndarray:
-        """[variants, windows] mean KL per window; `rows_of(variant, batch, window, start, stop)`
-        gives a variant's last block output at those positions, through the final norm (`normed`).
-        `heads[variant]`, where given, makes that variant's head rows of the base head's (a
-        quantized head: rows are quantized independently, so a slice at a time is the whole)."""
-        heads = list(heads) if heads is not None else [None] * variants
-        groups: dict[int, tuple[Callable | None, list[int]]] = {}  # variants that share a head
-        for variant, head in enumerate(heads):
-            groups.setdefault(id(head), (head, []))[1].append(variant)
-        peak = torch.full((variants, self.total), -torch.inf, dtype=torch.float64, device=self.device)
-        summed = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)
-        cross = torch.zeros((variants, self.total), dtype=torch.float64, device=self.device)  # sum p z
-        # A variant's head is made a quarter of a slice at a time: its copy and the quantizer's
-        # temporaries stay a few MB beside the slice.
-        pieces = _HEAD_PIECES if any(head is not None for head in heads) else 1
-        for whole_weight, whole_bias in self._slices():
-            step = -(-whole_weight.shape[0] // pieces)
-            for first in range(0, whole_weight.shape[0], step):
-                weight = whole_weight[first:first + step]
-                bias = None if whole_bias is None else whole_bias[first:first + step]
-                for head, members in groups.values():
-                    variant_weight = weight if head is None else head(weight)
-                    for chunk in self.chunks:
-                        part, window, start, stop, offset = chunk
-                        count = stop - start
-                        logprobs, probs = self._base_distribution(chunk, weight, bias, self.lse)
-                        probs = probs.float()
-                        del logprobs
-                        for variant in members:
-                            logits = self._logits(rows_of(variant, part, window, start, stop), variant_weight, bias)
-                            _running_lse(peak[variant], summed[variant], offset, logits)
-                            cross[variant, offset:offset + count] += (probs * logits).sum(dim=-1,
-                                                                                          dtype=torch.float64)
-                            del logits
-                    del variant_weight
-            del whole_weight, weight
-            trim_freed_memory()
-        lse = peak + summed.log()
-        kl = (self.neg_entropy - (cross - lse * self.mass)).clamp_min(0.0)
-        windows = kl.reshape(variants, -1, self.positions)  # chunks run window by window, in order
-        return (windows.sum(dim=-1) / self.positions).cpu().numpy()
-
-
-def _running_lse(peak: torch.Tensor, summed: torch.Tensor, offset: int, logits: torch.Tensor) -> None:
-    """Fold a slice of float32 logits [positions, rows] into a running log-sum-exp (float64 peak,
-    and sum of exp below it) of positions offset.. ; the exponentials in float32, summed in float64."""
-    span = slice(offset, offset + logits.shape[0])
-    top = torch.maximum(peak[span], logits.max(dim=-1).values.double())  # float32 values, exactly
-    summed[span] = (summed[span] * torch.exp(peak[span] - top)
-                    + torch.exp(logits - top.float()[:, None]).sum(dim=-1, dtype=torch.float64))
-    peak[span] = top
 
 
 def _statistics(model: nn.Module, block: nn.Module, names: list[str], algorithms: set[str],

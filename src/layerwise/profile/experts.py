@@ -78,10 +78,11 @@ class ExpertAccumulator:
             shared = call.mlp_delta.reshape(tokens, -1).float().cpu() - routed
             sums["shared"] += (shared.norm(dim=-1) / h_norm).double().sum().item()
 
-    def add_ablation(self, block: int, expert: int, kl: torch.Tensor) -> None:
-        self.ablation[block, expert] += kl.double().sum().item()
+    def add_ablation(self, block: int, expert: int, total: float, count: int) -> None:
+        """KL summed over `count` positions of a model whose router may not choose `expert`."""
+        self.ablation[block, expert] += total
         if expert == 0:
-            self.block_sums[block]["ablation_tokens"] += kl.numel()
+            self.block_sums[block]["ablation_tokens"] += count
 
     def block_columns(self, index: int) -> dict[str, float | None]:
         sums = self.block_sums[index]

@@ -10,15 +10,15 @@ from typing import Sequence
 import torch
 
 from layerwise.data.windows import TokenWindows, token_windows
-from layerwise.engine.divergence import Reference, kl_per_token
-from layerwise.engine.hooks import BlockCall, capture_blocks, zero_output
-from layerwise.engine.replay import UNIT_KINDS, StopForward, blocks_run, logits_without
+from layerwise.engine.divergence import Reference
+from layerwise.engine.hooks import BlockCall, capture_blocks
+from layerwise.engine.replay import UNIT_KINDS, StopForward
 from layerwise.errors import LayerwiseError
 from layerwise.models.adapters import get_adapter
-from layerwise.models.experts import without_experts
-from layerwise.models.layout import block_linears, blocks_of, hidden_to_logits, linear_weight
+from layerwise.models.layout import block_linears, hidden_to_logits, linear_weight
 from layerwise.models.loading import LoadedModel, load_config, load_model, load_tokenizer, resolve_source
 from layerwise.models.streaming import by_part, held, held_unless_sliced
+from layerwise.profile.ablation import Variant, ablate_blocks, block_runs
 from layerwise.profile.experts import ExpertAccumulator, has_shared_expert, observing_experts, shared_expert_path
 from layerwise.profile.logit_lens import auto_positions_per_window, lens_partials, lens_positions
 from layerwise.profile.metrics import METRICS, Partials, combine
@@ -49,6 +49,7 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
     model, adapter = loaded.model, loaded.adapter
     lens_hidden: dict[int, torch.Tensor] = {}
     calls: list[BlockCall] = []
+    finals: list[torch.Tensor] = []
 
     def on_block(call: BlockCall) -> None:
         for name, metric in METRICS.items():
@@ -57,14 +58,18 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
             acc.experts.on_block(call)
         lens_hidden[call.index] = call.h_out[:, positions]
         if ablation:
-            # Keep only what a replay needs: the block's input and call arguments.
-            calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
-        elif call.index == loaded.n_blocks - 1:
-            raise StopForward  # the head is applied to the lens positions only, below
+            # Keep only what the ablation needs: every block's call arguments, the first block's
+            # input and the last block's output.
+            calls.append(BlockCall(call.index, h_in=call.h_in if call.index == 0 else None,
+                                   args=call.args, kwargs=call.kwargs))
+        if call.index == loaded.n_blocks - 1:
+            if ablation:
+                finals.append(call.h_out)
+            raise StopForward  # the head is applied to the lens positions only, and a slice at a time below
 
     observe = observing_experts(model, adapter, acc.experts) if acc.experts is not None else contextlib.nullcontext()
     with capture_blocks(model, adapter, on_block, keep_call=bool(ablation)), observe, contextlib.suppress(StopForward):
-        logits = model(input_ids=batch, use_cache=False).logits
+        model(input_ids=batch, use_cache=False)
     # The head is applied once per chunk of blocks below: held meanwhile, unless a streamed head
     # reads its rows a slice at a time for each call (the whole matrix is then never in memory).
     with held_unless_sliced(loaded.streamed, adapter.lm_head):
@@ -73,44 +78,22 @@ def _profile_batch(loaded: LoadedModel, batch: torch.Tensor, acc: _Accumulators,
         lens = lens_partials(model, adapter, [lens_hidden[i] for i in range(len(lens_hidden))], final)
         for index, partials in enumerate(lens):
             combine(acc.lens[index], partials)
-        if not ablation:
-            return
-        base = Reference.from_logits(logits)
-        del logits
-        for kind in ablation:
-            for index in range(len(calls)):
-                if kind == "expert":
-                    _ablate_experts(loaded, calls, index, base, acc.experts, on_ablation_step)
-                    continue
-                if kind == "shared_expert":
-                    if index in adapter.dense_blocks:
-                        continue
-                    shared = blocks_of(model, adapter)[index].get_submodule(shared_expert_path(adapter))
-                    with zero_output(shared):
-                        kl = kl_per_token(base, logits_without(model, adapter, calls, index, None))
-                else:
-                    kl = kl_per_token(base, logits_without(model, adapter, calls, index, kind))
-                combine(acc.ablation[kind][index], {"total": kl.double().sum().item(), "count": float(kl.numel())})
-                on_ablation_step(blocks_run(len(calls), index, kind))
-
-
-def _ablations_per_block(adapter, index: int, kind: str) -> int:
-    if kind in ("expert", "shared_expert") and index in adapter.dense_blocks:
-        return 0
-    return adapter.n_experts if kind == "expert" else 1
-
-
-def _ablate_experts(loaded: LoadedModel, calls: list[BlockCall], index: int, base: Reference,
-                    experts: ExpertAccumulator, on_ablation_step) -> None:
-    """KL of the model whose router in block `index` may not choose each expert in turn."""
-    model, adapter = loaded.model, loaded.adapter
-    block = blocks_of(model, adapter)[index]
-    if index in adapter.dense_blocks:
+    lens_hidden.clear()
+    del final, lens
+    if not ablation:
         return
-    for expert in range(adapter.n_experts):
-        with without_experts(block, adapter, [expert]):
-            experts.add_ablation(index, expert, kl_per_token(base, logits_without(model, adapter, calls, index, None)))
-        on_ablation_step(blocks_run(len(calls), index, "block"))
+
+    def record(variant: Variant, total: float, count: int) -> None:
+        if variant.kind == "expert":
+            acc.experts.add_ablation(variant.index, variant.expert, total, count)
+        else:
+            combine(acc.ablation[variant.kind][variant.index], {"total": total, "count": float(count)})
+
+    ablate_blocks(loaded, calls, finals.pop(), ablation, record, on_ablation_step, _shared_expert(adapter, ablation))
+
+
+def _shared_expert(adapter, kinds: Sequence[str]) -> str | None:
+    return shared_expert_path(adapter) if "shared_expert" in kinds else None
 
 
 def _weight_rows(loaded: LoadedModel, progress, bars) -> list[dict]:
@@ -181,9 +164,8 @@ def profile_model(
     timings: dict[str, float] = {}
     with progress_bars(progress) as bars:
         task = bars.add_task("profiling", total=len(batches))
-        ablation_task = bars.add_task("ablation (block runs)", total=len(batches) * sum(
-            blocks_run(n_blocks, i, k) * _ablations_per_block(loaded.adapter, i, k)
-            for k in kinds for i in range(n_blocks))) if kinds else None
+        ablation_task = bars.add_task("ablation (block runs)", total=len(batches) * block_runs(
+            loaded, kinds, _shared_expert(loaded.adapter, kinds))) if kinds else None
 
         def on_ablation_step(blocks: int) -> None:
             nonlocal blocks_evaluated

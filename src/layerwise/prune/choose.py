@@ -10,18 +10,15 @@
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from layerwise.data.windows import TokenWindows
-from layerwise.engine.divergence import Reference, kl_per_token
-from layerwise.engine.hooks import BlockCall, capture_blocks
-from layerwise.engine.replay import StopForward, final_hidden, hidden_without, paired_head
+from layerwise.engine.replay import call_arguments, final_hidden
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import blocks_of
 from layerwise.models.loading import LoadedModel
+from layerwise.profile.ablation import Variant, ablate_blocks
 from layerwise.prune.depth import DROP_KINDS, projections_restored, silence_
 from layerwise.util.progress import progress_bars
 
@@ -66,10 +63,10 @@ def _by_kl(loaded: LoadedModel, windows: TokenWindows, kind: str, count: int, it
            progress: bool) -> DropChoice:
     model, adapter = loaded.model, loaded.adapter
     n_blocks = loaded.n_blocks
-    # Streamed, a batch is one window: its blocks' inputs are what this holds beside one block.
+    # Streamed, a batch is one window: the states an ablation wave carries are one window's.
     batches = windows.batches(1 if loaded.streamed is not None else batch_size)
     # The base is the intact model: its last block's outputs, from which its distributions are
-    # made again a chunk of positions at a time beside each variant's (none is ever stored).
+    # made again at the head a slice at a time beside each variant's (none is ever stored).
     base_final = [final_hidden(model, adapter, batch.to(loaded.input_device)) for batch in batches]
     chosen: list[int] = []
     scores: list[float] = []
@@ -83,15 +80,17 @@ def _by_kl(loaded: LoadedModel, windows: TokenWindows, kind: str, count: int, it
             forward_equivalents += 1.0
             totals = {index: 0.0 for index in range(n_blocks) if index not in chosen}
             positions = 0
-            # A batch at a time: every block's input for one batch, replayed from each unit on.
+
+            def record(variant: Variant, total: float, _positions: int) -> None:
+                totals[variant.index] += total
+                bars.advance(task, n_blocks / len(totals))
+
+            # The model as pruned so far, each remaining unit removed in turn (the profile's
+            # ablation), against the intact model's outputs.
             for batch, base in zip(batches, base_final):
-                calls = _calls(loaded, batch.to(loaded.input_device))
-                for index in totals:
-                    final = hidden_without(model, adapter, calls, index, kind)
-                    for window in range(len(batch)):
-                        for _, _, base_logits, logits in paired_head(loaded, base[window], final[window]):
-                            totals[index] += kl_per_token(Reference.from_logits(base_logits), logits).sum().item()
-                    bars.advance(task, n_blocks / len(totals))
+                calls = call_arguments(model, adapter, batch.to(loaded.input_device))
+                ablate_blocks(loaded, calls, base, [kind], record, lambda blocks: None, indices=set(totals),
+                              every_position=False)
                 positions += batch.shape[0] * (batch.shape[1] - 1)
                 del calls
             measured = {index: total / positions for index, total in totals.items()}
@@ -102,18 +101,3 @@ def _by_kl(loaded: LoadedModel, windows: TokenWindows, kind: str, count: int, it
             chosen.extend(take)
             scores.extend(measured[i] for i in take)
     return DropChoice(kind, "search" if iterate else "ablation", chosen, scores, forward_equivalents, history)
-
-
-def _calls(loaded: LoadedModel, batch: torch.Tensor) -> list[BlockCall]:
-    """Every block's input and call arguments for `batch`; the pass ends at the last block."""
-    calls: list[BlockCall] = []
-
-    def keep(call: BlockCall) -> None:
-        calls.append(BlockCall(call.index, h_in=call.h_in, args=call.args, kwargs=call.kwargs))
-        if call.index == loaded.n_blocks - 1:
-            raise StopForward  # the head, a vocabulary-wide tensor per position, is not wanted
-
-    with capture_blocks(loaded.model, loaded.adapter, keep, keep_call=True), contextlib.suppress(StopForward):
-        loaded.model(input_ids=batch, use_cache=False)
-    assert len(calls) == len(blocks_of(loaded.model, loaded.adapter))
-    return calls
