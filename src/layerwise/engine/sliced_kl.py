@@ -57,8 +57,9 @@ class SlicedKL:
     `finals` are the base model's last block outputs per batch (replaced in the list by their
     normed states, so the two are never held at once; `normed=True` where they already are); the
     base distributions are stored in `store` precision as the in-memory references are (float16
-    for the table, float32 for the check) and recomputed from `finals` slice by slice, never kept
-    whole. Variants' states are given through the final norm (`normed`), once, not for every slice."""
+    for the table, float32 for the check and the ablation) and recomputed from `finals` slice by
+    slice, never kept whole. Variants' states are given through the final norm (`normed`), once,
+    not for every slice."""
 
     def __init__(self, loaded: LoadedModel, finals: list[torch.Tensor], store: torch.dtype, *,
                  normed: bool = False, every_position: bool = False) -> None:
