@@ -84,7 +84,8 @@ def commands(name: str, work: Path) -> dict[str, list[str]]:
                   f"skeleton(load_config(resolve_source({str(model)!r})), torch.float32)"],
         "load": [sys.executable, "-c", f"from layerwise import load_model; load_model({str(model)!r})"],
         "profile": [*LAYERWISE, "profile", str(model), "--tokens", "1024", "--out", str(work / "profile"), *quiet],
-        # The KL of the model without each block (a replay from each block's kept input per batch).
+        # The KL of the model without each block (the profile's ablation: waves of blocks' variants
+        # carried through the later blocks, compared at the head a slice of rows at a time).
         "profile (ablation)": [*LAYERWISE, "profile", str(model), "--tokens", "1024", "--ablation", "block",
                                "--out", str(work / "profile-ablation"), *quiet],
         "plan": [*LAYERWISE, "plan", str(model), "--budget", "4.25", "--tokens", "1024",

@@ -10,7 +10,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from layerwise.engine.hooks import capture_blocks
-from layerwise.engine.replay import logits_without
+from layerwise.engine.replay import hidden_without
 from layerwise.errors import LayerwiseError
 from layerwise.models import ADAPTERS, get_adapter, supported_architectures, wrap_model
 from layerwise.models.experts import SplitExperts, fused_experts
@@ -111,7 +111,8 @@ def test_adapter_row(model_type):
     # Final norm + head on the last block's output reproduces the model's logits (logit lens at the top).
     torch.testing.assert_close(hidden_to_logits(model, adapter, calls[-1].h_out), logits, atol=1e-5, rtol=1e-5)
     # Re-running the blocks from a cached input reproduces the model's logits (ablation replays).
-    torch.testing.assert_close(logits_without(model, adapter, calls, 1, None), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden_to_logits(model, adapter, hidden_without(model, adapter, calls, 1, None)),
+                               logits, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_architecture_lists_the_supported_ones():

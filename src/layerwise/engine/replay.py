@@ -35,19 +35,11 @@ def removed_unit(block: nn.Module, adapter: Adapter, kind: str):
 
 
 @torch.no_grad()
-def logits_without(
-    model: nn.Module, adapter: Adapter, calls: list[BlockCall], index: int, kind: str | None
-) -> torch.Tensor:
-    """Logits of the model with unit `kind` of block `index` removed (kind=None: nothing removed),
-    running only blocks `index`.. from the cached input of block `index`."""
-    return hidden_to_logits(model, adapter, hidden_without(model, adapter, calls, index, kind))
-
-
-@torch.no_grad()
 def hidden_without(
     model: nn.Module, adapter: Adapter, calls: list[BlockCall], index: int, kind: str | None
 ) -> torch.Tensor:
-    """The last block's output under `logits_without`'s conditions (the head not applied)."""
+    """The last block's output of the model with unit `kind` of block `index` removed (kind=None:
+    nothing removed), running only blocks `index`.. from the cached input of block `index`."""
     if kind is not None and kind not in UNIT_KINDS:
         raise LayerwiseError(f"unknown unit kind {kind!r}; choose from {', '.join(UNIT_KINDS)}")
     blocks = blocks_of(model, adapter)
