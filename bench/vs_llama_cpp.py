@@ -16,7 +16,10 @@ Q4_1 grid, which would flatter every stock type that contains it):
   (`layerwise imatrix --process-output`, same text and chunking as llama-imatrix's, plus the head's
   entry, which weights the tied embedding's rounding);
   GPTQ options are fitted, in the table and the check, on 16384 tokens of the mix that neither
-  uses; then `layerwise export` with its defaults (GPTQ fitted on 16384 tokens of the shipped mix).
+  uses; the table and the check measure every quantized unit with its inputs rounded as llama.cpp's
+  CPU backend rounds them (`--emulate llama-cpu`, `layerwise.quant.activations`; `--emulate float`
+  measures as the float model computes); then `layerwise export` with its defaults (GPTQ fitted on
+  16384 tokens of the shipped mix).
   The embedding and head are rounded to nearest, as llama-quantize rounds them (but weighted by the
   head's importance, which llama-quantize does not do for a tied embedding);
 - judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
@@ -28,8 +31,9 @@ Q4_1 grid, which would flatter every stock type that contains it):
 Writes bench/results/vs_llama_cpp.json (one row per reference file and domain) and
 bench/results/vs_llama_cpp.png. Needs llama.cpp's tools (bash .ci/llama_cpp_tools DIR; set
 LAYERWISE_LLAMA_CPP_BIN=DIR/bin) and converter (LAYERWISE_CONVERT_HF_TO_GGUF). About 2 hours on
-2 cores (the table per tensor, 1688 entries, about 50 minutes of it); every step's output is kept
-under bench/out/vs_llama_cpp and reused when run again.
+2 cores (the table per tensor, 1688 entries, about 50-80 minutes of it); every step's output is
+kept under bench/out/vs_llama_cpp and reused when run again (files of ours named by granularity and
+emulation).
 
     python bench/vs_llama_cpp.py [--references Q4_K_M+imatrix,Q4_0+imatrix] [--chunks 40]
 """
@@ -156,6 +160,9 @@ def main() -> None:
                              "(layerwise plan's default is 4096; 2048 halves the table's ~45 minutes here)")
     parser.add_argument("--granularity", default="tensor", choices=["linear", "tensor"],
                         help="the plan's units: linear groups (q/k/v, gate/up together) or every tensor on its own")
+    parser.add_argument("--emulate", default="llama-cpu", choices=["float", "llama-cpu"],
+                        help="how the plan measures quantized models: with their inputs rounded as llama.cpp's CPU "
+                             "backend rounds them (llama-cpu, what llama-perplexity then shows), or in float")
     parser.add_argument("--name", default="vs_llama_cpp")
     args = parser.parse_args()
     references = args.references.split(",")
@@ -187,7 +194,9 @@ def main() -> None:
                     progress=False)
     # Files of ours carry the granularity: plans per linear group and per tensor share the cache.
     tag = "" if args.granularity == "linear" else f"{args.granularity}-"
-    table = OUT / f"table{'' if not tag else '-' + args.granularity}.json"
+    if args.emulate != "float":  # and so do files measured with an emulation
+        tag += f"{args.emulate}-"
+    table = OUT / f"table-{tag.rstrip('-')}.json" if tag else OUT / "table.json"
 
     rows, files = [], {}
     for reference in references:
@@ -196,7 +205,7 @@ def main() -> None:
         if not plan_path.exists():
             outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity, table=table,
                                tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix, out=plan_path,
-                               progress=True)
+                               emulate=args.emulate, progress=True)
             print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
                   f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
         ours = OUT / f"ours-{tag}{reference}.gguf"
@@ -224,8 +233,8 @@ def main() -> None:
         "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
                  f"{IMATRIX_CHUNKS} chunks of 512",
         "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
-                f"{args.tokens} --check-tokens {args.tokens} --imatrix (layerwise imatrix --process-output, same text and chunks); "
-                "layerwise export (GPTQ on 16384 tokens of the shipped mix)",
+                f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --imatrix (layerwise imatrix "
+                "--process-output, same text and chunks); layerwise export (GPTQ on 16384 tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
         "seconds": time.perf_counter() - started, "rows": rows})
 

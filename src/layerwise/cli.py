@@ -121,7 +121,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                       calib=_calibration(args.calib),
                       tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype, device=args.device,
                       device_map=args.device_map, batch_size=args.batch_size, schedule=args.schedule, streaming=args.streaming,
-                      progress=not args.quiet)
+                      emulate=args.emulate, progress=not args.quiet)
     base = report["base"]
     print(f"base:      perplexity {base['perplexity']:.3f} on {base['tokens']:,} predicted tokens of {args.data}")
     if "quantized" in report:
@@ -163,7 +163,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                        generations=args.generations,
                        seed=args.seed, out=args.out, overwrite=args.overwrite, imatrix=args.imatrix,
                        dtype=args.dtype, device=args.device, device_map=args.device_map, streaming=args.streaming,
-                       progress=not args.quiet)
+                       emulate=args.emulate, progress=not args.quiet)
     report = outcome.report
     used = {}
     for label in report["options"].values():
@@ -443,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows run at once in memory (streamed, each block runs one window at a time)")
     p.add_argument("--schedule", type=_indices, default=None,
                    help="run the blocks in this order, e.g. 0,1,2,2,3 (skips and repeats; no weights written)")
+    p.add_argument("--emulate", default="float", choices=["float", "llama-cpu"],
+                   help="how the quantized model computes: float (default), or llama-cpu: the inputs of GGUF-typed "
+                        "linears rounded to 8 bits as llama.cpp's CPU backend does (the KL llama-perplexity reports)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.add_argument("--quiet", action="store_true")
@@ -495,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
     p.add_argument("--imatrix", default=None,
                    help=IMATRIX_HELP + "; the plan records it, and quantize/export of the plan use it")
+    p.add_argument("--emulate", default="float", choices=["float", "llama-cpu"],
+                   help="how the planned model is measured: float (default), or llama-cpu: the inputs of GGUF-typed "
+                        "linears rounded to 8 bits as llama.cpp's CPU backend does, so the plan minimises the KL "
+                        "llama.cpp shows (measured tables on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to write plan.json (and plan.report.json beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")

@@ -18,11 +18,12 @@ from layerwise.data.windows import TokenWindows
 from layerwise.engine.hooks import advance_batches, run_block, scoped_hooks, take_first_inputs
 from layerwise.engine.replay import calls_of
 from layerwise.errors import LayerwiseError
-from layerwise.models.layout import block_linears, blocks_of, has_experts, linear_weight
+from layerwise.models.layout import block_linears, blocks_of, has_experts, head_is_tied, linear_weight
 from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import by_part, held, write_linear
 from layerwise.plan.plan import Plan
 from layerwise.prune.depth import dropped_modules, drop_units_, parse_unit
+from layerwise.quant.activations import InputRounding
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.linear import InputStats, input_statistics_hooks, quantize_linear
 from layerwise.quant.qtensor import QTensor
@@ -54,6 +55,27 @@ def plan_targets(loaded: LoadedModel, plan: Plan) -> dict[str, QuantConfig]:
             raise LayerwiseError(f"{name}: only round-to-nearest is supported outside the block linears, "
                                  f"not {targets[name].algorithm!r}")
     return targets
+
+
+def input_rounding_for(loaded: LoadedModel, targets: Mapping[str, QuantConfig | QTensor],
+                       emulation: str) -> InputRounding:
+    """`InputRounding` of the quantized model's matrix products, as `emulation` computes them:
+    `targets` maps modules to their configs (or stored forms). A token embedding is looked up, not
+    multiplied: its type reaches the head's inputs only when the head is tied to it."""
+    adapter = loaded.adapter
+    tied = head_is_tied(loaded.model, adapter)
+    configs = {}
+    for name, target in targets.items():
+        config = target.config if isinstance(target, QTensor) else target
+        if name == adapter.embed:
+            if tied and adapter.lm_head not in targets:
+                configs[adapter.lm_head] = config
+            continue
+        configs[name] = config
+    rounding = InputRounding({name: loaded.model.get_submodule(name) for name in configs}, emulation)
+    for name, config in configs.items():
+        rounding.set(name, config)
+    return rounding
 
 
 def plan_fallbacks(loaded: LoadedModel, plan: Plan) -> dict[str, str]:

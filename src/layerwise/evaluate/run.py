@@ -14,6 +14,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.evaluate.quality import base_outputs, compare_streamed, evaluate
 from layerwise.models.loading import load_model
 from layerwise.plan.plan import Plan
+from layerwise.quant.activations import check_emulation
 from layerwise.quant.size import size_report
 from layerwise.util.meta import run_metadata, sha256_text
 
@@ -33,6 +34,7 @@ def run_eval(
     batch_size: int = 4,
     schedule: Sequence[int] | None = None,
     streaming: bool | None = False,
+    emulate: str = "float",
     progress: bool = True,
 ) -> dict:
     """Perplexity of the base model and, with `quantized` (a directory written by `layerwise
@@ -44,10 +46,18 @@ def run_eval(
     the model as it is. With `streaming`, one block at a time is read from disk: the base and
     quantized models each run block by block over all windows, one window at a time
     (`batch_size` applies in memory only), then side by side at the head (`compare_streamed`);
-    None streams only a model that would not fit in memory."""
+    None streams only a model that would not fit in memory. `emulate` ("float" or "llama-cpu",
+    `layerwise.quant.activations`): "llama-cpu" rounds the inputs of every GGUF-typed linear as
+    llama.cpp's CPU backend does, so the KL is the one `llama-perplexity --kl-divergence` finds
+    (in memory only)."""
     if quantized is not None and plan is not None:
         raise LayerwiseError("pass either --quantized or --plan, not both")
+    check_emulation(emulate)
+    if emulate != "float" and quantized is None and plan is None:
+        raise LayerwiseError(f"--emulate {emulate} rounds the inputs of quantized linears: give --quantized or --plan")
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map, streaming=streaming)
+    if emulate != "float" and loaded.streamed is not None:
+        raise LayerwiseError(f"--emulate {emulate} is not supported for a streamed model yet; evaluate it in memory")
     windows = token_windows(loaded.tokenizer, data, tokens=tokens, seq_len=seq_len, seed=None)
     # Streamed, the codes stay on disk until their block loads.
     document, stored = (load_quantized(quantized, lazy=loaded.streamed is not None) if quantized is not None
@@ -90,6 +100,13 @@ def run_eval(
         from layerwise.apply.run import run_quantize
 
         report["sizes"] = run_quantize(loaded, plan, calib=calib, progress=progress)[2]
+    rounding = contextlib.nullcontext()
+    if emulate != "float":
+        from layerwise.apply.quantize import input_rounding_for, plan_targets
+
+        targets = stored.configs() if stored is not None else plan_targets(loaded, plan)
+        rounding = input_rounding_for(loaded, targets, emulate)
+        report["emulation"] = emulate
     compared = stored is not None or plan is not None or schedule is not None
     if streaming:
         order = None if schedule is None else check_schedule(schedule, loaded.n_blocks)
@@ -97,7 +114,7 @@ def run_eval(
     else:
         base_quality = base.quality
         if compared:
-            with variant():
+            with variant(), rounding:
                 quality = evaluate(loaded, base, progress=progress)
     report["base"] = base_quality.to_dict()
     if compared:

@@ -27,6 +27,7 @@ from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.plan import Plan
 from layerwise.plan.table import SensitivityTable, edge_config
+from layerwise.quant.activations import check_emulation
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
 from layerwise.util.meta import file_fingerprint, run_metadata
@@ -61,6 +62,7 @@ def sensitivity_for(
     edges: bool = False,
     statistics: TokenWindows | None = None,
     estimator: str = DEFAULT_ESTIMATOR,
+    emulation: str = "float",
     progress: bool = True,
 ) -> SensitivityTable:
     """The table at `table` if it exists (checked against the model and granularity asked for),
@@ -72,7 +74,8 @@ def sensitivity_for(
     (`measure_sensitivity`); a table measured with or without them serves only the same.
     `statistics`: the windows GPTQ/AWQ options take their input statistics from (`measure_sensitivity`).
     `estimator`: how entries are obtained (`layerwise.measure.estimators`); a table filled by another
-    is refused."""
+    is refused. `emulation`: how quantized units compute (`measure_sensitivity`); a table measured
+    otherwise is refused."""
     digest = importance_digest(importance) if importance else None
     if table is not None and Path(table).exists():
         found = SensitivityTable.load(table)
@@ -88,6 +91,9 @@ def sensitivity_for(
                                  "measure a new table (another --table path) or ask for the same estimator")
         if granularity is not None and granularity != found.granularity:
             raise LayerwiseError(f"{table} was measured per {found.granularity}, not per {granularity}")
+        if found.meta.get("emulation", "float") != emulation:
+            raise LayerwiseError(f"{table} was measured with emulation {found.meta.get('emulation', 'float')!r}, this "
+                                 f"plan asks for {emulation!r}; measure a new table (another --table path)")
         if found.edges != edges:
             raise LayerwiseError(f"{table} was measured {'with' if found.edges else 'without'} the embedding and "
                                  f"head as units; this plan needs a table {'with' if edges else 'without'} them "
@@ -97,14 +103,14 @@ def sensitivity_for(
         wanted = [option_name(config) for config in parse_options(options)]
         missing = [name for name in wanted if name not in found.options]
         if missing:
-            found = _grown(loaded, found, table, missing, importance, statistics, progress)
+            found = _grown(loaded, found, table, missing, importance, statistics, progress, emulation)
         return found.with_options(wanted)
     if windows is None:
         windows = token_windows(loaded.tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
     checkpoint = progress_file(table) if table is not None else None
     measured = measure_sensitivity(loaded, windows, options or DEFAULT_OPTIONS, granularity or "sublayer",
                                    importance=importance, edges=edges, statistics=statistics, estimator=estimator,
-                                   progress=progress, checkpoint=checkpoint)
+                                   progress=progress, checkpoint=checkpoint, emulation=emulation)
     if table is not None:
         measured.save(table)
         checkpoint.unlink(missing_ok=True)
@@ -112,7 +118,8 @@ def sensitivity_for(
 
 
 def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, missing: list[str],
-           importance: dict | None, statistics: TokenWindows | None, progress: bool) -> SensitivityTable:
+           importance: dict | None, statistics: TokenWindows | None, progress: bool,
+           emulation: str = "float") -> SensitivityTable:
     """`found` with columns for the `missing` options, measured on its own windows; saved."""
     windows = rebuild_windows(loaded.tokenizer, found.calibration)
     if windows is None:
@@ -121,7 +128,7 @@ def _grown(loaded: LoadedModel, found: SensitivityTable, table: str | Path, miss
     checkpoint = progress_file(table)
     extra = measure_sensitivity(loaded, windows, missing, found.granularity, importance=importance, edges=found.edges,
                                 statistics=statistics, estimator=found.estimator, progress=progress,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, emulation=emulation)
     grown = found.joined(extra)
     grown.save(table)
     checkpoint.unlink(missing_ok=True)
@@ -254,6 +261,7 @@ def run_plan(
     device: str = "cpu",
     device_map: str | None = None,
     streaming: bool | None = False,
+    emulate: str = "float",
     progress: bool = True,
 ) -> PlanOutcome:
     """Allocate options to units under a budget (average bits per weight of the block linears,
@@ -285,7 +293,10 @@ def run_plan(
     file) weights the GGUF options' rounding in the table, the search and the check; the plan
     records it, and `quantize`/`export` of the plan use it. `streaming` reads one block at a time
     from disk (`layerwise.measure.streamed`; None: only when the model would not fit in memory):
-    the measured table (`budget_like` too), the searches and the check; not yet estimated tables."""
+    the measured table (`budget_like` too), the searches and the check; not yet estimated tables.
+    `emulate` "llama-cpu" measures the table, the searches and the check with every GGUF-typed
+    unit's inputs rounded as llama.cpp's CPU backend rounds them (`layerwise.quant.activations`),
+    so that the plan minimises the KL llama.cpp will show (measured tables on the CPU only)."""
     if allocator not in ALLOCATORS:
         raise LayerwiseError(f"unknown allocator {allocator!r}; registered: {', '.join(sorted(ALLOCATORS))}")
     estimator_named(estimator)
@@ -295,6 +306,9 @@ def run_plan(
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
     objective_named(objective)
+    check_emulation(emulate)
+    if emulate != "float" and estimator != "measured":
+        raise LayerwiseError(f"--emulate {emulate} needs the measured table (--estimator measured), not {estimator!r}")
     if sum(budget is not None for budget in (bits_per_weight, total_bytes, budget_like)) != 1:
         raise LayerwiseError("give exactly one budget: bits per weight, total bytes, or a GGUF file to be no "
                              "larger than (--budget, --budget-bytes, --budget-like)")
@@ -321,7 +335,7 @@ def run_plan(
         loaded.set_tokenizer_aside()  # the text is tokenized (read again if a reused table is re-cut)
     measured = sensitivity_for(loaded, table=table, options=options, granularity=granularity,
                                windows=table_windows, importance=importance, edges=edges, statistics=statistics,
-                               estimator=estimator, progress=progress)
+                               estimator=estimator, emulation=emulate, progress=progress)
     if reference is not None:
         budget = measured.budget_bits(planned_bytes=reference.planned_bytes)
     else:
@@ -351,12 +365,16 @@ def run_plan(
     # Block by block a window at a time, each plan quantized on the way: streamed, and in memory for
     # the check alone on the CPU, where a planned embedding is then never decoded whole (0.2x of
     # SmolLM2 at the peak of a plan like a GGUF file).
-    if loaded.streamed is not None or (not searching and plain_head(loaded) and loaded.input_device.type == "cpu"):
+    # An emulated plan is measured there too, searches included: only it rounds the inputs.
+    if loaded.streamed is not None or ((not searching or emulate != "float") and plain_head(loaded)
+                                       and loaded.input_device.type == "cpu"):
         from layerwise.measure.streamed import StreamedFitness
 
         fitness = StreamedFitness(loaded, sensitivity, fitness_windows, problem=problem, importance=importance,
-                                  statistics=statistics)
+                                  statistics=statistics, emulation=emulate)
     else:
+        if emulate != "float":
+            raise LayerwiseError(f"--emulate {emulate} measures plans on the CPU with a plain linear head")
         from layerwise.measure.fitness import KLFitness  # torch-heavy; only the plan command needs it
 
         # The bank of stored quantized weights pays off only when a search revisits (unit, option)
@@ -428,7 +446,7 @@ def run_plan(
         "objective": objective, "estimator": sensitivity.estimator,
         "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "check": seed + 2, "allocator": seed}
         | ({"search": seed + 1} if searching else {}) | ({"statistics": seed + 3} if statistics is not None else {}),
-        "table": str(table) if table is not None else None, "imatrix": imatrix_record,
+        "table": str(table) if table is not None else None, "imatrix": imatrix_record, "emulation": emulate,
         "budget_like": reference.describe() if reference is not None else None,
     }
     plan = plan_from_choice(sensitivity, checked.choice, {

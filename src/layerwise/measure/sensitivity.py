@@ -34,6 +34,7 @@ from layerwise.models.loading import LoadedModel
 from layerwise.plan.options import DROP, option_name, parse_options
 from layerwise.plan.table import SensitivityTable, domain_means, edge_config, table_rows
 from layerwise.plan.units import EDGE_KINDS, Unit, block_modules, edge_units, units_of
+from layerwise.quant.activations import check_emulation
 from layerwise.quant.config import QuantConfig
 from layerwise.quant.imatrix import importance_digest
 from layerwise.quant.linear import InputStats, input_statistics_hooks, quantize_linear
@@ -283,6 +284,7 @@ def measure_sensitivity(
     estimator: str = DEFAULT_ESTIMATOR,
     progress: bool = True,
     checkpoint: str | Path | None = None,
+    emulation: str = "float",
 ) -> SensitivityTable:
     """KL(base || model with only unit u quantized by option o) for every unit and option.
 
@@ -297,14 +299,21 @@ def measure_sensitivity(
     model. GPTQ/AWQ options take their input statistics from `statistics`, windows other than the
     table's (None: the table's own, which flatters them: fitted and judged on the same text).
     `estimator` (`layerwise.measure.estimators`) says how each entry is obtained: "measured" (the
-    KL itself, the default), or a cheaper estimate of it ("auto": the one `compress` uses)."""
+    KL itself, the default), or a cheaper estimate of it ("auto": the one `compress` uses).
+    `emulation` "llama-cpu" measures each quantized unit with its inputs rounded as llama.cpp's CPU
+    backend rounds them for its GGUF type (`layerwise.quant.activations`; measured tables on the
+    CPU only)."""
     method = estimator_named(estimator)
+    check_emulation(emulation)
     importance = importance or {}
     configs = (options if options and all(isinstance(o, QuantConfig) or o == DROP for o in options)
                else parse_options(options))
     names = [option_name(config) for config in configs]
     streaming = loaded.streamed is not None
     block_major = runs_block_major(loaded, method.name)
+    if emulation != "float" and not (block_major and method.name == "measured"):
+        raise LayerwiseError(f"emulation {emulation!r} needs a measured table on the CPU with a plain linear head "
+                             f"(estimator {method.name!r}, model on {loaded.input_device.type})")
     model, adapter = loaded.model, loaded.adapter
     units = units_of(adapter, loaded.n_blocks, granularity)
     if edges:
@@ -339,6 +348,8 @@ def measure_sensitivity(
            "importance": importance_digest(importance) if importance else None,
            "granularity": granularity, "units": [unit.name for unit in units], "statistics": statistics_record,
            "estimator": method.name}
+    if emulation != "float":  # a float table's key (and its checkpoints) stay as they were
+        key["emulation"] = emulation
     if checkpoint is not None and Path(checkpoint).exists():
         done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
 
@@ -367,7 +378,7 @@ def measure_sensitivity(
             if method.name == "measured":
                 run = measure_entries(loaded, calibration, units, configs, modules, importance=importance,
                                       statistics=statistics, batch_size=batch_size, head=head, record=record,
-                                      first_unit=done, block_done=block_done)
+                                      first_unit=done, block_done=block_done, emulation=emulation)
             else:  # an estimate of a streamed model
                 from layerwise.measure.estimated import estimate_entries
 
@@ -436,6 +447,7 @@ def measure_sensitivity(
          "forward_equivalents": forward_equivalents, "positions": positions, "estimator": method.name},
         skipped, run_metadata() | {"model": loaded.describe(),
                                    "importance_sha256": importance_digest(importance) if importance else None,
-                                   "statistics": statistics_record, "estimator": method.name},
+                                   "statistics": statistics_record, "estimator": method.name}
+        | ({"emulation": emulation} if emulation != "float" else {}),
         domain_kl,
     )

@@ -49,6 +49,7 @@ from layerwise.plan.options import DROP
 from layerwise.plan.objectives import objective_named
 from layerwise.plan.table import domain_means, edge_config
 from layerwise.plan.units import EDGE_KINDS, Unit
+from layerwise.quant.activations import InputRounding, input_rounding, rounded
 from layerwise.quant.linear import InputStats, quantize_linear
 from layerwise.quant.qtensor import group_spans, storage_bits
 from layerwise.quant.rtn import quantize_weight
@@ -117,11 +118,13 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                     batch_size: int, head: float,
                     record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
                     first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None,
-                    wanted: set[int] | None = None) -> StreamedEntries:
+                    wanted: set[int] | None = None, emulation: str = "float") -> StreamedEntries:
     """Every entry (unit u >= `first_unit`, and in `wanted` if given; option o) of the measured
     table (of a streamed model, or of one in memory, whose blocks are then at hand):
     `record(u, o, per-window KL, stored bits, why skipped, block evaluations)` for each (counted
-    as the in-memory table counts them), a block's entries at a time, then `block_done(units done)`."""
+    as the in-memory table counts them), a block's entries at a time, then `block_done(units done)`.
+    With `emulation` "llama-cpu" a quantized unit's inputs are rounded as llama.cpp's CPU backend
+    rounds them (`layerwise.quant.activations`)."""
     refuse_unless_streamable(loaded, "the sensitivity table")
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     blocks = blocks_of(model, adapter)
@@ -144,6 +147,8 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     hidden, stat_hidden = take_first_inputs(calls), take_first_inputs(stat_calls)
     shapes, device = [state.shape for state in hidden], hidden[0].device
     slots = TensorSlots([(shape[0] * shape[1], shape[2]) for shape in shapes], hidden[0].dtype)
+    rounding = InputRounding({name: modules[name] for u in measured if units[u].kind not in EDGE_KINDS
+                              for name in units[u].modules}, emulation)
 
     def put(slot: int, states: list[torch.Tensor]) -> None:
         slots.write(slot, [state.reshape(-1, state.shape[-1]) for state in states])
@@ -158,7 +163,7 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
     try:
         if edges:
             _measure_edges(loaded, calibration, [(u, units[u]) for u in edges], configs, modules, importance, calls,
-                           kl, put, states_of, rows_of, head, record)
+                           kl, put, states_of, rows_of, head, record, emulation)
             block_done(max(edges) + 1)
         for index, block in enumerate(blocks):
             if not by_block.keys() - set(range(index)):
@@ -172,7 +177,7 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                     for u in todo:
                         for o, config in enumerate(configs):
                             outputs, bits = _entry_outputs(block, adapter, modules, units[u], config, stats,
-                                                           importance, calls, hidden, index, record, u, o)
+                                                           importance, calls, hidden, index, record, u, o, rounding)
                             if outputs is not None:
                                 put(len(entries), outputs)
                                 entries.append((u, o, bits))
@@ -194,20 +199,23 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                 block_done(max(todo) + 1)
     finally:
         slots.close()
+        rounding.close()
     return StreamedEntries(base_seconds, positions, len(calls))
 
 
 def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[tuple[int, Unit]], configs: list,
                    modules: dict[str, nn.Module], importance: dict, calls: list[list[BlockCall]], kl: SlicedKL,
-                   put, states_of, rows_of, head: float, record) -> None:
+                   put, states_of, rows_of, head: float, record, emulation: str = "float") -> None:
     """The entries of the embedding and an untied head (units of plans like a GGUF file), rounded
     to nearest: an embedding's variant runs every block from its first inputs (the rows of the
     calibration's tokens, quantized), a head's takes the base model's last block outputs; the head
-    of each (a tied one is the embedding) is quantized a slice of rows at a time."""
+    of each (a tied one is the embedding) is quantized a slice of rows at a time, its inputs
+    rounded as `emulation` says (an embedding's lookup is not a matrix product: nothing to round)."""
     model, adapter, streamed = loaded.model, loaded.adapter, loaded.streamed
     tied = head_is_tied(model, adapter)  # quantizing the embedding then quantizes the head
     entries: list[tuple[int, int, float, Unit]] = []
     heads: list[Callable | None] = []
+    head_inputs = []  # per entry, the rounding of the head's inputs (None: as they are)
     for u, unit in edges:
         (name,) = unit.modules
         shape = tuple(linear_weight(modules[name]).shape)
@@ -222,13 +230,15 @@ def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[t
                 record(u, o, None, None, str(error), 0.0)
                 continue
             quantized = rows_quantized(used, name, importance.get(name))
+            head_input = input_rounding(used, shape[1], emulation) if unit.kind == "head" or tied else None
             if unit.kind == "embed":
                 with embedding_rows_transformed(loaded, quantized):
                     put(len(entries), [first_block_input(model, adapter, ids.to(loaded.input_device))
                                        for ids in calibration.batches(1)])
             else:
-                put(len(entries), kl.finals)  # already through the final norm
+                put(len(entries), [rounded(final, head_input) for final in kl.finals])  # already normed
             entries.append((u, o, float(storage_bits(used, shape)), unit))
+            head_inputs.append(head_input)
             heads.append(quantized if unit.kind == "head" or tied else None)
     embeds = [slot for slot, entry in enumerate(entries) if entry[3].kind == "embed"]
     if embeds:
@@ -237,7 +247,7 @@ def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[t
                 for slot in embeds:
                     put(slot, run_batches(block, calls, states_of(slot), index))
         for slot in embeds:
-            put(slot, [kl.normed(state) for state in states_of(slot)])
+            put(slot, [rounded(kl.normed(state), head_inputs[slot]) for state in states_of(slot)])
     values = kl.window_kl(len(entries), rows_of, heads)
     for slot, (u, o, bits, unit) in enumerate(entries):
         record(u, o, values[slot], bits, None, blocks_to_head(loaded.n_blocks, unit.block, head) * len(calls))
@@ -258,9 +268,10 @@ def rows_quantized(config, name: str, importance: np.ndarray | None) -> Callable
 
 
 def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importance, calls, hidden, index, record,
-                   u: int, o: int) -> tuple[list[torch.Tensor] | None, float | None]:
-    """Block `index`'s outputs with `unit` quantized under `config` (or dropped), and its stored
-    bits (None when dropped); (None, None) when the option does not apply (recorded as skipped)."""
+                   u: int, o: int, rounding: InputRounding | None = None) -> tuple[list[torch.Tensor] | None, float | None]:
+    """Block `index`'s outputs with `unit` quantized under `config` (or dropped; its inputs rounded
+    as `rounding` does for the config), and its stored bits (None when dropped); (None, None) when
+    the option does not apply (recorded as skipped)."""
     if config == DROP:
         if unit.kind == "block":
             return [state.clone() for state in hidden], None
@@ -277,7 +288,8 @@ def _entry_outputs(block, adapter, modules, unit: Unit, config, stats, importanc
     except LayerwiseError as error:
         record(u, o, None, None, str(error), 0.0)
         return None, None
-    with _weights_as(modules, {name: qtensor.dequantize() for name, qtensor in stored.items()}):
+    with _weights_as(modules, {name: qtensor.dequantize() for name, qtensor in stored.items()}), \
+            rounding.applied({name: used for name in unit.modules}) if rounding is not None else contextlib.nullcontext():
         outputs = run_batches(block, calls, hidden, index)
     return outputs, float(sum(qtensor.n_bits for qtensor in stored.values()))
 
@@ -324,7 +336,8 @@ class StreamedFitness:
     matrix when tied) is quantized a slice of rows at a time."""
 
     def __init__(self, loaded: LoadedModel, table, windows: TokenWindows, *, batch_size: int = 2,
-                 problem=None, importance: dict | None = None, statistics: TokenWindows | None = None) -> None:
+                 problem=None, importance: dict | None = None, statistics: TokenWindows | None = None,
+                 emulation: str = "float") -> None:
         refuse_unless_streamable(loaded, "measuring whole plans")
         table.check_model(loaded)
         self.loaded, self.table, self.problem = loaded, table, problem
@@ -338,6 +351,9 @@ class StreamedFitness:
         for u, unit in enumerate(table.units):
             if unit.kind not in EDGE_KINDS:
                 self.block_units.setdefault(unit.block, []).append(u)
+        self.emulation = emulation
+        self.rounding = InputRounding({name: self.modules[name] for units in self.block_units.values() for u in units
+                                       for name in table.units[u].modules}, emulation)
         self.prefix_windows = batch_size  # the first fidelity's windows: KLFitness's first batch
         self._held: list[_FitnessWindows] = []
         self.base = self._windows(windows, self.prefix_windows)
@@ -438,21 +454,35 @@ class StreamedFitness:
         for index, block in enumerate(blocks_of(model, adapter)):
             with held(streamed, _part(self.loaded, index)):
                 decoded: dict[str, torch.Tensor | None] = {}
+                configs = {}
                 for u in self.block_units.get(index, []):
                     unit, config = self.table.units[u], self.configs[int(choice[u])]
                     used = config if config == DROP else edge_config(unit, config)
                     for name in unit.modules:
+                        configs[name] = used
                         decoded[name] = None if used == DROP else quantize_linear(
                             name, self.modules[name], used, self._stats_of(name, used.algorithm),
                             self.importance.get(name)).compact().dequantize()
-                with _weights_as(self.modules, decoded):
+                with _weights_as(self.modules, decoded), self.rounding.applied(configs):
                     hidden = advance_batches(block, calls, hidden, index)
                 del decoded
         kl = base.kl_for(self.loaded, count)
-        normed = [kl.normed(state) for state in hidden]
+        head_input = self._head_input(choice)
+        normed = [rounded(kl.normed(state), head_input) for state in hidden]
         del hidden
         head = edges.get("head", edges.get("embed") if self.tied else None)
         return kl.window_kl(1, lambda _, part, window, start, stop: normed[part][window, start:stop], [head])[0]
+
+    def _head_input(self, choice: Sequence[int]):
+        """How the head's inputs are rounded under `choice` (the emulation, for the head's type or
+        the tied embedding's), or None."""
+        for u in self.edge_units:
+            unit = self.table.units[u]
+            if unit.kind == "head" or self.tied:
+                (name,) = unit.modules
+                columns = linear_weight(self.modules[name]).shape[1]
+                return input_rounding(edge_config(unit, self.configs[int(choice[u])]), columns, self.emulation)
+        return None
 
     def _edge_transforms(self, choice: Sequence[int]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Unit kind ("embed", "head") -> its rows as `choice` quantizes them."""
@@ -468,6 +498,7 @@ class StreamedFitness:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.rounding.close()
         self._stats[0].close()
         for held_windows in self._held:
             held_windows.close()
