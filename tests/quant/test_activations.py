@@ -230,6 +230,12 @@ def test_emulated_table_entries_and_whole_plans_are_the_kl_of_the_rounded_model(
     with StreamedFitness(loaded, table, windows, emulation="llama-cpu") as fitness:
         measured = fitness.window_kl(choice)
     np.testing.assert_allclose(measured, _window_kl_as_llama_cpu(folder, plan, windows), rtol=1e-4)
+    # Streamed (one block read at a time), the same table and the same plan's KL.
+    streamed = load_model(folder, streaming=True)
+    np.testing.assert_allclose(measure_sensitivity(streamed, windows, "q4_0,q8_0", "tensor", edges=True,
+                                                   emulation="llama-cpu", progress=False).kl, table.kl, rtol=1e-6)
+    with StreamedFitness(streamed, table, windows, emulation="llama-cpu") as fitness:
+        np.testing.assert_allclose(fitness.window_kl(choice), measured, rtol=1e-6)
 
 
 def test_emulation_refusals_in_plans_and_on_the_command_line(tmp_path):
