@@ -144,7 +144,7 @@ def test_emulated_kl_is_the_kl_llama_perplexity_finds(llama_cpp_bin, tmp_path):
             assert abs(ours["float"] - theirs) > 10 * plus_minus, (ours, theirs, plus_minus)
 
 
-def test_eval_emulates_llama_cpu_on_request_and_refuses_what_it_cannot():
+def test_eval_emulates_llama_cpu_on_request_and_refuses_what_it_cannot(tmp_path):
     from layerwise.evaluate.run import run_eval
     from layerwise.plan import Plan
 
@@ -154,6 +154,13 @@ def test_eval_emulates_llama_cpu_on_request_and_refuses_what_it_cannot():
     assert reports["llama-cpu"]["emulation"] == "llama-cpu" and "emulation" not in reports["float"]
     assert reports["llama-cpu"]["base"] == reports["float"]["base"]
     assert reports["llama-cpu"]["quantized"]["kl"] > 1.3 * reports["float"]["quantized"]["kl"]
+    # A quantized directory: the same numbers as the plan quantized on the fly.
+    from layerwise.apply.run import run_quantize
+
+    run_quantize(STORIES, plan, out=tmp_path / "q8", progress=False)
+    stored = run_eval(STORIES, data=EVALUATION_TEXT, quantized=tmp_path / "q8", tokens=2048, seq_len=256,
+                      emulate="llama-cpu", progress=False)
+    assert stored["quantized"]["kl"] == pytest.approx(reports["llama-cpu"]["quantized"]["kl"], rel=1e-9)
     with pytest.raises(LayerwiseError, match="give --quantized or --plan"):
         run_eval(STORIES, data=EVALUATION_TEXT, tokens=512, emulate="llama-cpu", progress=False)
     with pytest.raises(LayerwiseError, match="unknown emulation"):

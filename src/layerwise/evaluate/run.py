@@ -104,7 +104,8 @@ def run_eval(
     if emulate != "float":
         from layerwise.apply.quantize import input_rounding_for, plan_targets
 
-        targets = stored.configs() if stored is not None else plan_targets(loaded, plan)
+        targets = (stored.configs() if isinstance(stored, StoredModules) else stored) if stored is not None \
+            else plan_targets(loaded, plan)
         rounding = input_rounding_for(loaded, targets, emulate)
         report["emulation"] = emulate
     compared = stored is not None or plan is not None or schedule is not None
