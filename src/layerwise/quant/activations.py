@@ -89,7 +89,7 @@ def round_inputs(x: torch.Tensor, rounding: Rounding) -> torch.Tensor:
 
 class InputRounding:
     """Forward pre-hooks on `modules` (name -> linear) that round each one's input as set by
-    `set(name, rounding)` (None: left as it is); with emulation "float" nothing is hooked and `set`
+    `set(name, config)` (None: left as it is); with emulation "float" nothing is hooked and `set`
     does nothing. A context manager: leaving it removes the hooks."""
 
     def __init__(self, modules: dict[str, nn.Module], emulation: str = "float"):
