@@ -16,9 +16,10 @@ Q4_1 grid, which would flatter every stock type that contains it):
   (`layerwise imatrix --process-output`, same text and chunking as llama-imatrix's, plus the head's
   entry, which weights the tied embedding's rounding);
   GPTQ options are fitted, in the table and the check, on 16384 tokens of the mix that neither
-  uses; the table and the check measure every quantized unit with its inputs rounded as llama.cpp's
-  CPU backend rounds them (`--emulate llama-cpu`, `layerwise.quant.activations`; `--emulate float`
-  measures as the float model computes); then `layerwise export` with its defaults (GPTQ fitted on
+  uses; the table and the check measure quantized units as the float model computes them
+  (`--emulate float`; `--emulate llama-cpu` rounds every quantized unit's inputs as llama.cpp's
+  CPU backend does, `layerwise.quant.activations`, which at Q5_K_M's size made no better file:
+  README, "Against llama-quantize"); then `layerwise export` with its defaults (GPTQ fitted on
   16384 tokens of the shipped mix).
   The embedding and head are rounded to nearest, as llama-quantize rounds them (but weighted by the
   head's importance, which llama-quantize does not do for a tied embedding);
@@ -58,6 +59,7 @@ from layerwise.export.convert import convert_to_gguf  # noqa: E402
 from layerwise.export.run import run_export  # noqa: E402
 from layerwise.measure.run import run_plan  # noqa: E402
 from layerwise.models.loading import resolve_source  # noqa: E402
+from layerwise.plan.objectives import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
 from layerwise.quant.imatrix import run_imatrix  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "vs_llama_cpp"
@@ -160,9 +162,11 @@ def main() -> None:
                              "(layerwise plan's default is 4096; 2048 halves the table's ~45 minutes here)")
     parser.add_argument("--granularity", default="tensor", choices=["linear", "tensor"],
                         help="the plan's units: linear groups (q/k/v, gate/up together) or every tensor on its own")
-    parser.add_argument("--emulate", default="llama-cpu", choices=["float", "llama-cpu"],
-                        help="how the plan measures quantized models: with their inputs rounded as llama.cpp's CPU "
-                             "backend rounds them (llama-cpu, what llama-perplexity then shows), or in float")
+    parser.add_argument("--emulate", default="float", choices=["float", "llama-cpu"],
+                        help="how the plan measures quantized models: in float, or with their inputs rounded as "
+                             "llama.cpp's CPU backend rounds them (llama-cpu, what llama-perplexity then shows)")
+    parser.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
+                        help="how the plan combines the calibration's domains (layerwise plan --objective)")
     parser.add_argument("--name", default="vs_llama_cpp")
     args = parser.parse_args()
     references = args.references.split(",")
@@ -197,6 +201,8 @@ def main() -> None:
     if args.emulate != "float":  # and so do files measured with an emulation
         tag += f"{args.emulate}-"
     table = OUT / f"table-{tag.rstrip('-')}.json" if tag else OUT / "table.json"
+    if args.objective != DEFAULT_OBJECTIVE:  # plans of other objectives share the table, not the files
+        tag += f"{args.objective}-"
 
     rows, files = [], {}
     for reference in references:
@@ -205,7 +211,7 @@ def main() -> None:
         if not plan_path.exists():
             outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity, table=table,
                                tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix, out=plan_path,
-                               emulate=args.emulate, progress=True)
+                               emulate=args.emulate, objective=args.objective, progress=True)
             print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
                   f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
         ours = OUT / f"ours-{tag}{reference}.gguf"
@@ -233,8 +239,9 @@ def main() -> None:
         "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
                  f"{IMATRIX_CHUNKS} chunks of 512",
         "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
-                f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --imatrix (layerwise imatrix "
-                "--process-output, same text and chunks); layerwise export (GPTQ on 16384 tokens of the shipped mix)",
+                f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --objective {args.objective} "
+                "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on 16384 "
+                "tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
         "seconds": time.perf_counter() - started, "rows": rows})
 
