@@ -27,7 +27,9 @@ Q4_1 grid, which would flatter every stock type that contains it):
   WikiText-2 test (the first 40 chunks of 512 tokens) and on Python code (the interpreter's
   standard library modules except the five in the shipped calibration, in a seeded order, first 40
   chunks): mean KLD with llama.cpp's +-, 99th and 99.9th percentile KLD, same-top-token share,
-  perplexity, file bytes.
+  perplexity, file bytes. `--domains wikitext2-valid-2nd-half` judges on the second half of
+  WikiText-2 valid instead (text no step here fits on): the place to choose settings, never a
+  result.
 
 Writes bench/results/vs_llama_cpp.json (one row per reference file and domain) and
 bench/results/vs_llama_cpp.png. Needs llama.cpp's tools (bash .ci/llama_cpp_tools DIR; set
@@ -36,7 +38,7 @@ LAYERWISE_LLAMA_CPP_BIN=DIR/bin) and converter (LAYERWISE_CONVERT_HF_TO_GGUF). A
 kept under bench/out/vs_llama_cpp and reused when run again (files of ours named by granularity and
 emulation).
 
-    python bench/vs_llama_cpp.py [--references Q4_K_M+imatrix,Q4_0+imatrix] [--chunks 40]
+    python bench/vs_llama_cpp.py [--references Q4_K_M+imatrix,Q4_0+imatrix] [--chunks 40] [--domains ...]
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ OPTIONS = "gptq:q4_0,gptq:q5_0,gptq:q5_1,q8_0,q3_k,q4_k,q5_k,q6_k"
 CALIBRATION_MODULES = {"textwrap.py", "heapq.py", "shlex.py", "glob.py", "fnmatch.py"}
 IMATRIX_CHUNKS = 100
 EVALUATION_CHUNKS = 40
+DOMAINS = ("wikitext2-test", "python-stdlib")
+VALID_FIRST_LINE = 1880
 
 
 def chunk_tag(chunks: int) -> str:
@@ -113,6 +117,24 @@ def code_text() -> str:
                    if not path.name.startswith("_") and path.name not in CALIBRATION_MODULES)
     random.Random(CODE_SEED).shuffle(files)
     return "\n\n".join(f"# {path.name}\n{path.read_text(encoding='utf-8', errors='replace')}" for path in files)
+
+
+def valid_second_half() -> str:
+    """WikiText-2 valid from its line 1880 of 3760: text no step here fits on (llama-imatrix reads
+    the first 100 chunks, the shipped calibration an excerpt of the start), to choose settings on."""
+    lines = CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(lines[VALID_FIRST_LINE - 1:])
+
+
+def judged_texts(domains: list[str]) -> dict[str, Path]:
+    """The text file of each judged domain, written under OUT the first time."""
+    makers = {"wikitext2-test": None, "python-stdlib": code_text, "wikitext2-valid-2nd-half": valid_second_half}
+    unknown = sorted(set(domains) - set(makers))
+    if unknown:
+        sys.exit(f"unknown domain(s) {unknown}; choose from {', '.join(makers)}")
+    return {domain: EVALUATION_TEXT if makers[domain] is None else cached(
+        OUT / f"{domain}.txt", lambda tmp, make=makers[domain]: tmp.write_text(make(), encoding="utf-8"))
+        for domain in domains}
 
 
 def stock_file(name: str, source: Path, imatrix: Path) -> Path:
@@ -167,6 +189,9 @@ def main() -> None:
                              "llama.cpp's CPU backend rounds them (llama-cpu, what llama-perplexity then shows)")
     parser.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                         help="how the plan combines the calibration's domains (layerwise plan --objective)")
+    parser.add_argument("--domains", default=",".join(DOMAINS),
+                        help="judged texts: wikitext2-test, python-stdlib, and wikitext2-valid-2nd-half (held-out "
+                             "text to choose settings on, never a result)")
     parser.add_argument("--name", default="vs_llama_cpp")
     args = parser.parse_args()
     references = args.references.split(",")
@@ -182,8 +207,7 @@ def main() -> None:
     stock_imatrix = cached(OUT / "imatrix-llama.gguf", lambda tmp: run(
         [tool("llama-imatrix"), "-m", str(source), "-f", str(CALIBRATION_TEXT), "-o", str(tmp), "--chunks",
          str(IMATRIX_CHUNKS), "-c", "512", "-t", "2"], OUT / "imatrix-llama.log"))
-    texts = {"wikitext2-test": EVALUATION_TEXT,
-             "python-stdlib": cached(OUT / "python-stdlib.txt", lambda tmp: tmp.write_text(code_text()))}
+    texts = judged_texts(args.domains.split(","))
     judged = chunk_tag(args.chunks)
     bases = {domain: cached(OUT / f"base-{domain}{judged}.kld", lambda tmp, text=text: run(
         [tool("llama-perplexity"), "-m", str(source), "-f", str(text), "--chunks", str(args.chunks), "-c", "512",

@@ -25,9 +25,7 @@ from layerwise.measure.run import plan_from_choice, run_plan, sensitivity_for
 from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.gguf_reference import read_reference
 from layerwise.plan.plan import Plan
-from layerwise.plan.table import SensitivityTable
 from layerwise.quant import QuantConfig
-from layerwise.quant.gptq import DEFAULT_DAMP, GGUF_DAMP
 
 OPTIONS = "q4_0,q5_0,q8_0"
 
@@ -128,30 +126,6 @@ def test_an_embedding_entry_is_the_kl_of_the_model_with_that_embedding(tiny):
             kl.extend(values.reshape(values.shape[0], -1).mean(dim=1).tolist())
     assert table.kl[embed, 0] == pytest.approx(float(np.mean(kl)), rel=1e-4)
     assert table.kl[embed, 0] > table.kl[embed, 1] > 0
-
-
-def test_a_table_records_the_damping_of_gptq_onto_gguf_grids_and_refuses_another(tiny, tmp_path):
-    """Entries of a `gptq:` GGUF option depend on GPTQ's damping: a table measured with another
-    (a table from before it was recorded was measured at 0.01) is refused, not silently reused."""
-    loaded = load_model(tiny)
-    windows = token_windows(loaded.tokenizer, CALIBRATION_TEXT, tokens=256, seq_len=128)
-    table = measure_sensitivity(loaded, windows, "gptq:q4_0,q8_0", progress=False)
-    assert table.meta["gguf_gptq_damp"] == GGUF_DAMP != DEFAULT_DAMP
-    path = tmp_path / "table.json"
-    table.save(path)
-    assert sensitivity_for(loaded, table=path, options="gptq:q4_0").options == ["gptq:q4_0"]
-    del table.meta["gguf_gptq_damp"]
-    table.save(path)
-    with pytest.raises(LayerwiseError, match="damping 0.01"):
-        sensitivity_for(loaded, table=path, options="gptq:q4_0")
-    # Tables of rounding-only options never depended on it.
-    rounded = measure_sensitivity(loaded, windows, "q4_0,q8_0", progress=False)
-    assert "gguf_gptq_damp" not in rounded.meta
-    # Grown by a GPTQ option, such a table records the damping of the entries it gained.
-    rounded.save(path)
-    assert sensitivity_for(loaded, table=path, options="q4_0,gptq:q4_0").options == ["q4_0", "gptq:q4_0"]
-    assert SensitivityTable.load(path).meta["gguf_gptq_damp"] == GGUF_DAMP
-    assert sensitivity_for(loaded, table=path, options="gptq:q4_0").options == ["gptq:q4_0"]
 
 
 def test_budget_like_refusals(tiny, planned, tmp_path):

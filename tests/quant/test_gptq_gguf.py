@@ -15,7 +15,6 @@ from layerwise.plan import Plan
 from layerwise.plan.options import option_name, parse_option
 from layerwise.apply import quantize_
 from layerwise.quant import QuantConfig, gguf_blocks, gptq_quantize, quantize_weight
-from layerwise.quant.gptq import DEFAULT_DAMP, GGUF_DAMP, default_damp
 from test_algorithms import correlated_inputs, output_error
 
 TYPES = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -27,16 +26,6 @@ def layer():
     weight = torch.randn(64, 512, generator=generator) * 0.05
     inputs = correlated_inputs(n=4096, columns=512, rank=64)
     return weight, inputs, 2 * inputs.t() @ inputs / len(inputs)
-
-
-def test_gptq_onto_gguf_grids_damps_by_its_own_default(layer):
-    """GGUF grids take `GGUF_DAMP` unless told otherwise; integer grids keep the reference 0.01."""
-    weight, _, hessian = layer
-    config = QuantConfig("q4_0", algorithm="gptq")
-    assert default_damp(config) == GGUF_DAMP and default_damp(QuantConfig("int", algorithm="gptq")) == DEFAULT_DAMP
-    default = gptq_quantize(weight, hessian, config).packed
-    assert np.array_equal(default, gptq_quantize(weight, hessian, config, damp=GGUF_DAMP).packed)
-    assert not np.array_equal(default, gptq_quantize(weight, hessian, config, damp=DEFAULT_DAMP).packed)
 
 
 def test_codes_on_a_grid_read_back_as_dequantize_does():

@@ -18,7 +18,7 @@ from layerwise.engine.sliced_kl import plain_head
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import DEFAULT_ESTIMATOR, estimator_named
 from layerwise.measure.refine import REFINE_SHARE, check_share, refine_table, save_refined
-from layerwise.measure.sensitivity import gguf_gptq_damping, measure_sensitivity
+from layerwise.measure.sensitivity import measure_sensitivity
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, SEARCHING, allocate, uniform_choices_that_fit
 from layerwise.plan.problem import Allocation, AllocationProblem
@@ -28,7 +28,6 @@ from layerwise.plan.options import DROP, option_name, parse_option, parse_option
 from layerwise.plan.plan import Plan
 from layerwise.plan.table import SensitivityTable, edge_config
 from layerwise.quant.activations import check_emulation
-from layerwise.quant.gptq import DEFAULT_DAMP, GGUF_DAMP
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
 from layerwise.util.meta import file_fingerprint, run_metadata
@@ -95,10 +94,6 @@ def sensitivity_for(
         if found.meta.get("emulation", "float") != emulation:
             raise LayerwiseError(f"{table} was measured with emulation {found.meta.get('emulation', 'float')!r}, this "
                                  f"plan asks for {emulation!r}; measure a new table (another --table path)")
-        measured_damp = found.meta.get("gguf_gptq_damp", DEFAULT_DAMP)  # tables from before it was recorded
-        if gguf_gptq_damping(found.configs) not in (None, measured_damp):
-            raise LayerwiseError(f"{table} fitted its GPTQ options onto GGUF grids with damping {measured_damp}, "
-                                 f"GPTQ now damps by {GGUF_DAMP}; measure a new table (another --table path)")
         if found.edges != edges:
             raise LayerwiseError(f"{table} was measured {'with' if found.edges else 'without'} the embedding and "
                                  f"head as units; this plan needs a table {'with' if edges else 'without'} them "

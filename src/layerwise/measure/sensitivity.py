@@ -150,17 +150,6 @@ def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndar
     return done, float(state["block_runs"]), float(state["seconds"])
 
 
-def gguf_gptq_damping(configs: list) -> float | None:
-    """The damping GPTQ onto GGUF grids uses (`layerwise.quant.gptq.GGUF_DAMP`) when an option
-    takes it: a table records it, since its entries depend on it. None when no option does."""
-    from layerwise.quant.formats import get_format
-    from layerwise.quant.gptq import GGUF_DAMP
-
-    takes = any(isinstance(config, QuantConfig) and config.algorithm == "gptq" and get_format(config.format).packed
-                for config in configs)
-    return GGUF_DAMP if takes else None
-
-
 def head_cost_in_blocks(loaded: LoadedModel) -> float:
     """The LM head's cost in units of one block's cost (by weights multiplied per token)."""
     head = loaded.model.get_submodule(loaded.adapter.lm_head).weight.numel()
@@ -361,9 +350,6 @@ def measure_sensitivity(
            "estimator": method.name}
     if emulation != "float":  # a float table's key (and its checkpoints) stay as they were
         key["emulation"] = emulation
-    damping = gguf_gptq_damping(configs)
-    if damping is not None:
-        key["gguf_gptq_damp"] = damping
     if checkpoint is not None and Path(checkpoint).exists():
         done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
 
@@ -462,7 +448,6 @@ def measure_sensitivity(
         skipped, run_metadata() | {"model": loaded.describe(),
                                    "importance_sha256": importance_digest(importance) if importance else None,
                                    "statistics": statistics_record, "estimator": method.name}
-        | ({"emulation": emulation} if emulation != "float" else {})
-        | ({"gguf_gptq_damp": damping} if damping is not None else {}),
+        | ({"emulation": emulation} if emulation != "float" else {}),
         domain_kl,
     )

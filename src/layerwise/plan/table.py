@@ -91,13 +91,8 @@ class SensitivityTable:
         if ours and theirs and json.loads(json.dumps(ours)) != json.loads(json.dumps(theirs)):
             raise LayerwiseError("cannot join sensitivity tables whose GPTQ/AWQ options were fitted on different "
                                  "windows")
-        # The damping of GPTQ onto GGUF grids, recorded by the table that has such options.
-        damps = {table.meta["gguf_gptq_damp"] for table in (self, other) if "gguf_gptq_damp" in table.meta}
-        if len(damps) > 1:
-            raise LayerwiseError("cannot join sensitivity tables whose GPTQ options were damped differently")
         cost = {key: self.cost.get(key, 0) + other.cost.get(key, 0) for key in ("seconds", "forward_equivalents")}
-        meta = self.meta | {"statistics": ours or theirs} | ({"gguf_gptq_damp": damps.pop()} if damps else {})
-        return replace(self, options=self.options + other.options, meta=meta,
+        return replace(self, options=self.options + other.options, meta=self.meta | {"statistics": ours or theirs},
                        cost_bits=np.concatenate([self.cost_bits, other.cost_bits], axis=1),
                        kl=np.concatenate([self.kl, other.kl], axis=1), cost=self.cost | cost,
                        skipped=self.skipped | other.skipped,

@@ -48,27 +48,12 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-# The damping of GPTQ's Hessian, as a share of its mean diagonal. 0.01 is the reference
-# implementation's (kept for integer grids). Onto GGUF grids a larger one generalised better to text
-# neither the Hessian nor the plan saw: on the second half of WikiText-2 valid (80 chunks of 512,
-# llama-perplexity --kl-divergence against the f16 file) the dithered SmolLM2 with Q5_K_M+imatrix's
-# types and GPTQ onto its Q5_1 grids gave mean KLD 0.01419 / 0.01428 / 0.01390 / 0.01463 and
-# 99th-percentile KLD 0.0771 / 0.0733 / 0.0736 / 0.0771 at damping 0.01 / 0.1 / 0.5 / 2.0.
-DEFAULT_DAMP = 0.01
-GGUF_DAMP = 0.5
-
-
-def default_damp(config: QuantConfig) -> float:
-    """GPTQ's damping for `config`'s grid when none is given (`GGUF_DAMP` for GGUF types)."""
-    return GGUF_DAMP if get_format(config.format).packed else DEFAULT_DAMP
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     config: QuantConfig,
     *,
-    damp: float | None = None,
+    damp: float = 0.01,
     block_size: int = 128,
     module: str = "weight",
 ) -> QTensor:
@@ -76,9 +61,8 @@ def gptq_quantize(
 
     Group parameters are fitted when the first column of a group is reached, from the weights as
     updated by the error feedback so far (the reference implementation's order). GGUF types go to
-    `gptq_gguf`. `damp` (a share of the Hessian's mean diagonal): `default_damp(config)` if None.
+    `gptq_gguf`.
     """
-    damp = default_damp(config) if damp is None else damp
     if get_format(config.format).packed:
         return gptq_gguf(weight, hessian, config, damp=damp, block_size=block_size, module=module)
     rows, columns = weight.shape
@@ -138,7 +122,7 @@ def gptq_gguf(
     hessian: torch.Tensor,
     config: QuantConfig,
     *,
-    damp: float = GGUF_DAMP,
+    damp: float = 0.01,
     block_size: int = 128,
     module: str = "weight",
 ) -> QTensor:
