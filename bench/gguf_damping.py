@@ -7,8 +7,8 @@ llama-quantize's Q5_K_M+imatrix file gives it, the Q5_1/Q5_0 tensors by GPTQ ont
 tokens of the shipped mix, `layerwise export`'s default), the rest (Q8_0, the down projections'
 K-quants, the embedding) rounded with our importance matrix as llama-quantize rounds them. Judged
 by `llama-perplexity --kl-divergence` against the f16 file on the second half of WikiText-2 valid
-(`bench/vs_llama_cpp.py --domains wikitext2-valid-2nd-half`), 80 chunks of 512: mean KLD with llama.cpp's +-, 99th and 99.9th percentile KLD, and
-the stock file on the same text. Then the counterpoint of tests/quant/test_llama_cpp_referee.py:
+(`bench/vs_llama_cpp.py --domains wikitext2-valid-2nd-half`), 80 chunks of 512: mean KLD with
+llama.cpp's +-, 99th and 99.9th percentile KLD, and the stock file on the same text. Then the counterpoint of tests/quant/test_llama_cpp_referee.py:
 stories260K with q/k/v/o/gate/up at Q4_0, GPTQ on 4096 tokens of WikiText-2 valid at each damping
 against rounding to nearest, llama-perplexity on the first 60,000 characters of WikiText-2 test
 (20 chunks of 256). About 30 minutes on 2 cores; files are kept under
@@ -29,7 +29,8 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES, dithered_smollm2, write_results  # noqa: E402
-from vs_llama_cpp import OUT, VALID_FIRST_LINE, cached, chunk_tag, judged_texts, kl_divergence, run, tool  # noqa: E402
+from vs_llama_cpp import (OUT, VALID_FIRST_LINE, cached, chunk_tag, judged_texts, kl_divergence, log_probs,  # noqa: E402
+                          run, tool)
 
 import layerwise.quant.gptq as gptq  # noqa: E402
 from layerwise import load_model  # noqa: E402
@@ -78,7 +79,7 @@ def stories_perplexity(damping: float | None) -> float:
     out = OUT / f"stories260K-q4_0-{algorithm}{'' if damping is None else f'-damping-{damping:g}'}.gguf"
     if not out.exists():
         plan = Plan(None).override(r"re:.*(q|k|v|o|gate|up)_proj", QuantConfig("q4_0", algorithm=algorithm))
-        with damped(0.01 if damping is None else damping):
+        with contextlib.nullcontext() if damping is None else damped(damping):
             run_export(STORIES, plan=plan, out=out, calib=CALIBRATION_TEXT if damping is not None else None,
                        tokens=4096, progress=False)
     output = run([tool("llama-perplexity"), "-m", str(out), "-f", str(held_out), "-t", "2", "-c", "256", "-b", "256",
@@ -93,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--damping", default="0.01,0.1,0.5,2.0")
     args = parser.parse_args()
+    dampings = [float(value) for value in args.damping.split(",")]
     started = time.perf_counter()
     folder = dithered_smollm2()
     source, reference, imatrix = OUT / "source-f16.gguf", OUT / f"stock-{REFERENCE}.gguf", OUT / "imatrix-ours-output.gguf"
@@ -101,9 +103,7 @@ def main() -> None:
         sys.exit(f"{', '.join(missing)} missing from {OUT}: run bench/vs_llama_cpp.py --references Q5_K_M+imatrix first")
     text = judged_texts([DOMAIN])[DOMAIN]
     judged = f"{DOMAIN}{chunk_tag(CHUNKS)}"  # file names as bench/vs_llama_cpp.py --domains gives them
-    base = cached(OUT / f"base-{judged}.kld", lambda tmp: run(
-        [tool("llama-perplexity"), "-m", str(source), "-f", str(text), "--chunks", str(CHUNKS), "-c", "512", "-t", "2",
-         "--kl-divergence-base", str(tmp)], OUT / f"base-{judged}.log"))
+    base = log_probs(source, text, CHUNKS, OUT / f"base-{judged}.kld", OUT / f"base-{judged}.log")
 
     plan = stock_types_plan(folder, reference)
     rows = []
@@ -111,7 +111,7 @@ def main() -> None:
     rows.append({"file": "llama-quantize Q5_K_M+imatrix", "damping": None, "bytes": reference.stat().st_size} | stock)
     print(f"{'stock':>8}: mean KLD {stock['mean_kld']:.5f} ± {stock['mean_kld_pm']:.5f}  p99 {stock['kld_p99']:.4f}  "
           f"p99.9 {stock['kld_p999']:.4f}", flush=True)
-    for damping in (float(value) for value in args.damping.split(",")):
+    for damping in dampings:
         ours = OUT / f"damping-{damping:g}-Q5_K_M-types.gguf"
         if not ours.exists():
             with damped(damping):
@@ -122,7 +122,7 @@ def main() -> None:
         print(f"{damping:>8g}: mean KLD {found['mean_kld']:.5f} ± {found['mean_kld_pm']:.5f}  p99 {found['kld_p99']:.4f}"
               f"  p99.9 {found['kld_p999']:.4f}", flush=True)
     stories = {"round to nearest": stories_perplexity(None)}
-    for damping in (float(value) for value in args.damping.split(",")):
+    for damping in dampings:
         stories[f"gptq damping {damping:g}"] = stories_perplexity(damping)
     for name, value in stories.items():
         print(f"stories260K Q4_0 {name:>20}: perplexity {value:.4f}", flush=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from vs_llama_cpp import OUT, cached, chunk_tag, judged_texts, kl_divergence, run, tool  # noqa: E402
+from vs_llama_cpp import OUT, chunk_tag, judged_texts, kl_divergence, log_probs  # noqa: E402
 
 RESAMPLES = 2000
 SEED = 0
@@ -106,9 +106,8 @@ def main() -> None:
     kl, printed = {}, {}
     for side, model in files.items():
         tag = args.ours_tag if side == "ours" else ""
-        probs = cached(OUT / f"logprobs-{side}-{tag}{args.reference}-{args.domain}{judged}.bin", lambda tmp, model=model: run(
-            [tool("llama-perplexity"), "-m", str(model), "-f", str(text), "--chunks", str(args.chunks), "-c", "512",
-             "-t", "2", "--kl-divergence-base", str(tmp)], tmp.with_suffix(".log")))
+        probs = OUT / f"logprobs-{side}-{tag}{args.reference}-{args.domain}{judged}.bin"
+        log_probs(model, text, args.chunks, probs, probs.with_suffix(".bin.log"))
         kl[side] = per_token_kl(base, probs)
         printed[side] = kl_divergence(model, base, text, args.chunks,
                                       OUT / f"kld-{side}-{tag}{args.reference}-{args.domain}{judged}.log")

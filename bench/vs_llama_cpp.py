@@ -137,6 +137,14 @@ def judged_texts(domains: list[str]) -> dict[str, Path]:
         for domain in domains}
 
 
+def log_probs(model: Path, text: Path, chunks: int, out: Path, log: Path) -> Path:
+    """`out`: llama-perplexity's log-probabilities of `model` on the first `chunks` chunks of 512 of
+    `text` (what `--kl-divergence` judges another file against), unless it exists."""
+    return cached(out, lambda tmp: run(
+        [tool("llama-perplexity"), "-m", str(model), "-f", str(text), "--chunks", str(chunks), "-c", "512", "-t", "2",
+         "--kl-divergence-base", str(tmp)], log))
+
+
 def stock_file(name: str, source: Path, imatrix: Path) -> Path:
     qtype, _, with_imatrix = name.partition("+")
     args = ["--imatrix", str(imatrix)] if with_imatrix else []
@@ -209,10 +217,8 @@ def main() -> None:
          str(IMATRIX_CHUNKS), "-c", "512", "-t", "2"], OUT / "imatrix-llama.log"))
     texts = judged_texts(args.domains.split(","))
     judged = chunk_tag(args.chunks)
-    bases = {domain: cached(OUT / f"base-{domain}{judged}.kld", lambda tmp, text=text: run(
-        [tool("llama-perplexity"), "-m", str(source), "-f", str(text), "--chunks", str(args.chunks), "-c", "512",
-         "-t", "2", "--kl-divergence-base", str(tmp)], OUT / f"base-{domain}{judged}.log"))
-        for domain, text in texts.items()}
+    bases = {domain: log_probs(source, text, args.chunks, OUT / f"base-{domain}{judged}.kld",
+                               OUT / f"base-{domain}{judged}.log") for domain, text in texts.items()}
     print(f"source, importance matrix and base logits ready ({time.perf_counter() - started:.0f} s)", flush=True)
 
     loaded = load_model(folder)
