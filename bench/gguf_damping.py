@@ -4,7 +4,7 @@ bench/vs_llama_cpp.py uses.
 
 On the dithered SmolLM2 of bench/vs_llama_cpp.py, one file per damping: every tensor at the type
 llama-quantize's Q5_K_M+imatrix file gives it, the Q5_1/Q5_0 tensors by GPTQ onto those grids (16384
-tokens of the shipped mix, `layerwise export`'s default), the rest (Q8_0, the down projections'
+tokens of the shipped mix, `layerwise export`'s default when this was measured; it is 65536 now), the rest (Q8_0, the down projections'
 K-quants, the embedding) rounded with our importance matrix as llama-quantize rounds them. Judged
 by `llama-perplexity --kl-divergence` against the f16 file on the second half of WikiText-2 valid
 (`bench/vs_llama_cpp.py --domains wikitext2-valid-2nd-half`), 80 chunks of 512: mean KLD with
@@ -115,7 +115,7 @@ def main() -> None:
         ours = OUT / f"damping-{damping:g}-Q5_K_M-types.gguf"
         if not ours.exists():
             with damped(damping):
-                run_export(folder, plan=plan, out=ours, imatrix=imatrix, progress=False)
+                run_export(folder, plan=plan, out=ours, imatrix=imatrix, tokens=16384, progress=False)
         found = kl_divergence(ours, base, text, CHUNKS, OUT / f"kld-{ours.stem}-{judged}.log")
         rows.append({"file": "Q5_K_M+imatrix's types, GPTQ onto Q5_1/Q5_0", "damping": damping,
                      "bytes": ours.stat().st_size} | found)

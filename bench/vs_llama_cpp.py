@@ -20,7 +20,8 @@ Q4_1 grid, which would flatter every stock type that contains it):
   (`--emulate float`; `--emulate llama-cpu` rounds every quantized unit's inputs as llama.cpp's
   CPU backend does, `layerwise.quant.activations`, which at Q5_K_M's size made no better file:
   README, "Against llama-quantize"); then `layerwise export` with its defaults (GPTQ fitted on
-  16384 tokens of the shipped mix).
+  65536 tokens of the shipped mix, `layerwise.apply.run.QUANTIZE_TOKENS`; files made before that
+  default, 16384 until session 31, are not remade while they exist).
   The embedding and head are rounded to nearest, as llama-quantize rounds them (but weighted by the
   head's importance, which llama-quantize does not do for a tied embedding);
 - judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
@@ -58,6 +59,7 @@ from _common import CALIBRATION_TEXT, CODE_SEED, EVALUATION_TEXT, dithered_smoll
 
 from layerwise import load_model  # noqa: E402
 from layerwise.export.convert import convert_to_gguf  # noqa: E402
+from layerwise.apply.run import QUANTIZE_TOKENS  # noqa: E402
 from layerwise.export.run import run_export  # noqa: E402
 from layerwise.measure.run import run_plan  # noqa: E402
 from layerwise.models.loading import resolve_source  # noqa: E402
@@ -270,8 +272,8 @@ def main() -> None:
                  f"{IMATRIX_CHUNKS} chunks of 512",
         "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
                 f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --objective {args.objective} "
-                "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on 16384 "
-                "tokens of the shipped mix)",
+                "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on "
+                f"{QUANTIZE_TOKENS} tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
         "seconds": time.perf_counter() - started, "rows": rows})
 

@@ -312,6 +312,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         print(f"{step:8s} {path} ({how})")
 
 
+QUANTIZE_TOKENS_HELP = ("calibration tokens GPTQ and AWQ fit on (default 65536, or all that the calibration text holds "
+                        "in whole windows when less)")
 IMATRIX_HELP = ("an importance matrix (llama-imatrix's .gguf or .dat, or `layerwise imatrix`): GGUF types weight "
                 "each column's rounding by it, as llama-quantize --imatrix does")
 
@@ -421,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shipped mix of prose, code, verse and tables); given, and without --imatrix, it also gives "
                         "GGUF types an importance matrix")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
-    p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--tokens", type=_positive_int, default=None, help=QUANTIZE_TOKENS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="directory for plan.json, quant.json, qweights.safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
@@ -494,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--sensitivity auto, else 0)")
     p.add_argument("--statistics-tokens", type=_positive_int, default=16384,
                    help="tokens, split over the domains, that gptq/awq options are fitted on in the table, the "
-                        "search and the check; none of the other jobs uses them (default 16384, as quantize)")
+                        "search and the check; none of the other jobs uses them (default 16384, a quarter of what "
+                        "quantize fits on: options are compared, not kept)")
     p.add_argument("--generations", type=_positive_int, default=10, help="search length for hybrid/evolutionary")
     p.add_argument("--imatrix", default=None,
                    help=IMATRIX_HELP + "; the plan records it, and quantize/export of the plan use it")
@@ -587,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text for gptq/awq plans, one domain per file; repeat for several "
                         "(default: the shipped mix of prose, code, verse and tables)")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
-    p.add_argument("--tokens", type=_positive_int, default=16384)
+    p.add_argument("--tokens", type=_positive_int, default=None, help=QUANTIZE_TOKENS_HELP)
     p.add_argument("--converter", default=None,
                    help="llama.cpp's convert_hf_to_gguf.py (or its llama.cpp folder), for GGUF from a Hugging Face "
                         "model (default: $LAYERWISE_CONVERT_HF_TO_GGUF, then PATH)")

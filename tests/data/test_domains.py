@@ -65,3 +65,28 @@ def test_mixing_windows_of_other_lengths_is_refused(stories):
     with pytest.raises(LayerwiseError, match="same length and BOS"):
         mix_windows({"prose": short, "code": long})
     assert Path(DEFAULT_DOMAINS["prose"].split(":")[1]).name == "wikitext2_valid_excerpt"
+
+
+def test_a_default_size_takes_what_a_short_text_holds_and_a_requested_one_is_refused(stories, tmp_path, capsys):
+    from layerwise.apply.run import QUANTIZE_TOKENS, quantize_windows
+    from layerwise.data.domains import calibration_windows
+
+    short = tmp_path / "short.txt"
+    short.write_text(read_text(CALIBRATION_TEXT)[0][:6000], encoding="utf-8")
+    holds = domain_slots(stories.tokenizer, short, seq_len=512)["short"].available
+    assert 1 <= holds < QUANTIZE_TOKENS // 512
+    with pytest.raises(LayerwiseError, match="give more text or fewer tokens"):
+        calibration_windows(stories.tokenizer, short, tokens=QUANTIZE_TOKENS)
+    capped = calibration_windows(stories.tokenizer, short, tokens=QUANTIZE_TOKENS, at_most=True)
+    assert capped.input_ids.shape == (holds, 512)
+    # What fits is taken as before: the cap changes nothing for a text that holds enough.
+    same = calibration_windows(stories.tokenizer, short, tokens=512 * holds, at_most=True)
+    assert torch.equal(same.input_ids, calibration_windows(stories.tokenizer, short, tokens=512 * holds).input_ids)
+    # Several domains give the same number of windows each: as many as the shortest holds.
+    mixed = calibration_windows(stories.tokenizer, [short, CALIBRATION_TEXT], tokens=QUANTIZE_TOKENS, at_most=True)
+    assert mixed.window_domains == ("short", "valid") * holds
+    # quantize's default (tokens=None) caps and says so; a size the user asked for is refused.
+    assert quantize_windows(stories.tokenizer, short, None, progress=True).input_ids.shape == (holds, 512)
+    assert f"fewer than the default {QUANTIZE_TOKENS:,}" in capsys.readouterr().err
+    with pytest.raises(LayerwiseError, match="give more text or fewer tokens"):
+        quantize_windows(stories.tokenizer, short, QUANTIZE_TOKENS)

@@ -78,13 +78,25 @@ def take_from_domains(slots: dict[str, TextSlots], tokens: int, seed: int | None
 
 
 def calibration_windows(tokenizer: Any, calib: Calibration, *, tokens: int, seq_len: int = 512,
-                        seed: int | None = 0) -> TokenWindows:
+                        seed: int | None = 0, at_most: bool = False) -> TokenWindows:
     """Windows to fit quantizers on (GPTQ, AWQ, an importance matrix): one file cut as
     `token_windows` cuts it; None (the shipped mix, as `plan` calibrates by default) or several
-    files: `tokens` split evenly over the domains."""
+    files: `tokens` split evenly over the domains.
+
+    `at_most`: `tokens` is a default's size rather than the user's request, so a text that holds
+    fewer windows gives all it holds (every domain the same number); a requested size that the
+    text cannot give stays an error."""
     if isinstance(calib, (str, Path)):
-        return token_windows(tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
-    return take_from_domains(domain_slots(tokenizer, calib, seq_len=min(seq_len, tokens)), tokens, seed)
+        if not at_most:
+            return token_windows(tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
+        slots = text_slots(tokenizer, calib, seq_len=min(seq_len, tokens))
+        return slots.take(max(1, min(math.ceil(tokens / slots.seq_len), slots.available)), seed)
+    slots = domain_slots(tokenizer, calib, seq_len=min(seq_len, tokens))
+    if at_most:
+        body = next(iter(slots.values())).seq_len
+        count = min(windows_per_domain(tokens, len(slots), body), min(text.available for text in slots.values()))
+        tokens = max(1, count) * len(slots) * body
+    return take_from_domains(slots, tokens, seed)
 
 
 def parts_of(description: dict) -> dict[str, dict]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from layerwise.apply.storage import StoredModules, apply_quantized, load_quantized
-from layerwise.data.domains import Calibration, calibration_domains, calibration_windows
+from layerwise.data.domains import Calibration, calibration_domains
 from layerwise.data.overlap import calibrations_of, check_held_out
 from layerwise.data.windows import read_text, token_windows
 from layerwise.errors import LayerwiseError
@@ -69,11 +69,10 @@ def run_eval(
         plan_meta = Plan.load(Path(quantized) / "plan.json").meta
     calibrations = calibrations_of(plan_meta, (document or {}).get("meta"))
     from layerwise.apply.quantize import plan_targets
-    from layerwise.apply.run import QUANTIZE_TOKENS, needs_calibration
+    from layerwise.apply.run import needs_calibration, quantize_windows
 
     if plan is not None and (calib is not None or needs_calibration(plan_targets(loaded, plan))):
-        calibrations["quantization statistics"] = calibration_windows(loaded.tokenizer, calib, tokens=QUANTIZE_TOKENS,
-                                                                      seed=0).describe()
+        calibrations["quantization statistics"] = quantize_windows(loaded.tokenizer, calib, None).describe()
     elif calib is not None:
         for name, text in calibration_domains(calib).items():
             calibrations[f"--calib {name}"] = {"source": str(text), "text_sha256": sha256_text(read_text(text)[0])}

@@ -24,7 +24,7 @@ def run_export(
     plan: Plan | str | Path | None = None,
     quantized: str | Path | None = None,
     calib: Calibration = None,
-    tokens: int = 16384,
+    tokens: int | None = None,
     dtype: str = "auto",
     device: str = "cpu",
     device_map: str | None = None,
