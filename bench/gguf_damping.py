@@ -29,8 +29,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, EVALUATION_TEXT, STORIES, dithered_smollm2, write_results  # noqa: E402
-from vs_llama_cpp import (OUT, VALID_FIRST_LINE, cached, chunk_tag, judged_texts, kl_divergence, log_probs,  # noqa: E402
-                          run, tool)
+from vs_llama_cpp import HELD_OUT_CHUNKS, OUT, VALID_FIRST_LINE, cached, held_out_judge, run, tool  # noqa: E402
 
 import layerwise.quant.gptq as gptq  # noqa: E402
 from layerwise import load_model  # noqa: E402
@@ -40,9 +39,7 @@ from layerwise.plan.plan import Plan  # noqa: E402
 from layerwise.plan.units import units_of  # noqa: E402
 from layerwise.quant import QuantConfig  # noqa: E402
 
-CHUNKS = 80
 REFERENCE = "Q5_K_M+imatrix"
-DOMAIN = "wikitext2-valid-2nd-half"
 
 
 def stock_types_plan(folder: Path, reference: Path) -> Plan:
@@ -97,30 +94,18 @@ def main() -> None:
     dampings = [float(value) for value in args.damping.split(",")]
     started = time.perf_counter()
     folder = dithered_smollm2()
-    source, reference, imatrix = OUT / "source-f16.gguf", OUT / f"stock-{REFERENCE}.gguf", OUT / "imatrix-ours-output.gguf"
-    missing = [path.name for path in (source, reference, imatrix) if not path.exists()]
-    if missing:
-        sys.exit(f"{', '.join(missing)} missing from {OUT}: run bench/vs_llama_cpp.py --references Q5_K_M+imatrix first")
-    text = judged_texts([DOMAIN])[DOMAIN]
-    judged = f"{DOMAIN}{chunk_tag(CHUNKS)}"  # file names as bench/vs_llama_cpp.py --domains gives them
-    base = log_probs(source, text, CHUNKS, OUT / f"base-{judged}.kld", OUT / f"base-{judged}.log")
-
+    reference, imatrix = OUT / f"stock-{REFERENCE}.gguf", OUT / "imatrix-ours-output.gguf"
+    judge = held_out_judge([OUT / "source-f16.gguf", reference, imatrix], REFERENCE)
     plan = stock_types_plan(folder, reference)
-    rows = []
-    stock = kl_divergence(reference, base, text, CHUNKS, OUT / f"kld-stock-{REFERENCE}-{judged}.log")
-    rows.append({"file": "llama-quantize Q5_K_M+imatrix", "damping": None, "bytes": reference.stat().st_size} | stock)
-    print(f"{'stock':>8}: mean KLD {stock['mean_kld']:.5f} ± {stock['mean_kld_pm']:.5f}  p99 {stock['kld_p99']:.4f}  "
-          f"p99.9 {stock['kld_p999']:.4f}", flush=True)
+    rows = [{"file": "llama-quantize Q5_K_M+imatrix", "damping": None, "bytes": reference.stat().st_size}
+            | judge(reference, "stock")]
     for damping in dampings:
         ours = OUT / f"damping-{damping:g}-Q5_K_M-types.gguf"
         if not ours.exists():
             with damped(damping):
                 run_export(folder, plan=plan, out=ours, imatrix=imatrix, tokens=16384, progress=False)
-        found = kl_divergence(ours, base, text, CHUNKS, OUT / f"kld-{ours.stem}-{judged}.log")
         rows.append({"file": "Q5_K_M+imatrix's types, GPTQ onto Q5_1/Q5_0", "damping": damping,
-                     "bytes": ours.stat().st_size} | found)
-        print(f"{damping:>8g}: mean KLD {found['mean_kld']:.5f} ± {found['mean_kld_pm']:.5f}  p99 {found['kld_p99']:.4f}"
-              f"  p99.9 {found['kld_p999']:.4f}", flush=True)
+                     "bytes": ours.stat().st_size} | judge(ours, f"{damping:g}"))
     stories = {"round to nearest": stories_perplexity(None)}
     for damping in dampings:
         stories[f"gptq damping {damping:g}"] = stories_perplexity(damping)
@@ -129,7 +114,7 @@ def main() -> None:
     write_results("gguf_damping", {
         "model": "dithered SmolLM2-135M-Instruct (../shared/models/dither_smollm2.py)",
         "judge": f"llama-perplexity --kl-divergence against the f16 file, WikiText-2 valid from line {VALID_FIRST_LINE}, "
-                 f"{CHUNKS} chunks of 512",
+                 f"{HELD_OUT_CHUNKS} chunks of 512",
         "stories260K": {"judge": "llama-perplexity, WikiText-2 test's first 60,000 characters, 20 chunks of 256",
                         "perplexity": stories},
         "seconds": time.perf_counter() - started, "rows": rows})

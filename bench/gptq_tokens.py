@@ -23,13 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import dithered_smollm2, write_results  # noqa: E402
-from vs_llama_cpp import OUT, chunk_tag, judged_texts, kl_divergence, log_probs  # noqa: E402
+from vs_llama_cpp import HELD_OUT_CHUNKS, OUT, VALID_FIRST_LINE, held_out_judge  # noqa: E402
 
 from layerwise.export.run import run_export  # noqa: E402
 
-CHUNKS = 80
 REFERENCE = "Q5_K_M+imatrix"
-DOMAIN = "wikitext2-valid-2nd-half"
 
 
 def main() -> None:
@@ -38,33 +36,21 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(value) for value in args.tokens.split(",")]
     started = time.perf_counter()
-    source, reference = OUT / "source-f16.gguf", OUT / f"stock-{REFERENCE}.gguf"
-    plan = OUT / f"plan-tensor-{REFERENCE}.json"
-    missing = [path.name for path in (source, reference, plan) if not path.exists()]
-    if missing:
-        sys.exit(f"{', '.join(missing)} missing from {OUT}: run bench/vs_llama_cpp.py --references {REFERENCE} first")
-    text = judged_texts([DOMAIN])[DOMAIN]
-    judged = f"{DOMAIN}{chunk_tag(CHUNKS)}"  # file names as bench/vs_llama_cpp.py --domains gives them
-    base = log_probs(source, text, CHUNKS, OUT / f"base-{judged}.kld", OUT / f"base-{judged}.log")
-
-    rows = []
-    stock = kl_divergence(reference, base, text, CHUNKS, OUT / f"kld-stock-{REFERENCE}-{judged}.log")
-    rows.append({"file": f"llama-quantize {REFERENCE}", "tokens": None, "bytes": reference.stat().st_size} | stock)
-    print(f"{'stock':>8}: mean KLD {stock['mean_kld']:.5f} ± {stock['mean_kld_pm']:.5f}  p99 {stock['kld_p99']:.4f}  "
-          f"p99.9 {stock['kld_p999']:.4f}", flush=True)
+    reference, plan = OUT / f"stock-{REFERENCE}.gguf", OUT / f"plan-tensor-{REFERENCE}.json"
+    judge = held_out_judge([OUT / "source-f16.gguf", reference, plan], REFERENCE)
+    rows = [{"file": f"llama-quantize {REFERENCE}", "tokens": None, "bytes": reference.stat().st_size}
+            | judge(reference, "stock")]
     for tokens in counts:
         ours = OUT / f"tokens-{tokens}-{REFERENCE}.gguf"
         if not ours.exists():
             run_export(dithered_smollm2(), plan=plan, out=ours, tokens=tokens, progress=False)
-        found = kl_divergence(ours, base, text, CHUNKS, OUT / f"kld-{ours.stem}-{judged}.log")
         rows.append({"file": f"the default {REFERENCE} plan, GPTQ on --tokens", "tokens": tokens,
-                     "bytes": ours.stat().st_size} | found)
-        print(f"{tokens:>8}: mean KLD {found['mean_kld']:.5f} ± {found['mean_kld_pm']:.5f}  p99 {found['kld_p99']:.4f}"
-              f"  p99.9 {found['kld_p999']:.4f}", flush=True)
+                     "bytes": ours.stat().st_size} | judge(ours, str(tokens)))
     write_results("gptq_tokens", {
         "model": "dithered SmolLM2-135M-Instruct, f16 GGUF by convert_hf_to_gguf.py",
         "plan": f"bench/vs_llama_cpp.py's default plan no larger than {REFERENCE}",
-        "judge": f"llama-perplexity --kl-divergence, {CHUNKS} chunks of 512 of WikiText-2 valid from line 1880",
+        "judge": f"llama-perplexity --kl-divergence, {HELD_OUT_CHUNKS} chunks of 512 of WikiText-2 valid from line "
+                 f"{VALID_FIRST_LINE}",
         "seconds": time.perf_counter() - started, "rows": rows})
 
 
