@@ -95,7 +95,7 @@ def main() -> None:
     started = time.perf_counter()
     folder = dithered_smollm2()
     reference, imatrix = OUT / f"stock-{REFERENCE}.gguf", OUT / "imatrix-ours-output.gguf"
-    judge = held_out_judge([OUT / "source-f16.gguf", reference, imatrix], REFERENCE)
+    judge = held_out_judge([reference, imatrix], REFERENCE)
     plan = stock_types_plan(folder, reference)
     rows = [{"file": "llama-quantize Q5_K_M+imatrix", "damping": None, "bytes": reference.stat().st_size}
             | judge(reference, "stock")]

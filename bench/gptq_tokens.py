@@ -37,7 +37,7 @@ def main() -> None:
     counts = [int(value) for value in args.tokens.split(",")]
     started = time.perf_counter()
     reference, plan = OUT / f"stock-{REFERENCE}.gguf", OUT / f"plan-tensor-{REFERENCE}.json"
-    judge = held_out_judge([OUT / "source-f16.gguf", reference, plan], REFERENCE)
+    judge = held_out_judge([reference, plan], REFERENCE)
     rows = [{"file": f"llama-quantize {REFERENCE}", "tokens": None, "bytes": reference.stat().st_size}
             | judge(reference, "stock")]
     for tokens in counts:

@@ -145,18 +145,18 @@ HELD_OUT_CHUNKS = 80
 
 
 def held_out_judge(needed: list[Path], reference: str) -> Callable[[Path, str], dict]:
-    """For scripts that choose a setting on text no step here fits on: once the cached files
-    `needed` exist (else exit, naming this script's --references run that makes them), a function
-    that judges a GGUF file on WikiText-2 valid's second half (80 chunks, against the f16 source;
-    logs named as `--domains wikitext2-valid-2nd-half` names them), prints one line under `label`
-    and returns llama-perplexity's statistics."""
-    missing = [path.name for path in needed if not path.exists()]
+    """For scripts that choose a setting on text no step here fits on: once the f16 source and the
+    cached files `needed` exist (else exit, naming this script's --references run that makes them),
+    a function that judges a GGUF file on WikiText-2 valid's second half (80 chunks, against the f16
+    source; logs named as `--domains wikitext2-valid-2nd-half` names them), prints one line under
+    `label` and returns llama-perplexity's statistics."""
+    source = OUT / "source-f16.gguf"
+    missing = [path.name for path in (source, *needed) if not path.exists()]
     if missing:
         sys.exit(f"{', '.join(missing)} missing from {OUT}: run bench/vs_llama_cpp.py --references {reference} first")
     text = judged_texts([HELD_OUT])[HELD_OUT]
     judged = f"{HELD_OUT}{chunk_tag(HELD_OUT_CHUNKS)}"
-    base = log_probs(OUT / "source-f16.gguf", text, HELD_OUT_CHUNKS, OUT / f"base-{judged}.kld",
-                     OUT / f"base-{judged}.log")
+    base = log_probs(source, text, HELD_OUT_CHUNKS, OUT / f"base-{judged}.kld", OUT / f"base-{judged}.log")
 
     def judge(model: Path, label: str) -> dict:
         found = kl_divergence(model, base, text, HELD_OUT_CHUNKS, OUT / f"kld-{model.stem}-{judged}.log")
