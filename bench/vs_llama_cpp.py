@@ -226,6 +226,8 @@ def main() -> None:
                              "llama.cpp's CPU backend rounds them (llama-cpu, what llama-perplexity then shows)")
     parser.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                         help="how the plan combines the calibration's domains (layerwise plan --objective)")
+    parser.add_argument("--tail-weight", type=float, default=0.0,
+                        help="layerwise plan --tail-weight: every entry priced at its KL plus this times its tail KL")
     parser.add_argument("--domains", default=",".join(DOMAINS),
                         help="judged texts: wikitext2-test, python-stdlib, and wikitext2-valid-2nd-half (held-out "
                              "text to choose settings on, never a result)")
@@ -262,6 +264,8 @@ def main() -> None:
     table = OUT / f"table-{tag.rstrip('-')}.json" if tag else OUT / "table.json"
     if args.objective != DEFAULT_OBJECTIVE:  # plans of other objectives share the table, not the files
         tag += f"{args.objective}-"
+    if args.tail_weight:  # and so do plans with a tail weight
+        tag += f"tail{args.tail_weight:g}-"
 
     rows, files = [], {}
     for reference in references:
@@ -270,7 +274,8 @@ def main() -> None:
         if not plan_path.exists():
             outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity, table=table,
                                tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix, out=plan_path,
-                               emulate=args.emulate, objective=args.objective, progress=True)
+                               emulate=args.emulate, objective=args.objective, tail_weight=args.tail_weight,
+                               progress=True)
             print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
                   f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
         ours = OUT / f"ours-{tag}{reference}.gguf"
@@ -299,6 +304,7 @@ def main() -> None:
                  f"{IMATRIX_CHUNKS} chunks of 512",
         "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
                 f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --objective {args.objective} "
+                f"--tail-weight {args.tail_weight:g} "
                 "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on "
                 f"{QUANTIZE_TOKENS} tokens of the shipped mix)",
         "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",

@@ -59,12 +59,32 @@ def test_pareto_from_the_saved_table(measured, tmp_path):
     (["--budget", "4", "--budget-like", "x.gguf"], "give exactly one budget"),
     (["--budget-like", "missing.gguf"], "reference file missing.gguf not found"),
     (["--budget", "-2"], "must be a positive number"),
+    (["--budget", "4", "--tail-weight", "-1"], "tail weight -1.0 must be a finite number >= 0"),
 ])
 def test_plan_bad_input(measured, args, pattern, tmp_path):
     out, _ = measured
     done = layerwise("plan", STORIES, "--table", out / "sens.json", *args, "--out", tmp_path / "plan.json", "--quiet")
     assert_one_line_error(done, pattern)
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_a_tail_weighted_plan_from_the_saved_table_and_a_table_without_tails(measured, tmp_path):
+    out, _ = measured
+    done = layerwise("plan", STORIES, "--budget", "4.5", "--table", out / "sens.json", "--calib", CALIBRATION_TEXT,
+                     "--tokens", "1024", "--tail-weight", "0.5", "--out", tmp_path / "plan.json", "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "plan.report.json").read_text())
+    plain = json.loads((out / "plan.report.json").read_text())
+    assert report["tail_weight"] == 0.5 and plain["tail_weight"] == 0.0
+    # A plan that weighs tails predicts no heavier a tail (and no lighter a mean) than the plain one.
+    assert report["predicted_tail_kl"] <= plain["predicted_tail_kl"] + 1e-12
+    assert report["predicted_kl"] >= plain["predicted_kl"] - 1e-12
+    data = json.loads((out / "sens.json").read_text())
+    del data["tail_kl"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    done = layerwise("plan", STORIES, "--budget", "4.5", "--table", tmp_path / "old.json", "--calib",
+                     CALIBRATION_TEXT, "--tail-weight", "0.5", "--quiet")
+    assert_one_line_error(done, "this sensitivity table has no tail KL")
 
 
 def test_plan_with_an_empty_option_list_or_another_models_table(tmp_path, measured):

@@ -156,7 +156,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                              "--budget-like FILE.gguf")
     outcome = run_plan(args.model, bits_per_weight=args.budget, total_bytes=args.budget_bytes,
                        budget_like=args.budget_like, options=args.options,
-                       allocator=args.allocator, objective=args.objective, granularity=args.granularity,
+                       allocator=args.allocator, objective=args.objective, tail_weight=args.tail_weight,
+                       granularity=args.granularity,
                        table=args.table, calib=_calibration(args.calib),
                        tokens=args.tokens, fitness_tokens=args.fitness_tokens, check_tokens=args.check_tokens,
                        statistics_tokens=args.statistics_tokens, estimator=args.sensitivity, refine=args.refine,
@@ -467,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                    help=f"how calibration domains are weighed (default {DEFAULT_OBJECTIVE}): " + "; ".join(
                        f"{name}: {objective.description}" for name, objective in OBJECTIVES.items()))
+    p.add_argument("--tail-weight", type=float, default=0.0, metavar="W",
+                   help="price every choice at its KL plus W times its tail KL (the mean KL of its worst 1%% of "
+                        "calibration tokens), so the plan spends bits where damage falls on few tokens (default 0; "
+                        "needs a measured table on the CPU or streamed)")
     p.add_argument("--granularity", default=None, choices=["block", "sublayer", "linear", "tensor", "expert"],
                    help="what one choice covers (default sublayer; linear keeps q/k/v and gate/up together; "
                         "tensor: every linear on its own, as GGUF files store them; "

@@ -1,5 +1,6 @@
 """The sensitivity table on stories260K: each entry is what quantizing that one unit really does."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -34,13 +35,14 @@ def table(loaded, windows):
     return measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False)
 
 
-def _full_forward_kl(loaded, windows) -> float:
-    total, count = 0.0, 0
+def _full_forward_kl(loaded, windows) -> tuple[float, float]:
+    """Mean KL over every next-token position, and the mean of the worst 1% of them."""
+    tokens = []
     for batch in windows.batches(4):
         logits = loaded.model(input_ids=batch, use_cache=False).logits[:, :-1]
-        total += kl_per_token(_reference(loaded, batch), logits).sum().item()
-        count += logits.shape[0] * logits.shape[1]
-    return total / count
+        tokens.append(kl_per_token(_reference(loaded, batch), logits).flatten())
+    tokens = torch.cat(tokens).sort().values
+    return tokens.mean().item(), tokens[-math.ceil(0.01 * tokens.numel()):].mean().item()
 
 
 _base_cache = {}
@@ -63,11 +65,14 @@ def test_an_entry_equals_quantizing_that_unit_alone_in_a_full_forward(loaded, wi
             originals[name] = linear_weight(module).detach().clone()
             set_linear_weight(module, quantize_weight(originals[name], config, name).dequantize())
         try:
-            direct = _full_forward_kl(loaded, windows)
+            direct, tail = _full_forward_kl(loaded, windows)
         finally:
             for name, weight in originals.items():
                 set_linear_weight(loaded.model.get_submodule(name), weight)
         assert table.kl[u, o] == pytest.approx(direct, rel=1e-4, abs=1e-7)
+        # The worst 1% of the 1020 positions: 11 tokens, several times the mean.
+        assert table.tail_kl[u, o] == pytest.approx(tail, rel=1e-3)  # 11 tokens: less averaging of rounding
+        assert table.tail_kl[u, o] > 2 * table.kl[u, o]
         assert table.cost_bits[u, o] == sum(storage_bits(config, tuple(linear_weight(
             loaded.model.get_submodule(name)).shape)) for name in unit.modules)
 
@@ -90,6 +95,7 @@ def test_save_load_round_trip_and_model_check(table, loaded, tmp_path):
     path = table.save(tmp_path / "sens.json")
     again = SensitivityTable.load(path)
     np.testing.assert_array_equal(again.kl, table.kl)
+    np.testing.assert_array_equal(again.tail_kl, table.tail_kl)
     np.testing.assert_array_equal(again.cost_bits, table.cost_bits)
     assert again.units == table.units and again.options == table.options
     again.check_model(loaded)
@@ -145,7 +151,7 @@ def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, t
     if path == "replay":
         monkeypatch.setattr(sensitivity, "runs_block_major", lambda *args: False)
         table = measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False)
-    owner, name = (sensitivity, "_kl_from") if path == "replay" else (streamed.SlicedKL, "window_kl")
+    owner, name = (sensitivity, "_kl_from") if path == "replay" else (streamed.SlicedKL, "token_kl")
     # Partway through the fourth unit (an entry at a time), or at the third block's round.
     calls_before_stop = 3 * len(table.options) + 2 if path == "replay" else 2
     real = getattr(owner, name)
@@ -167,6 +173,10 @@ def test_an_interrupted_measurement_resumes_to_the_same_table(loaded, windows, t
     resumed = measure_sensitivity(loaded, windows, OPTIONS, "sublayer", progress=False, checkpoint=checkpoint)
     np.testing.assert_array_equal(resumed.kl, table.kl)
     np.testing.assert_array_equal(resumed.cost_bits, table.cost_bits)
+    if path == "replay":  # an entry at a time keeps window means only
+        assert table.tail_kl is None and resumed.tail_kl is None
+    else:
+        np.testing.assert_array_equal(resumed.tail_kl, table.tail_kl)
     assert resumed.skipped == table.skipped
     assert resumed.cost["forward_equivalents"] == pytest.approx(table.cost["forward_equivalents"])
     with pytest.raises(LayerwiseError, match="checkpoint of another measurement"):

@@ -61,7 +61,7 @@ def test_a_streamed_table_is_the_in_memory_table_and_holds_one_block_at_a_time(i
 def test_an_interrupted_streamed_table_resumes_to_the_same_table(windows, statistics, tmp_path, monkeypatch):
     whole = _streamed_table(windows, statistics)
     rounds = 0
-    real = streamed_measure.SlicedKL.window_kl
+    real = streamed_measure.SlicedKL.token_kl
 
     def interrupted(self, *args, **kwargs):
         nonlocal rounds
@@ -71,14 +71,15 @@ def test_an_interrupted_streamed_table_resumes_to_the_same_table(windows, statis
         return real(self, *args, **kwargs)
 
     checkpoint = tmp_path / "table.progress"
-    monkeypatch.setattr(streamed_measure.SlicedKL, "window_kl", interrupted)
+    monkeypatch.setattr(streamed_measure.SlicedKL, "token_kl", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _streamed_table(windows, statistics, checkpoint=checkpoint)
     assert json.loads(checkpoint.read_text())["units_done"] == 4  # two blocks of two sublayers
-    monkeypatch.setattr(streamed_measure.SlicedKL, "window_kl", real)
+    monkeypatch.setattr(streamed_measure.SlicedKL, "token_kl", real)
     resumed = _streamed_table(windows, statistics, checkpoint=checkpoint)
     np.testing.assert_array_equal(resumed.kl, whole.kl)
     np.testing.assert_array_equal(resumed.cost_bits, whole.cost_bits)
+    np.testing.assert_array_equal(resumed.tail_kl, whole.tail_kl)  # streamed tables keep tails too
     assert resumed.cost["forward_equivalents"] == pytest.approx(whole.cost["forward_equivalents"])
 
 

@@ -155,10 +155,16 @@ class SlicedKL:
     @torch.no_grad()
     def window_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor],
                   heads: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None) -> np.ndarray:
-        """[variants, windows] mean KL per window; `rows_of(variant, batch, window, start, stop)`
-        gives a variant's last block output at those positions, through the final norm (`normed`).
-        `heads[variant]`, where given, makes that variant's head rows of the base head's (a
-        quantized head: rows are quantized independently, so a slice at a time is the whole)."""
+        """[variants, windows] mean KL per window (`token_kl` averaged over each window's positions)."""
+        return self.token_kl(variants, rows_of, heads).mean(axis=-1)
+
+    @torch.no_grad()
+    def token_kl(self, variants: int, rows_of: Callable[[int, int, int, int, int], torch.Tensor],
+                 heads: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None) -> np.ndarray:
+        """[variants, windows, positions] KL at every position; `rows_of(variant, batch, window,
+        start, stop)` gives a variant's last block output at those positions, through the final
+        norm (`normed`). `heads[variant]`, where given, makes that variant's head rows of the base
+        head's (a quantized head: rows are quantized independently, so a slice at a time is the whole)."""
         heads = list(heads) if heads is not None else [None] * variants
         groups: dict[int, tuple[Callable | None, list[int]]] = {}  # variants that share a head
         for variant, head in enumerate(heads):
@@ -196,8 +202,7 @@ class SlicedKL:
             trim_freed_memory()
         lse = peak + summed.log()
         kl = (self.neg_entropy - (cross - lse * self.mass)).clamp_min(0.0)
-        windows = kl.reshape(variants, -1, self.positions)  # chunks run window by window, in order
-        return (windows.sum(dim=-1) / self.positions).cpu().numpy()
+        return kl.reshape(variants, -1, self.positions).cpu().numpy()  # chunks run window by window, in order
 
 
 def _running_lse(peak: torch.Tensor, summed: torch.Tensor, offset: int, logits: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from layerwise.engine.sliced_kl import plain_head
 from layerwise.errors import LayerwiseError
 from layerwise.measure.estimators import DEFAULT_ESTIMATOR, estimator_named
 from layerwise.measure.refine import REFINE_SHARE, check_share, refine_table, save_refined
-from layerwise.measure.sensitivity import measure_sensitivity
+from layerwise.measure.sensitivity import measure_sensitivity, runs_block_major
 from layerwise.models.loading import LoadedModel, load_model
 from layerwise.plan.allocate import ALLOCATORS, SEARCHING, allocate, uniform_choices_that_fit
 from layerwise.plan.problem import Allocation, AllocationProblem
@@ -241,6 +241,7 @@ def run_plan(
     options: str | Sequence[str] | None = None,
     allocator: str = "exact",
     objective: str = DEFAULT_OBJECTIVE,
+    tail_weight: float = 0.0,
     granularity: str | None = None,
     table: str | Path | None = None,
     calib: Calibration = None,
@@ -281,7 +282,10 @@ def run_plan(
     table's (`layerwise.measure.refine`; None: REFINE_SHARE for "auto", else 0); they are saved in
     the table, and a later plan on it measures only entries not measured yet. The
     table keeps a column set per domain and `objective` (`layerwise.plan.objectives`) says how the
-    allocator weighs them. The check measures the plan and every uniform option that fits the
+    allocator weighs them; `tail_weight` w prices every entry at its KL plus w times its tail KL
+    (the mean KL of its worst 1% of calibration tokens: `SensitivityTable.problem`), which a
+    measured table on the CPU or streamed records. The check measures the plan and every uniform
+    option that fits the
     budget on every domain's held-out windows; unless the
     plan is at least as good as each of them on every domain, a safer plan (the "worst"-domain
     optimum) is tried, then the best uniform plan is returned (and said so); per-domain margins
@@ -306,6 +310,8 @@ def run_plan(
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
     objective_named(objective)
+    if not (math.isfinite(tail_weight) and tail_weight >= 0):
+        raise LayerwiseError(f"tail weight {tail_weight} must be a finite number >= 0")
     check_emulation(emulate)
     if emulate != "float" and estimator != "measured":
         raise LayerwiseError(f"--emulate {emulate} needs the measured table (--estimator measured), not {estimator!r}")
@@ -322,6 +328,9 @@ def run_plan(
     slots = domain_slots(loaded.tokenizer, calib,
                          seq_len=min(seq_len, tokens, check_tokens, *([fitness_tokens] if searching else [])))
     new_table = table is None or not Path(table).exists()
+    if tail_weight and new_table and not runs_block_major(loaded, estimator):
+        raise LayerwiseError("a tail weight needs tail KLs, which only a measured table on the CPU or streamed records "
+                             f"(estimator {estimator!r}, model on {loaded.input_device.type})")
     table_windows = take_from_domains(slots, tokens, seed) if new_table else None
     existing = None if new_table else SensitivityTable.load(table)
     asked = options if options is not None else (existing.options if existing is not None else DEFAULT_OPTIONS)
@@ -350,14 +359,14 @@ def run_plan(
                                  "on (--refine 0 plans on the estimate alone)")
 
         def problem_for(current: SensitivityTable) -> AllocationProblem:
-            return table_for_domains(current, slots).problem(budget, objective)
+            return table_for_domains(current, slots).problem(budget, objective, tail_weight)
 
         measured, refinement = refine_table(loaded, measured, windows, problem_for, share=refine,
                                             importance=importance, statistics=statistics, progress=progress)
         if table is not None and refinement["entries"]:
             save_refined(table, measured)
     sensitivity = table_for_domains(measured, slots)
-    problem = sensitivity.problem(budget, objective)
+    problem = sensitivity.problem(budget, objective, tail_weight)
     jobs = calibration_jobs(slots, sensitivity.calibration, fitness_tokens, check_tokens, seed, search=searching,
                             statistics=statistics)
 
@@ -405,7 +414,7 @@ def run_plan(
         # A safer plan to fall back on before uniform: the worst-domain optimum of the table.
         fallbacks = []
         if len(sensitivity.domains) > 1 and objective != "worst":
-            safer = allocate(sensitivity.problem(budget, "worst"), "exact")
+            safer = allocate(sensitivity.problem(budget, "worst", tail_weight), "exact")
             if safer.choice != chosen.choice:
                 fallbacks.append(Allocation.of(problem, safer.choice, "exact (worst domain)"))
         checking = bars.add_task("never-worse check (plans measured)",
@@ -419,14 +428,19 @@ def run_plan(
         check = check_against_uniform(problem, chosen, window_kl, jobs["check"].window_domains, fallbacks)
         checked = check.returned
         report = {
-            "allocator": allocator, "objective": objective, "returned": checked.allocator,
+            "allocator": allocator, "objective": objective, "tail_weight": tail_weight,
+            "returned": checked.allocator,
             "domains": sensitivity.domains or list(slots),
             "bits_per_weight": checked.total_cost / sensitivity.total_weights,
             "total_bytes": math.ceil((checked.total_cost + sensitivity.other_bits) / 8),
             "budget_bits_per_weight": budget / sensitivity.total_weights,
-            # In nats: a relative objective's own total is a share of uniform's, not a KL.
+            # In nats: a relative objective's own total is a share of uniform's, not a KL, and a
+            # tail-weighted one adds tail KLs.
             "predicted_kl": (sensitivity.problem(budget).total_loss(checked.choice)
-                             if objective_named(objective).per_uniform else problem.total_loss(checked.choice)),
+                             if objective_named(objective).per_uniform or tail_weight
+                             else problem.total_loss(checked.choice)),
+            "predicted_tail_kl": (float(sensitivity.tail_kl[np.arange(len(checked.choice)), list(checked.choice)].sum())
+                                  if sensitivity.tail_kl is not None else None),
             "planned_bytes": math.ceil(checked.total_cost / 8),
             "budget_like": reference.describe() if reference is not None else None,
             "calibration_kl": (check.uniform[check.best_uniform]["kl"] if checked.allocator == "uniform"
@@ -443,7 +457,7 @@ def run_plan(
     provenance = run_metadata() | {
         "model": loaded.describe(), "calibration": calibration_provenance(slots, sensitivity, jobs),
         "options": list(sensitivity.options), "granularity": sensitivity.granularity, "allocator": allocator,
-        "objective": objective, "estimator": sensitivity.estimator,
+        "objective": objective, "tail_weight": tail_weight, "estimator": sensitivity.estimator,
         "seeds": {"sensitivity": sensitivity.calibration.get("seed"), "check": seed + 2, "allocator": seed}
         | ({"search": seed + 1} if searching else {}) | ({"statistics": seed + 3} if statistics is not None else {}),
         "table": str(table) if table is not None else None, "imatrix": imatrix_record, "emulation": emulate,

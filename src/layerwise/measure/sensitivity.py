@@ -127,15 +127,15 @@ PROGRESS_SCHEMA = "layerwise.sensitivity-progress"
 
 
 def _save_progress(path: str | Path, key: dict, done: int, cost: np.ndarray, kl: np.ndarray, skipped: dict,
-                   block_runs: float, seconds: float) -> None:
+                   block_runs: float, seconds: float, tail: np.ndarray) -> None:
     state = {"schema": PROGRESS_SCHEMA, "schema_version": 1, "key": key, "units_done": done,
              "cost_bits": table_rows(cost[:done]), "kl": table_rows(kl[:done]), "skipped": skipped,
-             "block_runs": block_runs, "seconds": seconds}
+             "block_runs": block_runs, "seconds": seconds, "tail_kl": table_rows(tail[:done])}
     write_text_atomic(path, json.dumps(state) + "\n")
 
 
 def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndarray,
-                      skipped: dict) -> tuple[int, float, float]:
+                      skipped: dict, tail: np.ndarray) -> tuple[int, float, float]:
     state = read_artifact(path, PROGRESS_SCHEMA, 1, "sensitivity checkpoint")
     saved = state.get("key")
     if isinstance(saved, dict):  # checkpoints from before there were estimators were all measured
@@ -146,6 +146,8 @@ def _restore_progress(path: str | Path, key: dict, cost: np.ndarray, kl: np.ndar
     done = int(state["units_done"])
     cost[:done] = np.array(state["cost_bits"], dtype=np.float64).reshape(done, cost.shape[1])
     kl[:done] = np.array(state["kl"], dtype=np.float64).reshape(done, kl.shape[1])
+    if "tail_kl" in state:  # checkpoints from before tails were kept leave them NaN: the table then has none
+        tail[:done] = np.array(state["tail_kl"], dtype=np.float64).reshape(done, tail.shape[1])
     skipped.update(state["skipped"])
     return done, float(state["block_runs"]), float(state["seconds"])
 
@@ -302,7 +304,8 @@ def measure_sensitivity(
     KL itself, the default), or a cheaper estimate of it ("auto": the one `compress` uses).
     `emulation` "llama-cpu" measures each quantized unit with its inputs rounded as llama.cpp's CPU
     backend rounds them for its GGUF type (`layerwise.quant.activations`; measured tables on the
-    CPU only)."""
+    CPU only). A measured table run a block at a time (`runs_block_major`: on the CPU or streamed)
+    also keeps every entry's tail KL (`tail_kl`: the mean KL of its worst 1% of tokens, `tail_mean`)."""
     method = estimator_named(estimator)
     check_emulation(emulation)
     importance = importance or {}
@@ -337,6 +340,7 @@ def measure_sensitivity(
     cost = np.full((len(units), len(configs)), np.nan)
     kl = np.full((len(units), len(configs), len(domains)), np.nan)  # per domain, last axis
     kl_rows = kl.reshape(len(units), -1)  # a view: what the checkpoint saves and restores
+    tail = np.full((len(units), len(configs)), np.nan)  # `tail_mean` of measured entries' token KLs
 
     def by_domain(window_kl: np.ndarray) -> list[float]:
         return list(domain_means(window_kl, calibration.window_domains).values())  # in `domains` order
@@ -351,7 +355,7 @@ def measure_sensitivity(
     if emulation != "float":  # a float table's key (and its checkpoints) stay as they were
         key["emulation"] = emulation
     if checkpoint is not None and Path(checkpoint).exists():
-        done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped)
+        done, block_runs, earlier_seconds = _restore_progress(checkpoint, key, cost, kl_rows, skipped, tail)
 
     with progress_bars(progress) as bars:
         task = bars.add_task(f"sensitivity ({method.name}{', streamed' if streaming else ''})",
@@ -360,20 +364,21 @@ def measure_sensitivity(
             from layerwise.measure.streamed import measure_entries
 
             def record(u: int, o: int, values: np.ndarray | None, bits: float | None, why: str | None,
-                       runs: float) -> None:
+                       runs: float, tail_kl: float | None = None) -> None:
                 nonlocal block_runs
                 if why is not None:
                     skipped[f"{units[u].name} {names[o]}"] = why
                 else:
                     kl[u, o] = by_domain(values)
                     cost[u, o] = 0.0 if bits is None else bits
+                    tail[u, o] = np.nan if tail_kl is None else tail_kl
                     block_runs += runs
                 bars.advance(task)
 
             def block_done(units_done: int) -> None:
                 if checkpoint is not None:
                     _save_progress(checkpoint, key, units_done, cost, kl_rows, skipped, block_runs,
-                                   earlier_seconds + time.perf_counter() - started)
+                                   earlier_seconds + time.perf_counter() - started, tail)
 
             if method.name == "measured":
                 run = measure_entries(loaded, calibration, units, configs, modules, importance=importance,
@@ -429,7 +434,7 @@ def measure_sensitivity(
                     bars.advance(task)
                 if checkpoint is not None:
                     _save_progress(checkpoint, key, u + 1, cost, kl_rows, skipped, block_runs,
-                                   earlier_seconds + time.perf_counter() - started)
+                                   earlier_seconds + time.perf_counter() - started, tail)
             if method.finishes:
                 gains = bars.add_task(f"sensitivity ({method.name}): gains measured downstream", total=None)
                 context.advance = lambda: bars.advance(gains)
@@ -439,6 +444,9 @@ def measure_sensitivity(
         linear_weight(module).numel() for module in modules.values())
     # Every domain weighs the same in `kl`, however many windows it gave.
     domain_kl = {name: kl[:, :, d] for d, name in enumerate(domains)} if len(domains) > 1 else {}
+    # Tails only where every entry has one: a missing one would forbid its option silently.
+    measured = np.isfinite(kl).all(axis=2)
+    has_tail = bool(measured.any()) and bool(np.isfinite(tail[measured]).all())
     return SensitivityTable(
         loaded.fingerprint, granularity, units, names, cost, kl.mean(axis=2),
         np.array([sum(linear_weight(modules[n]).numel() for n in unit.modules) for unit in units]),
@@ -450,4 +458,5 @@ def measure_sensitivity(
                                    "statistics": statistics_record, "estimator": method.name}
         | ({"emulation": emulation} if emulation != "float" else {}),
         domain_kl,
+        tail if has_tail else None,
     )

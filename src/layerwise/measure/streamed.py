@@ -47,7 +47,7 @@ from layerwise.models.loading import LoadedModel
 from layerwise.models.streaming import embedding_rows_transformed, held
 from layerwise.plan.options import DROP
 from layerwise.plan.objectives import objective_named
-from layerwise.plan.table import domain_means, edge_config
+from layerwise.plan.table import domain_means, edge_config, tail_mean
 from layerwise.plan.units import EDGE_KINDS, Unit
 from layerwise.quant.activations import InputRounding, input_rounding, rounded
 from layerwise.quant.linear import InputStats, quantize_linear
@@ -116,13 +116,14 @@ class StreamedEntries:
 def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[Unit], configs: list,
                     modules: dict[str, nn.Module], *, importance: dict, statistics: TokenWindows | None,
                     batch_size: int, head: float,
-                    record: Callable[[int, int, np.ndarray | None, float | None, str | None, float], None],
+                    record: Callable[..., None],
                     first_unit: int = 0, block_done: Callable[[int], None] = lambda units_done: None,
                     wanted: set[int] | None = None, emulation: str = "float") -> StreamedEntries:
     """Every entry (unit u >= `first_unit`, and in `wanted` if given; option o) of the measured
     table (of a streamed model, or of one in memory, whose blocks are then at hand):
-    `record(u, o, per-window KL, stored bits, why skipped, block evaluations)` for each (counted
-    as the in-memory table counts them), a block's entries at a time, then `block_done(units done)`.
+    `record(u, o, per-window KL, stored bits, why skipped, block evaluations, tail KL)` for each
+    (counted as the in-memory table counts them; the tail KL, `tail_mean` of every position's, is
+    given for measured entries only), a block's entries at a time, then `block_done(units done)`.
     With `emulation` "llama-cpu" a quantized unit's inputs are rounded as llama.cpp's CPU backend
     rounds them (`layerwise.quant.activations`)."""
     refuse_unless_streamable(loaded, "the sensitivity table")
@@ -191,10 +192,10 @@ def measure_entries(loaded: LoadedModel, calibration: TokenWindows, units: list[
                             put(slot, run_batches(blocks[later], calls, states_of(slot), later))
                 for slot in range(len(entries)):
                     put(slot, [kl.normed(state) for state in states_of(slot)])
-                values = kl.window_kl(len(entries), rows_of)
+                tokens = kl.token_kl(len(entries), rows_of)
                 runs = blocks_to_head(loaded.n_blocks, index, head) * len(calls)
                 for slot, (u, o, bits) in enumerate(entries):
-                    record(u, o, values[slot], bits, None, runs)
+                    record(u, o, tokens[slot].mean(axis=-1), bits, None, runs, tail_mean(tokens[slot]))
             if todo:
                 block_done(max(todo) + 1)
     finally:
@@ -248,9 +249,10 @@ def _measure_edges(loaded: LoadedModel, calibration: TokenWindows, edges: list[t
                     put(slot, run_batches(block, calls, states_of(slot), index))
         for slot in embeds:
             put(slot, [rounded(kl.normed(state), head_inputs[slot]) for state in states_of(slot)])
-    values = kl.window_kl(len(entries), rows_of, heads)
+    tokens = kl.token_kl(len(entries), rows_of, heads)
     for slot, (u, o, bits, unit) in enumerate(entries):
-        record(u, o, values[slot], bits, None, blocks_to_head(loaded.n_blocks, unit.block, head) * len(calls))
+        record(u, o, tokens[slot].mean(axis=-1), bits, None, blocks_to_head(loaded.n_blocks, unit.block, head) * len(calls),
+               tail_mean(tokens[slot]))
 
 
 def rows_quantized(config, name: str, importance: np.ndarray | None) -> Callable[[torch.Tensor], torch.Tensor]:

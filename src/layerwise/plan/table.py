@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 SCHEMA = "layerwise.sensitivity"
 SCHEMA_VERSION = 1
+# The share of calibration tokens whose mean KL is an entry's tail KL (`tail_mean`): the worst 1%.
+TAIL_SHARE = 0.01
 
 
 @dataclass
@@ -43,6 +45,10 @@ class SensitivityTable:
     # With several calibration domains: domain -> [U, O] KL on that domain's windows alone (`kl` is
     # then their average). Empty for one text.
     domain_kl: dict[str, np.ndarray] = field(default_factory=dict)
+    # [U, O] tail KL (`tail_mean`: the mean KL of the worst TAIL_SHARE of all calibration tokens,
+    # every domain's pooled) with only this unit quantized; None where the table was filled
+    # without it (estimated entries, the replayed in-memory path, tables from before it).
+    tail_kl: np.ndarray | None = None
 
     @property
     def domains(self) -> list[str]:
@@ -58,8 +64,10 @@ class SensitivityTable:
         calibration = dict(self.calibration)
         if "domains" in calibration:
             calibration["domains"] = {name: calibration["domains"][name] for name in domains}
+        # The tail is pooled over every domain's tokens: it describes no subset of them.
+        tail = self.tail_kl if set(domains) == set(self.domain_kl) else None
         return replace(self, kl=np.mean(np.stack(list(kept.values())), axis=0), domain_kl=kept,
-                       calibration=calibration)
+                       calibration=calibration, tail_kl=tail)
 
     def with_options(self, names: Sequence[str]) -> "SensitivityTable":
         """The table's columns for these of its options, in this order (a table measured for more
@@ -73,7 +81,8 @@ class SensitivityTable:
         skipped = {key: why for key, why in self.skipped.items()
                    if any(key == prefix + name for prefix in prefixes for name in names)}
         return replace(self, options=list(names), cost_bits=self.cost_bits[:, columns], kl=self.kl[:, columns],
-                       skipped=skipped, domain_kl={d: kl[:, columns] for d, kl in self.domain_kl.items()})
+                       skipped=skipped, domain_kl={d: kl[:, columns] for d, kl in self.domain_kl.items()},
+                       tail_kl=None if self.tail_kl is None else self.tail_kl[:, columns])
 
     def joined(self, other: "SensitivityTable") -> "SensitivityTable":
         """This table with `other`'s columns appended: both measured on the same model, units and
@@ -97,7 +106,9 @@ class SensitivityTable:
                        kl=np.concatenate([self.kl, other.kl], axis=1), cost=self.cost | cost,
                        skipped=self.skipped | other.skipped,
                        domain_kl={d: np.concatenate([kl, other.domain_kl[d]], axis=1)
-                                  for d, kl in self.domain_kl.items()})
+                                  for d, kl in self.domain_kl.items()},
+                       tail_kl=(np.concatenate([self.tail_kl, other.tail_kl], axis=1)
+                                if self.tail_kl is not None and other.tail_kl is not None else None))
 
     @property
     def configs(self) -> list[QuantConfig | str]:
@@ -157,18 +168,31 @@ class SensitivityTable:
                                  "allocate; lower the budget or add a costlier option")
         return budget
 
-    def problem(self, budget_bits: float, objective: str = "mean") -> AllocationProblem:
-        """The allocation problem at this budget; with domains, `objective` combines them."""
+    def problem(self, budget_bits: float, objective: str = "mean", tail_weight: float = 0.0) -> AllocationProblem:
+        """The allocation problem at this budget; with domains, `objective` combines them. A
+        `tail_weight` w prices every entry at its KL plus w times its tail KL (`tail_kl`), in every
+        domain: a plan then pays for the units whose damage falls on few tokens."""
         cost = np.nan_to_num(self.cost_bits, nan=0.0)
         names = (tuple(unit.name for unit in self.units), tuple(self.options))
-        if not self.domain_kl:
-            objective_named(objective)
-            return AllocationProblem(*names, cost, self.kl, budget_bits)
-        stack = np.stack([self.domain_kl[name] for name in self.domains])
         combined = objective_named(objective)
+        tail = self._weighted_tail(tail_weight)
+        if not self.domain_kl:
+            return AllocationProblem(*names, cost, self.kl + tail, budget_bits)
+        stack = np.stack([self.domain_kl[name] for name in self.domains]) + tail
         if combined.per_uniform:
             stack = relative_to_uniform(stack, cost, budget_bits)
         return AllocationProblem(*names, cost, combined.unit_loss(stack), budget_bits, stack, objective)
+
+    def _weighted_tail(self, tail_weight: float) -> np.ndarray | float:
+        if not (math.isfinite(tail_weight) and tail_weight >= 0):
+            raise LayerwiseError(f"tail weight {tail_weight} must be a finite number >= 0")
+        if tail_weight == 0:
+            return 0.0
+        if self.tail_kl is None:
+            raise LayerwiseError("this sensitivity table has no tail KL (its entries were estimated, replayed on a GPU, "
+                                 "or measured before tails were kept): measure a new table (another --table path), "
+                                 "or plan with tail weight 0")
+        return tail_weight * self.tail_kl
 
     def check_model(self, loaded: LoadedModel) -> None:
         if self.model_fingerprint != loaded.fingerprint:
@@ -186,7 +210,7 @@ class SensitivityTable:
             "unit_weights": [int(n) for n in self.unit_weights], "other_bits": int(self.other_bits),
             "calibration": self.calibration, "cost": self.cost, "skipped": self.skipped, "meta": self.meta,
             "domain_kl": {name: rows(table) for name, table in self.domain_kl.items()},
-        }
+        } | ({"tail_kl": rows(self.tail_kl)} if self.tail_kl is not None else {})
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -202,13 +226,15 @@ class SensitivityTable:
                 np.array(data["unit_weights"], dtype=np.int64), int(data["other_bits"]), data["calibration"],
                 data["cost"], data.get("skipped", {}), data.get("meta", {}),
                 {name: np.array(rows, dtype=np.float64) for name, rows in data.get("domain_kl", {}).items()},
+                np.array(data["tail_kl"], dtype=np.float64) if data.get("tail_kl") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise LayerwiseError(f"{path} is not a complete sensitivity table ({type(error).__name__}: {error})") \
                 from None
         shape = (len(units), len(table.options))
         if table.cost_bits.shape != shape or table.kl.shape != shape or \
-                any(rows.shape != shape for rows in table.domain_kl.values()):
+                any(rows.shape != shape for rows in table.domain_kl.values()) or \
+                (table.tail_kl is not None and table.tail_kl.shape != shape):
             raise LayerwiseError(f"{path}: tables of shape {table.kl.shape}, expected {shape}")
         return table
 
@@ -226,6 +252,14 @@ def domain_means(window_values: np.ndarray, window_domains: Sequence[str]) -> di
     names = list(dict.fromkeys(window_domains))
     labels = np.asarray(window_domains)
     return {name: float(np.mean(window_values[labels == name])) for name in names}
+
+
+def tail_mean(token_values: np.ndarray, share: float = TAIL_SHARE) -> float:
+    """The mean of the largest `share` of the values (at least one): the conditional value at risk
+    of a per-token KL. Unlike a percentile it is subadditive, so the units' tail KLs summed bound
+    the tail of a plan whose per-token KLs are the units' added."""
+    values = np.sort(np.asarray(token_values, dtype=np.float64).ravel())
+    return float(values[-max(1, math.ceil(share * values.size)):].mean())
 
 
 def table_rows(table: np.ndarray) -> list:
