@@ -26,7 +26,7 @@ from layerwise.plan.check import check_against_uniform
 from layerwise.plan.objectives import DEFAULT_OBJECTIVE, objective_named
 from layerwise.plan.options import DROP, option_name, parse_option, parse_options
 from layerwise.plan.plan import Plan
-from layerwise.plan.table import SensitivityTable, edge_config
+from layerwise.plan.table import SensitivityTable, check_tail_weight, edge_config
 from layerwise.quant.activations import check_emulation
 from layerwise.quant.imatrix import importance_digest
 from layerwise.util.files import check_output, write_text_atomic
@@ -310,8 +310,7 @@ def run_plan(
         raise LayerwiseError("the ordering allocator needs importance scores; call "
                              "layerwise.plan.allocate(problem, 'ordering', scores=...) from Python")
     objective_named(objective)
-    if not (math.isfinite(tail_weight) and tail_weight >= 0):
-        raise LayerwiseError(f"tail weight {tail_weight} must be a finite number >= 0")
+    check_tail_weight(tail_weight)  # before any measuring
     check_emulation(emulate)
     if emulate != "float" and estimator != "measured":
         raise LayerwiseError(f"--emulate {emulate} needs the measured table (--estimator measured), not {estimator!r}")

@@ -184,8 +184,7 @@ class SensitivityTable:
         return AllocationProblem(*names, cost, combined.unit_loss(stack), budget_bits, stack, objective)
 
     def _weighted_tail(self, tail_weight: float) -> np.ndarray | float:
-        if not (math.isfinite(tail_weight) and tail_weight >= 0):
-            raise LayerwiseError(f"tail weight {tail_weight} must be a finite number >= 0")
+        check_tail_weight(tail_weight)
         if tail_weight == 0:
             return 0.0
         if self.tail_kl is None:
@@ -252,6 +251,12 @@ def domain_means(window_values: np.ndarray, window_domains: Sequence[str]) -> di
     names = list(dict.fromkeys(window_domains))
     labels = np.asarray(window_domains)
     return {name: float(np.mean(window_values[labels == name])) for name in names}
+
+
+def check_tail_weight(tail_weight: float) -> None:
+    """Refuse a tail weight that is not a finite number >= 0 (`SensitivityTable.problem`)."""
+    if not (math.isfinite(tail_weight) and tail_weight >= 0):
+        raise LayerwiseError(f"tail weight {tail_weight} must be a finite number >= 0")
 
 
 def tail_mean(token_values: np.ndarray, share: float = TAIL_SHARE) -> float:
