@@ -19,9 +19,11 @@ Q4_1 grid, which would flatter every stock type that contains it):
   uses; the table and the check measure quantized units as the float model computes them
   (`--emulate float`; `--emulate llama-cpu` rounds every quantized unit's inputs as llama.cpp's
   CPU backend does, `layerwise.quant.activations`, which at Q5_K_M's size made no better file:
-  README, "Against llama-quantize"); then `layerwise export` with its defaults (GPTQ fitted on
-  65536 tokens of the shipped mix, `layerwise.apply.run.QUANTIZE_TOKENS`; files made before that
-  default, 16384 until session 31, are not remade while they exist).
+  README, "Against llama-quantize"); then `layerwise export` (GPTQ fitted on 65536 tokens,
+  `layerwise.apply.run.QUANTIZE_TOKENS`, of the shipped mix with WikiText-2 valid's first half as
+  a fifth domain, `--calib`: the text both importance matrices read, which stock's imatrix is
+  made from too; `--gptq-text mix` is export's own default, the mix alone, which made every file
+  of ours until session 34; files already made are not remade while they exist).
   The embedding and head are rounded to nearest, as llama-quantize rounds them (but weighted by the
   head's importance, which llama-quantize does not do for a tied embedding);
 - judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
@@ -30,9 +32,12 @@ Q4_1 grid, which would flatter every stock type that contains it):
   chunks): mean KLD with llama.cpp's +-, 99th and 99.9th percentile KLD, same-top-token share,
   perplexity, file bytes. `--domains wikitext2-valid-2nd-half` judges on the second half of
   WikiText-2 valid instead (text no step here fits on): the place to choose settings, never a
-  result.
+  result. `--domains wikitext2-test-after-160,python-stdlib-after-160` judges the two test domains
+  past their first 160 chunks, which no run here had judged before session 34: where a setting
+  chosen after seeing the first chunks is confirmed.
 
-Writes bench/results/vs_llama_cpp.json (one row per reference file and domain) and
+Writes bench/results/vs_llama_cpp.json (one row per reference file and domain; rewritten after
+every reference, with the references still to come under "unfinished") and
 bench/results/vs_llama_cpp.png. Needs llama.cpp's tools (bash .ci/llama_cpp_tools DIR; set
 LAYERWISE_LLAMA_CPP_BIN=DIR/bin) and converter (LAYERWISE_CONVERT_HF_TO_GGUF). About 2 hours on
 2 cores (the table per tensor, 1688 entries, about 50-80 minutes of it); every step's output is
@@ -44,6 +49,7 @@ emulation).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import re
@@ -59,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, CODE_SEED, EVALUATION_TEXT, dithered_smollm2, write_results  # noqa: E402
 
 from layerwise import load_model  # noqa: E402
+from layerwise.data.domains import DEFAULT_DOMAINS  # noqa: E402
 from layerwise.export.convert import convert_to_gguf  # noqa: E402
 from layerwise.apply.run import QUANTIZE_TOKENS  # noqa: E402
 from layerwise.export.run import run_export  # noqa: E402
@@ -78,6 +85,12 @@ IMATRIX_CHUNKS = 100
 EVALUATION_CHUNKS = 40
 DOMAINS = ("wikitext2-test", "python-stdlib")
 VALID_FIRST_LINE = 1880
+# The most chunks of a test domain any run here has judged: `after_judged` starts past them.
+JUDGED_CHUNKS = 160
+# --gptq-text: what export fits GPTQ on, given the file of WikiText-2 valid's first half.
+GPTQ_TEXTS = {"mix+wikitext2-valid-1st-half": lambda half: dict(DEFAULT_DOMAINS) | {"wikitext2-valid-1st-half": half},
+              "mix": lambda half: None, "wikitext2-valid-1st-half": lambda half: half}
+DEFAULT_GPTQ_TEXT = "mix+wikitext2-valid-1st-half"
 
 
 def chunk_tag(chunks: int) -> str:
@@ -129,9 +142,29 @@ def valid_second_half() -> str:
     return "".join(lines[VALID_FIRST_LINE - 1:])
 
 
+def valid_first_half() -> str:
+    """WikiText-2 valid up to its line 1880: the part llama-imatrix reads (its first 100 chunks of
+    512 tokens), for `--gptq-text wikitext2-valid-1st-half`."""
+    lines = CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(lines[:VALID_FIRST_LINE - 1])
+
+
+def after_judged(text: str) -> str:
+    """`text` from its token JUDGED_CHUNKS x 512 on (by the model's tokenizer, which llama.cpp's
+    matches): the part of a test domain that no run of this bench has judged (the most any judged
+    is 160 chunks), to confirm a setting chosen after seeing the first chunks."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(dithered_smollm2()))
+    offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    return text[offsets[JUDGED_CHUNKS * 512][0]:]
+
+
 def judged_texts(domains: list[str]) -> dict[str, Path]:
     """The text file of each judged domain, written under OUT the first time."""
-    makers = {"wikitext2-test": None, "python-stdlib": code_text, "wikitext2-valid-2nd-half": valid_second_half}
+    makers = {"wikitext2-test": None, "python-stdlib": code_text, "wikitext2-valid-2nd-half": valid_second_half,
+              f"wikitext2-test-after-{JUDGED_CHUNKS}": lambda: after_judged(EVALUATION_TEXT.read_text(encoding="utf-8")),
+              f"python-stdlib-after-{JUDGED_CHUNKS}": lambda: after_judged(code_text())}
     unknown = sorted(set(domains) - set(makers))
     if unknown:
         sys.exit(f"unknown domain(s) {unknown}; choose from {', '.join(makers)}")
@@ -230,7 +263,12 @@ def main() -> None:
                         help="layerwise plan --tail-weight: every entry priced at its KL plus this times its tail KL")
     parser.add_argument("--domains", default=",".join(DOMAINS),
                         help="judged texts: wikitext2-test, python-stdlib, and wikitext2-valid-2nd-half (held-out "
-                             "text to choose settings on, never a result)")
+                             "text to choose settings on, never a result); wikitext2-test-after-160 and "
+                             "python-stdlib-after-160 are those two past the chunks any run here has judged")
+    parser.add_argument("--gptq-text", default=DEFAULT_GPTQ_TEXT, choices=list(GPTQ_TEXTS),
+                        help="what export fits GPTQ on: the shipped calibration mix with WikiText-2 valid's first half "
+                             "(the text both importance matrices come from) as a fifth domain, the mix alone "
+                             "(layerwise export's default), or that half alone")
     parser.add_argument("--name", default="vs_llama_cpp")
     args = parser.parse_args()
     references = args.references.split(",")
@@ -266,6 +304,27 @@ def main() -> None:
         tag += f"{args.objective}-"
     if args.tail_weight:  # and so do plans with a tail weight
         tag += f"tail{args.tail_weight:g}-"
+    if args.options != OPTIONS:  # and plans with other options (the table grows by the options it lacks)
+        tag += f"options{hashlib.sha256(args.options.encode()).hexdigest()[:8]}-"
+    # The export's GPTQ text changes our files, not the plan.
+    file_tag = tag if args.gptq_text == "mix" else f"{tag}gptq-{args.gptq_text}-"
+    gptq_text = GPTQ_TEXTS[args.gptq_text](cached(OUT / "wikitext2-valid-1st-half.txt",
+                                                 lambda tmp: tmp.write_text(valid_first_half(), encoding="utf-8")))
+
+    def save(unfinished: list[str]) -> None:
+        """The results so far, written after every reference so that a stopped run keeps what it judged."""
+        plot(rows, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
+        write_results(args.name, {
+            "model": "dithered SmolLM2-135M-Instruct (../shared/models/dither_smollm2.py), f16 GGUF by convert_hf_to_gguf.py",
+            "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
+                     f"{IMATRIX_CHUNKS} chunks of 512",
+            "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
+                    f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --objective {args.objective} "
+                    f"--tail-weight {args.tail_weight:g} "
+                    "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on "
+                    f"{QUANTIZE_TOKENS} tokens of {'the shipped mix' if args.gptq_text == 'mix' else args.gptq_text})",
+            "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
+            "seconds": time.perf_counter() - started, "rows": rows} | ({"unfinished": unfinished} if unfinished else {}))
 
     rows, files = [], {}
     for reference in references:
@@ -278,13 +337,13 @@ def main() -> None:
                                progress=True)
             print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
                   f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
-        ours = OUT / f"ours-{tag}{reference}.gguf"
+        ours = OUT / f"ours-{file_tag}{reference}.gguf"
         if not ours.exists():
-            run_export(folder, plan=plan_path, out=ours, progress=False)
+            run_export(folder, plan=plan_path, out=ours, calib=gptq_text, progress=False)
         files[reference] = {"stock": stock, "ours": ours}
         for domain, text in texts.items():
             measured = {side: kl_divergence(path, bases[domain], text, args.chunks,
-                                            OUT / f"kld-{side}-{tag if side == 'ours' else ''}{reference}-{domain}{judged}.log")
+                                            OUT / f"kld-{side}-{file_tag if side == 'ours' else ''}{reference}-{domain}{judged}.log")
                         for side, path in files[reference].items()}
             row = {"reference": reference, "domain": domain,
                    "stock_bytes": stock.stat().st_size, "ours_bytes": ours.stat().st_size}
@@ -296,19 +355,7 @@ def main() -> None:
                   f"mean KLD {row['stock_mean_kld']:.5f} / {row['ours_mean_kld']:.5f} (x{row['ratio_mean_kld']:.3f})  "
                   f"p99.9 {row['stock_kld_p999']:.4f} / {row['ours_kld_p999']:.4f}  "
                   f"ppl {row['stock_perplexity']:.3f} / {row['ours_perplexity']:.3f}", flush=True)
-
-    plot(rows, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
-    write_results(args.name, {
-        "model": "dithered SmolLM2-135M-Instruct (../shared/models/dither_smollm2.py), f16 GGUF by convert_hf_to_gguf.py",
-        "stock": "llama-quantize (llama.cpp of llama-cpp-python 0.3.36) with llama-imatrix on WikiText-2 valid, "
-                 f"{IMATRIX_CHUNKS} chunks of 512",
-        "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
-                f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --objective {args.objective} "
-                f"--tail-weight {args.tail_weight:g} "
-                "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on "
-                f"{QUANTIZE_TOKENS} tokens of the shipped mix)",
-        "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
-        "seconds": time.perf_counter() - started, "rows": rows})
+        save(references[references.index(reference) + 1:])
 
 
 def plot(rows: list[dict], path: Path) -> None:
