@@ -135,18 +135,21 @@ def code_text() -> str:
     return "\n\n".join(f"# {path.name}\n{path.read_text(encoding='utf-8', errors='replace')}" for path in files)
 
 
+def valid_lines() -> list[str]:
+    """WikiText-2 valid's lines, ends kept: the two halves below split them at VALID_FIRST_LINE."""
+    return CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
 def valid_second_half() -> str:
     """WikiText-2 valid from its line 1880 of 3760: text no step here fits on (llama-imatrix reads
     the first 100 chunks, the shipped calibration an excerpt of the start), to choose settings on."""
-    lines = CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)
-    return "".join(lines[VALID_FIRST_LINE - 1:])
+    return "".join(valid_lines()[VALID_FIRST_LINE - 1:])
 
 
 def valid_first_half() -> str:
     """WikiText-2 valid up to its line 1880: the part llama-imatrix reads (its first 100 chunks of
     512 tokens), for `--gptq-text wikitext2-valid-1st-half`."""
-    lines = CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines(keepends=True)
-    return "".join(lines[:VALID_FIRST_LINE - 1])
+    return "".join(valid_lines()[:VALID_FIRST_LINE - 1])
 
 
 def after_judged(text: str) -> str:
