@@ -313,6 +313,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         print(f"{step:8s} {path} ({how})")
 
 
+CALIB_MIX_HELP = "layerwise:mix names it, so --calib layerwise:mix --calib mine.txt adds a text to it"
 QUANTIZE_TOKENS_HELP = ("calibration tokens GPTQ and AWQ fit on (default 65536, or all that the calibration text holds "
                         "in whole windows when less)")
 IMATRIX_HELP = ("an importance matrix (llama-imatrix's .gguf or .dat, or `layerwise imatrix`): GGUF types weight "
@@ -421,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="a plan.json instead of the uniform options above")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text for gptq and awq, one domain per file; repeat for several (default: the "
-                        "shipped mix of prose, code, verse and tables); given, and without --imatrix, it also gives "
-                        "GGUF types an importance matrix")
+                        "shipped mix of prose, code, verse and tables; " + CALIB_MIX_HELP + "); given, and without "
+                        "--imatrix, it also gives GGUF types an importance matrix")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=None, help=QUANTIZE_TOKENS_HELP)
     p.add_argument("--seed", type=int, default=0)
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="or a plan.json to quantize on the fly")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text for --plan with gptq/awq, one domain per file; repeat for several "
-                        "(default: the shipped mix)")
+                        "(default: the shipped mix; " + CALIB_MIX_HELP + ")")
     p.add_argument("--tokens", type=_positive_int, default=40 * 512, help="evaluation tokens (default 40 x 512)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=4,
@@ -479,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="sensitivity table to reuse, or where to save a new one")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text, one domain per file; repeat for several (default: the shipped mix of "
-                        "prose, code, verse and tables)")
+                        "prose, code, verse and tables; " + CALIB_MIX_HELP + ")")
     p.add_argument("--tokens", type=_positive_int, default=4096,
                    help="tokens for the sensitivity table, split over the domains (default 4096)")
     p.add_argument("--fitness-tokens", type=_positive_int, default=2048,
@@ -574,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the measured table's passes the plan's refined table may cost (see plan; default "
                         "0.05 with --sensitivity auto, what keeps SmolLM2 well within 10 minutes)")
     p.add_argument("--calib", default=None, action="append",
-                   help="calibration text, one domain per file; repeat for several (default: the shipped mix)")
+                   help="calibration text, one domain per file; repeat for several (default: the shipped mix; "
+                        + CALIB_MIX_HELP + ")")
     p.add_argument("--eval-data", default=None, help="evaluation text (never calibration text) for eval.json")
     p.add_argument("--tokens", type=_positive_int, default=4096, help="tokens for the profile and the table")
     p.add_argument("--out", required=True, help="the folder for every artifact")
@@ -593,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", default=None, help="or a directory written by `layerwise quantize`")
     p.add_argument("--calib", default=None, action="append",
                    help="calibration text for gptq/awq plans, one domain per file; repeat for several "
-                        "(default: the shipped mix of prose, code, verse and tables)")
+                        "(default: the shipped mix of prose, code, verse and tables; " + CALIB_MIX_HELP + ")")
     p.add_argument("--imatrix", default=None, help=IMATRIX_HELP)
     p.add_argument("--tokens", type=_positive_int, default=None, help=QUANTIZE_TOKENS_HELP)
     p.add_argument("--converter", default=None,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import CALIBRATION_TEXT, EVALUATION_TEXT
-from layerwise.data.domains import (DEFAULT_DOMAINS, calibration_domains, domain_slots, take_from_domains,
-                                    windows_per_domain)
+from layerwise.data.domains import (DEFAULT_DOMAINS, SHIPPED_MIX, calibration_domains, calibration_windows,
+                                    domain_slots, take_from_domains, windows_per_domain)
 from layerwise.data.overlap import rebuild_windows, shared_windows
 from layerwise.data.windows import CALIBRATION_FOLDER, mix_windows, read_text, token_windows
 from layerwise.errors import LayerwiseError
@@ -36,6 +36,16 @@ def test_calibration_domains_from_none_one_file_several_files_or_a_mapping(tmp_p
         calibration_domains([CALIBRATION_TEXT, tmp_path / "a" / "valid.txt"])
     with pytest.raises(LayerwiseError, match="no calibration text"):
         calibration_domains([])
+
+
+def test_the_shipped_mix_by_name_adds_a_users_text_to_its_four_domains(stories):
+    assert calibration_domains(SHIPPED_MIX) == DEFAULT_DOMAINS
+    alone = calibration_windows(stories.tokenizer, SHIPPED_MIX, tokens=1024, seq_len=128)
+    assert alone.window_domains == ("prose", "code", "verse", "tables") * 2
+    assert calibration_domains([SHIPPED_MIX, CALIBRATION_TEXT]) == DEFAULT_DOMAINS | {"valid": CALIBRATION_TEXT}
+    assert list(calibration_domains([CALIBRATION_TEXT, SHIPPED_MIX])) == ["valid", *DEFAULT_DOMAINS]
+    with pytest.raises(LayerwiseError, match="both named 'code'"):
+        calibration_domains([SHIPPED_MIX, DEFAULT_DOMAINS["code"]])
 
 
 def test_windows_from_several_domains_are_interleaved_even_and_recut_from_their_description(stories):
@@ -69,7 +79,6 @@ def test_mixing_windows_of_other_lengths_is_refused(stories):
 
 def test_a_default_size_takes_what_a_short_text_holds_and_a_requested_one_is_refused(stories, tmp_path, capsys):
     from layerwise.apply.run import QUANTIZE_TOKENS, quantize_windows
-    from layerwise.data.domains import calibration_windows
 
     short = tmp_path / "short.txt"
     short.write_text(read_text(CALIBRATION_TEXT)[0][:6000], encoding="utf-8")

@@ -20,15 +20,18 @@ DEFAULT_DOMAINS = {
     "verse": "layerwise:shakespeare_excerpt",
     "tables": "layerwise:tables_excerpt",
 }
+# Names the whole shipped mix where a list of texts is given, so that a user can add their own
+# text to the mix (`--calib layerwise:mix --calib mine.txt`) instead of replacing it.
+SHIPPED_MIX = "layerwise:mix"
 
 Calibration = str | Path | Sequence[str | Path] | Mapping[str, str | Path] | None
 
 
 def calibration_domains(calib: Calibration) -> dict[str, str | Path]:
     """Domain name -> text (a file path or a shipped "layerwise:<name>"): None gives the shipped
-    mix; one file is one domain; a list of files is one domain per file, named by file stem; a
-    mapping names the domains itself."""
-    if calib is None:
+    mix; one file is one domain; a list of files is one domain per file, named by file stem, where
+    "layerwise:mix" stands for the shipped mix's four domains; a mapping names the domains itself."""
+    if calib is None or (isinstance(calib, str) and calib == SHIPPED_MIX):
         return dict(DEFAULT_DOMAINS)
     if isinstance(calib, (str, Path)):
         return {_name_of(calib): calib}
@@ -36,7 +39,9 @@ def calibration_domains(calib: Calibration) -> dict[str, str | Path]:
         domains = dict(calib)
     else:
         domains = {}
-        for item in calib:
+        items = [shipped for item in calib
+                 for shipped in (DEFAULT_DOMAINS.values() if str(item) == SHIPPED_MIX else [item])]
+        for item in items:
             name = _name_of(item)
             if name in domains:
                 raise LayerwiseError(f"two calibration files are both named {name!r} ({domains[name]} and {item}); "
@@ -86,7 +91,7 @@ def calibration_windows(tokenizer: Any, calib: Calibration, *, tokens: int, seq_
     `at_most`: `tokens` is a default's size rather than the user's request, so a text that holds
     fewer windows gives all it holds (every domain the same number); a requested size that the
     text cannot give stays an error."""
-    if isinstance(calib, (str, Path)):
+    if isinstance(calib, (str, Path)) and str(calib) != SHIPPED_MIX:
         if not at_most:
             return token_windows(tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed)
         slots = text_slots(tokenizer, calib, seq_len=min(seq_len, tokens))
