@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import re
@@ -91,6 +92,24 @@ JUDGED_CHUNKS = 160
 GPTQ_TEXTS = {"mix+wikitext2-valid-1st-half": lambda half: dict(DEFAULT_DOMAINS) | {"wikitext2-valid-1st-half": half},
               "mix": lambda half: None, "wikitext2-valid-1st-half": lambda half: half}
 DEFAULT_GPTQ_TEXT = "mix+wikitext2-valid-1st-half"
+# --tail-weight auto: no tail term, and the weight that won at Q4_K_M's size on held-out text
+# (it lost at Q5_K_M's, where the check's KL rose with it; README, "Against llama-quantize").
+AUTO_TAIL_WEIGHTS = (0.0, 0.1)
+
+
+def tail_weights(text: str) -> tuple[float, ...]:
+    """--tail-weight: one weight, or "auto" for every weight the check chooses among."""
+    if text == "auto":
+        return AUTO_TAIL_WEIGHTS
+    try:
+        return (float(text),)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+
+
+def describe_tail_weights(weights: tuple[float, ...]) -> str:
+    return f"{weights[0]:g}" if len(weights) == 1 else "auto (" + " or ".join(f"{w:g}" for w in weights) + \
+        ", the lower KL on the check's windows)"
 
 
 def chunk_tag(chunks: int) -> str:
@@ -262,8 +281,10 @@ def main() -> None:
                              "llama.cpp's CPU backend rounds them (llama-cpu, what llama-perplexity then shows)")
     parser.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                         help="how the plan combines the calibration's domains (layerwise plan --objective)")
-    parser.add_argument("--tail-weight", type=float, default=0.0,
-                        help="layerwise plan --tail-weight: every entry priced at its KL plus this times its tail KL")
+    parser.add_argument("--tail-weight", default="0", type=tail_weights,
+                        help="layerwise plan --tail-weight: every entry priced at its KL plus this times its tail KL; "
+                             f"or auto: a plan for each of {', '.join(f'{w:g}' for w in AUTO_TAIL_WEIGHTS)}, keeping "
+                             "the one whose KL on the never-worse check's held-out calibration windows is lower")
     parser.add_argument("--domains", default=",".join(DOMAINS),
                         help="judged texts: wikitext2-test, python-stdlib, and wikitext2-valid-2nd-half (held-out "
                              "text to choose settings on, never a result); wikitext2-test-after-160 and "
@@ -305,12 +326,16 @@ def main() -> None:
     table = OUT / f"table-{tag.rstrip('-')}.json" if tag else OUT / "table.json"
     if args.objective != DEFAULT_OBJECTIVE:  # plans of other objectives share the table, not the files
         tag += f"{args.objective}-"
-    if args.tail_weight:  # and so do plans with a tail weight
-        tag += f"tail{args.tail_weight:g}-"
-    if args.options != OPTIONS:  # and plans with other options (the table grows by the options it lacks)
-        tag += f"options{hashlib.sha256(args.options.encode()).hexdigest()[:8]}-"
-    # The export's GPTQ text changes our files, not the plan.
-    file_tag = tag if args.gptq_text == "mix" else f"{tag}gptq-{args.gptq_text}-"
+    # Plans with a tail weight share the table too, and so do plans with other options (the table
+    # grows by the options it lacks).
+    options_tag = f"options{hashlib.sha256(args.options.encode()).hexdigest()[:8]}-" if args.options != OPTIONS else ""
+
+    def plan_tag(weight: float) -> str:
+        return tag + (f"tail{weight:g}-" if weight else "") + options_tag
+
+    def file_tag(weight: float) -> str:
+        """The export's GPTQ text changes our files, not the plan."""
+        return plan_tag(weight) + ("" if args.gptq_text == "mix" else f"gptq-{args.gptq_text}-")
     gptq_text = GPTQ_TEXTS[args.gptq_text](cached(OUT / "wikitext2-valid-1st-half.txt",
                                                  lambda tmp: tmp.write_text(valid_first_half(), encoding="utf-8")))
 
@@ -323,7 +348,7 @@ def main() -> None:
                      f"{IMATRIX_CHUNKS} chunks of 512",
             "ours": f"layerwise plan --budget-like STOCK --options {args.options} --granularity {args.granularity} --tokens "
                     f"{args.tokens} --check-tokens {args.tokens} --emulate {args.emulate} --objective {args.objective} "
-                    f"--tail-weight {args.tail_weight:g} "
+                    f"--tail-weight {describe_tail_weights(args.tail_weight)} "
                     "--imatrix (layerwise imatrix --process-output, same text and chunks); layerwise export (GPTQ on "
                     f"{QUANTIZE_TOKENS} tokens of {'the shipped mix' if args.gptq_text == 'mix' else args.gptq_text})",
             "judge": f"llama-perplexity --kl-divergence, {args.chunks} chunks of 512 tokens per domain",
@@ -332,24 +357,35 @@ def main() -> None:
     rows, files = [], {}
     for reference in references:
         stock = stock_file(reference, source, stock_imatrix)
-        plan_path = OUT / f"plan-{tag}{reference}.json"
-        if not plan_path.exists():
-            outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity, table=table,
-                               tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix, out=plan_path,
-                               emulate=args.emulate, objective=args.objective, tail_weight=args.tail_weight,
-                               progress=True)
-            print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned bytes "
-                  f"(budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
-        ours = OUT / f"ours-{file_tag}{reference}.gguf"
+        check_kl = {}
+        for weight in args.tail_weight:
+            plan_path = OUT / f"plan-{plan_tag(weight)}{reference}.json"
+            if not plan_path.exists():
+                outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity,
+                                   table=table, tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix,
+                                   out=plan_path, emulate=args.emulate, objective=args.objective, tail_weight=weight,
+                                   progress=True)
+                print(f"{reference}: plan {outcome.report['returned']}, {outcome.report['planned_bytes']:,} planned "
+                      f"bytes (budget {outcome.report['budget_like']['budget_bytes']:,})", flush=True)
+            check_kl[weight] = json.loads(plan_path.with_suffix(".report.json").read_text())["calibration_kl"]
+        # Every candidate was measured on the same held-out calibration windows: the lower KL there wins.
+        weight = min(check_kl, key=lambda candidate: (check_kl[candidate], candidate))
+        if len(check_kl) > 1:
+            print(f"{reference}: tail weight {weight:g} (check KL "
+                  + ", ".join(f"{w:g}: {kl:.5f}" for w, kl in check_kl.items()) + ")", flush=True)
+        plan_path = OUT / f"plan-{plan_tag(weight)}{reference}.json"
+        ours = OUT / f"ours-{file_tag(weight)}{reference}.gguf"
         if not ours.exists():
             run_export(folder, plan=plan_path, out=ours, calib=gptq_text, progress=False)
         files[reference] = {"stock": stock, "ours": ours}
         for domain, text in texts.items():
-            measured = {side: kl_divergence(path, bases[domain], text, args.chunks,
-                                            OUT / f"kld-{side}-{file_tag if side == 'ours' else ''}{reference}-{domain}{judged}.log")
-                        for side, path in files[reference].items()}
+            measured = {side: kl_divergence(path, bases[domain], text, args.chunks, OUT / (
+                f"kld-{side}-{file_tag(weight) if side == 'ours' else ''}{reference}-{domain}{judged}.log"))
+                for side, path in files[reference].items()}
             row = {"reference": reference, "domain": domain,
-                   "stock_bytes": stock.stat().st_size, "ours_bytes": ours.stat().st_size}
+                   "stock_bytes": stock.stat().st_size, "ours_bytes": ours.stat().st_size, "tail_weight": weight}
+            if len(check_kl) > 1:
+                row["check_kl_by_tail_weight"] = {f"{w:g}": kl for w, kl in check_kl.items()}
             for side in ("stock", "ours"):
                 row |= {f"{side}_{key}": value for key, value in measured[side].items()}
             row["ratio_mean_kld"] = row["ours_mean_kld"] / row["stock_mean_kld"]
