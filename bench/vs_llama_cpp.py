@@ -26,6 +26,10 @@ Q4_1 grid, which would flatter every stock type that contains it):
   of ours until session 34; files already made are not remade while they exist).
   The embedding and head are rounded to nearest, as llama-quantize rounds them (but weighted by the
   head's importance, which llama-quantize does not do for a tied embedding);
+  `--tail-weight W` prices every table entry at its KL plus W times its tail KL; the default,
+  `--tail-weight auto`, makes a plan with each of AUTO_TAIL_WEIGHTS and keeps the one whose KL on
+  the never-worse check's held-out calibration windows is lower (its rows say which,
+  `tail_weight`; since session 35);
 - judged by llama.cpp alone: `llama-perplexity --kl-divergence` against the f16 source on
   WikiText-2 test (the first 40 chunks of 512 tokens) and on Python code (the interpreter's
   standard library modules except the five in the shipped calibration, in a seeded order, first 40
@@ -281,10 +285,10 @@ def main() -> None:
                              "llama.cpp's CPU backend rounds them (llama-cpu, what llama-perplexity then shows)")
     parser.add_argument("--objective", default=DEFAULT_OBJECTIVE, choices=list(OBJECTIVES),
                         help="how the plan combines the calibration's domains (layerwise plan --objective)")
-    parser.add_argument("--tail-weight", default="0", type=tail_weights,
+    parser.add_argument("--tail-weight", default="auto", type=tail_weights,
                         help="layerwise plan --tail-weight: every entry priced at its KL plus this times its tail KL; "
                              f"or auto: a plan for each of {', '.join(f'{w:g}' for w in AUTO_TAIL_WEIGHTS)}, keeping "
-                             "the one whose KL on the never-worse check's held-out calibration windows is lower")
+                             "the one whose KL on the never-worse check's held-out calibration windows is lower (the default)")
     parser.add_argument("--domains", default=",".join(DOMAINS),
                         help="judged texts: wikitext2-test, python-stdlib, and wikitext2-valid-2nd-half (held-out "
                              "text to choose settings on, never a result); wikitext2-test-after-160 and "
