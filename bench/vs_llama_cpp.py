@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION_TEXT, CODE_SEED, EVALUATION_TEXT, dithered_smollm2, write_results  # noqa: E402
 
 from layerwise import load_model  # noqa: E402
-from layerwise.data.domains import DEFAULT_DOMAINS  # noqa: E402
+from layerwise.data.domains import SHIPPED_MIX  # noqa: E402
 from layerwise.export.convert import convert_to_gguf  # noqa: E402
 from layerwise.apply.run import QUANTIZE_TOKENS  # noqa: E402
 from layerwise.export.run import run_export  # noqa: E402
@@ -93,7 +93,7 @@ VALID_FIRST_LINE = 1880
 # The most chunks of a test domain any run here has judged: `after_judged` starts past them.
 JUDGED_CHUNKS = 160
 # --gptq-text: what export fits GPTQ on, given the file of WikiText-2 valid's first half.
-GPTQ_TEXTS = {"mix+wikitext2-valid-1st-half": lambda half: dict(DEFAULT_DOMAINS) | {"wikitext2-valid-1st-half": half},
+GPTQ_TEXTS = {"mix+wikitext2-valid-1st-half": lambda half: [SHIPPED_MIX, half],
               "mix": lambda half: None, "wikitext2-valid-1st-half": lambda half: half}
 DEFAULT_GPTQ_TEXT = "mix+wikitext2-valid-1st-half"
 # --tail-weight auto: no tail term, and the weight that won at Q4_K_M's size on held-out text
@@ -361,9 +361,9 @@ def main() -> None:
     rows, files = [], {}
     for reference in references:
         stock = stock_file(reference, source, stock_imatrix)
-        check_kl = {}
+        plans, check_kl = {}, {}
         for weight in args.tail_weight:
-            plan_path = OUT / f"plan-{plan_tag(weight)}{reference}.json"
+            plan_path = plans[weight] = OUT / f"plan-{plan_tag(weight)}{reference}.json"
             if not plan_path.exists():
                 outcome = run_plan(loaded, budget_like=stock, options=args.options, granularity=args.granularity,
                                    table=table, tokens=args.tokens, check_tokens=args.tokens, imatrix=ours_imatrix,
@@ -377,10 +377,9 @@ def main() -> None:
         if len(check_kl) > 1:
             print(f"{reference}: tail weight {weight:g} (check KL "
                   + ", ".join(f"{w:g}: {kl:.5f}" for w, kl in check_kl.items()) + ")", flush=True)
-        plan_path = OUT / f"plan-{plan_tag(weight)}{reference}.json"
         ours = OUT / f"ours-{file_tag(weight)}{reference}.gguf"
         if not ours.exists():
-            run_export(folder, plan=plan_path, out=ours, calib=gptq_text, progress=False)
+            run_export(folder, plan=plans[weight], out=ours, calib=gptq_text, progress=False)
         files[reference] = {"stock": stock, "ours": ours}
         for domain, text in texts.items():
             measured = {side: kl_divergence(path, bases[domain], text, args.chunks, OUT / (
